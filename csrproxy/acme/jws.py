@@ -1,0 +1,105 @@
+"""The account key and the JWS that carries every ACME POST (RFC 8555 §6.2)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from josepy.b64 import b64encode
+from josepy.jwa import ES256, ES384, HS256, RS256, JWASignature
+from josepy.jwk import JWK, JWKEC, JWKRSA
+
+#: Accepted account key types and their JWS algorithms.
+KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+
+
+class AccountKey:
+    """An ACME account key with its JWK and JWS algorithm."""
+
+    def __init__(self, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
+        self.key = key
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            self.jwk: JWK = JWKEC(key=key.public_key())
+            self.alg: JWASignature = {
+                "secp256r1": ES256,
+                "secp384r1": ES384,
+            }[key.curve.name]
+        elif isinstance(key, rsa.RSAPrivateKey):
+            if key.key_size < 2048:
+                raise ValueError("RSA account keys must have at least 2048 bits")
+            self.jwk = JWKRSA(key=key.public_key())
+            self.alg = RS256
+        else:
+            raise TypeError(f"unsupported account key type {type(key).__name__}")
+        self.public_jwk: dict[str, Any] = self.jwk.to_partial_json()
+        self.thumbprint: str = b64encode(self.jwk.thumbprint()).decode("ascii")
+
+    @classmethod
+    def generate(cls, key_type: str = "ec256") -> AccountKey:
+        if key_type == "ec256":
+            return cls(ec.generate_private_key(ec.SECP256R1()))
+        if key_type == "ec384":
+            return cls(ec.generate_private_key(ec.SECP384R1()))
+        if key_type.startswith("rsa"):
+            return cls(rsa.generate_private_key(65537, int(key_type[3:])))
+        raise ValueError(f"unknown account key type {key_type!r} (known: {', '.join(KEY_TYPES)})")
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> AccountKey:
+        key = serialization.load_pem_private_key(pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise ValueError(f"unsupported account key type {type(key).__name__}")
+        return cls(key)
+
+    def to_pem(self) -> bytes:
+        return self.key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def spki_der(self) -> bytes:
+        return self.key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def key_authorization(self, token: str) -> str:
+        return f"{token}.{self.thumbprint}"
+
+    def sign(
+        self,
+        payload: Any,
+        url: str,
+        nonce: str | None,
+        kid: str | None,
+    ) -> bytes:
+        """A flattened JWS; ``payload=None`` is POST-as-GET (empty payload)."""
+        protected: dict[str, Any] = {"alg": self.alg.name, "url": url}
+        if nonce is not None:
+            protected["nonce"] = nonce
+        if kid is not None:
+            protected["kid"] = kid
+        else:
+            protected["jwk"] = self.public_jwk
+        return _flattened(self.alg, self.key, protected, payload)
+
+
+def _b64json(obj: Any) -> str:
+    return b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode("ascii")
+
+
+def _flattened(alg: JWASignature, key: Any, protected: dict[str, Any], payload: Any) -> bytes:
+    p64 = _b64json(protected)
+    body64 = "" if payload is None else _b64json(payload)
+    sig = alg.sign(key, f"{p64}.{body64}".encode("ascii"))
+    return json.dumps(
+        {"protected": p64, "payload": body64, "signature": b64encode(sig).decode("ascii")}
+    ).encode()
+
+
+def eab_jws(account: AccountKey, kid: str, hmac_key: bytes, url: str) -> dict[str, Any]:
+    """The externalAccountBinding object for newAccount (RFC 8555 §7.3.4)."""
+    protected = {"alg": "HS256", "kid": kid, "url": url}
+    return json.loads(_flattened(HS256, hmac_key, protected, account.public_jwk))  # type: ignore[no-any-return]

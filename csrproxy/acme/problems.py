@@ -1,0 +1,110 @@
+"""ACME problem documents (RFC 8555 §6.7) as typed exceptions."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+ACME_ERROR = "urn:ietf:params:acme:error:"
+
+#: Problems a retry can fix, given time.
+RETRYABLE = frozenset({"rateLimited", "serverInternal", "badNonce"})
+
+
+class ACMEError(Exception):
+    """Any failure talking to the CA."""
+
+
+class ACMEProblem(ACMEError):
+    """The CA answered with a problem document; keeps type, detail, subproblems and status."""
+
+    def __init__(
+        self,
+        type: str,
+        detail: str,
+        status: int,
+        subproblems: Sequence[Mapping[str, Any]] = (),
+        retry_after: float | None = None,
+        nonce: str | None = None,
+        url: str | None = None,
+    ) -> None:
+        super().__init__(f"{type}: {detail} (HTTP {status})")
+        self.type = type
+        self.detail = detail
+        self.status = status
+        self.subproblems = list(subproblems)
+        self.retry_after = retry_after
+        self.nonce = nonce
+        self.url = url
+
+    @property
+    def short_type(self) -> str:
+        """``badNonce`` for ``urn:ietf:params:acme:error:badNonce``, else the full type."""
+        return self.type[len(ACME_ERROR) :] if self.type.startswith(ACME_ERROR) else self.type
+
+    @property
+    def retryable(self) -> bool:
+        return self.short_type in RETRYABLE or self.status in (500, 502, 503, 504)
+
+    @classmethod
+    def from_document(
+        cls,
+        doc: Any,
+        status: int,
+        retry_after: float | None = None,
+        nonce: str | None = None,
+        url: str | None = None,
+    ) -> ACMEProblem:
+        if not isinstance(doc, Mapping):
+            doc = {}
+        subs = doc.get("subproblems")
+        return cls(
+            type=str(doc.get("type") or "about:blank"),
+            detail=str(doc.get("detail") or f"HTTP {status}"),
+            status=status,
+            subproblems=[s for s in subs if isinstance(s, Mapping)]
+            if isinstance(subs, list)
+            else (),
+            retry_after=retry_after,
+            nonce=nonce,
+            url=url,
+        )
+
+
+class ACMEProtocolError(ACMEError):
+    """The CA answered something RFC 8555 does not allow (bad JSON, missing field, ...)."""
+
+
+class ACMETransportError(ACMEError):
+    """The CA could not be reached, or the connection failed mid-request."""
+
+    def __init__(self, url: str, reason: str, sent: bool = False) -> None:
+        super().__init__(f"{url}: {reason}")
+        self.url = url
+        self.reason = reason
+        #: True when the request may have reached the CA (the failure is ambiguous).
+        self.sent = sent
+
+
+class AuthorizationFailed(ACMEError):
+    """An authorization went invalid; ``problem`` is the challenge's error when the CA gave one."""
+
+    def __init__(self, identifier: str, problem: ACMEProblem | None) -> None:
+        why = f"{problem.short_type}: {problem.detail}" if problem else "no reason given"
+        super().__init__(f"authorization for {identifier} failed: {why}")
+        self.identifier = identifier
+        self.problem = problem
+
+
+class OrderFailed(ACMEError):
+    """An order went invalid."""
+
+    def __init__(self, url: str, problem: ACMEProblem | None) -> None:
+        why = f"{problem.short_type}: {problem.detail}" if problem else "no reason given"
+        super().__init__(f"order {url} is invalid: {why}")
+        self.url = url
+        self.problem = problem
+
+
+class DeadlineExceeded(ACMEError):
+    """The order's overall deadline passed."""

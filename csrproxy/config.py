@@ -1,0 +1,243 @@
+"""The typed configuration, loaded from a TOML file.
+
+Every mistake is reported as one :class:`~csrproxy.errors.ConfigError` naming
+the key (``section.key``) and what is wrong with it.  This module does not
+import Twisted.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from csrproxy.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ACMEConfig:
+    directory: str
+    contact: tuple[str, ...] = ()
+    ca_certs: str | None = None
+    #: The first delay (seconds) before polling an authorization or order; doubles up to poll_max.
+    poll_interval: float = 1.0
+    poll_max: float = 10.0
+    #: The overall deadline (seconds) of one order, from newOrder to the downloaded chain.
+    order_timeout: float = 300.0
+    #: Seconds allowed for one HTTP request to the CA.
+    request_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    listen: tuple[str, ...] = ("tcp:8000:interface=127.0.0.1",)
+    max_body: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    zone: str
+    listen: tuple[str, ...] = ()
+    nameservers: tuple[str, ...] = ()
+    records: tuple[str, ...] = ()
+    ttl: int = 300
+    challenge_ttl: int = 10
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str
+
+
+@dataclass(frozen=True)
+class Config:
+    acme: ACMEConfig
+    api: APIConfig
+    dns: DNSConfig
+    policy: PolicyConfig
+    state: StateConfig
+    source: str = field(default="", compare=False)
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check the TOML file at ``path``."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError("", f"cannot read configuration file {path}: {e.strerror}") from e
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError("", f"{path} is not valid TOML: {e}") from e
+    return parse_config(data, source=str(path))
+
+
+def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
+    """Build a :class:`Config` from already-parsed TOML data."""
+    _no_unknown("", data, {"acme", "api", "dns", "policy", "state"})
+    acme = _section(data, "acme")
+    api = _section(data, "api", required=False)
+    dns = _section(data, "dns")
+    policy = _section(data, "policy")
+    state = _section(data, "state")
+
+    _no_unknown(
+        "acme",
+        acme,
+        {
+            "directory",
+            "contact",
+            "ca_certs",
+            "poll_interval",
+            "poll_max",
+            "order_timeout",
+            "request_timeout",
+        },
+    )
+    directory = _get(acme, "acme", "directory", str)
+    if not directory.startswith(("https://", "http://")):
+        raise ConfigError("acme.directory", f"must be an https:// URL, not {directory!r}")
+    contact = _str_list(acme, "acme", "contact", default=())
+    for c in contact:
+        if not c.startswith("mailto:") or "@" not in c:
+            raise ConfigError("acme.contact", f"{c!r} is not a mailto: URI")
+    ca_certs = _get(acme, "acme", "ca_certs", str, default=None)
+    if ca_certs is not None and not Path(ca_certs).is_file():
+        raise ConfigError("acme.ca_certs", f"no such file: {ca_certs}")
+    acme_cfg = ACMEConfig(
+        directory=directory,
+        contact=contact,
+        ca_certs=ca_certs,
+        poll_interval=_positive(acme, "acme", "poll_interval", 1.0),
+        poll_max=_positive(acme, "acme", "poll_max", 10.0),
+        order_timeout=_positive(acme, "acme", "order_timeout", 300.0),
+        request_timeout=_positive(acme, "acme", "request_timeout", 30.0),
+    )
+
+    _no_unknown("api", api, {"listen", "max_body"})
+    api_cfg = APIConfig(
+        listen=_str_list(api, "api", "listen", default=APIConfig.listen),
+        max_body=int(_positive(api, "api", "max_body", APIConfig.max_body, kind=int)),
+    )
+
+    _no_unknown("dns", dns, {"zone", "listen", "nameservers", "records", "ttl", "challenge_ttl"})
+    zone = _get(dns, "dns", "zone", str).strip().rstrip(".").lower()
+    if not zone or "." not in zone:
+        raise ConfigError("dns.zone", f"{zone!r} is not a DNS zone name")
+    nameservers = tuple(
+        n.rstrip(".").lower() for n in _str_list(dns, "dns", "nameservers", default=())
+    )
+    dns_cfg = DNSConfig(
+        zone=zone,
+        listen=_str_list(dns, "dns", "listen", default=()),
+        nameservers=nameservers or (f"ns1.{zone}",),
+        records=_str_list(dns, "dns", "records", default=()),
+        ttl=int(_positive(dns, "dns", "ttl", 300, kind=int)),
+        challenge_ttl=int(_positive(dns, "dns", "challenge_ttl", 10, kind=int)),
+    )
+
+    _no_unknown("policy", policy, {"names"})
+    names = _str_list(policy, "policy", "names")
+    if not names:
+        raise ConfigError("policy.names", "needs at least one name pattern")
+    from csrproxy.policy import NamePattern  # policy is pure; imported late to keep layering clear
+
+    for n in names:
+        try:
+            NamePattern.parse(n)
+        except ValueError as e:
+            raise ConfigError("policy.names", str(e)) from e
+    policy_cfg = PolicyConfig(names=names)
+
+    _no_unknown("state", state, {"dir"})
+    state_cfg = StateConfig(dir=_get(state, "state", "dir", str))
+
+    return Config(acme_cfg, api_cfg, dns_cfg, policy_cfg, state_cfg, source=source)
+
+
+def _section(data: Mapping[str, Any], name: str, required: bool = True) -> Mapping[str, Any]:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise ConfigError(name, f"missing section [{name}]")
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, f"must be a table [{name}], not {type(value).__name__}")
+    return value
+
+
+def _no_unknown(section: str, data: Mapping[str, Any], known: set[str]) -> None:
+    for key in data:
+        if key not in known:
+            where = f"{section}.{key}" if section else key
+            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known))})")
+
+
+_MISSING: Any = object()
+
+
+def _get(
+    data: Mapping[str, Any],
+    section: str,
+    key: str,
+    kind: type[T],
+    default: Any = _MISSING,
+) -> T:
+    if key not in data:
+        if default is _MISSING:
+            raise ConfigError(f"{section}.{key}", "missing required key")
+        return default  # type: ignore[no-any-return]
+    value = data[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{section}.{key}",
+            f"must be {_KIND_NAMES.get(kind, kind.__name__)}, not {type(value).__name__}",
+        )
+    return value
+
+
+_KIND_NAMES: dict[type[Any], str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    list: "a list",
+}
+
+
+def _str_list(
+    data: Mapping[str, Any],
+    section: str,
+    key: str,
+    default: tuple[str, ...] | object = _MISSING,
+) -> tuple[str, ...]:
+    if key not in data and default is not _MISSING:
+        return default  # type: ignore[return-value]
+    value = _get(data, section, key, list)
+    for item in value:
+        if not isinstance(item, str):
+            raise ConfigError(f"{section}.{key}", f"must be a list of strings, found {item!r}")
+    return tuple(value)
+
+
+def _positive(
+    data: Mapping[str, Any],
+    section: str,
+    key: str,
+    default: float,
+    kind: Callable[[Any], Any] = float,
+) -> float:
+    value = _get(data, section, key, int if kind is int else float, default=default)
+    if value <= 0:
+        raise ConfigError(f"{section}.{key}", f"must be greater than 0, not {value}")
+    return float(value)

@@ -1,0 +1,177 @@
+"""One checked CSR to one chain.
+
+The issuer runs each order detached from whoever asked for it: a caller gets
+its own Deferred, and cancelling that (an HTTP client that went away) leaves
+the order running.  Identical requests in flight share one order.  ACME
+failures are translated here into csrproxy's typed errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from csrproxy.acme.client import ACMEClient, Backoff
+from csrproxy.acme.order import DNS01Responder, IssuedChain, PollSchedule, obtain_chain
+from csrproxy.acme.problems import (
+    ACMEError,
+    ACMEProblem,
+    ACMETransportError,
+    AuthorizationFailed,
+    DeadlineExceeded,
+    OrderFailed,
+)
+from csrproxy.csr import CheckedCSR
+from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout
+
+log = Logger()
+
+
+class SharedResult:
+    """One Deferred's result handed to many waiters; cancelling a waiter drops only it."""
+
+    def __init__(self, source: Deferred[Any]) -> None:
+        self._waiters: list[Deferred[Any]] = []
+        self._result: Any = None
+        self._done = False
+        source.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self._done, self._result = True, result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+        return None
+
+    def wait(self) -> Deferred[Any]:
+        if self._done:
+            d: Deferred[Any] = Deferred()
+            if isinstance(self._result, Failure):
+                d.errback(self._result)
+            else:
+                d.callback(self._result)
+            return d
+        d = Deferred(lambda waiter: self._waiters.remove(waiter))
+        self._waiters.append(d)
+        return d
+
+
+def translate(failure: Failure) -> Failure:
+    """ACME exceptions to csrproxy errors the API can show."""
+    e = failure.value
+    if isinstance(e, CsrproxyError | CancelledError):
+        return failure
+    if isinstance(e, DeadlineExceeded):
+        return Failure(IssuanceTimeout(f"the CA did not finish the order in time: {e}"))
+    if isinstance(e, ACMEProblem):
+        status = 429 if e.short_type == "rateLimited" else 502
+        return Failure(IssuanceFailed(f"the CA refused: {e.detail}", e.type, status, e.retry_after))
+    if isinstance(e, AuthorizationFailed | OrderFailed):
+        return Failure(IssuanceFailed(str(e), e.problem.type if e.problem else None, 502))
+    if isinstance(e, ACMETransportError):
+        return Failure(IssuanceFailed(f"the CA is unreachable: {e}", None, 503))
+    if isinstance(e, ACMEError):
+        return Failure(IssuanceFailed(f"ACME error: {e}", None, 502))
+    return failure
+
+
+class Issuer:
+    """Turns checked CSRs into chains through one ACME account."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        acme: ACMEClient,
+        responder: DNS01Responder,
+        *,
+        poll_interval: float,
+        poll_max: float,
+        order_timeout: float,
+        contact: tuple[str, ...] = (),
+        on_account: Callable[[str], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.acme = acme
+        self.responder = responder
+        self.poll_interval = poll_interval
+        self.poll_max = poll_max
+        self.order_timeout = order_timeout
+        self.contact = contact
+        self._on_account = on_account
+        self._inflight: dict[str, SharedResult] = {}
+        self._account: SharedResult | None = None
+        self.orders_started = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.acme.account_url is not None
+
+    def ensure_account(self) -> Deferred[str]:
+        """Find or register the account once, however many callers ask."""
+        if self._account is None or (
+            self._account._done and isinstance(self._account._result, Failure)
+        ):
+            d = Deferred.fromCoroutine(self._find_account())
+            self._account = SharedResult(d)
+        return self._account.wait()
+
+    async def _find_account(self) -> str:
+        url = await self.acme.account(self.contact)
+        if self._on_account is not None:
+            self._on_account(url)
+        return url
+
+    def keep_trying_account(self) -> Deferred[None]:
+        """At start-up: look the account up, retrying with back-off while the CA is away."""
+        backoff = Backoff(1.0, 60.0)
+
+        async def loop() -> None:
+            from twisted.internet.task import deferLater
+
+            while True:
+                try:
+                    url = await self.ensure_account()
+                    log.info("ACME account ready: {account}", account=url)
+                    return
+                except Exception as e:
+                    delay = backoff()
+                    log.warn(
+                        "ACME account lookup failed ({err}); retrying in {delay:.0f}s",
+                        err=str(e),
+                        delay=delay,
+                    )
+                    await deferLater(self.clock, delay, lambda: None)
+
+        return Deferred.fromCoroutine(loop())
+
+    def issue(self, csr: CheckedCSR) -> Deferred[IssuedChain]:
+        """A Deferred of the chain for ``csr``; cancelling it does not cancel the order."""
+        key = csr.request_key
+        shared = self._inflight.get(key)
+        if shared is None:
+            self.orders_started += 1
+            d = Deferred.fromCoroutine(self._run(csr))
+            d.addErrback(translate)
+            shared = SharedResult(d)
+            self._inflight[key] = shared
+            # SharedResult consumed the result; now the next identical CSR starts afresh.
+            d.addBoth(lambda _: self._inflight.pop(key, None))
+        else:
+            log.info("joining the order in flight for {names}", names=",".join(csr.names))
+        return shared.wait()
+
+    async def _run(self, csr: CheckedCSR) -> IssuedChain:
+        await self.ensure_account()
+        schedule = PollSchedule(
+            self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
+        )
+        try:
+            return await obtain_chain(self.acme, csr.names, csr.der, self.responder, schedule)
+        except Exception as e:
+            log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
+            raise

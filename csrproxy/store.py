@@ -1,0 +1,87 @@
+"""Durable state under ``[state] dir``: the ACME account key and account record.
+
+Files are written atomically (write to a temporary file, fsync, rename) and
+with mode 0600 inside a 0700 directory.  No business rules live here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from csrproxy.errors import ConfigError
+
+ACCOUNT_KEY = "account.key"
+ACCOUNT_JSON = "account.json"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class StateDir:
+    """The state directory and the files in it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def prepare(self) -> None:
+        """Create the directory (0700) if needed; raise ConfigError when it cannot be used."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            raise ConfigError("state.dir", f"cannot use {self.path}: {e.strerror}") from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError("state.dir", f"{self.path} is not writable")
+
+    def read_account_key(self) -> bytes | None:
+        """The account key PEM, or None when there is none yet; refuses a key others can read."""
+        path = self.path / ACCOUNT_KEY
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                "state.dir",
+                f"{path} is readable by group or others (mode {stat.filemode(st.st_mode)}); "
+                "chmod 600 it",
+            )
+        return path.read_bytes()
+
+    def write_account_key(self, pem: bytes) -> None:
+        path = self.path / ACCOUNT_KEY
+        if path.exists():
+            raise FileExistsError(f"{path} exists; the account key is written once")
+        atomic_write(path, pem)
+
+    def read_account(self) -> dict[str, Any]:
+        try:
+            doc = json.loads((self.path / ACCOUNT_JSON).read_bytes())
+        except FileNotFoundError:
+            return {}
+        return doc if isinstance(doc, dict) else {}
+
+    def write_account(self, doc: dict[str, Any]) -> None:
+        atomic_write(self.path / ACCOUNT_JSON, json.dumps(doc, indent=2).encode())
