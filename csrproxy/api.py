@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 from csrproxy.acme.order import IssuedChain
 from csrproxy.csr import DEFAULT_KEY_TYPES, DEFAULT_MAX_NAMES, check_csr, csr_bytes_from_body
 from csrproxy.errors import PROBLEM_NAMESPACE, CsrproxyError, IssuanceFailed
 from csrproxy.issuer import Issuer
+from csrproxy.metrics import Metrics
 from csrproxy.policy import NamePolicy
 
 log = Logger()
@@ -59,7 +61,9 @@ class SigningAPI:
         key_types: Collection[str] = DEFAULT_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
         ready: Callable[[], bool] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.issuer = issuer
         self.policy = policy
         self.max_body = max_body
@@ -67,8 +71,22 @@ class SigningAPI:
         self.max_names = max_names
         self._ready = ready or (lambda: issuer.ready)
 
+    def _count(self, request: IRequest, route: str) -> None:
+        req = cast(Request, request)
+
+        def done(_: object) -> None:
+            self.metrics.http_requests.labels(route, str(req.code)).inc()
+
+        req.notifyFinish().addBoth(done)
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", self.metrics.content_type.encode())
+        return self.metrics.render()
+
     @app.route("/v1/sign", methods=["POST"])
     def sign(self, request: IRequest) -> Deferred[bytes] | bytes:
+        self._count(request, "/v1/sign")
         length = request.getHeader(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             return self._too_large(request)
@@ -103,6 +121,7 @@ class SigningAPI:
 
     @app.route("/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
+        self._count(request, "/v1/health")
         ready = self._ready()
         request.setResponseCode(200 if ready else 503)
         request.setHeader(b"Content-Type", b"application/json")

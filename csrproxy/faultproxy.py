@@ -41,19 +41,17 @@ from io import BytesIO
 from typing import Any, Self, cast
 
 import treq
+from OpenSSL import SSL
 from twisted.internet import ssl as tssl
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, maybeDeferred
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.task import deferLater
-from twisted.web.client import (
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    FileBodyProducer,
-    HTTPConnectionPool,
-)
+from twisted.web import client as webclient
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
 from csrproxy.testbed import Pebble, _Daemon, _spawn
 
@@ -62,11 +60,6 @@ PROBLEMS = {"rateLimited": (429, "rateLimited"), "rateLimited-date": (429, "rate
 ACTIONS = {*PROBLEMS, "503", "drop-before", "drop-after", "delay"}
 HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
        b"transfer-encoding", b"content-length"}
-
-
-def _untyped(f: Any) -> Any:
-    """Twisted leaves some of these unannotated; call them without --strict complaints."""
-    return f
 
 
 @dataclass
@@ -120,12 +113,23 @@ class Rule:
         self.fired += 1
         return True
 
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 def path_kind(path: str) -> str:
     return "/" + path.lstrip("/").split("/", 1)[0]
+
+
+@implementer(IOpenSSLContextFactory)
+class _ServerTLS:
+    """Server TLS from PEM files (``PrivateCertificate.options()`` warns with pyOpenSSL 25)."""
+
+    def __init__(self, cert: str, key: str) -> None:
+        self._ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self._ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        self._ctx.use_certificate_chain_file(cert)
+        self._ctx.use_privatekey_file(key)
+
+    def getContext(self) -> SSL.Context:
+        return self._ctx
 
 
 class FaultProxy(Resource):
@@ -140,13 +144,11 @@ class FaultProxy(Resource):
         self.upstream = upstream.rstrip("/").encode()   # https://127.0.0.1:PEBBLEPORT
         with open(ca_cert, "rb") as f:
             trust = tssl.Certificate.loadPEM(f.read())
-        with open(cert, "rb") as f1, open(key, "rb") as f2:
-            self._server_cert: Any = _untyped(tssl.PrivateCertificate.loadPEM)(
-                f1.read() + b"\n" + f2.read())
-        self.pool: Any = _untyped(HTTPConnectionPool)(reactor, persistent=True)
+        self._tls = _ServerTLS(cert, key)
+        self.pool = webclient.HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 20
-        policy = _untyped(BrowserLikePolicyForHTTPS)(trustRoot=trust)
-        self.agent: Agent = _untyped(Agent)(reactor, policy, pool=self.pool)
+        policy = webclient.BrowserLikePolicyForHTTPS(trustRoot=trust)
+        self.agent: webclient.Agent = webclient.Agent(reactor, policy, pool=self.pool)
         self.timeout = timeout
         self.rules: list[Rule] = []
         self.requests: Counter[str] = Counter()
@@ -174,9 +176,7 @@ class FaultProxy(Resource):
 
     def listen(self, port: int = 0) -> int:
         """Start serving on 127.0.0.1:``port`` (0: any free port); returns the port."""
-        site = _untyped(Site)(self)
-        self.port = self.reactor.listenSSL(port, site, self._server_cert.options(),
-                                           interface="127.0.0.1")
+        self.port = self.reactor.listenSSL(port, Site(self), self._tls, interface="127.0.0.1")
         return int(self.port.getHost().port)
 
     @property
@@ -190,10 +190,10 @@ class FaultProxy(Resource):
 
     def stop(self) -> Deferred[Any]:
         """Stop listening and close upstream connections."""
-        d: Deferred[Any] = self.pool.closeCachedConnections()
+        ds: list[Deferred[Any]] = [self.pool.closeCachedConnections()]
         if self.port is not None:
-            self.port.stopListening()
-        return d
+            ds.append(maybeDeferred(self.port.stopListening))
+        return gatherResults(ds)
 
     def render(self, request: Request) -> int | bytes:
         method = request.method
@@ -222,7 +222,7 @@ class FaultProxy(Resource):
         elif path != "/_faults/rules":
             request.setResponseCode(404)
             return b'{"error": "not found"}'
-        return json.dumps([r.to_json() for r in self.rules]).encode()
+        return json.dumps([asdict(r) for r in self.rules]).encode()
 
     @inlineCallbacks
     def _handle(self, request: Request, rule: Rule | None) -> Any:
@@ -261,7 +261,7 @@ class FaultProxy(Resource):
         for k, vs in headers.getAllRawHeaders():
             if k.lower() not in HOP:
                 out.setRawHeaders(k, vs)
-        producer = _untyped(FileBodyProducer)(BytesIO(body)) if body else None
+        producer = webclient.FileBodyProducer(BytesIO(body)) if body else None
         d = self.agent.request(method, self.upstream + uri, out, producer)
         d.addTimeout(self.timeout, self.reactor)
         resp: IResponse = yield d
@@ -414,10 +414,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         proxy.add_rule(r)
     port = proxy.listen(a.port)
     if a.port_file:
-        tmp = a.port_file + ".tmp"
-        with open(tmp, "w") as f:
+        with open(a.port_file + ".tmp", "w") as f:
             f.write(f"{port}\n")
-        os.replace(tmp, a.port_file)
+        os.replace(a.port_file + ".tmp", a.port_file)
     print(f"faultproxy {proxy.base_url} -> {a.upstream} rules={rules}", flush=True)
     cast(Any, reactor).run()
 

@@ -28,6 +28,7 @@ from csrproxy.acme.problems import (
 )
 from csrproxy.csr import CheckedCSR
 from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout
+from csrproxy.metrics import Metrics
 
 log = Logger()
 
@@ -94,7 +95,9 @@ class Issuer:
         order_timeout: float,
         contact: tuple[str, ...] = (),
         on_account: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics()
         self.clock = clock
         self.acme = acme
         self.responder = responder
@@ -170,8 +173,16 @@ class Issuer:
         schedule = PollSchedule(
             self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
         )
+        started = self.clock.seconds()
+        self.metrics.orders_in_flight.inc()
         try:
-            return await obtain_chain(self.acme, csr.names, csr.der, self.responder, schedule)
+            chain = await obtain_chain(self.acme, csr.names, csr.der, self.responder, schedule)
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
+            self.metrics.orders.labels(type(e).__name__).inc()
             raise
+        finally:
+            self.metrics.orders_in_flight.dec()
+        self.metrics.orders.labels("valid").inc()
+        self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
+        return chain

@@ -23,6 +23,7 @@ from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuer import Issuer
+from csrproxy.metrics import Metrics
 from csrproxy.policy import NamePolicy
 from csrproxy.store import StateDir
 
@@ -111,12 +112,14 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         ttl=config.dns.ttl,
         challenge_ttl=config.dns.challenge_ttl,
     )
+    metrics = Metrics()
     acme = ACMEClient(
         reactor,
         http,
         config.acme.directory,
         key,
         request_timeout=config.acme.request_timeout,
+        on_request=metrics.acme_request,
     )
 
     def remember_account(url: str) -> None:
@@ -131,13 +134,18 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         order_timeout=config.acme.order_timeout,
         contact=config.acme.contact,
         on_account=remember_account,
+        metrics=metrics,
     )
-    api = SigningAPI(issuer, NamePolicy(config.policy.names), max_body=config.api.max_body)
+    api = SigningAPI(
+        issuer, NamePolicy(config.policy.names), max_body=config.api.max_body, metrics=metrics
+    )
 
     top = CsrproxyService()
     collection = IServiceCollection(top)
     if config.dns.listen:
-        DNSServerService(reactor, zone, config.dns.listen).setServiceParent(collection)
+        DNSServerService(
+            reactor, zone, config.dns.listen, on_rcode=metrics.dns_answer
+        ).setServiceParent(collection)
     site = Site(api.app.resource())
     site.displayTracebacks = False
     for description in config.api.listen:

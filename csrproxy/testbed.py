@@ -26,13 +26,14 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+T = TypeVar("T")
 PEBBLE_BIN = "/usr/bin/pebble"
 PDNS_SCHEMA = "/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql"
 PEBBLE_ENV_DEFAULTS = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
@@ -142,28 +143,6 @@ def _spawn(argv: Sequence[str], log_path: str, env: Mapping[str, str] | None = N
                                 env=dict(env) if env is not None else None)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
-                log_path: str, timeout: float) -> None:
-    """Poll ``ready()`` every 50 ms; raise RuntimeError if ``proc`` exits or time runs out."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    pause = threading.Event()
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with status {proc.returncode} before it was ready;"
-                               f" log {log_path}:\n{log_tail(log_path)}")
-        try:
-            if ready():
-                return
-        except Exception as e:
-            last = e
-        if time.monotonic() > deadline:
-            _terminate(proc)
-            raise RuntimeError(f"{what} not ready after {timeout} s (last error: {last!r});"
-                               f" log {log_path}:\n{log_tail(log_path)}")
-        pause.wait(0.05)
-
-
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
     if proc.poll() is None:
         proc.terminate()
@@ -181,14 +160,22 @@ class _Daemon:
 
     def _start(self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
                timeout: float) -> None:
-        """Adopt ``proc`` and wait until ``ready()``; on failure stop it and raise."""
-        self.proc = proc
+        """Adopt ``proc``, poll ``ready()`` every 50 ms; if ``proc`` exits or ``timeout`` runs
+        out, stop it and raise RuntimeError with the log's tail."""
+        self.proc, deadline, last, log = proc, time.monotonic() + timeout, "", self.log_path
         _live.add(self)
-        try:
-            _wait_ready(proc, ready, what, self.log_path, timeout)
-        except BaseException:
-            self.stop()
-            raise
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if ready():
+                    return
+            except Exception as e:
+                last = f" (last error: {e!r})"
+            threading.Event().wait(0.05)
+        exited = proc.poll() is not None
+        self.stop()
+        why = f"exited ({proc.returncode}) before it was ready" if exited else (
+            f"was not ready within {timeout} s")
+        raise RuntimeError(f"{what} {why}{last}; log {log}:\n{log_tail(log)}")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 5 s.  Idempotent."""
@@ -202,6 +189,17 @@ class _Daemon:
     def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def _retrying(start: Callable[[], T], attempts: int = 3) -> T:
+    """Ports are picked free, then bound by the child: retry if another process won a port."""
+    for _ in range(attempts - 1):
+        try:
+            return start()
+        except RuntimeError as e:
+            if "address already in use" not in str(e).lower():
+                raise
+    return start()
 
 
 def _https_get(url: str, cafile: str, timeout: float = 5) -> bytes:
@@ -243,7 +241,15 @@ def start_pebble(workdir: str, dns_server: str, *, env: Mapping[str, str] | None
 
     ``env`` overrides PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0, PEBBLE_AUTHZREUSE=0.
     ``eab_keys`` (kid -> base64url HMAC key) turns on externalAccountBindingRequired.
+    ``extra_config`` is merged last into the ``"pebble"`` JSON object.
     """
+    return _retrying(lambda: _start_pebble(workdir, dns_server, env, eab_keys, validity_seconds,
+                                           extra_config, timeout))
+
+
+def _start_pebble(workdir: str, dns_server: str, env: Mapping[str, str] | None,
+                  eab_keys: Mapping[str, str] | None, validity_seconds: int | None,
+                  extra_config: Mapping[str, Any] | None, timeout: float) -> Pebble:
     os.makedirs(workdir, exist_ok=True)
     ca_cert, ca_key, cert, key = make_tls_files(os.path.join(workdir, "tls"))
     port, mport = free_port(), free_port()
@@ -261,23 +267,20 @@ def start_pebble(workdir: str, dns_server: str, *, env: Mapping[str, str] | None
     penv = {**os.environ, **PEBBLE_ENV_DEFAULTS, **(env or {})}
     log_path = os.path.join(workdir, "pebble.log")
     proc = _spawn([PEBBLE_BIN, "-config", config_path, "-dnsserver", dns_server], log_path, penv)
-    peb = Pebble(log_path=log_path, directory=f"https://127.0.0.1:{port}/dir", ca_cert=ca_cert,
-                 management=f"https://127.0.0.1:{mport}", cert_path=cert, key_path=key,
-                 ca_key=ca_key, config_path=config_path, dns_server=dns_server)
-    peb._start(proc, lambda: "newNonce" in peb.directory_json() and bool(peb.root_pem()),
+    peb = Pebble(log_path=log_path, directory=f"https://{conf['listenAddress']}/dir",
+                 management=f"https://{conf['managementListenAddress']}", ca_cert=ca_cert,
+                 cert_path=cert, key_path=key, ca_key=ca_key, config_path=config_path,
+                 dns_server=dns_server)
+    peb._start(proc, lambda: "newNonce" in json.loads(_https_get(peb.directory, ca_cert, 1)),
                "pebble", timeout)
     return peb
 
 
 # ---- DNS (tiny)
 def _skip_name(msg: bytes, off: int) -> int:
-    while True:
-        n = msg[off]
-        if n & 0xC0 == 0xC0:
-            return off + 2
-        off += 1 + n
-        if n == 0:
-            return off
+    while msg[off] and msg[off] & 0xC0 != 0xC0:
+        off += 1 + msg[off]
+    return off + (2 if msg[off] else 1)
 
 
 QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "TXT": 16, "AAAA": 28, "CAA": 257}
@@ -367,6 +370,11 @@ def start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, st
                    caches: bool = False, timeout: float = 20) -> PowerDNS:
     """Start an authoritative PowerDNS (sqlite backend) for ``zone`` on free loopback ports;
     ``records`` are ``(name relative to the zone or "@", type, content)``, TTL 60."""
+    return _retrying(lambda: _start_powerdns(workdir, zone, records, caches, timeout))
+
+
+def _start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, str]],
+                    caches: bool, timeout: float) -> PowerDNS:
     zone = zone.rstrip(".")
     config_dir = os.path.abspath(os.path.join(workdir, "pdns"))
     os.makedirs(config_dir, exist_ok=True)

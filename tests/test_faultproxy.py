@@ -6,19 +6,26 @@ import base64
 import email.utils
 import http.client
 import json
+import shutil
 import ssl
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from email.message import Message
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
+import treq
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from twisted.internet import ssl as tssl
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.trial import unittest as trial
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from csrproxy import faultproxy, testbed
 from csrproxy.faultproxy import Rule
@@ -37,6 +44,8 @@ def test_rule_parse_forms() -> None:
     assert (r.method, r.path, r.action, r.arg, r.count, r.after, r.nonce) == (
         "*", "^/(authZ|chalZ)/", "serverInternal", None, 0, 2, False)
     assert Rule.parse("get:/a:b:c:drop-after").path == "/a:b:c"  # colons inside the regex
+    r = Rule.parse("GET:/x:rateLimited:503")  # an ARG that looks like an action
+    assert (r.path, r.action, r.arg) == ("/x", "rateLimited", 503)
     assert Rule.parse({"method": "GET", "path": "/dir", "action": "503"}).count == 1
     for bad in ("POST:/x", "POST:/x:explode", "POST:/x:rateLimited:1:2:3"):
         with pytest.raises(ValueError):
@@ -160,3 +169,39 @@ def test_other_faults(fp: faultproxy.FaultProxyProcess) -> None:
     assert fp.counts() == {"GET /dir": 7}
     assert fp.injected() == {f"GET /dir {a}": 1 for a in (
         "rateLimited-date", "503", "serverInternal", "drop-before", "drop-after", "delay")}
+
+
+class InProcess(trial.TestCase):
+    """The same proxy inside the test's reactor (as csrproxy's own trial tests would use it)."""
+
+    @pytest.mark.integration
+    @inlineCallbacks
+    def test_in_process_proxy(self) -> Generator[Deferred[Any], Any, None]:
+        if not have_pebble:
+            raise trial.SkipTest("no pebble")
+        from twisted.internet import reactor
+
+        work = tempfile.mkdtemp(prefix="faultproxy-")
+        self.addCleanup(shutil.rmtree, work, True)
+        peb = testbed.start_pebble(work, f"127.0.0.1:{testbed.free_port('udp')}")
+        self.addCleanup(peb.stop)
+        proxy = faultproxy.FaultProxy.for_pebble(reactor, peb, ["GET:^/dir$:serverInternal:1"])
+        proxy.listen(0)
+        self.addCleanup(proxy.stop)
+        with open(peb.ca_cert, "rb") as f:
+            trust = tssl.Certificate.loadPEM(f.read())
+        pool: Any = cast(Any, HTTPConnectionPool)(reactor, persistent=False)
+        agent: Any = cast(Any, Agent)(
+            reactor, cast(Any, BrowserLikePolicyForHTTPS)(trustRoot=trust), pool=pool)
+        resp = yield agent.request(b"GET", proxy.directory.encode())
+        body = yield treq.content(resp)
+        assert resp.code == 500
+        assert resp.headers.getRawHeaders(b"retry-after") == [b"1"]
+        assert resp.headers.getRawHeaders(b"replay-nonce")
+        assert json.loads(body)["type"] == "urn:ietf:params:acme:error:serverInternal"
+        resp = yield agent.request(b"GET", proxy.directory.encode())
+        d = json.loads((yield treq.content(resp)))
+        assert resp.code == 200 and d["newOrder"] == proxy.base_url + "/order-plz"
+        assert proxy.counts() == {"requests": {"GET /dir": 2},
+                                  "injected": {"GET /dir serverInternal": 1}}
+        yield pool.closeCachedConnections()

@@ -15,12 +15,14 @@ from email.utils import parsedate_to_datetime
 from typing import Any, cast
 
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import (
@@ -73,6 +75,28 @@ class ACMEResponse:
                 if f'rel="{rel}"' in params.replace(" ", "") or f"rel={rel}" in params:
                     out.append(url.strip().strip("<>"))
         return out
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body written in one go (no cooperator on the global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
 class Backoff:
@@ -149,7 +173,7 @@ class ACMEClient:
             resp: IResponse = await self.http.request(
                 method,
                 url,
-                data=body,
+                data=BytesProducer(body) if body is not None else None,
                 headers=headers,
                 timeout=self.request_timeout,
                 reactor=cast(Any, self.clock),

@@ -160,11 +160,11 @@ class DNSServerService(Service):
         self._bound = False
 
     def privilegedStartService(self) -> None:
-        Service.privilegedStartService(self)  # type: ignore[no-untyped-call]
+        cast(Any, super()).privilegedStartService()
         self._bind()
 
     def startService(self) -> None:
-        Service.startService(self)  # type: ignore[no-untyped-call]
+        cast(Any, super()).startService()
         self._bind()
 
     def _bind(self) -> None:
@@ -205,7 +205,7 @@ class DNSServerService(Service):
         raise AssertionError("unreachable")  # pragma: no cover
 
     def stopService(self) -> Deferred[None]:
-        Service.stopService(self)  # type: ignore[no-untyped-call]
+        cast(Any, super()).stopService()
         closing = [maybeDeferred(cast(Any, port).stopListening) for port in self.ports]
         self.ports = []
         self._bound = False

@@ -27,13 +27,17 @@ CACHE_LIMIT = 8192
 _ONE_QUESTION = b"\x00\x01\x00\x00\x00\x00"
 _NO_RECORDS = b"\x00\x00"
 _ONE_RECORD = b"\x00\x01"
+_PLAIN_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00\x00"
+_EDNS_COUNTS = b"\x00\x01\x00\x00\x00\x00\x00\x01"
+_OPT_HEAD = b"\x00\x00\x29"
 # Our OPT: root owner, type 41, payload size 1232, ext-rcode 0, version 0, DO clear / set.
 _OPT = b"\x00\x00\x29" + struct.pack("!H", UDP_MAX) + b"\x00\x00\x00\x00\x00\x00"
 _OPT_DO = b"\x00\x00\x29" + struct.pack("!H", UDP_MAX) + b"\x00\x00\x80\x00\x00\x00"
 _OPT_BADVERS = b"\x00\x00\x29" + struct.pack("!H", UDP_MAX) + b"\x01\x00\x00\x00\x00\x00"
 
-# (flags high byte, flags low byte, qd/an/ns counts, body after the question)
-Entry = tuple[int, int, bytes, bytes]
+# (flags high byte, flags low byte, the four counts without and with an OPT, body after
+# the question)
+Entry = tuple[int, int, bytes, bytes, bytes]
 
 
 class Authority(Protocol):
@@ -157,11 +161,46 @@ class Responder:
         self._version = zone.version
 
     def respond(self, packet: bytes, udp_cap: int | None) -> bytes | None:
-        if len(packet) < 12 or packet[2] & 0x80:
-            return None  # never answer a response: no reflection loops
         if self._version != self._zone.version:
             self._cache.clear()
             self._version = self._zone.version
+        # Fast path. A cache hit proves the question well formed: keys are made only from
+        # validated questions, and lowercasing never touches a length byte (all < 0x40).
+        if len(packet) > 16 and not packet[2] & 0xF8:  # QR clear, opcode QUERY
+            counts = packet[4:12]
+            if counts == _PLAIN_COUNTS:
+                entry = self._cache.get(packet[12:-4].lower() + packet[-4:])
+                if entry is not None and (udp_cap is None or len(packet) + len(entry[4]) <= 512):
+                    high, low, plain, _, body = entry
+                    if self._on_rcode is not None:
+                        self._on_rcode(low)
+                    flags = bytes((high | packet[2] & 0x01, low | packet[3] & 0x10))
+                    return b"".join((packet[:2], flags, plain, packet[12:], body))
+            elif (
+                counts == _EDNS_COUNTS
+                and packet[-11:-8] == _OPT_HEAD
+                and packet[-2:] == _NO_RECORDS
+                and not packet[-5]
+            ):
+                entry = self._cache.get(packet[12:-15].lower() + packet[-15:-11])
+                if entry is not None:
+                    size = len(packet) + len(entry[4])
+                    if (
+                        udp_cap is None
+                        or size <= 512
+                        or size <= udp_limit(packet[-8] << 8 | packet[-7], udp_cap)
+                    ):
+                        high, low, _, edns, body = entry
+                        if self._on_rcode is not None:
+                            self._on_rcode(low)
+                        flags = bytes((high | packet[2] & 0x01, low | packet[3] & 0x10))
+                        opt = _OPT_DO if packet[-4] & 0x80 else _OPT
+                        return b"".join((packet[:2], flags, edns, packet[12:-11], body, opt))
+        return self._respond_parsed(packet, udp_cap)
+
+    def _respond_parsed(self, packet: bytes, udp_cap: int | None) -> bytes | None:
+        if len(packet) < 12 or packet[2] & 0x80:
+            return None  # never answer a response: no reflection loops
         if packet[2] & 0x78 or packet[4:10] != _ONE_QUESTION:
             return self._respond_slow(packet, udp_cap)
         pos = 12
@@ -204,17 +243,16 @@ class Responder:
         entry = self._cache.get(key)
         if entry is None:
             entry = self._compute(key, name_end - 11)
-        high, low, counts, body = entry
+        high, low, plain, edns, body = entry
         high |= packet[2] & 0x01  # RD is copied
-        low |= packet[3] & 0x10  # CD is copied
         if self._on_rcode is not None:
-            self._on_rcode(low & 0x0F)
-        arcount = _ONE_RECORD if opt else _NO_RECORDS
+            self._on_rcode(low)
+        low |= packet[3] & 0x10  # CD is copied
+        counts = edns if opt else plain
         if qend + len(body) + len(opt) <= limit:
-            return b"".join(
-                (packet[:2], bytes((high, low)), counts, arcount, packet[12:qend], body, opt)
-            )
+            return b"".join((packet[:2], bytes((high, low)), counts, packet[12:qend], body, opt))
         # RFC 2181 9: it does not fit, so send nothing but TC and let the client use TCP.
+        arcount = _ONE_RECORD if opt else _NO_RECORDS
         header = bytes((high | 0x02, low)) + _ONE_QUESTION + arcount
         return b"".join((packet[:2], header, packet[12:qend], opt))
 
@@ -230,7 +268,8 @@ class Responder:
             rr.encode_record(record, owner, message, table)
         high = 0x84 if lookup.authoritative else 0x80
         counts = struct.pack("!HHH", 1, len(lookup.answer), len(lookup.authority))
-        entry = (high, lookup.rcode, counts, bytes(message[12 + len(key) :]))
+        body = bytes(message[12 + len(key) :])
+        entry = (high, lookup.rcode, counts + _NO_RECORDS, counts + _ONE_RECORD, body)
         if len(self._cache) >= CACHE_LIMIT:
             self._cache.clear()  # a flood of distinct names must not grow memory
         self._cache[key] = entry

@@ -86,6 +86,7 @@ class ChallengeZone:
         self._mname = ns_names[0]
         self._rname = rname
         static: dict[bytes, list[Record]] = {}
+        lines: dict[Record, str] = {}
         for name in ns_names:
             static.setdefault(self._origin, []).append(
                 Record(self._origin, rr.NS, ttl, (NameRef(name),))
@@ -100,6 +101,7 @@ class ChallengeZone:
                     "dns.records", f"{line}: delegations (NS below the apex) are not supported"
                 )
             static.setdefault(record.owner, []).append(record)
+            lines.setdefault(record, line)
         self._static: dict[bytes, Node] = {}
         for owner, owned in static.items():
             node: dict[int, list[Record]] = {}
@@ -110,7 +112,8 @@ class ChallengeZone:
                 len(node) > 1 or len(node[rr.CNAME]) > 1 or owner == self._origin
             ):
                 raise ConfigError(
-                    "dns.records", f"{rr.wire_to_text(owner)}: a CNAME must be alone at its name"
+                    "dns.records",
+                    f"{lines[node[rr.CNAME][0]]}: a CNAME must be alone at its name (RFC 1034)",
                 )
             self._static[owner] = {rtype: tuple(recs) for rtype, recs in node.items()}
         self._challenges: dict[bytes, list[str]] = {}

@@ -1,0 +1,89 @@
+"""Prometheus metrics of one csrproxy process (its own registry, not the global one)."""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+
+class Metrics:
+    """Every metric csrproxy exports; ``render()`` gives the text format."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        disable_created_metrics()
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "csrproxy_http_requests",
+            "API requests by route and status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.orders = Counter(
+            "csrproxy_orders", "Orders finished, by outcome", ["outcome"], registry=r
+        )
+        self.orders_in_flight = Gauge(
+            "csrproxy_orders_in_flight", "ACME orders running now", registry=r
+        )
+        self.issuance_seconds = Histogram(
+            "csrproxy_issuance_seconds",
+            "Time from newOrder to the downloaded chain",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
+        self.acme_requests = Counter(
+            "csrproxy_acme_requests",
+            "Requests to the ACME CA by endpoint and HTTP status",
+            ["endpoint", "status"],
+            registry=r,
+        )
+        # The DNS hot path bumps a plain dict; the collector turns it into a metric on scrape.
+        self.dns_rcodes: collections.Counter[int] = collections.Counter()
+        r.register(_DNSCollector(self.dns_rcodes))
+
+    def acme_request(self, endpoint: str, status: int) -> None:
+        self.acme_requests.labels(endpoint, str(status)).inc()
+
+    def dns_answer(self, rcode: int) -> None:
+        self.dns_rcodes[rcode] += 1
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _DNSCollector(Collector):
+    def __init__(self, counts: collections.Counter[int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "csrproxy_dns_queries", "DNS queries answered, by rcode", labels=["rcode"]
+        )
+        for rcode, n in sorted(self.counts.items()):
+            family.add_metric([RCODES.get(rcode, str(rcode))], n)
+        yield family
+
+
+RCODES = {
+    0: "NOERROR",
+    1: "FORMERR",
+    2: "SERVFAIL",
+    3: "NXDOMAIN",
+    4: "NOTIMP",
+    5: "REFUSED",
+    16: "BADVERS",
+}
