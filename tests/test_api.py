@@ -62,7 +62,9 @@ class APITests(SynchronousTestCase):
     def post(self, body: bytes, ctype: str = "application/pkcs10") -> tuple[int, str, bytes]:
         resp = self.drive(
             self.client.post(
-                "http://api.test/v1/sign", data=body, headers=Headers({b"Content-Type": [ctype.encode()]})
+                "http://api.test/v1/sign",
+                data=body,
+                headers=Headers({b"Content-Type": [ctype.encode()]}),
             )
         )
         content = self.drive(resp.content())
