@@ -39,6 +39,23 @@ class APIConfig:
 
 
 @dataclass(frozen=True)
+class PowerDNSConfig:
+    api_url: str
+    api_key: str = field(repr=False)
+    server_id: str = "localhost"
+    #: The PowerDNS zone that holds the records (default: ``[dns] zone``).
+    zone: str = ""
+    ttl: int = 60
+    #: ``host:port`` servers that must answer a TXT value before the challenge is answered;
+    #: empty means the zone's NS names, resolved.
+    check_servers: tuple[str, ...] = ()
+    #: Seconds to wait for every check server to serve a new value.
+    check_timeout: float = 60.0
+    #: Seconds to keep retrying a failing PowerDNS API call.
+    api_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     zone: str
     listen: tuple[str, ...] = ()
@@ -46,6 +63,9 @@ class DNSConfig:
     records: tuple[str, ...] = ()
     ttl: int = 300
     challenge_ttl: int = 10
+    #: "builtin" (our own authoritative server) or "powerdns" (records pushed to its API).
+    backend: str = "builtin"
+    powerdns: PowerDNSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -129,10 +149,21 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         max_body=int(_positive(api, "api", "max_body", APIConfig.max_body, kind=int)),
     )
 
-    _no_unknown("dns", dns, {"zone", "listen", "nameservers", "records", "ttl", "challenge_ttl"})
+    _no_unknown(
+        "dns",
+        dns,
+        {"zone", "listen", "nameservers", "records", "ttl", "challenge_ttl", "backend", "powerdns"},
+    )
     zone = _get(dns, "dns", "zone", str).strip().rstrip(".").lower()
     if not zone or "." not in zone:
         raise ConfigError("dns.zone", f"{zone!r} is not a DNS zone name")
+    backend = _get(dns, "dns", "backend", str, default="builtin")
+    if backend not in ("builtin", "powerdns"):
+        raise ConfigError("dns.backend", f'must be "builtin" or "powerdns", not {backend!r}')
+    pdns = _section(dns, "powerdns", required=False) if "powerdns" in dns else None
+    if backend == "powerdns" and pdns is None:
+        raise ConfigError("dns.powerdns", "missing section [dns.powerdns] for backend powerdns")
+    pdns_cfg = _powerdns(pdns, zone) if pdns is not None else None
     nameservers = tuple(
         n.rstrip(".").lower() for n in _str_list(dns, "dns", "nameservers", default=())
     )
@@ -143,6 +174,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         records=_str_list(dns, "dns", "records", default=()),
         ttl=int(_positive(dns, "dns", "ttl", 300, kind=int)),
         challenge_ttl=int(_positive(dns, "dns", "challenge_ttl", 10, kind=int)),
+        backend=backend,
+        powerdns=pdns_cfg,
     )
 
     _no_unknown("policy", policy, {"names"})
@@ -162,6 +195,37 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     state_cfg = StateConfig(dir=_get(state, "state", "dir", str))
 
     return Config(acme_cfg, api_cfg, dns_cfg, policy_cfg, state_cfg, source=source)
+
+
+def _powerdns(data: Mapping[str, Any], zone: str) -> PowerDNSConfig:
+    s = "dns.powerdns"
+    _no_unknown(
+        s,
+        data,
+        {
+            "api_url",
+            "api_key",
+            "server_id",
+            "zone",
+            "ttl",
+            "check_servers",
+            "check_timeout",
+            "api_timeout",
+        },
+    )
+    api_url = _get(data, s, "api_url", str).rstrip("/")
+    if not api_url.startswith(("http://", "https://")):
+        raise ConfigError(f"{s}.api_url", f"must be an http(s):// URL, not {api_url!r}")
+    return PowerDNSConfig(
+        api_url=api_url,
+        api_key=_get(data, s, "api_key", str),
+        server_id=_get(data, s, "server_id", str, default="localhost"),
+        zone=_get(data, s, "zone", str, default=zone).rstrip(".").lower(),
+        ttl=int(_positive(data, s, "ttl", 60, kind=int)),
+        check_servers=_str_list(data, s, "check_servers", default=()),
+        check_timeout=_positive(data, s, "check_timeout", 60.0),
+        api_timeout=_positive(data, s, "api_timeout", 30.0),
+    )
 
 
 def _section(data: Mapping[str, Any], name: str, required: bool = True) -> Mapping[str, Any]:
