@@ -176,6 +176,21 @@ class StreamTests(SynchronousTestCase):
         self.protocol.connectionLost(None)
         self.assertEqual(self.service.connections, set())
 
+    def test_connection_limit(self) -> None:
+        service = DNSServerService(self.clock, make_zone(), [], max_tcp_connections=1)
+        first, second = DNSStreamProtocol(service), DNSStreamProtocol(service)
+        first.makeConnection(StringTransport())
+        over = StringTransport()
+        second.makeConnection(over)
+        self.assertEqual(service.connections, {first})
+        self.assertTrue(over.disconnecting)
+
+    def test_stop_aborts_connections(self) -> None:
+        stopped = self.service.stopService()
+        self.assertNoResult(stopped)
+        self.protocol.connectionLost(None)
+        self.successResultOf(stopped)
+
     def test_garbage_keeps_connection_usable(self) -> None:
         self.protocol.dataReceived(b"\x00\x05hello\x00\x00")
         query = query_bytes(ORIGIN, "SOA")

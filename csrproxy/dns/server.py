@@ -25,6 +25,7 @@ from csrproxy.errors import ConfigError, ListenError
 log = Logger()
 
 TCP_IDLE_TIMEOUT = 30.0
+MAX_TCP_CONNECTIONS = 512
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 _PORT_ZERO_ATTEMPTS = 8
 
@@ -94,8 +95,12 @@ class DNSStreamProtocol(Protocol):
         self._server = server
         self._buffer = bytearray()
         self._timer: Any = None  # an IDelayedCall
+        self.closed: Deferred[None] = Deferred()
 
     def connectionMade(self) -> None:
+        if len(self._server.connections) >= self._server.max_tcp_connections:
+            cast(Any, self.transport).abortConnection()  # keep file descriptors for others
+            return
         self._server.connections.add(self)
         self._timer = self._server.reactor.callLater(self._server.tcp_idle_timeout, self._idle)
 
@@ -130,6 +135,8 @@ class DNSStreamProtocol(Protocol):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        if not self.closed.called:
+            self.closed.callback(None)
 
 
 class DNSServerService(Service):
@@ -148,6 +155,7 @@ class DNSServerService(Service):
         listen: Sequence[str],
         on_rcode: Callable[[int], None] | None = None,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
     ) -> None:
         self.reactor = reactor
         self.zone = zone
@@ -155,6 +163,7 @@ class DNSServerService(Service):
         self._addresses = [parse_listen(spec) for spec in self.listen]
         self.responder = Responder(zone, on_rcode)
         self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
         self.ports: list[IListeningPort] = []
         self.connections: set[DNSStreamProtocol] = set()
         self._bound = False
@@ -210,6 +219,7 @@ class DNSServerService(Service):
         self.ports = []
         self._bound = False
         for connection in list(self.connections):
+            closing.append(connection.closed)
             if connection.transport is not None:
                 cast(Any, connection.transport).abortConnection()
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
