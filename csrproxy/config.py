@@ -30,6 +30,16 @@ class ACMEConfig:
     order_timeout: float = 300.0
     #: Seconds allowed for one HTTP request to the CA.
     request_timeout: float = 30.0
+    #: Type of a newly made account key: ec256, ec384, rsa2048, rsa3072 or rsa4096.
+    account_key_type: str = "ec256"
+    #: External Account Binding (ZeroSSL, Google Trust Services, step-ca): key id and
+    #: base64url HMAC key, both or neither.
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)
+    #: Pick the chain whose top certificate's issuer CN is this (else the CA's default).
+    preferred_chain: str | None = None
+    #: Certificate profile to ask for when the CA's directory offers it.
+    profile: str | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +131,11 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
             "poll_max",
             "order_timeout",
             "request_timeout",
+            "account_key_type",
+            "eab_kid",
+            "eab_hmac_key",
+            "preferred_chain",
+            "profile",
         },
     )
     directory = _get(acme, "acme", "directory", str)
@@ -133,6 +148,26 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     ca_certs = _get(acme, "acme", "ca_certs", str, default=None)
     if ca_certs is not None and not Path(ca_certs).is_file():
         raise ConfigError("acme.ca_certs", f"no such file: {ca_certs}")
+    key_type = _get(acme, "acme", "account_key_type", str, default="ec256")
+    if key_type not in ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"):
+        raise ConfigError(
+            "acme.account_key_type", f"{key_type!r} is not ec256, ec384, rsa2048, rsa3072, rsa4096"
+        )
+    eab_kid = _get(acme, "acme", "eab_kid", str, default=None)
+    eab_hmac = _get(acme, "acme", "eab_hmac_key", str, default=None)
+    if (eab_kid is None) != (eab_hmac is None):
+        raise ConfigError(
+            "acme.eab_hmac_key" if eab_hmac is None else "acme.eab_kid",
+            "eab_kid and eab_hmac_key go together",
+        )
+    if eab_hmac is not None:
+        import base64
+        import binascii
+
+        try:
+            base64.urlsafe_b64decode(eab_hmac + "=" * (-len(eab_hmac) % 4))
+        except (binascii.Error, ValueError) as e:
+            raise ConfigError("acme.eab_hmac_key", "is not base64url") from e
     acme_cfg = ACMEConfig(
         directory=directory,
         contact=contact,
@@ -141,6 +176,11 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         poll_max=_positive(acme, "acme", "poll_max", 10.0),
         order_timeout=_positive(acme, "acme", "order_timeout", 300.0),
         request_timeout=_positive(acme, "acme", "request_timeout", 30.0),
+        account_key_type=key_type,
+        eab_kid=eab_kid,
+        eab_hmac_key=eab_hmac,
+        preferred_chain=_get(acme, "acme", "preferred_chain", str, default=None),
+        profile=_get(acme, "acme", "profile", str, default=None),
     )
 
     _no_unknown("api", api, {"listen", "max_body"})

@@ -17,7 +17,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.acme.client import ACMEClient, Backoff
-from csrproxy.acme.order import DNS01Responder, IssuedChain, PollSchedule, obtain_chain
+from csrproxy.acme.order import (
+    DNS01Responder,
+    IssuedChain,
+    OrderOptions,
+    PollSchedule,
+    obtain_chain,
+)
 from csrproxy.acme.problems import (
     ACMEError,
     ACMEProblem,
@@ -94,6 +100,7 @@ class Issuer:
         poll_max: float,
         order_timeout: float,
         contact: tuple[str, ...] = (),
+        order_options: OrderOptions | None = None,
         on_account: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -105,6 +112,7 @@ class Issuer:
         self.poll_max = poll_max
         self.order_timeout = order_timeout
         self.contact = contact
+        self.order_options = order_options or OrderOptions()
         self._on_account = on_account
         self._inflight: dict[str, SharedResult] = {}
         self._account: SharedResult | None = None
@@ -176,7 +184,9 @@ class Issuer:
         started = self.clock.seconds()
         self.metrics.orders_in_flight.inc()
         try:
-            chain = await obtain_chain(self.acme, csr.names, csr.der, self.responder, schedule)
+            chain = await obtain_chain(
+                self.acme, csr.names, csr.der, self.responder, schedule, self.order_options
+            )
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()

@@ -15,7 +15,8 @@ from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from csrproxy.acme.client import ACMEClient
-from csrproxy.acme.jws import AccountKey
+from csrproxy.acme.jws import AccountKey, eab_binding
+from csrproxy.acme.order import OrderOptions
 from csrproxy.api import SigningAPI
 from csrproxy.config import Config
 from csrproxy.dns.publisher import ZonePublisher
@@ -84,7 +85,7 @@ class CsrproxyService(MultiService):
             raise SystemExit(1) from None
 
 
-def load_account_key(state: StateDir) -> AccountKey:
+def load_account_key(state: StateDir, key_type: str = "ec256") -> AccountKey:
     pem = state.read_account_key()
     if pem is not None:
         try:
@@ -93,7 +94,7 @@ def load_account_key(state: StateDir) -> AccountKey:
             raise ConfigError(
                 "state.dir", f"the account key in {state.path} is unusable: {e}"
             ) from e
-    key = AccountKey.generate("ec256")
+    key = AccountKey.generate(key_type)
     state.write_account_key(key.to_pem())
     log.info("new ACME account key written to {path}", path=str(state.path))
     return key
@@ -103,7 +104,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
     """Everything the daemon runs, as one MultiService."""
     state = StateDir(config.state.dir)
     state.prepare()
-    key = load_account_key(state)
+    key = load_account_key(state, config.acme.account_key_type)
 
     zone = ChallengeZone(
         config.dns.zone,
@@ -120,6 +121,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         key,
         request_timeout=config.acme.request_timeout,
         on_request=metrics.acme_request,
+        eab=eab_binding(config.acme.eab_kid, config.acme.eab_hmac_key),
     )
 
     def remember_account(url: str) -> None:
@@ -133,6 +135,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         poll_max=config.acme.poll_max,
         order_timeout=config.acme.order_timeout,
         contact=config.acme.contact,
+        order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
         metrics=metrics,
     )

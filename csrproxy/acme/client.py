@@ -24,7 +24,7 @@ from twisted.web.client import ResponseFailed
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from csrproxy.acme.jws import AccountKey
+from csrproxy.acme.jws import AccountKey, eab_jws
 from csrproxy.acme.problems import (
     ACMEProblem,
     ACMEProtocolError,
@@ -144,7 +144,10 @@ class ACMEClient:
         retry_cap: float = 60.0,
         retry_deadline: float = 120.0,
         on_request: Callable[[str, int], None] | None = None,
+        eab: tuple[str, bytes] | None = None,
     ) -> None:
+        #: External Account Binding (key id, HMAC key) for newAccount, when the CA needs it.
+        self.eab = eab
         self.clock = clock
         self.http = http
         self.directory_url = directory_url
@@ -294,11 +297,7 @@ class ACMEClient:
 
     # -- account ----------------------------------------------------------
 
-    async def account(
-        self,
-        contact: Sequence[str] = (),
-        eab: Callable[[str], dict[str, Any]] | None = None,
-    ) -> str:
+    async def account(self, contact: Sequence[str] = ()) -> str:
         """Find the account of our key, or register it; returns (and keeps) its URL."""
         if self.account_url is not None:
             return self.account_url
@@ -312,8 +311,8 @@ class ACMEClient:
             payload: dict[str, Any] = {"termsOfServiceAgreed": True}
             if contact:
                 payload["contact"] = list(contact)
-            if eab is not None:
-                payload["externalAccountBinding"] = eab(url)
+            if self.eab is not None:
+                payload["externalAccountBinding"] = eab_jws(self.key, *self.eab, url)
             resp = await self.post(url, payload, kind="newAccount", jwk=True)
             log.info("ACME account {account} registered", account=resp.location)
         if not resp.location:

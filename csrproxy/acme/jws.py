@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
@@ -103,3 +104,10 @@ def eab_jws(account: AccountKey, kid: str, hmac_key: bytes, url: str) -> dict[st
     """The externalAccountBinding object for newAccount (RFC 8555 §7.3.4)."""
     protected = {"alg": "HS256", "kid": kid, "url": url}
     return json.loads(_flattened(HS256, hmac_key, protected, account.public_jwk))  # type: ignore[no-any-return]
+
+
+def eab_binding(kid: str | None, hmac_b64: str | None) -> tuple[str, bytes] | None:
+    """The (kid, HMAC key) pair from configuration, or None when EAB is not configured."""
+    if kid is None or hmac_b64 is None:
+        return None
+    return kid, base64.urlsafe_b64decode(hmac_b64 + "=" * (-len(hmac_b64) % 4))

@@ -46,6 +46,16 @@ class PollSchedule:
     deadline: float
 
 
+@dataclass(frozen=True)
+class OrderOptions:
+    """What every order asks of the CA beyond its names."""
+
+    #: Pick the chain whose top certificate's issuer CN is this, among default and alternates.
+    preferred_chain: str | None = None
+    #: Ask for this profile when the directory's ``meta.profiles`` lists it.
+    profile: str | None = None
+
+
 @dataclass
 class IssuedChain:
     """The CA's answer: the PEM chain (leaf first) and where it came from."""
@@ -73,8 +83,13 @@ async def obtain_chain(
     csr_der: bytes,
     responder: DNS01Responder,
     schedule: PollSchedule,
+    options: OrderOptions = OrderOptions(),
+    replaces: str | None = None,
 ) -> IssuedChain:
-    """Run one order to the end and return the chain."""
+    """Run one order to the end and return the chain.
+
+    ``replaces`` is the ARI certificate id of the certificate this order renews.
+    """
     await client.account()
     order_url, order = await client.new_order(names)
     log.info("order {order} created for {names}", order=order_url, names=",".join(names))
