@@ -55,22 +55,34 @@ from zope.interface import implementer
 
 from csrproxy.testbed import Pebble, _Daemon, _spawn
 
-PROBLEMS = {"rateLimited": (429, "rateLimited"), "rateLimited-date": (429, "rateLimited"),
-            "serverInternal": (500, "serverInternal"), "badNonce": (400, "badNonce")}
+PROBLEMS = {
+    "rateLimited": (429, "rateLimited"),
+    "rateLimited-date": (429, "rateLimited"),
+    "serverInternal": (500, "serverInternal"),
+    "badNonce": (400, "badNonce"),
+}
 ACTIONS = {*PROBLEMS, "503", "drop-before", "drop-after", "delay"}
-HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
-       b"transfer-encoding", b"content-length"}
+HOP = {
+    b"connection",
+    b"keep-alive",
+    b"proxy-connection",
+    b"te",
+    b"trailer",
+    b"upgrade",
+    b"transfer-encoding",
+    b"content-length",
+}
 
 
 @dataclass
 class Rule:
-    method: str            # "GET", "POST", "HEAD" or "*"
-    path: str              # regex searched in the request path
+    method: str  # "GET", "POST", "HEAD" or "*"
+    path: str  # regex searched in the request path
     action: str
     arg: float | None = None
-    count: int = 1         # times it fires; 0 = unlimited
-    after: int = 0         # matching requests let through before it fires
-    nonce: bool = True     # add a fresh Replay-Nonce to problem answers
+    count: int = 1  # times it fires; 0 = unlimited
+    after: int = 0  # matching requests let through before it fires
+    nonce: bool = True  # add a fresh Replay-Nonce to problem answers
     seen: int = field(default=0, compare=False)
     fired: int = field(default=0, compare=False)
 
@@ -87,8 +99,9 @@ class Rule:
             return cls(**{k: v for k, v in spec.items() if k not in ("seen", "fired")})
         parts = spec.split(":")
         opts: dict[str, int] = {}
-        while parts and "=" in parts[-1] and parts[-1].split("=", 1)[0] in (
-                "count", "after", "nonce"):
+        while (
+            parts and "=" in parts[-1] and parts[-1].split("=", 1)[0] in ("count", "after", "nonce")
+        ):
             k, v = parts.pop().split("=", 1)
             opts[k] = int(v)
         # the action is the first action name with at most one part (its ARG) after it
@@ -97,9 +110,15 @@ class Rule:
             raise ValueError(f"bad fault rule {spec!r}: want METHOD:PATH:ACTION[:ARG][:count=N]")
         i = idx[0]
         arg = float(parts[i + 1]) if len(parts) > i + 1 else None
-        return cls(parts[0].upper(), ":".join(parts[1:i]), parts[i], arg,
-                   count=opts.get("count", 1), after=opts.get("after", 0),
-                   nonce=bool(opts.get("nonce", 1)))
+        return cls(
+            parts[0].upper(),
+            ":".join(parts[1:i]),
+            parts[i],
+            arg,
+            count=opts.get("count", 1),
+            after=opts.get("after", 0),
+            nonce=bool(opts.get("nonce", 1)),
+        )
 
     def take(self, method: bytes, path: str) -> bool:
         """Does this rule fire for this request?  (Updates its counters.)"""
@@ -137,11 +156,19 @@ class FaultProxy(Resource):
 
     isLeaf = True
 
-    def __init__(self, reactor: Any, upstream: str, ca_cert: str, cert: str, key: str,
-                 rules: Sequence[str | Rule] = (), timeout: float = 60) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        upstream: str,
+        ca_cert: str,
+        cert: str,
+        key: str,
+        rules: Sequence[str | Rule] = (),
+        timeout: float = 60,
+    ) -> None:
         Resource.__init__(self)
         self.reactor = reactor
-        self.upstream = upstream.rstrip("/").encode()   # https://127.0.0.1:PEBBLEPORT
+        self.upstream = upstream.rstrip("/").encode()  # https://127.0.0.1:PEBBLEPORT
         with open(ca_cert, "rb") as f:
             trust = tssl.Certificate.loadPEM(f.read())
         self._tls = _ServerTLS(cert, key)
@@ -160,8 +187,14 @@ class FaultProxy(Resource):
     @classmethod
     def for_pebble(cls, reactor: Any, pebble: Pebble, rules: Sequence[str | Rule] = ()) -> Self:
         """In front of a testbed pebble, serving with pebble's own HTTPS cert."""
-        return cls(reactor, pebble.directory.rsplit("/", 1)[0], pebble.ca_cert, pebble.cert_path,
-                   pebble.key_path, rules)
+        return cls(
+            reactor,
+            pebble.directory.rsplit("/", 1)[0],
+            pebble.ca_cert,
+            pebble.cert_path,
+            pebble.key_path,
+            rules,
+        )
 
     def add_rule(self, rule: str | Rule | Mapping[str, Any]) -> Rule:
         r = rule if isinstance(rule, Rule) else Rule.parse(rule)
@@ -241,8 +274,7 @@ class FaultProxy(Resource):
             yield deferLater(self.reactor, rule.arg or 0, lambda: None)
         host = request.getHeader(b"host") or b""
         body = request.content.read() if request.content else b""
-        resp, data = yield self._upstream(request.method, request.uri, request.requestHeaders,
-                                          body)
+        resp, data = yield self._upstream(request.method, request.uri, request.requestHeaders, body)
         if action == "drop-after":
             self._abort(request)
             return
@@ -252,7 +284,8 @@ class FaultProxy(Resource):
         for k, vs in resp.headers.getAllRawHeaders():
             if k.lower() not in HOP:
                 request.responseHeaders.setRawHeaders(
-                    k, [v.replace(self.upstream, base) for v in vs])
+                    k, [v.replace(self.upstream, base) for v in vs]
+                )
         _reply(request, resp.code, data.replace(self.upstream, base))
 
     @inlineCallbacks
@@ -277,23 +310,33 @@ class FaultProxy(Resource):
             retry: float | None = 1 if rule.arg is None else rule.arg
         else:
             code, kind = PROBLEMS[rule.action]
-            body = json.dumps({
-                "type": f"urn:ietf:params:acme:error:{kind}", "status": code,
-                "detail": f"injected by csrproxy.faultproxy ({rule.action})"}).encode()
+            body = json.dumps(
+                {
+                    "type": f"urn:ietf:params:acme:error:{kind}",
+                    "status": code,
+                    "detail": f"injected by csrproxy.faultproxy ({rule.action})",
+                }
+            ).encode()
             ctype, retry = b"application/problem+json", rule.arg
             if rule.nonce:
                 try:
-                    resp, _ = yield self._upstream(b"HEAD", b"/nonce-plz",
-                                                   Headers({b"host": [host]}), b"")
+                    resp, _ = yield self._upstream(
+                        b"HEAD", b"/nonce-plz", Headers({b"host": [host]}), b""
+                    )
                     for n in resp.headers.getRawHeaders(b"replay-nonce") or []:
                         hdrs.addRawHeader(b"replay-nonce", n)
                 except Exception:  # no nonce then; the client must fetch one
                     pass
             hdrs.addRawHeader(b"link", b"<https://" + host + b'/dir>;rel="index"')
         if retry is not None:
-            hdrs.addRawHeader(b"retry-after", (
-                email.utils.formatdate(time.time() + retry, usegmt=True)
-                if rule.action == "rateLimited-date" else str(round(retry))).encode())
+            hdrs.addRawHeader(
+                b"retry-after",
+                (
+                    email.utils.formatdate(time.time() + retry, usegmt=True)
+                    if rule.action == "rateLimited-date"
+                    else str(round(retry))
+                ).encode(),
+            )
         hdrs.addRawHeader(b"content-type", ctype)
         for k, vs in hdrs.getAllRawHeaders():
             request.responseHeaders.setRawHeaders(k, vs)
@@ -305,8 +348,13 @@ class FaultProxy(Resource):
             transport.abortConnection()
 
     def _fail(self, failure: Any, request: Request) -> None:
-        body = json.dumps({"type": "urn:ietf:params:acme:error:serverInternal", "status": 502,
-                           "detail": f"faultproxy upstream error: {failure.value!r}"}).encode()
+        body = json.dumps(
+            {
+                "type": "urn:ietf:params:acme:error:serverInternal",
+                "status": 502,
+                "detail": f"faultproxy upstream error: {failure.value!r}",
+            }
+        ).encode()
         request.responseHeaders.setRawHeaders(b"content-type", [b"application/problem+json"])
         _reply(request, 502, body)
 
@@ -326,7 +374,7 @@ def _reply(request: Request, code: int, body: bytes) -> None:
 
 @dataclass(eq=False)
 class FaultProxyProcess(_Daemon):
-    base_url: str = ""     # https://127.0.0.1:PORT
+    base_url: str = ""  # https://127.0.0.1:PORT
     ca_cert: str = ""
 
     @property
@@ -359,8 +407,9 @@ class FaultProxyProcess(_Daemon):
         self._call("POST", "/_faults/reset")
 
 
-def start_faultproxy(workdir: str, pebble: Pebble, rules: Sequence[str] = (),
-                     timeout: float = 20) -> FaultProxyProcess:
+def start_faultproxy(
+    workdir: str, pebble: Pebble, rules: Sequence[str] = (), timeout: float = 20
+) -> FaultProxyProcess:
     """Run ``python -m csrproxy.faultproxy`` in front of ``pebble`` on a free loopback port."""
     os.makedirs(workdir, exist_ok=True)
     for r in rules:
@@ -370,14 +419,30 @@ def start_faultproxy(workdir: str, pebble: Pebble, rules: Sequence[str] = (),
         os.unlink(port_file)
     log_path = os.path.join(workdir, "faultproxy.log")
     upstream = pebble.directory.rsplit("/", 1)[0]
-    argv = [sys.executable, "-m", "csrproxy.faultproxy", "--upstream", upstream,
-            "--ca-cert", pebble.ca_cert, "--cert", pebble.cert_path, "--key", pebble.key_path,
-            "--port", "0", "--port-file", port_file]
+    argv = [
+        sys.executable,
+        "-m",
+        "csrproxy.faultproxy",
+        "--upstream",
+        upstream,
+        "--ca-cert",
+        pebble.ca_cert,
+        "--cert",
+        pebble.cert_path,
+        "--key",
+        pebble.key_path,
+        "--port",
+        "0",
+        "--port-file",
+        port_file,
+    ]
     for r in rules:
         argv += ["--rule", r]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+    }
     proc = _spawn(argv, log_path, env)
     fp = FaultProxyProcess(log_path=log_path, ca_cert=pebble.ca_cert)
 
@@ -395,8 +460,11 @@ def start_faultproxy(workdir: str, pebble: Pebble, rules: Sequence[str] = (),
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m csrproxy.faultproxy", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m csrproxy.faultproxy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--upstream", required=True, help="pebble base URL https://127.0.0.1:PORT")
     ap.add_argument("--ca-cert", required=True, help="CA that signed pebble's HTTPS cert")
     ap.add_argument("--cert", required=True, help="our HTTPS cert (PEM; 127.0.0.1 SAN)")

@@ -36,8 +36,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 T = TypeVar("T")
 PEBBLE_BIN = "/usr/bin/pebble"
 PDNS_SCHEMA = "/usr/share/pdns-backend-sqlite3/schema/schema.sqlite3.sql"
-PEBBLE_ENV_DEFAULTS = {"PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0",
-                       "PEBBLE_AUTHZREUSE": "0"}
+PEBBLE_ENV_DEFAULTS = {
+    "PEBBLE_VA_NOSLEEP": "1",
+    "PEBBLE_WFE_NONCEREJECT": "0",
+    "PEBBLE_AUTHZREUSE": "0",
+}
+
 
 # ---- ports
 def free_port(kind: str = "tcp") -> int:
@@ -64,49 +68,79 @@ def free_udp_tcp_port(attempts: int = 100) -> int:
 
 
 # ---- TLS
-def _cert(subject: str, issuer: str, pub: ec.EllipticCurvePublicKey,
-          signer: ec.EllipticCurvePrivateKey, exts: Sequence[tuple[x509.ExtensionType, bool]],
-          ) -> x509.Certificate:
+def _cert(
+    subject: str,
+    issuer: str,
+    pub: ec.EllipticCurvePublicKey,
+    signer: ec.EllipticCurvePrivateKey,
+    exts: Sequence[tuple[x509.ExtensionType, bool]],
+) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder()
-         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-         .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-         .public_key(pub).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(hours=1))
-         .not_valid_after(now + datetime.timedelta(days=30)))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(pub)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+    )
     for ext, critical in exts:
         b = b.add_extension(ext, critical)
     return b.sign(signer, hashes.SHA256())
 
 
-def make_tls_files(directory: str, hosts: Sequence[str] = ("127.0.0.1", "::1", "localhost"),
-                   ) -> tuple[str, str, str, str]:
+def make_tls_files(
+    directory: str,
+    hosts: Sequence[str] = ("127.0.0.1", "::1", "localhost"),
+) -> tuple[str, str, str, str]:
     """Write a throwaway CA and a server cert for ``hosts`` (EC P-256, 30 days) into
     ``directory``; returns the paths ``(ca_cert, ca_key, cert, key)`` (``cert``: leaf only)."""
     os.makedirs(directory, exist_ok=True)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
     ca_cn = "csrproxy testbed throwaway CA"
-    ca = _cert(ca_cn, ca_cn, ca_key.public_key(), ca_key, [
-        (x509.BasicConstraints(ca=True, path_length=0), True),
-        (x509.KeyUsage(False, False, False, False, False, True, True, False, False), True),
-        (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)])
+    ca = _cert(
+        ca_cn,
+        ca_cn,
+        ca_key.public_key(),
+        ca_key,
+        [
+            (x509.BasicConstraints(ca=True, path_length=0), True),
+            (x509.KeyUsage(False, False, False, False, False, True, True, False, False), True),
+            (x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False),
+        ],
+    )
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    leaf = _cert("localhost", ca_cn, key.public_key(), ca_key, [
-        (x509.SubjectAlternativeName(sans), False),
-        (x509.BasicConstraints(ca=False, path_length=None), True),
-        (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
-        (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)])
+    leaf = _cert(
+        "localhost",
+        ca_cn,
+        key.public_key(),
+        ca_key,
+        [
+            (x509.SubjectAlternativeName(sans), False),
+            (x509.BasicConstraints(ca=False, path_length=None), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+            (x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False),
+        ],
+    )
     pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
     nokey = serialization.NoEncryption()
     paths = [os.path.join(directory, n) for n in ("ca.pem", "ca.key", "cert.pem", "key.pem")]
-    for path, data in zip(paths, (ca.public_bytes(pem), ca_key.private_bytes(pem, pkcs8, nokey),
-                                  leaf.public_bytes(pem), key.private_bytes(pem, pkcs8, nokey)),
-                          strict=True):
+    for path, data in zip(
+        paths,
+        (
+            ca.public_bytes(pem),
+            ca_key.private_bytes(pem, pkcs8, nokey),
+            leaf.public_bytes(pem),
+            key.private_bytes(pem, pkcs8, nokey),
+        ),
+        strict=True,
+    ):
         with open(path, "wb") as f:
             f.write(data)
     return paths[0], paths[1], paths[2], paths[3]
@@ -135,12 +169,20 @@ def log_tail(path: str, lines: int = 30) -> str:
         return f"(no log: {e})"
 
 
-def _spawn(argv: Sequence[str], log_path: str, env: Mapping[str, str] | None = None,
-           ) -> subprocess.Popen[bytes]:
+def _spawn(
+    argv: Sequence[str],
+    log_path: str,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
-        return subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                env=dict(env) if env is not None else None)
+        return subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+            env=dict(env) if env is not None else None,
+        )
 
 
 def _terminate(proc: subprocess.Popen[bytes], grace: float = 5) -> None:
@@ -158,8 +200,9 @@ class _Daemon:
     log_path: str
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def _start(self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str,
-               timeout: float) -> None:
+    def _start(
+        self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, timeout: float
+    ) -> None:
         """Adopt ``proc``, poll ``ready()`` every 50 ms; if ``proc`` exits or ``timeout`` runs
         out, stop it and raise RuntimeError with the log's tail."""
         self.proc, deadline, last, log = proc, time.monotonic() + timeout, "", self.log_path
@@ -173,8 +216,11 @@ class _Daemon:
             threading.Event().wait(0.05)
         exited = proc.poll() is not None
         self.stop()
-        why = f"exited ({proc.returncode}) before it was ready" if exited else (
-            f"was not ready within {timeout} s")
+        why = (
+            f"exited ({proc.returncode}) before it was ready"
+            if exited
+            else (f"was not ready within {timeout} s")
+        )
         raise RuntimeError(f"{what} {why}{last}; log {log}:\n{log_tail(log)}")
 
     def stop(self) -> None:
@@ -186,8 +232,9 @@ class _Daemon:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, v: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -211,10 +258,10 @@ def _https_get(url: str, cafile: str, timeout: float = 5) -> bytes:
 # ---- pebble
 @dataclass(eq=False)
 class Pebble(_Daemon):
-    directory: str = ""   # https://127.0.0.1:PORT/dir
-    ca_cert: str = ""     # PEM of the throwaway CA that signed pebble's HTTPS cert
+    directory: str = ""  # https://127.0.0.1:PORT/dir
+    ca_cert: str = ""  # PEM of the throwaway CA that signed pebble's HTTPS cert
     management: str = ""  # https://127.0.0.1:MPORT
-    cert_path: str = ""   # pebble's HTTPS leaf (127.0.0.1, ::1, localhost): reusable by proxies
+    cert_path: str = ""  # pebble's HTTPS leaf (127.0.0.1, ::1, localhost): reusable by proxies
     key_path: str = ""
     ca_key: str = ""
     config_path: str = ""
@@ -234,30 +281,52 @@ class Pebble(_Daemon):
         return dict(json.loads(_https_get(self.directory, self.ca_cert)))
 
 
-def start_pebble(workdir: str, dns_server: str, *, env: Mapping[str, str] | None = None,
-                 eab_keys: Mapping[str, str] | None = None, validity_seconds: int | None = None,
-                 extra_config: Mapping[str, Any] | None = None, timeout: float = 20) -> Pebble:
+def start_pebble(
+    workdir: str,
+    dns_server: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    eab_keys: Mapping[str, str] | None = None,
+    validity_seconds: int | None = None,
+    extra_config: Mapping[str, Any] | None = None,
+    timeout: float = 20,
+) -> Pebble:
     """Start pebble on free loopback ports; its dns-01 validator asks ``dns_server`` (host:port).
 
     ``env`` overrides PEBBLE_VA_NOSLEEP=1, PEBBLE_WFE_NONCEREJECT=0, PEBBLE_AUTHZREUSE=0.
     ``eab_keys`` (kid -> base64url HMAC key) turns on externalAccountBindingRequired.
     ``extra_config`` is merged last into the ``"pebble"`` JSON object.
     """
-    return _retrying(lambda: _start_pebble(workdir, dns_server, env, eab_keys, validity_seconds,
-                                           extra_config, timeout))
+    return _retrying(
+        lambda: _start_pebble(
+            workdir, dns_server, env, eab_keys, validity_seconds, extra_config, timeout
+        )
+    )
 
 
-def _start_pebble(workdir: str, dns_server: str, env: Mapping[str, str] | None,
-                  eab_keys: Mapping[str, str] | None, validity_seconds: int | None,
-                  extra_config: Mapping[str, Any] | None, timeout: float) -> Pebble:
+def _start_pebble(
+    workdir: str,
+    dns_server: str,
+    env: Mapping[str, str] | None,
+    eab_keys: Mapping[str, str] | None,
+    validity_seconds: int | None,
+    extra_config: Mapping[str, Any] | None,
+    timeout: float,
+) -> Pebble:
     os.makedirs(workdir, exist_ok=True)
     ca_cert, ca_key, cert, key = make_tls_files(os.path.join(workdir, "tls"))
     port, mport = free_port(), free_port()
     conf: dict[str, Any] = {
-        "listenAddress": f"127.0.0.1:{port}", "managementListenAddress": f"127.0.0.1:{mport}",
-        "certificate": cert, "privateKey": key, "httpPort": free_port(), "tlsPort": free_port(),
-        "ocspResponderURL": "", "externalAccountBindingRequired": bool(eab_keys),
-        "externalAccountMACKeys": dict(eab_keys or {})}
+        "listenAddress": f"127.0.0.1:{port}",
+        "managementListenAddress": f"127.0.0.1:{mport}",
+        "certificate": cert,
+        "privateKey": key,
+        "httpPort": free_port(),
+        "tlsPort": free_port(),
+        "ocspResponderURL": "",
+        "externalAccountBindingRequired": bool(eab_keys),
+        "externalAccountMACKeys": dict(eab_keys or {}),
+    }
     if validity_seconds is not None:
         conf["certificateValidityPeriod"] = validity_seconds
     conf.update(extra_config or {})
@@ -267,12 +336,23 @@ def _start_pebble(workdir: str, dns_server: str, env: Mapping[str, str] | None,
     penv = {**os.environ, **PEBBLE_ENV_DEFAULTS, **(env or {})}
     log_path = os.path.join(workdir, "pebble.log")
     proc = _spawn([PEBBLE_BIN, "-config", config_path, "-dnsserver", dns_server], log_path, penv)
-    peb = Pebble(log_path=log_path, directory=f"https://{conf['listenAddress']}/dir",
-                 management=f"https://{conf['managementListenAddress']}", ca_cert=ca_cert,
-                 cert_path=cert, key_path=key, ca_key=ca_key, config_path=config_path,
-                 dns_server=dns_server)
-    peb._start(proc, lambda: "newNonce" in json.loads(_https_get(peb.directory, ca_cert, 1)),
-               "pebble", timeout)
+    peb = Pebble(
+        log_path=log_path,
+        directory=f"https://{conf['listenAddress']}/dir",
+        management=f"https://{conf['managementListenAddress']}",
+        ca_cert=ca_cert,
+        cert_path=cert,
+        key_path=key,
+        ca_key=ca_key,
+        config_path=config_path,
+        dns_server=dns_server,
+    )
+    peb._start(
+        proc,
+        lambda: "newNonce" in json.loads(_https_get(peb.directory, ca_cert, 1)),
+        "pebble",
+        timeout,
+    )
     return peb
 
 
@@ -286,8 +366,9 @@ def _skip_name(msg: bytes, off: int) -> int:
 QTYPES = {"A": 1, "NS": 2, "CNAME": 5, "SOA": 6, "TXT": 16, "AAAA": 28, "CAA": 257}
 
 
-def dns_query(port: int, name: str, qtype: str = "TXT", host: str = "127.0.0.1",
-              timeout: float = 2) -> tuple[int, list[bytes]]:
+def dns_query(
+    port: int, name: str, qtype: str = "TXT", host: str = "127.0.0.1", timeout: float = 2
+) -> tuple[int, list[bytes]]:
     """One UDP query; returns ``(rcode, [rdata of each answer of type qtype])``; a TXT rdata
     comes as the concatenation of its character strings (``txt_strings`` splits raw ones)."""
     qid, t = random.getrandbits(16), QTYPES[qtype.upper()]
@@ -308,8 +389,8 @@ def dns_query(port: int, name: str, qtype: str = "TXT", host: str = "127.0.0.1",
     out: list[bytes] = []
     for _ in range(an):
         off = _skip_name(msg, off)
-        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", msg[off:off + 10])
-        rdata, off = msg[off + 10:off + 10 + rdlen], off + 10 + rdlen
+        rtype, _cls, _ttl, rdlen = struct.unpack(">HHIH", msg[off : off + 10])
+        rdata, off = msg[off + 10 : off + 10 + rdlen], off + 10 + rdlen
         if rtype == t:
             out.append(b"".join(txt_strings(rdata)) if t == 16 else rdata)
     return flags & 0xF, out
@@ -318,7 +399,7 @@ def dns_query(port: int, name: str, qtype: str = "TXT", host: str = "127.0.0.1",
 def txt_strings(rdata: bytes) -> list[bytes]:
     out, i = [], 0
     while i < len(rdata):
-        out.append(rdata[i + 1:i + 1 + rdata[i]])
+        out.append(rdata[i + 1 : i + 1 + rdata[i]])
         i += 1 + rdata[i]
     return out
 
@@ -327,9 +408,9 @@ def txt_strings(rdata: bytes) -> list[bytes]:
 @dataclass(eq=False)
 class PowerDNS(_Daemon):
     dns_port: int = 0
-    api_url: str = ""      # http://127.0.0.1:PORT
+    api_url: str = ""  # http://127.0.0.1:PORT
     api_key: str = ""
-    zone: str = ""         # without the trailing dot
+    zone: str = ""  # without the trailing dot
     config_dir: str = ""
 
     @property
@@ -344,8 +425,12 @@ class PowerDNS(_Daemon):
     def api(self, method: str, url: str, body: Any = None) -> Any:
         """One call to the PowerDNS HTTP API; returns the decoded JSON (None when empty)."""
         data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(url, data=data, method=method, headers={
-            "X-API-Key": self.api_key, "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method=method,
+            headers={"X-API-Key": self.api_key, "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=5) as r:
             raw = r.read()
         return json.loads(raw) if raw else None
@@ -356,8 +441,12 @@ class PowerDNS(_Daemon):
     def set_txt(self, name: str, values: Sequence[str], ttl: int = 60) -> None:
         """REPLACE the TXT rrset at ``name`` (FQDN, dot optional); empty ``values`` deletes it."""
         fqdn = name.rstrip(".") + "."
-        rrset: dict[str, Any] = {"name": fqdn, "type": "TXT", "ttl": ttl,
-                                 "changetype": "REPLACE" if values else "DELETE"}
+        rrset: dict[str, Any] = {
+            "name": fqdn,
+            "type": "TXT",
+            "ttl": ttl,
+            "changetype": "REPLACE" if values else "DELETE",
+        }
         if values:
             rrset["records"] = [{"content": json.dumps(v), "disabled": False} for v in values]
         self.api("PATCH", self.zone_url, {"rrsets": [rrset]})
@@ -366,15 +455,22 @@ class PowerDNS(_Daemon):
         return dns_query(self.dns_port, name, qtype)
 
 
-def start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, str]] = (), *,
-                   caches: bool = False, timeout: float = 20) -> PowerDNS:
+def start_powerdns(
+    workdir: str,
+    zone: str,
+    records: Sequence[tuple[str, str, str]] = (),
+    *,
+    caches: bool = False,
+    timeout: float = 20,
+) -> PowerDNS:
     """Start an authoritative PowerDNS (sqlite backend) for ``zone`` on free loopback ports;
     ``records`` are ``(name relative to the zone or "@", type, content)``, TTL 60."""
     return _retrying(lambda: _start_powerdns(workdir, zone, records, caches, timeout))
 
 
-def _start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, str]],
-                    caches: bool, timeout: float) -> PowerDNS:
+def _start_powerdns(
+    workdir: str, zone: str, records: Sequence[tuple[str, str, str]], caches: bool, timeout: float
+) -> PowerDNS:
     zone = zone.rstrip(".")
     config_dir = os.path.abspath(os.path.join(workdir, "pdns"))
     os.makedirs(config_dir, exist_ok=True)
@@ -382,17 +478,33 @@ def _start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, s
     api_key = os.urandom(12).hex()
     db = os.path.join(config_dir, "pdns.sqlite3")
     conf = {
-        "launch": "gsqlite3", "gsqlite3-database": db,
-        "local-address": "127.0.0.1", "local-port": str(dns_port),
-        "daemon": "no", "guardian": "no", "socket-dir": config_dir, "disable-syslog": "yes",
-        "loglevel": "4", "webserver": "yes", "api": "yes", "api-key": api_key,
-        "webserver-address": "127.0.0.1", "webserver-port": str(api_port),
-        "webserver-allow-from": "127.0.0.0/8", "disable-axfr": "yes",
+        "launch": "gsqlite3",
+        "gsqlite3-database": db,
+        "local-address": "127.0.0.1",
+        "local-port": str(dns_port),
+        "daemon": "no",
+        "guardian": "no",
+        "socket-dir": config_dir,
+        "disable-syslog": "yes",
+        "loglevel": "4",
+        "webserver": "yes",
+        "api": "yes",
+        "api-key": api_key,
+        "webserver-address": "127.0.0.1",
+        "webserver-port": str(api_port),
+        "webserver-allow-from": "127.0.0.0/8",
+        "disable-axfr": "yes",
         "default-soa-content": f"ns1.{zone}. hostmaster.@ 0 10800 3600 604800 60",
     }
     if not caches:
-        conf.update({"cache-ttl": "0", "negquery-cache-ttl": "0", "query-cache-ttl": "0",
-                     "zone-cache-refresh-interval": "0"})
+        conf.update(
+            {
+                "cache-ttl": "0",
+                "negquery-cache-ttl": "0",
+                "query-cache-ttl": "0",
+                "zone-cache-refresh-interval": "0",
+            }
+        )
     with open(os.path.join(config_dir, "pdns.conf"), "w") as f:
         f.writelines(f"{k}={v}\n" for k, v in conf.items())
     with contextlib.suppress(FileNotFoundError):
@@ -408,8 +520,18 @@ def _start_powerdns(workdir: str, zone: str, records: Sequence[tuple[str, str, s
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr}{r.stdout}")
     proc = _spawn(["pdns_server", f"--config-dir={config_dir}"], log_path)
-    pdns = PowerDNS(log_path=log_path, dns_port=dns_port, api_url=f"http://127.0.0.1:{api_port}",
-                    api_key=api_key, zone=zone, config_dir=config_dir)
-    pdns._start(proc, lambda: bool(pdns.rrsets()) and pdns.query(zone, "SOA")[0] == 0,
-                "pdns_server", timeout)
+    pdns = PowerDNS(
+        log_path=log_path,
+        dns_port=dns_port,
+        api_url=f"http://127.0.0.1:{api_port}",
+        api_key=api_key,
+        zone=zone,
+        config_dir=config_dir,
+    )
+    pdns._start(
+        proc,
+        lambda: bool(pdns.rrsets()) and pdns.query(zone, "SOA")[0] == 0,
+        "pdns_server",
+        timeout,
+    )
     return pdns
