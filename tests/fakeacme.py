@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from josepy.b64 import b64decode, b64encode
-from josepy.jwa import ES256, ES384, RS256, JWASignature
+from josepy.jwa import ES256, ES384, HS256, RS256, JWASignature
 from josepy.jwk import JWK
 from klein import Klein
 from treq.client import HTTPClient
@@ -71,6 +71,14 @@ class Faults:
     poll_retry_after: str | None = None
     #: New authorizations are created already valid (the CA reused them).
     authz_reuse: bool = False
+    #: newAccount needs an externalAccountBinding with this kid -> HMAC key.
+    eab_keys: dict[str, bytes] | None = None
+    #: The directory lists these profiles in meta.profiles.
+    profiles: tuple[str, ...] = ()
+    #: The directory offers renewalInfo (ARI).
+    ari: bool = False
+    #: Alternate chains offered with Link rel="alternate".
+    alternates: int = 0
 
 
 class FakeCA:
@@ -90,6 +98,9 @@ class FakeCA:
         self.published_check: Any = None  # callable(identifier, expected_value) -> bool
         self._authz_polls: Counter[str] = Counter()
         self._order_polls: Counter[str] = Counter()
+        self.revoked: dict[int, int] = {}
+        self.ari_queries: list[str] = []
+        self.order_payloads: list[dict[str, Any]] = []
 
     # -- helpers ------------------------------------------------------------
 
@@ -166,16 +177,19 @@ class FakeCA:
         if self.faults.service_unavailable > 0:
             self.faults.service_unavailable -= 1
             return self._problem(request, 503, "serverInternal", "down", self.faults.retry_after)
-        return self._json(
-            request,
-            {
-                "newNonce": BASE + "/nonce",
-                "newAccount": BASE + "/account",
-                "newOrder": BASE + "/order",
-                "revokeCert": BASE + "/revoke",
-                "keyChange": BASE + "/keychange",
-            },
-        )
+        doc: dict[str, Any] = {
+            "newNonce": BASE + "/nonce",
+            "newAccount": BASE + "/account",
+            "newOrder": BASE + "/order",
+            "revokeCert": BASE + "/revoke",
+            "keyChange": BASE + "/keychange",
+            "meta": {"termsOfService": BASE + "/tos"},
+        }
+        if self.faults.profiles:
+            doc["meta"]["profiles"] = {p: f"the {p} profile" for p in self.faults.profiles}
+        if self.faults.ari:
+            doc["renewalInfo"] = BASE + "/renewal-info"
+        return self._json(request, doc)
 
     @app.route("/nonce", methods=["HEAD", "GET"])
     def new_nonce(self, request: IRequest) -> bytes:
@@ -192,19 +206,103 @@ class FakeCA:
         payload, kid = got
         if kid in self.accounts:
             request.setHeader(b"Location", kid.encode())
-            return self._json(request, {"status": "valid"})
+            return self._json(request, self._account_doc(kid))
         if payload.get("onlyReturnExisting"):
             return self._problem(request, 400, "accountDoesNotExist", "no account")
         assert payload.get("termsOfServiceAgreed") is True
         assert request.content is not None
         request.content.seek(0)
         protected = json.loads(b64decode(json.loads(request.content.read())["protected"]))
+        if self.faults.eab_keys is not None:
+            problem = self._check_eab(request, payload.get("externalAccountBinding"), protected)
+            if problem is not None:
+                return problem
         self.accounts[kid] = {
             "jwk": JWK.from_json(protected["jwk"]),
-            "contact": payload.get("contact"),
+            "contact": payload.get("contact") or [],
         }
         request.setHeader(b"Location", kid.encode())
-        return self._json(request, {"status": "valid"}, 201)
+        return self._json(request, self._account_doc(kid), 201)
+
+    def _account_doc(self, kid: str) -> dict[str, Any]:
+        return {"status": "valid", "contact": self.accounts[kid]["contact"]}
+
+    def _check_eab(self, request: IRequest, eab: Any, outer: dict[str, Any]) -> bytes | None:
+        if not isinstance(eab, dict):
+            return self._problem(request, 400, "externalAccountRequired", "EAB required")
+        inner = json.loads(b64decode(eab["protected"]))
+        keys = self.faults.eab_keys or {}
+        if inner.get("alg") != "HS256" or inner.get("kid") not in keys:
+            return self._problem(request, 400, "malformed", "unknown EAB kid")
+        if inner.get("url") != BASE + "/account":
+            return self._problem(request, 400, "malformed", "EAB url mismatch")
+        if json.loads(b64decode(eab["payload"])) != outer["jwk"]:
+            return self._problem(request, 400, "malformed", "EAB payload is not the account key")
+        signed = f"{eab['protected']}.{eab['payload']}".encode()
+        if not HS256.verify(keys[inner["kid"]], signed, b64decode(eab["signature"])):
+            return self._problem(request, 400, "unauthorized", "EAB MAC does not verify")
+        return None
+
+    @app.route("/acct/<aid>", methods=["POST"])
+    def account(self, request: IRequest, aid: str) -> bytes:
+        self.requests["account"] += 1
+        kid = f"{BASE}/acct/{aid}"
+        got = self._guard(request, kid)
+        if isinstance(got, bytes):
+            return got
+        payload, signer = got
+        assert signer == kid
+        if payload and "contact" in payload:
+            self.accounts[kid]["contact"] = payload["contact"]
+        return self._json(request, self._account_doc(kid))
+
+    @app.route("/keychange", methods=["POST"])
+    def key_change(self, request: IRequest) -> bytes:
+        self.requests["keyChange"] += 1
+        got = self._guard(request, BASE + "/keychange")
+        if isinstance(got, bytes):
+            return got
+        inner, kid = got
+        protected = json.loads(b64decode(inner["protected"]))
+        new = cast(JWK, JWK.from_json(protected["jwk"]))
+        signed = f"{inner['protected']}.{inner['payload']}".encode()
+        if protected.get("url") != BASE + "/keychange" or not ALGS[protected["alg"]].verify(
+            new.key, signed, b64decode(inner["signature"])
+        ):
+            return self._problem(request, 400, "malformed", "bad inner JWS")
+        body = json.loads(b64decode(inner["payload"]))
+        assert body["account"] == kid
+        assert body["oldKey"] == self.accounts[kid]["jwk"].to_partial_json()
+        self.accounts[kid]["jwk"] = new
+        return self._json(request, self._account_doc(kid))
+
+    @app.route("/revoke", methods=["POST"])
+    def revoke(self, request: IRequest) -> bytes:
+        self.requests["revoke"] += 1
+        got = self._guard(request, BASE + "/revoke")
+        if isinstance(got, bytes):
+            return got
+        payload, _ = got
+        cert = x509.load_der_x509_certificate(b64decode(payload["certificate"]))
+        self.revoked[cert.serial_number] = int(payload.get("reason", 0))
+        request.setResponseCode(200)
+        self._nonce(request)
+        return b""
+
+    @app.route("/renewal-info/<certid>", methods=["GET"])
+    def renewal_info(self, request: IRequest, certid: str) -> bytes:
+        self.requests["renewalInfo"] += 1
+        self.ari_queries.append(certid)
+        request.setHeader(b"Retry-After", b"21600")
+        return self._json(
+            request,
+            {
+                "suggestedWindow": {
+                    "start": "2026-12-01T00:00:00Z",
+                    "end": "2026-12-02T00:00:00Z",
+                }
+            },
+        )
 
     @app.route("/order", methods=["POST"])
     def new_order(self, request: IRequest) -> bytes:
@@ -216,6 +314,7 @@ class FakeCA:
             self.faults.rate_limited -= 1
             return self._problem(request, 429, "rateLimited", "slow down", self.faults.retry_after)
         payload, kid = got
+        self.order_payloads.append(payload)
         names = [i["value"] for i in payload["identifiers"]]
         authz_ids = []
         for name in names:
@@ -356,6 +455,10 @@ class FakeCA:
             .not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=90))
             .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()),
+                False,
+            )
             .sign(self._ca_key, hashes.SHA256())
         )
         return leaf.public_bytes(serialization.Encoding.PEM).decode()
@@ -368,7 +471,28 @@ class FakeCA:
             return got
         request.setHeader(b"Content-Type", b"application/pem-certificate-chain")
         self._nonce(request)
-        return self.certs[cid].encode()
+        base, _, alt = cid.partition("-alt")
+        for i in range(1, self.faults.alternates + 1):
+            if str(i) != alt:
+                link = f'<{BASE}/cert/{base}-alt{i}>;rel="alternate"'
+                request.responseHeaders.addRawHeader(b"Link", link.encode())
+        return self.certs[base].encode() + self._chain_pem(int(alt) if alt else 0)
+
+    def _chain_pem(self, variant: int) -> bytes:
+        """An intermediate issued by root 'Fake Root <variant>' (the top issuer CN differs)."""
+        now = datetime.datetime.now(datetime.UTC)
+        root = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"Fake Root {variant}")])
+        inter = (
+            x509.CertificateBuilder()
+            .subject_name(self._ca_name)
+            .issuer_name(root)
+            .public_key(self._ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=900))
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        return inter.public_bytes(serialization.Encoding.PEM)
 
 
 class _BadNonce(Exception):
@@ -381,3 +505,34 @@ class _Unauthorized(Exception):
 
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class FlakyHTTP(HTTPClient):
+    """An HTTP client that fails chosen requests the ways networks do."""
+
+    def __init__(self, inner: HTTPClient) -> None:
+        self.inner = inner
+        #: [method, url substring, "refuse" | "drop-after", times left]
+        self.rules: list[list[Any]] = []
+        self.sent: Counter[str] = Counter()
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> Any:
+        from twisted.internet.defer import fail
+        from twisted.internet.error import ConnectionLost, ConnectionRefusedError
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseFailed, readBody
+
+        for rule in self.rules:
+            if rule[3] > 0 and rule[0] == method and rule[1] in str(url):
+                rule[3] -= 1
+                if rule[2] == "refuse":
+                    return fail(ConnectionRefusedError())
+                d = self.inner.request(method, url, **kwargs)
+                d.addCallback(readBody)
+
+                def lost(_: object) -> None:
+                    raise ResponseFailed([Failure(ConnectionLost())])
+
+                return d.addCallback(lost)
+        self.sent[f"{method} {url}"] += 1
+        return self.inner.request(method, url, **kwargs)

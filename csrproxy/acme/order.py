@@ -9,22 +9,27 @@ whatever the outcome.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from josepy.b64 import b64encode
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from csrproxy.acme.certs import top_issuer_cn
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.problems import (
     ACMEProblem,
     ACMEProtocolError,
+    ACMETransportError,
     AuthorizationFailed,
     OrderFailed,
 )
+from csrproxy.errors import BadCSR
 
 log = Logger()
 
@@ -77,6 +82,14 @@ def _problem(doc: Any) -> ACMEProblem | None:
     return None
 
 
+def _csr_spki(csr_der: bytes) -> bytes:
+    return (
+        x509.load_der_x509_csr(csr_der)
+        .public_key()
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+
+
 async def obtain_chain(
     client: ACMEClient,
     names: Sequence[str],
@@ -85,40 +98,55 @@ async def obtain_chain(
     schedule: PollSchedule,
     options: OrderOptions = OrderOptions(),
     replaces: str | None = None,
+    on_order: Callable[[str], object] | None = None,
 ) -> IssuedChain:
     """Run one order to the end and return the chain.
 
-    ``replaces`` is the ARI certificate id of the certificate this order renews.
+    ``replaces`` is the ARI certificate id of the certificate this order renews;
+    ``on_order(url)`` is called as soon as the CA has created the order.
     """
+    if _csr_spki(csr_der) == client.key.spki_der():
+        # RFC 8555 §11.1: a certificate key must not be the account key.
+        raise BadCSR("the CSR's public key is csrproxy's ACME account key")
     await client.account()
-    order_url, order = await client.new_order(names)
+    order_url, order = await client.new_order(
+        names, profile=options.profile, replaces=replaces, deadline=schedule.deadline
+    )
     log.info("order {order} created for {names}", order=order_url, names=",".join(names))
+    if on_order is not None:
+        on_order(order_url)
+    return await complete_order(client, order_url, order, csr_der, responder, schedule, options)
+
+
+async def complete_order(
+    client: ACMEClient,
+    order_url: str,
+    order: dict[str, Any] | None,
+    csr_der: bytes,
+    responder: DNS01Responder,
+    schedule: PollSchedule,
+    options: OrderOptions = OrderOptions(),
+) -> IssuedChain:
+    """Take an order from wherever it stands (pending, ready, processing, valid) to its chain."""
+    if order is None:
+        await client.account()
+        order = await client.get(order_url, "order", schedule.deadline)
     published: list[tuple[str, str]] = []
     try:
-        authz_urls = order.get("authorizations")
-        if not isinstance(authz_urls, list):
-            raise ACMEProtocolError(f"order {order_url} has no authorizations")
-        # Wait for every authorization to settle before cleanup may run.
-        results = await DeferredList(
-            [
-                Deferred.fromCoroutine(_authorize(client, str(u), responder, schedule, published))
-                for u in authz_urls
-            ],
-            consumeErrors=True,
-        )
-        for ok, result in results:
-            if not ok:
-                cast(Failure, result).raiseException()
-        order = await _finalize(client, order_url, order, csr_der, schedule)
+        if order.get("status") == "pending":
+            await _authorize_all(client, order_url, order, responder, schedule, published)
+        if order.get("status") in ("pending", "ready"):
+            order = await _finalize(client, order_url, order, csr_der, schedule)
+        elif order.get("status") == "processing":
+            order = await _await_order(client, order_url, schedule)
+        if order.get("status") != "valid":
+            raise OrderFailed(order_url, _problem(order.get("error")))
         cert_url = order.get("certificate")
         if not isinstance(cert_url, str):
             raise ACMEProtocolError(f"order {order_url} is valid but has no certificate URL")
-        resp = await client.download(cert_url)
-        pem = resp.body.decode("ascii", "replace")
-        if "-----BEGIN CERTIFICATE-----" not in pem:
-            raise ACMEProtocolError(f"{cert_url} did not return a PEM chain")
+        pem, cert_url, alternates = await _download(client, cert_url, options, schedule)
         log.info("order {order} valid; certificate {cert}", order=order_url, cert=cert_url)
-        return IssuedChain(pem, order_url, cert_url, resp.links("alternate"))
+        return IssuedChain(pem, order_url, cert_url, alternates)
     finally:
         for identifier, value in published:
             try:
@@ -129,6 +157,56 @@ async def obtain_chain(
                 )
 
 
+async def _authorize_all(
+    client: ACMEClient,
+    order_url: str,
+    order: dict[str, Any],
+    responder: DNS01Responder,
+    schedule: PollSchedule,
+    published: list[tuple[str, str]],
+) -> None:
+    authz_urls = order.get("authorizations")
+    if not isinstance(authz_urls, list):
+        raise ACMEProtocolError(f"order {order_url} has no authorizations")
+    # Wait for every authorization to settle before cleanup may run.
+    results = await DeferredList(
+        [
+            Deferred.fromCoroutine(_authorize(client, str(u), responder, schedule, published))
+            for u in authz_urls
+        ],
+        consumeErrors=True,
+    )
+    for ok, result in results:
+        if not ok:
+            cast(Failure, result).raiseException()
+
+
+async def _download(
+    client: ACMEClient, url: str, options: OrderOptions, schedule: PollSchedule
+) -> tuple[str, str, list[str]]:
+    """The default chain, or the first alternate whose top issuer CN is the preferred one."""
+    resp = await client.download(url, schedule.deadline)
+    pem = _pem(resp.body, url)
+    alternates = resp.links("alternate")
+    want = options.preferred_chain
+    if want is None or top_issuer_cn(pem) == want:
+        return pem, url, alternates
+    for alt in alternates:
+        alt_pem = _pem((await client.download(alt, schedule.deadline)).body, alt)
+        if top_issuer_cn(alt_pem) == want:
+            log.info("chain {url} matches preferred chain {want}", url=alt, want=want)
+            return alt_pem, alt, alternates
+    log.warn("no chain is issued by {want}; using the default", want=want)
+    return pem, url, alternates
+
+
+def _pem(body: bytes, url: str) -> str:
+    pem = body.decode("ascii", "replace")
+    if "-----BEGIN CERTIFICATE-----" not in pem:
+        raise ACMEProtocolError(f"{url} did not return a PEM chain")
+    return pem
+
+
 async def _authorize(
     client: ACMEClient,
     url: str,
@@ -136,7 +214,7 @@ async def _authorize(
     schedule: PollSchedule,
     published: list[tuple[str, str]],
 ) -> None:
-    authz = await client.get(url, kind="authz")
+    authz = await client.get(url, "authz", schedule.deadline)
     ident = str((authz.get("identifier") or {}).get("value", "?"))
     status = authz.get("status")
     if status == "valid":
@@ -144,21 +222,22 @@ async def _authorize(
         return
     if status != "pending":
         raise AuthorizationFailed(ident, _challenge_problem(authz))
-    challenge = next(
-        (
-            c
-            for c in authz.get("challenges", [])
-            if isinstance(c, dict) and c.get("type") == "dns-01"
-        ),
-        None,
-    )
+    challenge = _dns01(authz)
     if challenge is None:
         raise ACMEProtocolError(f"authorization {url} for {ident} offers no dns-01 challenge")
     value = dns01_value(client, str(challenge["token"]))
     published.append((ident, value))
     await responder.publish(ident, value)
     if challenge.get("status") == "pending":
-        await client.answer_challenge(str(challenge["url"]))
+        try:
+            await client.answer_challenge(str(challenge["url"]), schedule.deadline)
+        except ACMETransportError as e:
+            if not e.sent:
+                raise
+            # The answer may or may not have arrived: look before answering again.
+            again = _dns01(await client.get(url, "authz", schedule.deadline))
+            if again is not None and again.get("status") == "pending":
+                await client.answer_challenge(str(challenge["url"]), schedule.deadline)
         log.info("challenge for {name} answered", name=ident)
     authz = await client.poll(
         url,
@@ -171,6 +250,13 @@ async def _authorize(
     if authz.get("status") != "valid":
         raise AuthorizationFailed(ident, _challenge_problem(authz))
     log.info("authorization for {name} valid", name=ident)
+
+
+def _dns01(authz: dict[str, Any]) -> dict[str, Any] | None:
+    for c in authz.get("challenges", []):
+        if isinstance(c, dict) and c.get("type") == "dns-01":
+            return c
+    return None
 
 
 def _challenge_problem(authz: dict[str, Any]) -> ACMEProblem | None:
@@ -187,30 +273,41 @@ async def _finalize(
     csr_der: bytes,
     schedule: PollSchedule,
 ) -> dict[str, Any]:
-    try:
-        order = (await client.finalize(str(order["finalize"]), csr_der)).json()
-    except ACMEProblem as e:
-        if e.short_type != "orderNotReady":
-            raise
-        # The CA has not noticed yet that every authorization is valid.
-        await client.poll(
-            order_url,
-            lambda d: d.get("status") != "pending",
-            schedule.first,
-            schedule.cap,
-            schedule.deadline,
-            kind="order-poll",
-        )
-        order = (await client.finalize(str(order["finalize"]), csr_der)).json()
+    """Finalize once; after an ambiguous failure, re-read the order instead of guessing."""
+    finalize_url = str(order["finalize"])
+    for _ in range(3):
+        try:
+            order = (await client.finalize(finalize_url, csr_der, schedule.deadline)).json()
+            break
+        except ACMETransportError as e:
+            if not e.sent:
+                raise
+            order = await client.get(order_url, "order", schedule.deadline)
+        except ACMEProblem as e:
+            if e.short_type != "orderNotReady":
+                raise
+            # The CA has not noticed yet that every authorization is valid.
+            order = await client.poll(
+                order_url,
+                lambda d: d.get("status") != "pending",
+                schedule.first,
+                schedule.cap,
+                schedule.deadline,
+                kind="order-poll",
+            )
+        if order.get("status") != "ready":
+            break  # processing, valid or invalid: finalize reached the CA
     if order.get("status") in ("processing", "ready"):
-        order = await client.poll(
-            order_url,
-            lambda d: d.get("status") in ("valid", "invalid"),
-            schedule.first,
-            schedule.cap,
-            schedule.deadline,
-            kind="order-poll",
-        )
-    if order.get("status") != "valid":
-        raise OrderFailed(order_url, _problem(order.get("error")))
+        order = await _await_order(client, order_url, schedule)
     return order
+
+
+async def _await_order(client: ACMEClient, order_url: str, schedule: PollSchedule) -> Any:
+    return await client.poll(
+        order_url,
+        lambda d: d.get("status") in ("valid", "invalid"),
+        schedule.first,
+        schedule.cap,
+        schedule.deadline,
+        kind="order-poll",
+    )

@@ -1,0 +1,296 @@
+"""Signed requests to an ACME CA: nonces, JWS, retries and back-off (RFC 8555 §6).
+
+The nonce pool is fed by every ``Replay-Nonce`` (newNonce is asked only when
+it is empty) and used newest first.  ``badNonce`` is retried at once with the
+nonce that came with the error, a bounded number of times.  ``rateLimited``,
+``serverInternal``, 5xx and connection failures are retried no sooner than
+``Retry-After`` (seconds or HTTP-date), else with capped exponential back-off,
+never past the caller's deadline.  A POST whose connection failed after it was
+sent is ambiguous: it is retried only when it is a POST-as-GET.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Mapping
+from email.utils import parsedate_to_datetime
+from typing import Any, cast
+
+from treq.client import HTTPClient
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from twisted.web.client import ResponseFailed, readBody
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from csrproxy.acme.jws import AccountKey
+from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
+
+log = Logger()
+
+JOSE = "application/jose+json"
+USER_AGENT = "csrproxy/0.1 (twisted; treq)"
+MAX_BAD_NONCE = 5
+
+
+class ACMEResponse:
+    """What the client keeps of one CA answer."""
+
+    def __init__(
+        self, url: str, status: int, headers: Mapping[str, list[str]], body: bytes
+    ) -> None:
+        self.url = url
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        values = self.headers.get(name.lower())
+        return values[0] if values else None
+
+    @property
+    def location(self) -> str | None:
+        return self.header("location")
+
+    def json(self) -> dict[str, Any]:
+        try:
+            doc = json.loads(self.body)
+        except ValueError as e:
+            raise ACMEProtocolError(f"{self.url}: answer is not JSON: {e}") from e
+        if not isinstance(doc, dict):
+            raise ACMEProtocolError(f"{self.url}: answer is not a JSON object")
+        return doc
+
+    def links(self, rel: str) -> list[str]:
+        """URLs of ``Link: <url>;rel="rel"`` headers."""
+        out = []
+        for value in self.headers.get("link", []):
+            for part in value.split(","):
+                url, _, params = part.partition(";")
+                flat = params.replace(" ", "")
+                if f'rel="{rel}"' in flat or f"rel={rel}" in flat.split(";"):
+                    out.append(url.strip().strip("<>"))
+        return out
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body written in one go (no cooperator on the global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class Backoff:
+    """Delays that start at ``first`` and double up to ``cap``; ``Retry-After`` wins."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self.next = first
+
+    def __call__(self, retry_after: float | None = None) -> float:
+        delay = self.next
+        self.next = min(self.next * 2, self.cap)
+        if retry_after is not None:
+            return max(retry_after, 0.0)
+        return delay
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+class ACMETransport:
+    """One account key's signed requests to one CA."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        http: HTTPClient,
+        key: AccountKey,
+        *,
+        request_timeout: float = 30.0,
+        retry_first: float = 1.0,
+        retry_cap: float = 60.0,
+        retry_deadline: float = 120.0,
+        on_request: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.http = http
+        self.key = key
+        self.request_timeout = request_timeout
+        self.retry_first = retry_first
+        self.retry_cap = retry_cap
+        #: How long to keep retrying when the caller gives no deadline.
+        self.retry_deadline = retry_deadline
+        self.account_url: str | None = None
+        self.new_nonce_url: str | None = None
+        self._nonces: deque[str] = deque(maxlen=64)
+        #: Requests made, by (endpoint kind, HTTP status); status 0 is a transport failure.
+        self.requests: Counter[tuple[str, int]] = Counter()
+        self._on_request = on_request
+
+    def _count(self, kind: str, status: int) -> None:
+        self.requests[(kind, status)] += 1
+        if self._on_request is not None:
+            self._on_request(kind, status)
+
+    async def send(
+        self, method: str, url: str, body: bytes | None = None, kind: str = "other"
+    ) -> ACMEResponse:
+        """One HTTP exchange; keeps the answer's nonce; raises ACMETransportError."""
+        headers: dict[bytes | str, list[bytes | str]] = {"User-Agent": [USER_AGENT]}
+        if body is not None:
+            headers["Content-Type"] = [JOSE]
+        try:
+            resp: IResponse = await self.http.request(
+                method,
+                url,
+                data=BytesProducer(body) if body is not None else None,
+                headers=headers,
+                timeout=self.request_timeout,
+                reactor=cast(Any, self.clock),
+                allow_redirects=False,
+            )
+            content: bytes = await readBody(resp)
+        except (ConnectError, DNSLookupError) as e:
+            self._count(kind, 0)
+            raise ACMETransportError(url, f"cannot connect: {e}", sent=False) from e
+        except (ResponseFailed, TimeoutError, CancelledError) as e:
+            self._count(kind, 0)
+            why = "timed out" if isinstance(e, CancelledError) else f"connection failed: {e}"
+            raise ACMETransportError(url, why, sent=method == "POST") from e
+        headers_out = {
+            k.decode("latin-1").lower(): [v.decode("latin-1") for v in vs]
+            for k, vs in resp.headers.getAllRawHeaders()
+        }
+        out = ACMEResponse(url, resp.code, headers_out, content)
+        nonce = out.header("replay-nonce")
+        if nonce:
+            self._nonces.append(nonce)
+        self._count(kind, resp.code)
+        return out
+
+    def problem(self, resp: ACMEResponse) -> ACMEProblem:
+        try:
+            doc: Any = json.loads(resp.body)
+        except ValueError:
+            doc = {"detail": resp.body[:200].decode("utf-8", "replace")}
+        return ACMEProblem.from_document(
+            doc,
+            resp.status,
+            retry_after=parse_retry_after(resp.header("retry-after"), self.clock.seconds()),
+            nonce=resp.header("replay-nonce"),
+            url=resp.url,
+        )
+
+    async def nonce(self) -> str:
+        if self._nonces:
+            return self._nonces.pop()  # newest first: the least likely to have expired
+        if self.new_nonce_url is None:
+            raise ACMEProtocolError("no newNonce URL: load the directory first")
+        url = self.new_nonce_url
+        resp = await self.retrying(lambda: self.send("HEAD", url, kind="newNonce"), None)
+        if not self._nonces:
+            raise ACMEProtocolError(f"{url} gave no Replay-Nonce (HTTP {resp.status})")
+        return self._nonces.pop()
+
+    async def retrying(
+        self,
+        attempt: Callable[[], Awaitable[ACMEResponse]],
+        deadline: float | None,
+        safe: bool = True,
+    ) -> ACMEResponse:
+        """Run ``attempt`` again after transient failures until ``deadline`` (clock time).
+
+        ``safe`` says a repeat cannot do anything twice (GET, HEAD, POST-as-GET), so an
+        ambiguous connection failure is retried too.
+        """
+        backoff = Backoff(self.retry_first, self.retry_cap)
+        give_up = deadline if deadline is not None else self.clock.seconds() + self.retry_deadline
+        while True:
+            try:
+                resp = await attempt()
+            except ACMETransportError as e:
+                if e.sent and not safe:
+                    raise
+                await self._wait(backoff(), give_up, e)
+                continue
+            if resp.status == 429 or resp.status >= 500:
+                problem = self.problem(resp)
+                if resp.status >= 500 or problem.short_type in ("rateLimited", "serverInternal"):
+                    await self._wait(backoff(problem.retry_after), give_up, problem)
+                    continue
+            return resp
+
+    async def _wait(self, delay: float, give_up: float, cause: Exception) -> None:
+        if self.clock.seconds() + delay > give_up:
+            raise cause
+        log.info("ACME retry in {delay:.2f}s after {cause}", delay=delay, cause=str(cause))
+        await deferLater(self.clock, delay, lambda: None)
+
+    async def post(
+        self,
+        url: str,
+        payload: Any,
+        kind: str = "other",
+        *,
+        jwk: bool = False,
+        deadline: float | None = None,
+        signer: Callable[[str], bytes] | None = None,
+    ) -> ACMEResponse:
+        """A signed POST (``payload=None``: POST-as-GET); raises ACMEProblem on an error.
+
+        ``signer(nonce)`` builds the JWS itself (key rollover signs an inner JWS).
+        """
+        bad_nonces = 0
+
+        async def attempt() -> ACMEResponse:
+            nonce = await self.nonce()
+            if signer is not None:
+                body = signer(nonce)
+            else:
+                kid = None if jwk else self.account_url
+                if kid is None and not jwk:
+                    raise ACMEProtocolError("no account yet: look the account up first")
+                body = self.key.sign(payload, url, nonce, kid)
+            return await self.send("POST", url, body, kind=kind)
+
+        while True:
+            resp = await self.retrying(attempt, deadline, safe=payload is None)
+            if resp.status < 400:
+                return resp
+            problem = self.problem(resp)
+            if problem.short_type == "badNonce" and bad_nonces < MAX_BAD_NONCE:
+                bad_nonces += 1
+                continue  # the problem's own Replay-Nonce is the newest in the pool
+            raise problem
