@@ -35,8 +35,9 @@ def stack(
 ) -> Iterator[tuple[Pebble, Csrproxy]]:
     dns_port = free_udp_tcp_port()
     with (
-        start_pebble(str(tmp / "pebble"), f"127.0.0.1:{dns_port}", env=env, eab_keys=eab_keys)
-        as pebble,
+        start_pebble(
+            str(tmp / "pebble"), f"127.0.0.1:{dns_port}", env=env, eab_keys=eab_keys
+        ) as pebble,
         start_csrproxy(str(tmp / "csrproxy"), pebble, dns_port, ZONE, overrides=overrides) as d,
     ):
         yield pebble, d
@@ -85,9 +86,11 @@ def test_eab_required(tmp_path: Path) -> None:
         assert got.names == [f"eab.{ZONE}"]
     # Without EAB the CA refuses the account: csrproxy never becomes ready, and says why.
     dns_port = free_udp_tcp_port()
-    with start_pebble(str(tmp_path / "p2"), f"127.0.0.1:{dns_port}", eab_keys=keys) as pebble:
-        with pytest.raises(RuntimeError):
-            start_csrproxy(str(tmp_path / "without"), pebble, dns_port, ZONE, timeout=6)
+    with (
+        start_pebble(str(tmp_path / "p2"), f"127.0.0.1:{dns_port}", eab_keys=keys) as pebble,
+        pytest.raises(RuntimeError),
+    ):
+        start_csrproxy(str(tmp_path / "without"), pebble, dns_port, ZONE, timeout=6)
     log = (tmp_path / "without" / "csrproxy.log").read_text()
     assert "externalAccountRequired" in log
 
@@ -115,9 +118,7 @@ def test_long_chain_and_preferred_alternate(tmp_path: Path) -> None:
             ZONE,
             overrides={"acme": {"preferred_chain": alt_cn}},
         ) as daemon:
-            [preferred] = issue_many(
-                daemon, tmp_path / "p", [f"chain2.{ZONE}"], pebble.root_pem(2)
-            )
+            [preferred] = issue_many(daemon, tmp_path / "p", [f"chain2.{ZONE}"], pebble.root_pem(2))
         assert _issuer_cn(preferred.chain[-1]) == alt_cn
 
 
