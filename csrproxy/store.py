@@ -1,18 +1,31 @@
-"""Durable state under ``[state] dir``: the ACME account key and account record.
+"""Durable state under ``[state] dir``: the account key file and the state database.
 
 Files are written atomically (write to a temporary file, fsync, rename) and
-with mode 0600 inside a 0700 directory.  No business rules live here.
+with mode 0600 inside a 0700 directory.  The database (:mod:`csrproxy.statedb`)
+is reached from the reactor through :class:`Store`.  No business rules live here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from csrproxy.errors import ConfigError
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from csrproxy.errors import ConfigError, CsrproxyError
+from csrproxy.statedb import DB_NAME, StateDB
+
+log = Logger()
+T = TypeVar("T")
 
 ACCOUNT_KEY = "account.key"
 ACCOUNT_JSON = "account.json"
@@ -76,6 +89,13 @@ class StateDir:
             raise FileExistsError(f"{path} exists; the account key is written once")
         atomic_write(path, pem)
 
+    def open_db(self) -> StateDB:
+        """Open (creating and migrating) the state database; ConfigError when impossible."""
+        try:
+            return StateDB(self.path / DB_NAME)
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError("state.dir", f"cannot open {self.path / DB_NAME}: {e}") from e
+
     def read_account(self) -> dict[str, Any]:
         try:
             doc = json.loads((self.path / ACCOUNT_JSON).read_bytes())
@@ -85,3 +105,62 @@ class StateDir:
 
     def write_account(self, doc: dict[str, Any]) -> None:
         atomic_write(self.path / ACCOUNT_JSON, json.dumps(doc, indent=2).encode())
+
+
+class StoreUnavailable(CsrproxyError):
+    """The state database cannot be written (full disk, read-only directory, I/O error)."""
+
+    problem = "state-unavailable"
+    status = 503
+
+
+class Store:
+    """The state database for the reactor: every call runs on one worker thread.
+
+    Database work never blocks the reactor (the DNS server shares it), and one
+    thread keeps SQLite's connection confined and the writes in order.
+    """
+
+    def __init__(self, reactor: Any, db: StateDB) -> None:
+        self.reactor = reactor
+        self.db = db
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="csrproxy-store")
+        self._healthy = True
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        self.db.close()
+
+    @property
+    def healthy(self) -> bool:
+        """False after a write failed, until one succeeds again."""
+        return self._healthy
+
+    def run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Call ``method(*args, **kwargs)`` on the store thread."""
+        d: Deferred[T] = deferToThreadPool(self.reactor, self.pool, method, *args, **kwargs)
+
+        def ok(result: T) -> T:
+            if not self._healthy:
+                self._healthy = True
+                log.info("state database writable again")
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(sqlite3.Error, OSError):
+                if self._healthy:
+                    log.error(
+                        "state database {path} unusable: {err}",
+                        path=str(self.db.path),
+                        err=failure.getErrorMessage(),
+                    )
+                self._healthy = False
+                return Failure(
+                    StoreUnavailable(f"csrproxy cannot record state: {failure.getErrorMessage()}")
+                )
+            return failure
+
+        return d.addCallbacks(ok, failed)
