@@ -146,15 +146,22 @@ async def complete_order(
             raise ACMEProtocolError(f"order {order_url} is valid but has no certificate URL")
         pem, cert_url, alternates = await _download(client, cert_url, options, schedule)
         log.info("order {order} valid; certificate {cert}", order=order_url, cert=cert_url)
-        return IssuedChain(pem, order_url, cert_url, alternates)
-    finally:
-        for identifier, value in published:
-            try:
-                await responder.unpublish(identifier, value)
-            except Exception as e:  # cleanup must go on for every record
-                log.error(
-                    "could not remove challenge for {name}: {err}", name=identifier, err=str(e)
-                )
+        chain = IssuedChain(pem, order_url, cert_url, alternates)
+    except BaseException:
+        # Clean up without making the caller wait: a backend that just failed to publish
+        # may take its whole retry deadline to fail the removal too.
+        Deferred.fromCoroutine(_unpublish_all(responder, published))
+        raise
+    await _unpublish_all(responder, published)
+    return chain
+
+
+async def _unpublish_all(responder: DNS01Responder, published: list[tuple[str, str]]) -> None:
+    for identifier, value in published:
+        try:
+            await responder.unpublish(identifier, value)
+        except Exception as e:  # cleanup must go on for every record
+            log.error("could not remove challenge for {name}: {err}", name=identifier, err=str(e))
 
 
 async def _authorize_all(
