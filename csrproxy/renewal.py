@@ -1,0 +1,130 @@
+"""When to renew a certificate, and the loop that does it for active installations.
+
+A certificate is renewed inside the CA's ARI window (RFC 9773) at a random
+point, or, without ARI, at a random point between two thirds and three
+quarters of its lifetime.  Only installations that asked for their
+certificate within ``active_days`` are renewed: dead installations cost the
+CA nothing.  Renewals are spread out by the random point and by running at
+most ``max_parallel`` at a time.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+log = Logger()
+
+DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Renewable:
+    """What the scheduler needs to know about one issued certificate."""
+
+    id: str
+    not_before: float
+    not_after: float
+    last_requested: float
+    #: The CA's suggested window (start, end) in POSIX seconds, when it offers ARI.
+    window: tuple[float, float] | None = None
+
+
+def due_at(cert: Renewable, rng: random.Random) -> float:
+    """The moment to renew ``cert``: random inside the ARI window, else at 2/3..3/4 of life."""
+    if cert.window is not None:
+        start, end = cert.window
+        return start + rng.random() * max(0.0, end - start)
+    life = cert.not_after - cert.not_before
+    return cert.not_before + life * (2 / 3 + rng.random() / 12)
+
+
+def is_active(cert: Renewable, now: float, active_days: float) -> bool:
+    return now - cert.last_requested <= active_days * DAY
+
+
+def next_check_hint(cert: Renewable, now: float) -> float:
+    """Seconds until a client should look for a newer chain (a Retry-After hint)."""
+    if cert.window is not None:
+        return max(60.0, cert.window[0] - now)
+    life = cert.not_after - cert.not_before
+    return max(60.0, cert.not_before + life * 2 / 3 - now)
+
+
+class RenewalScheduler:
+    """Every ``interval`` seconds, renews the due certificates of active installations."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        certificates: Callable[[], Iterable[Renewable]],
+        renew: Callable[[Renewable], Deferred[Any]],
+        *,
+        active_days: float = 30.0,
+        interval: float = 60.0,
+        max_parallel: int = 4,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.clock = clock
+        self.certificates = certificates
+        self.renew = renew
+        self.active_days = active_days
+        self.interval = interval
+        self.rng = rng or random.Random()
+        self._due: dict[str, float] = {}
+        self._running: set[str] = set()
+        #: Certificates already replaced by a renewal (the source may list them a while longer).
+        self._replaced: set[str] = set()
+        self._limit = DeferredSemaphore(max_parallel)
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = clock
+        self.renewed = 0
+        self.skipped_inactive = 0
+
+    def start(self) -> None:
+        self._loop.start(self.interval, now=False)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def forget(self, cert_id: str) -> None:
+        """``cert_id`` was replaced: stop tracking it."""
+        self._due.pop(cert_id, None)
+
+    def tick(self) -> None:
+        now = self.clock.seconds()
+        for cert in self.certificates():
+            when = self._due.get(cert.id)
+            if when is None:
+                when = self._due[cert.id] = due_at(cert, self.rng)
+            if when > now or cert.id in self._running or cert.id in self._replaced:
+                continue
+            if not is_active(cert, now, self.active_days):
+                self.skipped_inactive += 1
+                continue
+            self._start(cert)
+
+    def _start(self, cert: Renewable) -> None:
+        self._running.add(cert.id)
+        log.info("renewing certificate {id}", id=cert.id)
+
+        def done(result: object) -> None:
+            self._running.discard(cert.id)
+            if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
+                log.warn("renewal of {id} failed: {err}", id=cert.id, err=str(result))
+                # Try again later, not at once.
+                self._due[cert.id] = self.clock.seconds() + max(self.interval * 10, 600.0)
+            else:
+                self.renewed += 1
+                self._due.pop(cert.id, None)
+                self._replaced.add(cert.id)
+
+        self._limit.run(self.renew, cert).addBoth(done)
