@@ -1,8 +1,10 @@
-"""The client-facing HTTP API (Klein): ``POST /v1/sign`` and ``GET /v1/health``.
+"""The client-facing HTTP API (Klein).
 
-Every error leaves as an RFC 9457 ``application/problem+json`` document.  The
-order runs in the issuer, detached from the request: a client that goes away
-cancels only its own wait.
+``POST /v1/sign`` (sync, or async with ``Prefer: respond-async``), ``GET /v1/orders/<id>``
+and its ``/certificate``, ``GET /v1/name``, ``GET /v1/health`` and ``GET /metrics``.
+Every error leaves as an RFC 9457 ``application/problem+json`` document, unknown routes
+and wrong methods included.  Orders run in the issuer, detached from the request: a
+client that goes away cancels only its own wait.
 """
 
 from __future__ import annotations
@@ -13,38 +15,88 @@ from typing import Any, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
-from csrproxy.acme.order import IssuedChain
-from csrproxy.csr import DEFAULT_KEY_TYPES, DEFAULT_MAX_NAMES, check_csr, csr_bytes_from_body
-from csrproxy.errors import PROBLEM_NAMESPACE, CsrproxyError, IssuanceFailed
+from csrproxy.admission import Admission
+from csrproxy.auth import ClientGate, Token
+from csrproxy.csr import (
+    DEFAULT_KEY_TYPES,
+    DEFAULT_MAX_NAMES,
+    CheckedCSR,
+    check_csr,
+    csr_bytes_from_body,
+    public_key_label,
+)
+from csrproxy.errors import (
+    PROBLEM_NAMESPACE,
+    BadRequest,
+    BodyTooLarge,
+    CsrproxyError,
+    IssuanceFailed,
+    MethodNotAllowed,
+    NotFound,
+    OrderNotReady,
+    RateLimited,
+)
 from csrproxy.issuer import Issuer
 from csrproxy.metrics import Metrics
+from csrproxy.orders import OrderBook, OrderRecord
 from csrproxy.policy import NamePolicy
 
 log = Logger()
 
 PEM_CHAIN = b"application/pem-certificate-chain"
 PROBLEM_JSON = b"application/problem+json"
+JSON = b"application/json"
 
 
-def problem(
-    request: IRequest,
-    status: int,
-    type_: str,
-    title: str,
-    detail: str,
-    **extra: Any,
-) -> bytes:
-    """Set the status and headers for a problem document and return its body."""
+def problem_document(e: BaseException) -> dict[str, Any]:
+    """The RFC 9457 document for an exception (``internal`` for anything unexpected)."""
+    if not isinstance(e, CsrproxyError):
+        return {
+            "type": PROBLEM_NAMESPACE + "internal",
+            "title": "Internal error",
+            "status": 500,
+            "detail": "an unexpected error occurred; it has been logged",
+        }
+    doc: dict[str, Any] = {
+        "type": e.problem_type,
+        "title": type(e).__name__,
+        "status": e.status,
+        "detail": e.detail,
+    }
+    for field in ("names", "acme_type", "reason", "allowed", "order_status"):
+        value = getattr(e, field, None)
+        if value:
+            doc[field] = value
+    return doc
+
+
+def retry_after_of(e: BaseException) -> float | None:
+    if isinstance(e, IssuanceFailed | RateLimited):
+        return e.retry_after
+    return None
+
+
+def _json(request: IRequest, status: int, doc: dict[str, Any], ctype: bytes = JSON) -> bytes:
     request.setResponseCode(status)
-    request.setHeader(b"Content-Type", PROBLEM_JSON)
-    doc = {"type": type_, "title": title, "status": status, "detail": detail}
-    doc.update({k: v for k, v in extra.items() if v is not None})
+    request.setHeader(b"Content-Type", ctype)
     return json.dumps(doc).encode() + b"\n"
+
+
+def wants_async(request: IRequest) -> bool:
+    """``Prefer: respond-async`` (RFC 7240), among other preferences or not."""
+    for value in request.requestHeaders.getRawHeaders(b"prefer", []):
+        for pref in value.split(b","):
+            if pref.split(b";")[0].split(b"=")[0].strip().lower() == b"respond-async":
+                return True
+    return False
 
 
 class SigningAPI:
@@ -57,19 +109,31 @@ class SigningAPI:
         issuer: Issuer,
         policy: NamePolicy,
         *,
+        clock: IReactorTime | None = None,
         max_body: int = 64 * 1024,
         key_types: Collection[str] = DEFAULT_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
+        sync_timeout: float = 50.0,
         ready: Callable[[], bool] | None = None,
         metrics: Metrics | None = None,
+        gate: ClientGate | None = None,
+        admission: Admission | None = None,
+        book: OrderBook | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
         self.issuer = issuer
+        self.clock = clock or issuer.clock
         self.policy = policy
         self.max_body = max_body
         self.key_types = key_types
         self.max_names = max_names
+        self.sync_timeout = sync_timeout
+        self.gate = gate or ClientGate()
+        self.admission = admission
+        self.book = book or OrderBook(self.clock, lambda f: problem_document(f.value))
         self._ready = ready or (lambda: issuer.ready)
+
+    # -- plumbing -------------------------------------------------------------
 
     def _count(self, request: IRequest, route: str) -> None:
         req = cast(Request, request)
@@ -79,79 +143,197 @@ class SigningAPI:
 
         req.notifyFinish().addBoth(done)
 
+    def _body(self, request: IRequest) -> bytes:
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise BodyTooLarge(self.max_body)
+        assert request.content is not None
+        body: bytes = request.content.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise BodyTooLarge(self.max_body)
+        return body
+
+    def _address(self, request: IRequest) -> str:
+        peer = getattr(request.getClientAddress(), "host", "unix")
+        forwarded = [
+            v.decode("latin-1")
+            for v in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        ]
+        return self.gate.client_address(peer, forwarded)
+
+    def _client(self, request: IRequest) -> tuple[str, Token | None]:
+        """Who asks (token id, else address); raises 403 outside allow_from, 401 without
+        a valid token when tokens are configured."""
+        address = self._address(request)
+        try:
+            self.gate.check_address(address)
+            auth = request.getHeader(b"authorization")
+            token = self.gate.check_token(auth.decode("latin-1") if auth else None)
+        except CsrproxyError as e:
+            self.metrics.refusal(e.problem)
+            raise
+        return (token.client_id if token is not None else address), token
+
+    def _csr_from(self, request: IRequest) -> CheckedCSR:
+        ctype = request.getHeader(b"content-type")
+        return check_csr(
+            csr_bytes_from_body(self._body(request), ctype.decode("latin-1") if ctype else None),
+            key_types=self.key_types,
+            max_names=self.max_names,
+        )
+
+    # -- routes ---------------------------------------------------------------
+
     @app.route("/metrics", methods=["GET"])
     def metrics_text(self, request: IRequest) -> bytes:
+        # Scrapers are held to allow_from, not to the signing tokens.
+        self.gate.check_address(self._address(request))
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
-        return self.metrics.render()
+        return bytes(self.metrics.render())
 
     @app.route("/v1/sign", methods=["POST"])
     def sign(self, request: IRequest) -> Deferred[bytes] | bytes:
         self._count(request, "/v1/sign")
-        length = request.getHeader(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body:
-            return self._too_large(request)
-        assert request.content is not None
-        body = request.content.read(self.max_body + 1)
-        if len(body) > self.max_body:
-            return self._too_large(request)
-        ctype = request.getHeader(b"content-type")
-        csr = check_csr(
-            csr_bytes_from_body(body, ctype.decode("latin-1") if ctype else None),
-            key_types=self.key_types,
-            max_names=self.max_names,
-        )
+        client, token = self._client(request)
+        csr = self._csr_from(request)
+        self.policy.check_subject(csr.subject)
         self.policy.check(csr.names, csr.key_label)
-        log.info("sign request for {names}", names=",".join(csr.names))
-        d = self.issuer.issue(csr)
-
-        def done(chain: IssuedChain) -> bytes:
-            request.setHeader(b"Content-Type", PEM_CHAIN)
-            return chain.pem.encode("ascii")
-
-        return d.addCallback(done)
-
-    def _too_large(self, request: IRequest) -> bytes:
-        return problem(
-            request,
-            413,
-            PROBLEM_NAMESPACE + "body-too-large",
-            "IRequest body too large",
-            f"the body is larger than {self.max_body} bytes",
+        if token is not None and token.policy is not None:
+            token.policy.check(csr.names, csr.key_label)
+        admission = self.admission
+        d = self.issuer.issue(
+            csr, None if admission is None else (lambda: admission.admit_client(client))
         )
+        if d.called:  # a stored chain, or a refusal before any order
+            return d.addCallback(self._chain, request)
+        if wants_async(request):
+            return self._accepted(request, self.book.track(csr.names, d))
+        return self._wait(request, csr.names, d)
+
+    def _chain(self, pem: str, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", PEM_CHAIN)
+        return pem.encode("ascii")
+
+    def _accepted(self, request: IRequest, record: OrderRecord) -> bytes:
+        request.setHeader(b"Location", f"/v1/orders/{record.id}".encode())
+        request.setHeader(b"Retry-After", b"1")
+        return _json(request, 202, record.document())
+
+    def _wait(self, request: IRequest, names: tuple[str, ...], d: Deferred[str]) -> Deferred[bytes]:
+        """The chain, or a 202 for an async order once ``sync_timeout`` has passed."""
+        tracked = [False]
+
+        def cancel(_: Deferred[bytes]) -> None:
+            if timer.active():
+                timer.cancel()
+            d.cancel()
+
+        out: Deferred[bytes] = Deferred(cancel)
+
+        def finished(result: str | Failure) -> str | Failure | None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(self._chain(result, request))
+            return result if tracked[0] else None
+
+        def too_long() -> None:
+            tracked[0] = True
+            out.callback(self._accepted(request, self.book.track(names, d)))
+
+        timer = self.clock.callLater(self.sync_timeout, too_long)
+        d.addBoth(finished)
+        return out
+
+    @app.route("/v1/orders/<string:order_id>", methods=["GET"])
+    def order(self, request: IRequest, order_id: str) -> bytes:
+        self._count(request, "/v1/orders/{id}")
+        self._client(request)
+        record = self._record(order_id)
+        if record.status == "processing":
+            request.setHeader(b"Retry-After", b"1")
+        return _json(request, 200, record.document())
+
+    @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
+    def order_certificate(self, request: IRequest, order_id: str) -> bytes:
+        self._count(request, "/v1/orders/{id}/certificate")
+        self._client(request)
+        record = self._record(order_id)
+        if record.chain is None:
+            if record.status == "processing":
+                request.setHeader(b"Retry-After", b"1")
+            raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
+        return self._chain(record.chain, request)
+
+    def _record(self, order_id: str) -> OrderRecord:
+        record = self.book.get(order_id)
+        if record is None:
+            raise NotFound(f"no order {order_id!r} (unknown, or finished over an hour ago)")
+        return record
+
+    @app.route("/v1/name", methods=["GET", "POST"])
+    def name(self, request: IRequest) -> bytes:
+        self._count(request, "/v1/name")
+        _, token = self._client(request)
+        ctype = request.getHeader(b"content-type")
+        label = public_key_label(
+            self._body(request), ctype.decode("latin-1") if ctype else None, self.key_types
+        )
+        names = [
+            n for n in self.policy.offer(label) if "{label}" in n or self.policy.allowed(n, label)
+        ]
+        if token is not None and token.policy is not None:
+            allowed = token.policy
+            names = [n for n in names if "{label}" in n or allowed.allowed(n, label)]
+        return _json(request, 200, {"names": names, "key_label": label})
 
     @app.route("/v1/health", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
         self._count(request, "/v1/health")
         ready = self._ready()
-        request.setResponseCode(200 if ready else 503)
-        request.setHeader(b"Content-Type", b"application/json")
         account = self.issuer.acme.account_url
-        return json.dumps({"ready": ready, "account": account}).encode() + b"\n"
+        return _json(request, 200 if ready else 503, {"ready": ready, "account": account})
+
+    # -- errors ---------------------------------------------------------------
 
     @app.handle_errors(CsrproxyError)
     def known_error(self, request: IRequest, failure: Failure) -> bytes:
-        e: CsrproxyError = failure.value  # type: ignore[assignment]
-        extra: dict[str, Any] = {}
-        names = getattr(e, "names", None)
-        if names:
-            extra["names"] = names
-        if isinstance(e, IssuanceFailed):
-            extra["acme_type"] = e.acme_type
-            if e.retry_after is not None:
-                request.setHeader(b"Retry-After", str(int(e.retry_after + 0.999)).encode())
+        assert isinstance(failure.value, CsrproxyError)
+        return self._problem(request, failure.value)
+
+    def _problem(self, request: IRequest, e: CsrproxyError) -> bytes:
+        retry_after = retry_after_of(e)
+        if retry_after is not None:
+            request.setHeader(b"Retry-After", str(int(retry_after + 0.999)).encode())
+        if isinstance(e, MethodNotAllowed) and e.allowed:
+            request.setHeader(b"Allow", ", ".join(e.allowed).encode())
         if e.status >= 500:
             log.warn("request failed: {err}", err=e.detail)
-        return problem(request, e.status, e.problem_type, type(e).__name__, e.detail, **extra)
+        return _json(request, e.status, problem_document(e), PROBLEM_JSON)
+
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        he = failure.value
+        assert isinstance(he, HTTPException)
+        self.metrics.http_requests.labels("unmatched", str(he.code or 400)).inc()
+        path = request.path.decode("latin-1", "replace")
+        e: CsrproxyError
+        if isinstance(he, WerkzeugMethodNotAllowed):
+            allowed = sorted(set(he.valid_methods or ()))
+            method = request.method.decode("latin-1", "replace")
+            e = MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
+        elif he.code == 404:
+            e = NotFound(f"no route {path}")
+        else:
+            e = BadRequest(f"the request cannot be routed: {he.description}")
+        return self._problem(request, e)
 
     @app.handle_errors(Exception)
     def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
         if failure.check(CancelledError):
             return b""  # the client went away; the order goes on in the issuer
         log.failure("unexpected error serving {uri}", failure, uri=request.uri)
-        return problem(
-            request,
-            500,
-            PROBLEM_NAMESPACE + "internal",
-            "Internal error",
-            "an unexpected error occurred; it has been logged",
-        )
+        return _json(request, 500, problem_document(Exception()), PROBLEM_JSON)

@@ -126,6 +126,38 @@ def post_csr(url: str, csr_pem: bytes, cafile: str | None = None, timeout: float
         raise ClientError(f"cannot reach {endpoint}: {e}", EXIT_NETWORK) from e
 
 
+def discover_names(
+    url: str, csr_or_key: bytes, cafile: str | None = None, timeout: float = 30
+) -> list[str]:
+    """Ask the server which names its policy allows for this key (``GET /v1/name`` with a
+    CSR or PEM public key as the body); patterns still holding ``{label}`` are left out,
+    since only the client can choose a label."""
+    endpoint = url.rstrip("/").removesuffix("/v1/sign") + "/v1/name"
+    req = urllib.request.Request(
+        endpoint, data=csr_or_key, method="GET", headers={"Content-Type": "application/pkcs10"}
+    )
+    context = ssl.create_default_context(cafile=cafile) if endpoint.startswith("https") else None
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            doc = json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        raise ClientError(f"server answered {e.code} to {endpoint}", EXIT_REFUSED) from e
+    except (urllib.error.URLError, OSError) as e:
+        raise ClientError(f"cannot reach {endpoint}: {e}", EXIT_NETWORK) from e
+    except ValueError as e:
+        raise ClientError(f"{endpoint} did not answer JSON: {e}", EXIT_REFUSED) from e
+    names = doc.get("names") if isinstance(doc, dict) else None
+    if not isinstance(names, list):
+        raise ClientError(f"{endpoint} gave no name list", EXIT_REFUSED)
+    return [str(n) for n in names if isinstance(n, str) and "{" not in n]
+
+
+def public_key_pem(key: PrivateKey) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
 def verify_chain(
     pem: bytes, key: PrivateKey, names: Sequence[str], root_pem: bytes | None = None
 ) -> list[x509.Certificate]:
@@ -171,12 +203,19 @@ def obtain_certificate(
     cafile: str | None = None,
     root_pem: bytes | None = None,
 ) -> Obtained:
-    """Make (or reuse) the key in ``directory``, get a chain for ``names`` and store it."""
-    if not names:
-        raise ClientError("give at least one --name", EXIT_USAGE)
+    """Make (or reuse) the key in ``directory``, get a chain for ``names`` and store it.
+
+    Without ``names``, the server is asked which names its policy gives this key.
+    """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = load_or_make_key(path, key_type, new_key)
+    if not names:
+        names = discover_names(url, public_key_pem(key), cafile)
+        if not names:
+            raise ClientError(
+                "the server's policy gives this key no name of its own; give --name", EXIT_USAGE
+            )
     pem = post_csr(url, make_csr(key, names), cafile)
     chain = verify_chain(pem, key, names, root_pem)
     leaf_pem = chain[0].public_bytes(serialization.Encoding.PEM)
@@ -211,7 +250,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     issue = sub.add_parser("issue", help="get a certificate for this installation")
     issue.add_argument("--url", required=True, help="csrproxy's base URL")
     issue.add_argument("--dir", required=True, help="where the key and certificate live")
-    issue.add_argument("--name", action="append", default=[], help="a DNS name (repeatable)")
+    issue.add_argument(
+        "--name",
+        action="append",
+        default=[],
+        help="a DNS name (repeatable); without it, ask the server (GET /v1/name)",
+    )
     issue.add_argument(
         "--key-type", default="ec256", choices=["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
     )

@@ -46,6 +46,20 @@ class ACMEConfig:
 class APIConfig:
     listen: tuple[str, ...] = ("tcp:8000:interface=127.0.0.1",)
     max_body: int = 64 * 1024
+    #: Seconds a synchronous sign request waits before it gets 202 and an order URL.
+    sync_timeout: float = 50.0
+    #: Seconds a request's headers and body have to arrive (408 after).
+    read_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection stays open.
+    idle_timeout: float = 60.0
+    #: File of accepted bearer token hashes (see csrproxy.auth); None: no tokens needed.
+    tokens_file: str | None = None
+    #: Client addresses or CIDRs allowed to use the API; empty: everyone.
+    allow_from: tuple[str, ...] = ()
+    #: Reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: One access-log line per request.
+    access_log: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,6 +75,8 @@ class PowerDNSConfig:
     check_servers: tuple[str, ...] = ()
     #: Seconds to wait for every check server to serve a new value.
     check_timeout: float = 60.0
+    #: Check over DNS that a value is served before answering the challenge.
+    check_propagation: bool = True
     #: Seconds to keep retrying a failing PowerDNS API call.
     api_timeout: float = 30.0
 
@@ -81,6 +97,17 @@ class DNSConfig:
 @dataclass(frozen=True)
 class PolicyConfig:
     names: tuple[str, ...]
+    #: Seed mode: the exact RFC 4514 subject every CSR must carry (names default to its CN).
+    subject: str | None = None
+    key_types: tuple[str, ...] = ("rsa2048", "rsa3072", "rsa4096", "ec256", "ec384")
+    max_names: int = 100
+    #: The registered domain the new-names budget is counted for (default: the last two
+    #: labels of [dns] zone).
+    registered_domain: str = ""
+    new_names_per_week: int = 45
+    orders_per_3h: int = 250
+    same_names_per_week: int = 5
+    client_requests_per_hour: int = 60
 
 
 @dataclass(frozen=True)
@@ -183,10 +210,36 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         profile=_get(acme, "acme", "profile", str, default=None),
     )
 
-    _no_unknown("api", api, {"listen", "max_body"})
+    _no_unknown(
+        "api",
+        api,
+        {
+            "listen",
+            "max_body",
+            "sync_timeout",
+            "read_timeout",
+            "idle_timeout",
+            "tokens_file",
+            "allow_from",
+            "trusted_proxies",
+            "access_log",
+        },
+    )
+    from csrproxy.config_policy import parse_networks, parse_policy  # late: no import cycle
+
+    tokens_file = _get(api, "api", "tokens_file", str, default=None)
+    if tokens_file is not None and not Path(tokens_file).is_file():
+        raise ConfigError("api.tokens_file", f"no such file: {tokens_file}")
     api_cfg = APIConfig(
         listen=_str_list(api, "api", "listen", default=APIConfig.listen),
         max_body=int(_positive(api, "api", "max_body", APIConfig.max_body, kind=int)),
+        sync_timeout=_positive(api, "api", "sync_timeout", APIConfig.sync_timeout),
+        read_timeout=_positive(api, "api", "read_timeout", APIConfig.read_timeout),
+        idle_timeout=_positive(api, "api", "idle_timeout", APIConfig.idle_timeout),
+        tokens_file=tokens_file,
+        allow_from=parse_networks(api, "allow_from"),
+        trusted_proxies=parse_networks(api, "trusted_proxies"),
+        access_log=_get(api, "api", "access_log", bool, default=False),
     )
 
     _no_unknown(
@@ -218,18 +271,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
         powerdns=pdns_cfg,
     )
 
-    _no_unknown("policy", policy, {"names"})
-    names = _str_list(policy, "policy", "names")
-    if not names:
-        raise ConfigError("policy.names", "needs at least one name pattern")
-    from csrproxy.policy import NamePattern  # policy is pure; imported late to keep layering clear
-
-    for n in names:
-        try:
-            NamePattern.parse(n)
-        except ValueError as e:
-            raise ConfigError("policy.names", str(e)) from e
-    policy_cfg = PolicyConfig(names=names)
+    policy_cfg = parse_policy(policy, zone)
 
     _no_unknown("state", state, {"dir"})
     state_cfg = StateConfig(dir=_get(state, "state", "dir", str))
@@ -250,6 +292,7 @@ def _powerdns(data: Mapping[str, Any], zone: str) -> PowerDNSConfig:
             "ttl",
             "check_servers",
             "check_timeout",
+            "check_propagation",
             "api_timeout",
         },
     )
@@ -265,6 +308,7 @@ def _powerdns(data: Mapping[str, Any], zone: str) -> PowerDNSConfig:
         check_servers=_str_list(data, s, "check_servers", default=()),
         check_timeout=_positive(data, s, "check_timeout", 60.0),
         api_timeout=_positive(data, s, "api_timeout", 30.0),
+        check_propagation=_get(data, s, "check_propagation", bool, default=True),
     )
 
 
@@ -313,6 +357,7 @@ def _get(
 
 _KIND_NAMES: dict[type[Any], str] = {
     str: "a string",
+    bool: "true or false",
     int: "an integer",
     float: "a number",
     list: "a list",

@@ -7,13 +7,16 @@ self-signature, key type and size, and its names).  Whether the names are
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
@@ -27,7 +30,7 @@ DEFAULT_MAX_NAMES = 100
 _PEM_HEADERS = (b"-----BEGIN CERTIFICATE REQUEST-----", b"-----BEGIN NEW CERTIFICATE REQUEST-----")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class CheckedCSR:
     """A CSR that passed every check, with what the rest of csrproxy needs from it."""
 
@@ -35,8 +38,10 @@ class CheckedCSR:
     names: tuple[str, ...]
     spki_der: bytes
     key_type: str
+    #: The subject as an RFC 4514 string (for seed mode's exact comparison).
+    subject: str = ""
 
-    @property
+    @functools.cached_property
     def key_label(self) -> str:
         return key_label(self.spki_der)
 
@@ -44,7 +49,7 @@ class CheckedCSR:
     def spki_sha256(self) -> str:
         return hashlib.sha256(self.spki_der).hexdigest()
 
-    @property
+    @functools.cached_property
     def request_key(self) -> str:
         """Identifies identical requests: same public key and same set of names."""
         return hashlib.sha256(
@@ -69,6 +74,38 @@ def csr_bytes_from_body(body: bytes, content_type: str | None) -> bytes:
     return stripped
 
 
+def public_key_label(body: bytes, content_type: str | None, key_types: Collection[str]) -> str:
+    """The ``{key}`` label for the public key in a body: a CSR (as ``POST /v1/sign`` takes
+    it), a PEM public key, or JSON ``{"public_key": "<PEM>"}``."""
+    stripped = body.strip()
+    if stripped[:1] == b"{":
+        try:
+            doc = json.loads(stripped)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BadCSR(f"the body is not valid JSON: {e}") from e
+        if isinstance(doc, dict) and isinstance(doc.get("public_key"), str):
+            stripped = str(doc["public_key"]).encode("utf-8", "replace").strip()
+    if b"-----BEGIN PUBLIC KEY-----" in stripped:
+        try:
+            key = serialization.load_pem_public_key(stripped[stripped.index(b"-----BEGIN") :])
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise BadCSR(f"the public key does not parse: {e}") from e
+        key_type = _key_type(key)
+    else:
+        csr = load_csr(csr_bytes_from_body(stripped, content_type))
+        try:
+            key = csr.public_key()
+        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+            raise KeyNotAllowed(f"the CSR's public key cannot be read: {e}") from e
+        key_type = _key_type(key)
+    if key_type not in key_types:
+        raise KeyNotAllowed(f"key type {key_type} is not allowed (allowed: {', '.join(key_types)})")
+    spki = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return key_label(spki)
+
+
 def load_csr(data: bytes) -> x509.CertificateSigningRequest:
     """Load a PEM or DER CSR, or raise :class:`BadCSR`."""
     try:
@@ -86,8 +123,12 @@ def key_type_of(csr: x509.CertificateSigningRequest) -> str:
     """``rsa2048``, ``ec256``, … for the CSR's public key; raises for unusable keys."""
     try:
         key = csr.public_key()
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyNotAllowed(f"the CSR's public key cannot be read: {e}") from e
+    return _key_type(key)
+
+
+def _key_type(key: Any) -> str:
     if isinstance(key, rsa.RSAPublicKey):
         e_ = key.public_numbers().e
         if e_ < 65537 or e_ % 2 == 0:
@@ -120,6 +161,13 @@ def check_name(name: str) -> str | None:
             return "a label is longer than 63 characters"
         if not is_ldh_label(label):
             return f"label {label!r} is not letters, digits and inner hyphens"
+        if label[2:4] == "--":
+            if not label.startswith("xn--"):
+                return f"label {label!r} has '--' in positions 3-4 (reserved for A-labels)"
+            try:
+                label.encode("ascii").decode("idna")
+            except UnicodeError:
+                return f"label {label!r} is not a valid A-label (bad punycode)"
     return None
 
 
@@ -131,11 +179,31 @@ def check_csr(
 ) -> CheckedCSR:
     """Parse ``data`` (PEM or DER) and check it; raise a typed error for the first failure."""
     csr = load_csr(data)
-    if not csr.is_signature_valid:
-        raise BadCSR("the CSR's signature does not verify (proof of possession failed)")
-    key_type = key_type_of(csr)
+    try:
+        return _check(csr, key_types, max_names)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        # Whatever odd structure got past the parser, it is the CSR's fault, not ours.
+        raise BadCSR(f"the CSR cannot be used: {e}") from e
+
+
+_HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+def _check(
+    csr: x509.CertificateSigningRequest, key_types: Collection[str], max_names: int
+) -> CheckedCSR:
+    try:
+        key = csr.public_key()
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+        raise KeyNotAllowed(f"the CSR's public key cannot be read: {e}") from e
+    key_type = _key_type(key)
     if key_type not in key_types:
         raise KeyNotAllowed(f"key type {key_type} is not allowed (allowed: {', '.join(key_types)})")
+    if not isinstance(csr.signature_hash_algorithm, _HASHES):
+        algo = getattr(csr.signature_hash_algorithm, "name", "none")
+        raise BadCSR(f"the CSR is signed with {algo}; use SHA-256, SHA-384 or SHA-512")
+    if not csr.is_signature_valid:
+        raise BadCSR("the CSR's signature does not verify (proof of possession failed)")
 
     try:
         sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -172,7 +240,7 @@ def check_csr(
             raise BadCSR(f"the subject CN {cn.value!r} is not among the subjectAltNames", [value])
 
     _refuse_ca_request(csr)
-    spki = csr.public_key().public_bytes(
+    spki = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return CheckedCSR(
@@ -180,6 +248,7 @@ def check_csr(
         names=names,
         spki_der=spki,
         key_type=key_type,
+        subject=csr.subject.rfc4514_string(),
     )
 
 

@@ -119,3 +119,92 @@ class IssuanceTimeout(CsrproxyError):
 
     problem = "ca-timeout"
     status = 504
+
+
+class BodyTooLarge(CsrproxyError):
+    """The request body is (or announces itself as) larger than ``[api] max_body``."""
+
+    problem = "body-too-large"
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes")
+        self.limit = limit
+
+
+class RequestTimeout(CsrproxyError):
+    """The request's headers and body did not arrive within ``[api] read_timeout``."""
+
+    problem = "request-timeout"
+    status = 408
+
+
+class NotFound(CsrproxyError):
+    """No such route, order or resource."""
+
+    problem = "not-found"
+    status = 404
+
+
+class MethodNotAllowed(CsrproxyError):
+    """The route exists but not for this method; ``allowed`` lists the methods it takes."""
+
+    problem = "method-not-allowed"
+    status = 405
+
+    def __init__(self, detail: str, allowed: Sequence[str] = ()) -> None:
+        super().__init__(detail)
+        self.allowed = list(allowed)
+
+
+class OrderNotReady(CsrproxyError):
+    """The asynchronous order has no certificate (yet, or ever); ``order_status`` says which."""
+
+    problem = "order-not-ready"
+    status = 409
+
+    def __init__(self, detail: str, order_status: str) -> None:
+        super().__init__(detail)
+        self.order_status = order_status
+
+
+class Unauthorized(CsrproxyError):
+    """A bearer token is required and none, or no valid one, was sent."""
+
+    problem = "unauthorized"
+    status = 401
+
+
+class ClientNotAllowed(CsrproxyError):
+    """The client address is outside ``[api] allow_from``."""
+
+    problem = "client-not-allowed"
+    status = 403
+
+    def __init__(self, detail: str, address: str) -> None:
+        super().__init__(detail)
+        self.address = address
+
+
+class SubjectNotAllowed(CsrproxyError):
+    """Seed mode: the CSR's subject is not exactly ``[policy] subject``."""
+
+    problem = "subject-not-allowed"
+    status = 403
+
+    def __init__(self, detail: str, subject: str) -> None:
+        super().__init__(detail)
+        self.subject = subject
+
+
+class RateLimited(CsrproxyError):
+    """csrproxy's own admission control refused; ``reason`` names the budget, ``retry_after``
+    is the number of seconds until it has room again."""
+
+    problem = "rate-limited"
+    status = 429
+
+    def __init__(self, detail: str, reason: str, retry_after: float) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.retry_after = retry_after

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -32,8 +32,10 @@ from csrproxy.acme.problems import (
     DeadlineExceeded,
     OrderFailed,
 )
+from csrproxy.admission import Admission
+from csrproxy.cache import CachedChain, IssuedCache, MemoryIssuedCache
 from csrproxy.csr import CheckedCSR
-from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout
+from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
 from csrproxy.metrics import Metrics
 
 log = Logger()
@@ -103,8 +105,12 @@ class Issuer:
         order_options: OrderOptions | None = None,
         on_account: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
+        cache: IssuedCache | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.metrics = metrics or Metrics()
+        self.cache: IssuedCache = cache if cache is not None else MemoryIssuedCache(clock.seconds)
+        self.admission = admission
         self.clock = clock
         self.acme = acme
         self.responder = responder
@@ -160,20 +166,55 @@ class Issuer:
 
         return Deferred.fromCoroutine(loop())
 
-    def issue(self, csr: CheckedCSR) -> Deferred[IssuedChain]:
-        """A Deferred of the chain for ``csr``; cancelling it does not cancel the order."""
+    def issue(
+        self, csr: CheckedCSR, admit_client: Callable[[], None] | None = None
+    ) -> Deferred[str]:
+        """A Deferred of the PEM chain for ``csr``; cancelling it does not cancel the order.
+
+        In order: a stored chain with most of its life left; else (once ``admit_client``
+        lets the caller in) the identical order in flight; else, if admission allows,
+        a new order.  A refusal is a failed Deferred of :class:`RateLimited`.
+        """
         key = csr.request_key
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            return succeed(cached.pem)
+        if admit_client is not None:
+            try:
+                admit_client()
+            except RateLimited as e:
+                return fail(e)
         shared = self._inflight.get(key)
         if shared is None:
+            refund: Callable[[], None] | None = None
+            if self.admission is not None:
+                try:
+                    refund = self.admission.admit_order(
+                        csr.names, not self.cache.issued_before(csr.names)
+                    )
+                except RateLimited as e:
+                    return fail(e)
             self.orders_started += 1
             d = Deferred.fromCoroutine(self._run(csr))
-            d.addErrback(translate)
+
+            def store(chain: IssuedChain) -> str:
+                try:
+                    self.cache.put(key, csr.names, CachedChain.from_pem(chain.pem))
+                except ValueError as e:
+                    log.warn("chain for {names} not cached: {err}", names=csr.names, err=str(e))
+                return chain.pem
+
+            def failed(failure: Failure) -> Failure:
+                if refund is not None:
+                    refund()
+                return translate(failure)
+
+            d.addCallbacks(store, failed)
             shared = SharedResult(d)
             self._inflight[key] = shared
             # SharedResult consumed the result; now the next identical CSR starts afresh.
             d.addBoth(lambda _: self._inflight.pop(key, None))
-        else:
-            log.info("joining the order in flight for {names}", names=",".join(csr.names))
         return shared.wait()
 
     async def _run(self, csr: CheckedCSR) -> IssuedChain:

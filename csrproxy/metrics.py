@@ -51,12 +51,26 @@ class Metrics:
             ["endpoint", "status"],
             registry=r,
         )
+        self.admission_refusals = Counter(
+            "csrproxy_admission_refusals",
+            "Requests refused by csrproxy's own admission control or access rules, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.cache_hits = Counter(
+            "csrproxy_cache_hits",
+            "Sign requests answered from the issued-certificate cache (no new order)",
+            registry=r,
+        )
         # The DNS hot path bumps a plain dict; the collector turns it into a metric on scrape.
         self.dns_rcodes: collections.Counter[int] = collections.Counter()
         r.register(_DNSCollector(self.dns_rcodes))
 
     def acme_request(self, endpoint: str, status: int) -> None:
         self.acme_requests.labels(endpoint, str(status)).inc()
+
+    def refusal(self, reason: str) -> None:
+        self.admission_refusals.labels(reason).inc()
 
     def dns_answer(self, rcode: int) -> None:
         self.dns_rcodes[rcode] += 1

@@ -14,10 +14,12 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from csrproxy.errors import NameNotAllowed
+from csrproxy.errors import NameNotAllowed, SubjectNotAllowed
 
 _LDH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _PLACEHOLDERS = ("{label}", "{key}")
+#: What key_label() makes: 32 base32 characters.
+_KEY_SHAPED = re.compile(r"^[a-z2-7]{32}$")
 
 
 def key_label(spki_der: bytes) -> str:
@@ -66,7 +68,8 @@ class NamePattern:
             return False
         for want, got in zip(self.labels, parts, strict=True):
             if want == "{label}":
-                if not is_ldh_label(got):
+                # A label shaped like a key label is only ever that key's own.
+                if not is_ldh_label(got) or (_KEY_SHAPED.match(got) and got != key):
                     return False
             elif want == "{key}":
                 if key is None or got != key:
@@ -75,6 +78,10 @@ class NamePattern:
                 return False
         return True
 
+    def offer(self, key: str) -> str:
+        """This pattern with ``{key}`` filled in (``{label}`` stays, for the client to choose)."""
+        return ".".join(key if label == "{key}" else label for label in self.labels)
+
     def example(self, key: str | None) -> str | None:
         """The name this pattern gives for ``key`` when it has no ``{label}``, else None."""
         if "{label}" in self.labels or (key is None and "{key}" in self.labels):
@@ -82,11 +89,44 @@ class NamePattern:
         return ".".join(key if (label == "{key}" and key) else label for label in self.labels)
 
 
-class NamePolicy:
-    """The set of name patterns a CSR's names must match."""
+def subject_common_name(subject: str) -> str:
+    """The CN of an RFC 4514 subject (seed mode); ValueError when it has none or is bad."""
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
 
-    def __init__(self, patterns: Iterable[str]) -> None:
+    try:
+        name = x509.Name.from_rfc4514_string(subject)
+    except ValueError as e:
+        raise ValueError(f"{subject!r} is not an RFC 4514 subject: {e}") from None
+    cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(cns) != 1:
+        raise ValueError(f"{subject!r} must have exactly one CN")
+    return str(cns[0].value).lower()
+
+
+class NamePolicy:
+    """The set of name patterns a CSR's names must match; in seed mode also the exact
+    subject (``[policy] subject``), whose CN is then the default name."""
+
+    def __init__(self, patterns: Iterable[str], subject: str | None = None) -> None:
+        patterns = list(patterns)
+        if subject is not None and not patterns:
+            patterns = [subject_common_name(subject)]
         self.patterns: tuple[NamePattern, ...] = tuple(NamePattern.parse(p) for p in patterns)
+        self.subject = subject
+
+    def check_subject(self, subject: str) -> None:
+        """Seed mode: raise :class:`SubjectNotAllowed` unless ``subject`` is exactly it."""
+        if self.subject is not None and subject != self.subject:
+            raise SubjectNotAllowed(
+                f"the CSR's subject {subject!r} is not the configured {self.subject!r}",
+                subject,
+            )
+
+    def offer(self, key: str) -> list[str]:
+        """What ``GET /v1/name`` shows a key: names with ``{key}`` filled in, and
+        ``{label}`` patterns as patterns."""
+        return list(dict.fromkeys(p.offer(key) for p in self.patterns))
 
     def allowed(self, name: str, key: str | None = None) -> bool:
         return any(p.matches(name, key) for p in self.patterns)

@@ -12,18 +12,20 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.server import Site
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
 from csrproxy.acme.order import OrderOptions
+from csrproxy.admission import Admission, Budgets
 from csrproxy.api import SigningAPI
+from csrproxy.auth import ClientGate, load_tokens, parse_networks
 from csrproxy.config import Config
 from csrproxy.dns.publisher import ZonePublisher
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuer import Issuer
+from csrproxy.limits import LimitedSite
 from csrproxy.metrics import Metrics
 from csrproxy.policy import NamePolicy
 from csrproxy.store import StateDir
@@ -139,8 +141,38 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         on_account=remember_account,
         metrics=metrics,
     )
+    pol = config.policy
+    admission = Admission(
+        reactor.seconds,
+        Budgets(
+            new_names_per_week=pol.new_names_per_week,
+            orders_per_3h=pol.orders_per_3h,
+            same_names_per_week=pol.same_names_per_week,
+            client_requests_per_hour=pol.client_requests_per_hour,
+        ),
+        registered_domain=pol.registered_domain,
+        on_refusal=metrics.refusal,
+    )
+    issuer.admission = admission
+    gate = ClientGate(
+        load_tokens(config.api.tokens_file) if config.api.tokens_file else (),
+        parse_networks(config.api.allow_from, "api.allow_from"),
+        parse_networks(config.api.trusted_proxies, "api.trusted_proxies"),
+    )
+    listeners: list[EndpointService] = []
     api = SigningAPI(
-        issuer, NamePolicy(config.policy.names), max_body=config.api.max_body, metrics=metrics
+        issuer,
+        NamePolicy(pol.names, pol.subject),
+        clock=reactor,
+        max_body=config.api.max_body,
+        key_types=pol.key_types,
+        max_names=pol.max_names,
+        sync_timeout=config.api.sync_timeout,
+        # Ready once the account is known and every API listener is bound.
+        ready=lambda: issuer.ready and all(s.port is not None for s in listeners),
+        metrics=metrics,
+        gate=gate,
+        admission=admission,
     )
 
     top = CsrproxyService()
@@ -149,9 +181,22 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         DNSServerService(
             reactor, zone, config.dns.listen, on_rcode=metrics.dns_answer
         ).setServiceParent(collection)
-    site = Site(api.app.resource())
-    site.displayTracebacks = False
+
+    def refused(path: bytes, status: int) -> None:
+        metrics.http_requests.labels("refused", str(status)).inc()
+
+    site = LimitedSite(
+        api.app.resource(),
+        max_body=config.api.max_body,
+        read_timeout=config.api.read_timeout,
+        idle_timeout=config.api.idle_timeout,
+        reactor=reactor,
+        on_refused=refused,
+        access_log=config.api.access_log,
+    )
     for description in config.api.listen:
-        EndpointService(reactor, description, site).setServiceParent(collection)
+        listener = EndpointService(reactor, description, site)
+        listener.setServiceParent(collection)
+        listeners.append(listener)
     AccountService(issuer).setServiceParent(collection)
     return top

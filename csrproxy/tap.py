@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.application.service import IService
@@ -9,6 +10,9 @@ from twisted.python import usage
 
 from csrproxy.config import Config, load_config
 from csrproxy.errors import ConfigError
+from csrproxy.legacy import config_from_environment, uses_legacy_environment
+
+DEFAULT_CONFIG = "/etc/csrproxy/csrproxy.toml"
 
 
 class Options(usage.Options):
@@ -18,12 +22,21 @@ class Options(usage.Options):
         "csrproxy's own authoritative DNS server. See README.md for the configuration."
     )
     optParameters = [
-        ["config", "c", "/etc/csrproxy/csrproxy.toml", "Path of the TOML configuration file."],
+        [
+            "config",
+            "c",
+            None,
+            f"Path of the TOML configuration file [default: {DEFAULT_CONFIG}; without it and "
+            "with CSR_PROXY_* variables set, those configure csrproxy like the original].",
+        ],
     ]
 
     def postOptions(self) -> None:
         try:
-            self.loaded: Config = load_config(self["config"])
+            if self["config"] is None and uses_legacy_environment(os.environ):
+                self.loaded: Config = config_from_environment(os.environ)
+            else:
+                self.loaded = load_config(self["config"] or DEFAULT_CONFIG)
         except ConfigError as e:
             # One clear line and a non-zero exit, not a usage dump or a traceback.
             sys.stderr.write(f"csrproxy: configuration error: {e}\n")

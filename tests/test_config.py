@@ -94,3 +94,45 @@ class ConfigTests(SynchronousTestCase):
             with self.assertRaises(ConfigError) as e:
                 load_config(f.name)
             self.assertIn("not valid TOML", str(e.exception))
+
+
+class APIAndPolicyKeyTests(SynchronousTestCase):
+    def test_new_defaults(self) -> None:
+        config = parse_config(minimal())
+        self.assertEqual(config.api.sync_timeout, 50.0)
+        self.assertEqual(config.api.allow_from, ())
+        self.assertIsNone(config.api.tokens_file)
+        self.assertEqual(config.policy.max_names, 100)
+        self.assertEqual(config.policy.registered_domain, "example.test")
+        self.assertEqual(config.policy.new_names_per_week, 45)
+        self.assertEqual(config.policy.orders_per_3h, 250)
+        self.assertIn("ec256", config.policy.key_types)
+
+    def test_seed_mode_names_default_to_the_cn(self) -> None:
+        data = minimal()
+        data["policy"] = {"subject": "CN=go.example.test"}
+        config = parse_config(data)
+        self.assertEqual(config.policy.names, ("go.example.test",))
+        self.assertEqual(config.policy.subject, "CN=go.example.test")
+
+    def test_bad_values_name_their_key(self) -> None:
+        cases: list[tuple[str, str, Any]] = [
+            ("api", "allow_from", ["10.0.0.0/33"]),
+            ("api", "trusted_proxies", ["proxy"]),
+            ("api", "tokens_file", "/nonexistent/tokens"),
+            ("api", "sync_timeout", 0),
+            ("api", "read_timeout", "10"),
+            ("api", "access_log", "yes"),
+            ("policy", "subject", "O=no cn"),
+            ("policy", "key_types", ["ec521"]),
+            ("policy", "key_types", []),
+            ("policy", "max_names", 0),
+            ("policy", "orders_per_3h", -1),
+            ("policy", "client_requests_per_hour", 1.5),
+        ]
+        for section, key, value in cases:
+            data = minimal()
+            data.setdefault(section, {})[key] = value
+            with self.assertRaises(ConfigError, msg=(key, value)) as e:
+                parse_config(data)
+            self.assertEqual(e.exception.key, f"{section}.{key}", (key, value))

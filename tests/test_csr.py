@@ -124,3 +124,54 @@ class PolicyTests(SynchronousTestCase):
         for text in ("", "a.", "{lab}.x.test", "a.*.x.test", "test", "a b.x.test"):
             with self.assertRaises(ValueError, msg=text):
                 NamePattern.parse(text)
+
+
+class MoreCheckTests(SynchronousTestCase):
+    def test_reserved_and_bad_a_labels(self) -> None:
+        for name in ("ab--c.go.example.test", "xn--zz-.go.example.test", "xn--a.go.example.test"):
+            with self.assertRaises(BadCSR, msg=name):
+                check_csr(make_csr([name], cn=None))
+        self.assertEqual(
+            check_csr(make_csr(["xn--bcher-kva.go.example.test"])).names,
+            ("xn--bcher-kva.go.example.test",),
+        )
+
+    def test_key_label_from_body(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        from csrproxy.csr import DEFAULT_KEY_TYPES, public_key_label
+
+        label = check_csr(make_csr(["a.x.test"], EC256)).key_label
+        pem = EC256.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        for body in (
+            make_csr(["a.x.test"], EC256),
+            pem,
+            json.dumps({"public_key": pem.decode()}).encode(),
+        ):
+            self.assertEqual(public_key_label(body, None, DEFAULT_KEY_TYPES), label)
+        with self.assertRaises(KeyNotAllowed):
+            public_key_label(make_csr(["a.x.test"], RSA1024), None, DEFAULT_KEY_TYPES)
+        with self.assertRaises(BadCSR):
+            public_key_label(
+                b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", None, ()
+            )
+
+    def test_label_pattern_never_takes_a_key_shaped_label(self) -> None:
+        label = check_csr(make_csr(["a.x.test"], EC256)).key_label
+        other = check_csr(make_csr(["a.x.test"], EC384)).key_label
+        policy = NamePolicy(["{label}.go.example.test", "{key}.go.example.test"])
+        policy.check([f"{label}.go.example.test"], label)
+        with self.assertRaises(NameNotAllowed):
+            policy.check([f"{other}.go.example.test"], label)
+
+    def test_seed_subject(self) -> None:
+        from csrproxy.errors import SubjectNotAllowed
+
+        policy = NamePolicy([], "CN=go.example.test")
+        self.assertEqual([p.text for p in policy.patterns], ["go.example.test"])
+        checked = check_csr(make_csr(["go.example.test"]))
+        policy.check_subject(checked.subject)
+        with self.assertRaises(SubjectNotAllowed):
+            policy.check_subject("O=x,CN=go.example.test")

@@ -1,0 +1,76 @@
+"""Asynchronous orders: an unguessable id per accepted request, its status, and its chain.
+
+Records are kept for ``retention`` seconds after the order ends, and at most
+``max_records`` at a time (the oldest go first).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+
+
+@dataclass
+class OrderRecord:
+    """One accepted request: ``processing``, then ``valid`` (with the chain) or ``invalid``."""
+
+    id: str
+    names: tuple[str, ...]
+    status: str = "processing"
+    chain: str | None = None
+    error: dict[str, Any] | None = field(default=None)
+
+    def document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"id": self.id, "status": self.status, "names": list(self.names)}
+        if self.error is not None:
+            doc["error"] = self.error
+        if self.status == "valid":
+            doc["certificate"] = f"/v1/orders/{self.id}/certificate"
+        return doc
+
+
+class OrderBook:
+    """The asynchronous orders of this process."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        problem_of: Any,
+        retention: float = 3600.0,
+        max_records: int = 50_000,
+    ) -> None:
+        self.clock = clock
+        #: Turns a Failure into the problem document (dict) shown as the order's error.
+        self.problem_of = problem_of
+        self.retention = retention
+        self.max_records = max_records
+        self._records: OrderedDict[str, OrderRecord] = OrderedDict()
+
+    def track(self, names: tuple[str, ...], waiter: Deferred[str]) -> OrderRecord:
+        """A new record following ``waiter``; the waiter's result is consumed."""
+        record = OrderRecord(secrets.token_urlsafe(16), names)
+        self._records[record.id] = record
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
+
+        def done(result: str | Failure) -> None:
+            if isinstance(result, Failure):
+                record.status, record.error = "invalid", self.problem_of(result)
+            else:
+                record.status, record.chain = "valid", result
+            self.clock.callLater(self.retention, self._records.pop, record.id, None)
+
+        waiter.addBoth(done)
+        return record
+
+    def get(self, order_id: str) -> OrderRecord | None:
+        return self._records.get(order_id)
+
+    def __len__(self) -> int:
+        return len(self._records)
