@@ -48,9 +48,11 @@ from csrproxy.issuer import Issuer
 from csrproxy.metrics import Metrics
 from csrproxy.orders import OrderBook, OrderRecord
 from csrproxy.policy import NamePolicy
+from csrproxy.renewal import Renewable, next_check_hint
 
 log = Logger()
 
+CERTIFICATE_ID = b"CSRProxy-Certificate-Id"
 PEM_CHAIN = b"application/pem-certificate-chain"
 PROBLEM_JSON = b"application/problem+json"
 JSON = b"application/json"
@@ -204,14 +206,23 @@ class SigningAPI:
         d = self.issuer.issue(
             csr, None if admission is None else (lambda: admission.admit_client(client))
         )
+        self.issuer.ledger.requested(csr.request_key, self.clock.seconds())
+        certificate_id = csr.request_key
         if d.called:  # a stored chain, or a refusal before any order
-            return d.addCallback(self._chain, request)
+            return d.addCallback(self._chain, request, certificate_id)
+        order_id = self.issuer.order_id(csr.request_key)
         if wants_async(request):
-            return self._accepted(request, self.book.track(csr.names, d))
-        return self._wait(request, csr.names, d)
+            return self._accepted(request, self.book.track(csr.names, d, order_id))
+        return self._wait(request, csr.names, d, order_id, certificate_id)
 
-    def _chain(self, pem: str, request: IRequest) -> bytes:
+    def _chain(self, pem: str, request: IRequest, certificate_id: str | None = None) -> bytes:
         request.setHeader(b"Content-Type", PEM_CHAIN)
+        if certificate_id is not None:
+            # Where to look for this CSR's newest chain later (renewals included).
+            request.setHeader(CERTIFICATE_ID, certificate_id.encode())
+            request.setHeader(
+                b"Link", f'</v1/certificates/{certificate_id}>; rel="csrproxy-certificate"'.encode()
+            )
         return pem.encode("ascii")
 
     def _accepted(self, request: IRequest, record: OrderRecord) -> bytes:
@@ -219,7 +230,14 @@ class SigningAPI:
         request.setHeader(b"Retry-After", b"1")
         return _json(request, 202, record.document())
 
-    def _wait(self, request: IRequest, names: tuple[str, ...], d: Deferred[str]) -> Deferred[bytes]:
+    def _wait(
+        self,
+        request: IRequest,
+        names: tuple[str, ...],
+        d: Deferred[str],
+        order_id: str | None = None,
+        certificate_id: str | None = None,
+    ) -> Deferred[bytes]:
         """The chain, or a 202 for an async order once ``sync_timeout`` has passed."""
         tracked = [False]
 
@@ -237,12 +255,12 @@ class SigningAPI:
                 if isinstance(result, Failure):
                     out.errback(result)
                 else:
-                    out.callback(self._chain(result, request))
+                    out.callback(self._chain(result, request, certificate_id))
             return result if tracked[0] else None
 
         def too_long() -> None:
             tracked[0] = True
-            out.callback(self._accepted(request, self.book.track(names, d)))
+            out.callback(self._accepted(request, self.book.track(names, d, order_id)))
 
         timer = self.clock.callLater(self.sync_timeout, too_long)
         d.addBoth(finished)
@@ -273,6 +291,22 @@ class SigningAPI:
         if record is None:
             raise NotFound(f"no order {order_id!r} (unknown, or finished over an hour ago)")
         return record
+
+    @app.route("/v1/certificates/<string:certificate_id>", methods=["GET"])
+    def certificate(self, request: IRequest, certificate_id: str) -> bytes:
+        """The newest chain for a CSR (renewals included), and when to look again."""
+        self._count(request, "/v1/certificates/{id}")
+        self._client(request)
+        row = self.issuer.ledger.latest.get(certificate_id)
+        if row is None:
+            raise NotFound(f"no certificate {certificate_id!r}")
+        now = self.clock.seconds()
+        self.issuer.ledger.requested(certificate_id, now)
+        hint = next_check_hint(
+            Renewable(row.id, row.not_before, row.not_after, row.last_requested), now
+        )
+        request.setHeader(b"Retry-After", str(int(hint)).encode())
+        return self._chain(row.chain, request, certificate_id)
 
     @app.route("/v1/name", methods=["GET", "POST"])
     def name(self, request: IRequest) -> bytes:

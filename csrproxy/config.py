@@ -116,12 +116,25 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class RenewalConfig:
+    #: Renew certificates on the server, without the installation.
+    enabled: bool = True
+    #: Only for installations that asked for their certificate within this many days.
+    active_days: float = 30.0
+    #: Seconds between looks for certificates due.
+    interval: float = 300.0
+    #: Renewals running at once.
+    max_parallel: int = 4
+
+
+@dataclass(frozen=True)
 class Config:
     acme: ACMEConfig
     api: APIConfig
     dns: DNSConfig
     policy: PolicyConfig
     state: StateConfig
+    renewal: RenewalConfig = RenewalConfig()
     source: str = field(default="", compare=False)
 
 
@@ -140,7 +153,7 @@ def load_config(path: str | Path) -> Config:
 
 def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     """Build a :class:`Config` from already-parsed TOML data."""
-    _no_unknown("", data, {"acme", "api", "dns", "policy", "state"})
+    _no_unknown("", data, {"acme", "api", "dns", "policy", "state", "renewal"})
     acme = _section(data, "acme")
     api = _section(data, "api", required=False)
     dns = _section(data, "dns")
@@ -276,7 +289,15 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     _no_unknown("state", state, {"dir"})
     state_cfg = StateConfig(dir=_get(state, "state", "dir", str))
 
-    return Config(acme_cfg, api_cfg, dns_cfg, policy_cfg, state_cfg, source=source)
+    renewal = _section(data, "renewal", required=False)
+    _no_unknown("renewal", renewal, {"enabled", "active_days", "interval", "max_parallel"})
+    renewal_cfg = RenewalConfig(
+        enabled=_get(renewal, "renewal", "enabled", bool, default=True),
+        active_days=_positive(renewal, "renewal", "active_days", 30.0),
+        interval=_positive(renewal, "renewal", "interval", 300.0),
+        max_parallel=int(_positive(renewal, "renewal", "max_parallel", 4, kind=int)),
+    )
+    return Config(acme_cfg, api_cfg, dns_cfg, policy_cfg, state_cfg, renewal_cfg, source=source)
 
 
 def _powerdns(data: Mapping[str, Any], zone: str) -> PowerDNSConfig:

@@ -8,20 +8,24 @@ failures are translated here into csrproxy's typed errors.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable
 from typing import Any
 
+from cryptography import x509
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from csrproxy.acme.certs import ari_cert_id
 from csrproxy.acme.client import ACMEClient, Backoff
 from csrproxy.acme.order import (
     DNS01Responder,
     IssuedChain,
     OrderOptions,
     PollSchedule,
+    complete_order,
     obtain_chain,
 )
 from csrproxy.acme.problems import (
@@ -34,9 +38,11 @@ from csrproxy.acme.problems import (
 )
 from csrproxy.admission import Admission
 from csrproxy.cache import CachedChain, IssuedCache, MemoryIssuedCache
-from csrproxy.csr import CheckedCSR
+from csrproxy.csr import DEFAULT_KEY_TYPES, CheckedCSR, check_csr
 from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
+from csrproxy.ledger import Ledger
 from csrproxy.metrics import Metrics
+from csrproxy.statedb import OrderRow
 
 log = Logger()
 
@@ -107,7 +113,11 @@ class Issuer:
         metrics: Metrics | None = None,
         cache: IssuedCache | None = None,
         admission: Admission | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
+        self.ledger = ledger or Ledger(None)
+        #: request key -> id of the order in flight for it (the async order id).
+        self._order_ids: dict[str, str] = {}
         self.metrics = metrics or Metrics()
         self.cache: IssuedCache = cache if cache is not None else MemoryIssuedCache(clock.seconds)
         self.admission = admission
@@ -196,44 +206,138 @@ class Issuer:
                 except RateLimited as e:
                     return fail(e)
             self.orders_started += 1
-            d = Deferred.fromCoroutine(self._run(csr))
-
-            def store(chain: IssuedChain) -> str:
-                try:
-                    self.cache.put(key, csr.names, CachedChain.from_pem(chain.pem))
-                except ValueError as e:
-                    log.warn("chain for {names} not cached: {err}", names=csr.names, err=str(e))
-                return chain.pem
+            order_id = secrets.token_urlsafe(16)
+            run = Deferred.fromCoroutine(self._run(csr, order_id))
 
             def failed(failure: Failure) -> Failure:
                 if refund is not None:
                     refund()
                 return translate(failure)
 
-            d.addCallbacks(store, failed)
-            shared = SharedResult(d)
-            self._inflight[key] = shared
-            # SharedResult consumed the result; now the next identical CSR starts afresh.
-            d.addBoth(lambda _: self._inflight.pop(key, None))
+            d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
+            shared = self._track(key, order_id, d)
         return shared.wait()
 
-    async def _run(self, csr: CheckedCSR) -> IssuedChain:
+    def _track(self, key: str, order_id: str, d: Deferred[str]) -> SharedResult:
+        shared = SharedResult(d)
+        self._inflight[key] = shared
+        self._order_ids[key] = order_id
+
+        def forget(_: object) -> None:
+            # SharedResult consumed the result; the next identical CSR starts afresh.
+            if self._inflight.get(key) is shared:
+                del self._inflight[key]
+                self._order_ids.pop(key, None)
+
+        d.addBoth(forget)
+        return shared
+
+    def order_id(self, request_key: str) -> str | None:
+        """The id of the order in flight for ``request_key`` (its async order id)."""
+        return self._order_ids.get(request_key)
+
+    async def _run(
+        self,
+        csr: CheckedCSR,
+        order_id: str,
+        replaces: str | None = None,
+        resume_url: str | None = None,
+        renewal: bool = False,
+    ) -> IssuedChain:
         await self.ensure_account()
         schedule = PollSchedule(
             self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
         )
+        if resume_url is None:
+            await self.ledger.order_started(order_id, csr, replaces)
+        responder = self.ledger.responder(self.responder, order_id)
         started = self.clock.seconds()
         self.metrics.orders_in_flight.inc()
         try:
-            chain = await obtain_chain(
-                self.acme, csr.names, csr.der, self.responder, schedule, self.order_options
-            )
+            chain = None
+            if resume_url:  # "" is an order recorded before the CA had made it
+                chain = await self._resume_order(csr, resume_url, responder, schedule)
+            if chain is None:
+                chain = await obtain_chain(
+                    self.acme,
+                    csr.names,
+                    csr.der,
+                    responder,
+                    schedule,
+                    self.order_options,
+                    replaces,
+                    on_order=self.ledger.order_created(order_id),
+                )
+            await self.ledger.order_valid(order_id, csr, chain, renewal)
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
+            self.ledger.order_failed(order_id, str(e))
             raise
         finally:
             self.metrics.orders_in_flight.dec()
         self.metrics.orders.labels("valid").inc()
         self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
         return chain
+
+    async def _resume_order(
+        self, csr: CheckedCSR, url: str, responder: DNS01Responder, schedule: PollSchedule
+    ) -> IssuedChain | None:
+        """Finish an order a crashed run left; None when the CA no longer knows it."""
+        log.info("resuming order {order} for {names}", order=url, names=",".join(csr.names))
+        try:
+            return await complete_order(
+                self.acme, url, None, csr.der, responder, schedule, self.order_options
+            )
+        except (OrderFailed, ACMEProblem) as e:
+            if isinstance(e, ACMEProblem) and e.short_type in ("rateLimited", "badCSR"):
+                raise
+            log.info("order {order} cannot be resumed ({err}); ordering afresh", order=url, err=e)
+            return None
+
+    def resume(self, row: OrderRow) -> Deferred[str]:
+        """Finish (or redo) an order recorded by an earlier run; joins later identical requests."""
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        run = Deferred.fromCoroutine(
+            self._run(csr, row.id, row.replaces, resume_url=row.acme_url or "")
+        )
+        d = run.addCallbacks(lambda chain: self._cached(csr, chain), translate)
+        self._track(csr.request_key, row.id, d)
+        return self._inflight[csr.request_key].wait()
+
+    def renew(self, request_key: str) -> Deferred[str]:
+        """A new certificate for the CSR behind ``request_key``, with ARI ``replaces``."""
+        row = self.ledger.latest.get(request_key)
+        if row is None:
+            return fail(KeyError(request_key))
+        if request_key in self._inflight:
+            return self._inflight[request_key].wait()
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        refund: Callable[[], None] | None = None
+        if self.admission is not None:
+            try:
+                refund = self.admission.admit_order(csr.names, False)
+            except RateLimited as e:
+                return fail(e)
+        leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
+        try:
+            replaces: str | None = ari_cert_id(leaf)
+        except ValueError:
+            replaces = None
+        order_id = secrets.token_urlsafe(16)
+        run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, renewal=True))
+
+        def failed(failure: Failure) -> Failure:
+            if refund is not None:
+                refund()
+            return translate(failure)
+
+        d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
+        return self._track(request_key, order_id, d).wait()
+
+    def _cached(self, csr: CheckedCSR, chain: IssuedChain) -> str:
+        try:
+            self.cache.put(csr.request_key, csr.names, CachedChain.from_pem(chain.pem))
+        except ValueError as e:
+            log.warn("chain for {names} not cached: {err}", names=csr.names, err=str(e))
+        return chain.pem

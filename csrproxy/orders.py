@@ -52,12 +52,17 @@ class OrderBook:
         self.max_records = max_records
         self._records: OrderedDict[str, OrderRecord] = OrderedDict()
 
-    def track(self, names: tuple[str, ...], waiter: Deferred[str]) -> OrderRecord:
-        """A new record following ``waiter``; the waiter's result is consumed."""
-        record = OrderRecord(secrets.token_urlsafe(16), names)
-        self._records[record.id] = record
-        while len(self._records) > self.max_records:
-            self._records.popitem(last=False)
+    def track(
+        self, names: tuple[str, ...], waiter: Deferred[str], order_id: str | None = None
+    ) -> OrderRecord:
+        """A record following ``waiter`` (its result is consumed); ``order_id`` is the
+        issuer's id of the order, so the record can be found again after a restart."""
+        existing = self._records.get(order_id) if order_id else None
+        if existing is not None and existing.status == "processing":
+            waiter.addErrback(lambda _: None)
+            return existing
+        record = OrderRecord(order_id or secrets.token_urlsafe(16), tuple(names))
+        self.add(record)
 
         def done(result: str | Failure) -> None:
             if isinstance(result, Failure):
@@ -68,6 +73,12 @@ class OrderBook:
 
         waiter.addBoth(done)
         return record
+
+    def add(self, record: OrderRecord) -> None:
+        """Keep ``record`` (also: records of an earlier run, loaded at start-up)."""
+        self._records[record.id] = record
+        while len(self._records) > self.max_records:
+            self._records.popitem(last=False)
 
     def get(self, order_id: str) -> OrderRecord | None:
         return self._records.get(order_id)

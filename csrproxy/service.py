@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from treq.client import HTTPClient
@@ -15,20 +16,32 @@ from twisted.python.failure import Failure
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
-from csrproxy.acme.order import OrderOptions
+from csrproxy.acme.order import DNS01Responder, OrderOptions
 from csrproxy.admission import Admission, Budgets
-from csrproxy.api import SigningAPI
+from csrproxy.api import SigningAPI, problem_document
 from csrproxy.auth import ClientGate, load_tokens, parse_networks
+from csrproxy.cache import CachedChain, MemoryIssuedCache
 from csrproxy.config import Config
+from csrproxy.dns.powerdns import PowerDNSPublisher
+from csrproxy.dns.propagation import (
+    CheckedPublisher,
+    PropagationChecker,
+    resolve_check_servers,
+    udp_txt_query,
+)
 from csrproxy.dns.publisher import ZonePublisher
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuer import Issuer
+from csrproxy.ledger import Ledger
 from csrproxy.limits import LimitedSite
 from csrproxy.metrics import Metrics
+from csrproxy.orders import OrderBook
 from csrproxy.policy import NamePolicy
-from csrproxy.store import StateDir
+from csrproxy.recovery import load_order_records, recover
+from csrproxy.renewal import Renewable, RenewalScheduler
+from csrproxy.store import StateDir, Store
 
 log = Logger()
 
@@ -102,11 +115,84 @@ def load_account_key(state: StateDir, key_type: str = "ec256") -> AccountKey:
     return key
 
 
+class StateService(Service):
+    """The store's thread, and recovery of what an earlier run left, once the reactor runs."""
+
+    def __init__(
+        self,
+        store: Store,
+        ledger: Ledger,
+        issuer: Issuer,
+        book: OrderBook,
+        remove_names: Callable[[Iterable[str]], Deferred[None]] | None,
+    ) -> None:
+        self.store = store
+        self.ledger = ledger
+        self.issuer = issuer
+        self.book = book
+        self.remove_names = remove_names
+
+    def startService(self) -> None:
+        super().startService()
+        self.store.start()
+        d = Deferred.fromCoroutine(recover(self.ledger, self.issuer, self.book, self.remove_names))
+        d.addErrback(lambda f: log.failure("recovery failed", f))
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.store.stop()
+
+
+class RenewalService(Service):
+    def __init__(self, scheduler: RenewalScheduler) -> None:
+        self.scheduler = scheduler
+
+    def startService(self) -> None:
+        super().startService()
+        self.scheduler.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.scheduler.stop()
+
+
+def make_publisher(
+    config: Config, reactor: Any, http: HTTPClient, zone: ChallengeZone
+) -> tuple[DNS01Responder, PowerDNSPublisher | None]:
+    """The built-in zone, or PowerDNS (with the DNS check before each challenge)."""
+    pdns = config.dns.powerdns
+    if config.dns.backend != "powerdns" or pdns is None:
+        return ZonePublisher(zone), None
+    publisher = PowerDNSPublisher(reactor, http, pdns)
+    if not pdns.check_propagation:
+        return publisher, publisher
+
+    def servers() -> Deferred[list[tuple[str, int]]]:
+        from twisted.names.client import createResolver
+
+        return resolve_check_servers(pdns.check_servers, pdns.zone, createResolver())
+
+    checker = PropagationChecker(
+        reactor, udp_txt_query(reactor), servers, timeout=pdns.check_timeout
+    )
+    return CheckedPublisher(publisher, checker), publisher
+
+
+def renewables(ledger: Ledger) -> list[Renewable]:
+    return [
+        Renewable(key, row.not_before, row.not_after, row.last_requested)
+        for key, row in ledger.latest.items()
+    ]
+
+
 def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiService:
     """Everything the daemon runs, as one MultiService."""
     state = StateDir(config.state.dir)
     state.prepare()
     key = load_account_key(state, config.acme.account_key_type)
+    store = Store(reactor, state.open_db())
+    ledger = Ledger(store, config.dns.backend)
+    ledger.load()
 
     zone = ChallengeZone(
         config.dns.zone,
@@ -128,11 +214,19 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
 
     def remember_account(url: str) -> None:
         state.write_account({"url": url, "directory": config.acme.directory})
+        d = store.run(store.db.save_account, config.acme.directory, url, "account.key")
+        d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
 
+    publisher, pdns = make_publisher(config, reactor, http, zone)
+    cache = MemoryIssuedCache(reactor.seconds)
+    for row in ledger.latest.values():
+        cache.put(
+            row.request_key, tuple(row.names), CachedChain(row.chain, row.not_before, row.not_after)
+        )
     issuer = Issuer(
         reactor,
         acme,
-        ZonePublisher(zone),
+        publisher,
         poll_interval=config.acme.poll_interval,
         poll_max=config.acme.poll_max,
         order_timeout=config.acme.order_timeout,
@@ -140,6 +234,8 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
         metrics=metrics,
+        cache=cache,
+        ledger=ledger,
     )
     pol = config.policy
     admission = Admission(
@@ -160,6 +256,8 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         parse_networks(config.api.trusted_proxies, "api.trusted_proxies"),
     )
     listeners: list[EndpointService] = []
+    book = OrderBook(reactor, lambda f: problem_document(f.value))
+    load_order_records(ledger, book)
     api = SigningAPI(
         issuer,
         NamePolicy(pol.names, pol.subject),
@@ -173,6 +271,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         metrics=metrics,
         gate=gate,
         admission=admission,
+        book=book,
     )
 
     top = CsrproxyService()
@@ -199,4 +298,17 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         listener.setServiceParent(collection)
         listeners.append(listener)
     AccountService(issuer).setServiceParent(collection)
+    StateService(
+        store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
+    ).setServiceParent(collection)
+    if config.renewal.enabled:
+        scheduler = RenewalScheduler(
+            reactor,
+            lambda: renewables(ledger),
+            lambda r: issuer.renew(r.id),
+            active_days=config.renewal.active_days,
+            interval=config.renewal.interval,
+            max_parallel=config.renewal.max_parallel,
+        )
+        RenewalService(scheduler).setServiceParent(collection)
     return top

@@ -9,7 +9,7 @@ whatever the outcome.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -20,6 +20,7 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from csrproxy import crashpoints
 from csrproxy.acme.certs import top_issuer_cn
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.problems import (
@@ -98,7 +99,7 @@ async def obtain_chain(
     schedule: PollSchedule,
     options: OrderOptions = OrderOptions(),
     replaces: str | None = None,
-    on_order: Callable[[str], object] | None = None,
+    on_order: Callable[[str], Awaitable[object] | object] | None = None,
 ) -> IssuedChain:
     """Run one order to the end and return the chain.
 
@@ -114,7 +115,10 @@ async def obtain_chain(
     )
     log.info("order {order} created for {names}", order=order_url, names=",".join(names))
     if on_order is not None:
-        on_order(order_url)
+        recorded = on_order(order_url)
+        if isinstance(recorded, Deferred | Awaitable):
+            await recorded  # the order is on record before anything else happens
+    crashpoints.reached("after-new-order")
     return await complete_order(client, order_url, order, csr_der, responder, schedule, options)
 
 
@@ -145,6 +149,7 @@ async def complete_order(
         if not isinstance(cert_url, str):
             raise ACMEProtocolError(f"order {order_url} is valid but has no certificate URL")
         pem, cert_url, alternates = await _download(client, cert_url, options, schedule)
+        crashpoints.reached("after-download")
         log.info("order {order} valid; certificate {cert}", order=order_url, cert=cert_url)
         chain = IssuedChain(pem, order_url, cert_url, alternates)
     except BaseException:
@@ -238,6 +243,7 @@ async def _authorize(
     if challenge.get("status") == "pending":
         try:
             await client.answer_challenge(str(challenge["url"]), schedule.deadline)
+            crashpoints.reached("after-challenge")
         except ACMETransportError as e:
             if not e.sent:
                 raise
@@ -285,6 +291,7 @@ async def _finalize(
     for _ in range(3):
         try:
             order = (await client.finalize(finalize_url, csr_der, schedule.deadline)).json()
+            crashpoints.reached("after-finalize")
             break
         except ACMETransportError as e:
             if not e.sent:

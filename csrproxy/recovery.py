@@ -1,0 +1,72 @@
+"""Start-up after a crash: remove orphaned challenge records, finish orders in flight.
+
+Challenge records an earlier run published are removed (the built-in zone
+starts empty, so only the rows go; PowerDNS records are deleted).  Every
+order that had not ended is resumed from its ACME order URL, and its async
+order id keeps answering ``GET /v1/orders/<id>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from csrproxy.issuer import Issuer
+from csrproxy.ledger import Ledger
+from csrproxy.orders import OrderBook, OrderRecord
+
+log = Logger()
+
+
+def load_order_records(ledger: Ledger, book: OrderBook) -> None:
+    """Finished orders of earlier runs, so their async ids still answer."""
+    for row in reversed(ledger.recent_orders()):
+        if row.status == "valid":
+            cert = next((c for c in ledger.latest.values() if c.id == row.certificate_id), None)
+            chain = cert.chain if cert is not None else None
+            book.add(OrderRecord(row.id, tuple(row.names), "valid" if chain else "invalid", chain))
+        elif row.status == "invalid":
+            error = {"type": "about:blank", "title": "Order failed", "detail": row.error or ""}
+            book.add(OrderRecord(row.id, tuple(row.names), "invalid", None, error))
+
+
+async def remove_orphans(
+    ledger: Ledger, remove_names: Callable[[Iterable[str]], Deferred[None]] | None
+) -> None:
+    rows = ledger.leftover_challenges()
+    if not rows:
+        return
+    names = sorted({r.name for r in rows})
+    log.info("removing {n} challenge records left by an earlier run", n=len(rows))
+    if remove_names is not None:
+        try:
+            await remove_names(names)
+        except Exception as e:
+            log.error("orphaned challenge records not removed ({err}); will retry", err=str(e))
+            return
+    ledger.forget_challenges(rows)
+
+
+async def recover(
+    ledger: Ledger,
+    issuer: Issuer,
+    book: OrderBook,
+    remove_names: Callable[[Iterable[str]], Deferred[None]] | None = None,
+) -> None:
+    await remove_orphans(ledger, remove_names)
+    for row in ledger.unfinished_orders():
+        log.info(
+            "resuming order {id} ({status}) for {names}",
+            id=row.id,
+            status=row.status,
+            names=",".join(row.names),
+        )
+        try:
+            d = issuer.resume(row)
+        except Exception as e:  # a row this version cannot use must not stop the others
+            log.error("order {id} cannot be resumed: {err}", id=row.id, err=str(e))
+            ledger.order_failed(row.id, f"not resumable: {e}")
+            continue
+        book.track(tuple(row.names), d, row.id)
