@@ -132,7 +132,9 @@ class SigningAPI:
         self.sync_timeout = sync_timeout
         self.gate = gate or ClientGate()
         self.admission = admission
-        self.book = book or OrderBook(self.clock, lambda f: problem_document(f.value))
+        self.book = (
+            book if book is not None else OrderBook(self.clock, lambda f: problem_document(f.value))
+        )
         self._ready = ready or (lambda: issuer.ready)
 
     # -- plumbing -------------------------------------------------------------

@@ -112,6 +112,7 @@ def start_csrproxy(
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     extra_argv: Sequence[str] = (),
     timeout: float = 30,
+    env: Mapping[str, str] | None = None,
 ) -> Csrproxy:
     """Write a config for ``pebble`` and start the daemon; wait until it is ready."""
     work = Path(workdir)
@@ -129,7 +130,7 @@ def start_csrproxy(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=work,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     url = f"http://127.0.0.1:{api_port}"
     daemon = Csrproxy(proc, url, path, log)

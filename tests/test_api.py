@@ -467,3 +467,44 @@ class RouteTests(APITestCase):
             "csrproxy_admission_refusals_total",
         ):
             self.assertIn(needle, text)
+
+
+class FailingStore:
+    """A store whose every write fails like a full disk."""
+
+    class db:  # noqa: N801 - mimics Store.db's attribute access
+        @staticmethod
+        def save_order(*args: Any) -> None: ...
+
+    def run(self, method: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        from twisted.internet.defer import fail
+
+        from csrproxy.store import StoreUnavailable
+
+        return fail(StoreUnavailable("csrproxy cannot record state: database or disk is full"))
+
+
+class StoreFailureTests(APITestCase):
+    def test_full_disk_is_503_before_any_order(self) -> None:
+        from csrproxy.ledger import Ledger
+
+        self.issuer.ledger = Ledger(FailingStore())  # type: ignore[arg-type]
+        code, headers, body = self.post(make_csr([f"full.{ZONE}"]))
+        self.assertEqual(code, 503, body)
+        doc = self.problem(code, headers, body)
+        self.assertTrue(doc["type"].endswith("/state-unavailable"))
+        self.assertEqual(self.ca.requests["newOrder"], 0)
+        # The process keeps serving.
+        code, _, _ = self.request("GET", "/v1/health")
+        self.assertIn(code, (200, 503))
+
+    def test_certificate_id_and_newest_chain(self) -> None:
+        code, headers, body = self.post(make_csr([f"cid.{ZONE}"]))
+        self.assertEqual(code, 200, body)
+        [cid] = headers.getRawHeaders("csrproxy-certificate-id")
+        self.assertIn(f"</v1/certificates/{cid}>", headers.getRawHeaders("link", [""])[0])
+        code, headers, again = self.request("GET", f"/v1/certificates/{cid}")
+        self.assertEqual((code, again), (200, body))
+        self.assertGreater(int(headers.getRawHeaders("retry-after", ["0"])[0]), 0)
+        code, _, _ = self.request("GET", "/v1/certificates/unknown")
+        self.assertEqual(code, 404)
