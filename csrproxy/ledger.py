@@ -69,7 +69,7 @@ class Ledger:
         #: request key -> the newest certificate issued for it (what GET /v1/certificates serves).
         self.latest: dict[str, CertificateRow] = {}
 
-    # -- start-up (synchronous: before the reactor serves anything) -----------------
+    # -- start-up (synchronous: before the reactor runs and the store's thread starts) ----
 
     def load(self) -> None:
         if self.store is None:
@@ -88,9 +88,10 @@ class Ledger:
     def leftover_challenges(self) -> list[ChallengeRow]:
         return [] if self.store is None else self.store.db.challenges()
 
-    def forget_challenges(self, rows: list[ChallengeRow]) -> None:
-        if self.store is not None and rows:
-            self.store.db.clear_challenges([r.id for r in rows])
+    def forget_challenges(self, rows: list[ChallengeRow]) -> Deferred[Any]:
+        if self.store is None or not rows:
+            return succeed(None)
+        return self.store.run(self.store.db.clear_challenges, [r.id for r in rows])
 
     # -- an order's life ------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from csrproxy.issuer import Issuer
 from csrproxy.ledger import Ledger
 from csrproxy.orders import OrderBook, OrderRecord
+from csrproxy.statedb import ChallengeRow, OrderRow
 
 log = Logger()
 
@@ -33,9 +34,10 @@ def load_order_records(ledger: Ledger, book: OrderBook) -> None:
 
 
 async def remove_orphans(
-    ledger: Ledger, remove_names: Callable[[Iterable[str]], Deferred[None]] | None
+    ledger: Ledger,
+    rows: list[ChallengeRow],
+    remove_names: Callable[[Iterable[str]], Deferred[None]] | None,
 ) -> None:
-    rows = ledger.leftover_challenges()
     if not rows:
         return
     names = sorted({r.name for r in rows})
@@ -46,17 +48,20 @@ async def remove_orphans(
         except Exception as e:
             log.error("orphaned challenge records not removed ({err}); will retry", err=str(e))
             return
-    ledger.forget_challenges(rows)
+    await ledger.forget_challenges(rows)
 
 
 async def recover(
     ledger: Ledger,
     issuer: Issuer,
     book: OrderBook,
+    leftovers: list[ChallengeRow],
+    unfinished: list[OrderRow],
     remove_names: Callable[[Iterable[str]], Deferred[None]] | None = None,
 ) -> None:
-    await remove_orphans(ledger, remove_names)
-    for row in ledger.unfinished_orders():
+    """Remove ``leftovers`` and resume ``unfinished`` (both read before the store's thread ran)."""
+    await remove_orphans(ledger, leftovers, remove_names)
+    for row in unfinished:
         log.info(
             "resuming order {id} ({status}) for {names}",
             id=row.id,

@@ -131,11 +131,23 @@ class StateService(Service):
         self.issuer = issuer
         self.book = book
         self.remove_names = remove_names
+        # Read now, while no other thread uses the database.
+        self.leftovers = ledger.leftover_challenges()
+        self.unfinished = ledger.unfinished_orders()
 
     def startService(self) -> None:
         super().startService()
         self.store.start()
-        d = Deferred.fromCoroutine(recover(self.ledger, self.issuer, self.book, self.remove_names))
+        d = Deferred.fromCoroutine(
+            recover(
+                self.ledger,
+                self.issuer,
+                self.book,
+                self.leftovers,
+                self.unfinished,
+                self.remove_names,
+            )
+        )
         d.addErrback(lambda f: log.failure("recovery failed", f))
 
     def stopService(self) -> None:
