@@ -190,16 +190,7 @@ class StoppedPowerDNS(TestCase):
 E2E_ZONE = "pdns-e2e.example.test"
 
 
-def _service_wires_powerdns() -> bool:
-    import csrproxy.service
-
-    return "PowerDNSPublisher" in Path(csrproxy.service.__file__).read_text()
-
-
-e2e = pytest.mark.skipif(
-    not _service_wires_powerdns(),
-    reason="csrproxy.service does not wire [dns] backend = 'powerdns' yet",
-)
+e2e = pytest.mark.integration
 
 
 def powerdns_overrides(pdns: PowerDNS, **extra: Any) -> dict[str, dict[str, Any]]:
@@ -312,3 +303,82 @@ def test_e2e_powerdns_stopped_gives_503(
         with urllib.request.urlopen(daemon.url + "/v1/health", timeout=5) as resp:
             assert resp.status == 200  # still serving
         assert pdns.api_key not in daemon.log.read_text()
+
+
+@e2e
+def test_e2e_kill_after_challenge_leaves_nothing_in_powerdns(
+    tmp_path: Path, e2e_pebble: Pebble, e2e_pdns: PowerDNS
+) -> None:
+    """kill -9 with a challenge record in PowerDNS: the restart removes it and finishes."""
+    work = str(tmp_path / "csrproxy")
+    name = f"crash.{E2E_ZONE}"
+    csr = make_csr([name])
+    first = start_csrproxy(
+        work,
+        e2e_pebble,
+        e2e_pdns.dns_port,
+        E2E_ZONE,
+        overrides=powerdns_overrides(e2e_pdns),
+        env={"CSRPROXY_CRASH_AT": "after-challenge"},
+    )
+    with pytest.raises(OSError):
+        _post(first, csr)
+    assert first.proc.wait(30) == -9
+    assert _challenges(e2e_pdns), "the crash should have left the record behind"
+    with start_csrproxy(
+        work,
+        e2e_pebble,
+        e2e_pdns.dns_port,
+        E2E_ZONE,
+        overrides=powerdns_overrides(e2e_pdns),
+    ) as second:
+        code, body, _ = _post(second, csr)
+        assert code == 200, body[:500]
+        assert _sans(body) == [name]
+        assert _challenges(e2e_pdns) == []
+
+
+@e2e
+def test_e2e_original_environment_only(
+    tmp_path: Path, e2e_pebble: Pebble, e2e_pdns: PowerDNS
+) -> None:
+    """Started like csr-proxy 0.1.0: CSR_PROXY_* variables, no configuration file."""
+    import os
+    import subprocess
+
+    from csrproxy.daemon import twistd_argv, wait_ready
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CSR_PROXY_")}
+    env.update(
+        {
+            "CSR_PROXY_ACME_DIRECTORY": e2e_pebble.directory,
+            "CSR_PROXY_EMAIL": f"admin@{E2E_ZONE}",
+            "CSR_PROXY_SUBJ": f"CN={E2E_ZONE}",
+            "CSR_PROXY_PDNS_API_URL": e2e_pdns.api_url,
+            "CSR_PROXY_PDNS_API_KEY": e2e_pdns.api_key,
+            "CSR_PROXY_API_HOST": "127.0.0.1",
+            "CSR_PROXY_API_PORT": str(port),
+            "CSR_PROXY_STATE_PATH": str(tmp_path / "state.json"),
+            # The original trusted the CA through the environment too.
+            "SSL_CERT_FILE": e2e_pebble.ca_cert,
+        }
+    )
+    argv = [a for a in twistd_argv(tmp_path / "unused.toml") if a not in ("--config",)]
+    argv = argv[: argv.index("csrproxy") + 1]
+    log = tmp_path / "csrproxy.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    daemon = Csrproxy(proc, f"http://127.0.0.1:{port}", tmp_path / "unused.toml", log)
+    try:
+        assert wait_ready(daemon, 30), daemon.log_tail()
+        code, body, _ = _post(daemon, make_csr([E2E_ZONE]))
+        assert code == 200, body[:500]
+        assert _sans(body) == [E2E_ZONE]
+        assert _challenges(e2e_pdns) == []
+        # A subject other than CSR_PROXY_SUBJ is refused before any order.
+        code, body, _ = _post(daemon, make_csr([f"other.{E2E_ZONE}"]))
+        assert code == 403, body[:500]
+        assert e2e_pdns.api_key not in log.read_text()
+    finally:
+        daemon.stop()
