@@ -214,7 +214,8 @@ class SigningAPI:
             return d.addCallback(self._chain, request, certificate_id)
         order_id = self.issuer.order_id(csr.request_key)
         if wants_async(request):
-            return self._accepted(request, self.book.track(csr.names, d, order_id))
+            record = self.book.track(csr.names, d, order_id, certificate_id)
+            return self._accepted(request, record)
         return self._wait(request, csr.names, d, order_id, certificate_id)
 
     def _chain(self, pem: str, request: IRequest, certificate_id: str | None = None) -> bytes:
@@ -262,7 +263,8 @@ class SigningAPI:
 
         def too_long() -> None:
             tracked[0] = True
-            out.callback(self._accepted(request, self.book.track(names, d, order_id)))
+            record = self.book.track(names, d, order_id, certificate_id)
+            out.callback(self._accepted(request, record))
 
         timer = self.clock.callLater(self.sync_timeout, too_long)
         d.addBoth(finished)
@@ -286,7 +288,7 @@ class SigningAPI:
             if record.status == "processing":
                 request.setHeader(b"Retry-After", b"1")
             raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
-        return self._chain(record.chain, request)
+        return self._chain(record.chain, request, record.certificate_id)
 
     def _record(self, order_id: str) -> OrderRecord:
         record = self.book.get(order_id)

@@ -1,45 +1,46 @@
-"""The installation's side: make a key and CSR, POST it, check and store the chain.
+"""The installation's side: get a certificate for this installation and keep it valid.
 
-This module imports nothing from the server side.  It is used as a library
-(:func:`obtain_certificate`) and as the ``csrproxy-client`` command.
+``csrproxy-client issue`` (or :func:`obtain_certificate`) makes or reuses the key, builds
+the CSR, has csrproxy sign it and stores the checked chain; ``csrproxy-client renew`` (or
+:func:`renew_if_due`) installs a newer chain the server already has, or asks for a new one
+when a third of the lifetime is left.  This module imports nothing from the server side.
 
-Exit codes: 0 ok, 1 the server or the CA refused, 2 usage, 3 network.
+Exit codes: 0 ok, 1 the server or the CA refused, 2 usage (or a local file problem),
+3 network (or no certificate before --timeout), 4 renewed but --reload-command failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import ssl
+import logging
+import subprocess
 import sys
-import urllib.error
-import urllib.request
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Literal, TextIO
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives.asymmetric import ec
 
-KEY_FILE = "key.pem"
-CERT_FILE = "cert.pem"
-CHAIN_FILE = "chain.pem"
+from csrproxy import clientlib as lib
+from csrproxy.clientlib import (
+    EXIT_NETWORK,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_RELOAD,
+    EXIT_USAGE,
+    ClientError,
+    Transport,
+)
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NETWORK = 0, 1, 2, 3
+__all__ = ["EXIT_NETWORK", "EXIT_OK", "EXIT_REFUSED", "EXIT_RELOAD", "EXIT_USAGE", "ClientError"]
+__all__ += ["Obtained", "RenewResult", "Transport", "main", "obtain_certificate", "renew_if_due"]
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
-
-class ClientError(Exception):
-    """A failure with the exit code it maps to."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -50,240 +51,443 @@ class Obtained:
     chain_path: Path
     leaf: x509.Certificate
     chain: list[x509.Certificate]
+    certificate_id: str | None = None
+    retry_after: float | None = None
 
 
-def generate_key(key_type: str = "ec256") -> PrivateKey:
-    if key_type == "ec256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if key_type == "ec384":
-        return ec.generate_private_key(ec.SECP384R1())
-    if key_type in ("rsa2048", "rsa3072", "rsa4096"):
-        return rsa.generate_private_key(65537, int(key_type[3:]))
-    raise ClientError(f"unknown key type {key_type!r}", EXIT_USAGE)
+@dataclass
+class RenewResult:
+    action: Literal["unchanged", "fetched-newer", "reissued"]
+    reason: str
+    not_after: datetime | None
+    certificate_id: str | None = None
+    retry_after: float | None = None  # the server's hint: look again in that many seconds
+    warning: str | None = None  # a failed look-up that did not matter (the cert was not due)
+    reloaded: bool = False
+    reload_error: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.action != "unchanged"
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves the old or the new file, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+def read_token(token_file: str | Path | None) -> str | None:
+    if token_file is None:
+        return None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        token = Path(token_file).read_text().strip()
+    except OSError as e:
+        raise ClientError(f"cannot read the token file: {e}", EXIT_USAGE) from e
+    if not token:
+        raise ClientError(f"the token file {token_file} is empty", EXIT_USAGE)
+    return token
 
 
-def load_or_make_key(directory: Path, key_type: str, new_key: bool = False) -> PrivateKey:
-    path = directory / KEY_FILE
-    if path.exists() and not new_key:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-        if not isinstance(key, PrivateKey):
-            raise ClientError(f"{path} holds an unsupported key type", EXIT_USAGE)
-        return key
-    key = generate_key(key_type)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_atomic(path, pem, 0o600)
-    return key
+def key_type_of(key: lib.PrivateKey) -> str:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return f"ec{key.curve.key_size}"
+    return f"rsa{key.key_size}"
 
 
-def make_csr(key: PrivateKey, names: Sequence[str]) -> bytes:
-    builder = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
-    )
-    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+def _install(
+    path: Path, chain: list[x509.Certificate], new_key: lib.PrivateKey | None, state: dict[str, Any]
+) -> None:
+    """chain.pem, then key.pem (only when rotating), cert.pem, csrproxy.json: see
+    :func:`csrproxy.clientlib.write_files` for what a failure or a crash leaves."""
+    files = [(lib.CHAIN_FILE, lib.pem_of(chain[1:]), 0o644)]
+    if new_key is not None:
+        files.append((lib.KEY_FILE, lib.key_pem(new_key), 0o600))
+    files += [
+        (lib.CERT_FILE, lib.pem_of(chain), 0o644),
+        (lib.STATE_FILE, lib.state_bytes(state), 0o600),
+    ]
+    lib.write_files(path, files)
 
 
-def post_csr(url: str, csr_pem: bytes, cafile: str | None = None, timeout: float = 120) -> bytes:
-    """POST the CSR to ``url`` (the server's base URL or its /v1/sign); return the PEM chain."""
-    endpoint = url if url.rstrip("/").endswith("/v1/sign") else url.rstrip("/") + "/v1/sign"
-    req = urllib.request.Request(
-        endpoint, data=csr_pem, method="POST", headers={"Content-Type": "application/pkcs10"}
-    )
-    context = ssl.create_default_context(cafile=cafile) if endpoint.startswith("https") else None
-    try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-            body: bytes = resp.read()
-            return body
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode("utf-8", "replace")
-        try:
-            doc = json.loads(detail)
-            detail = f"{doc.get('detail', detail)} ({doc.get('type', '')})"
-        except ValueError:
-            pass
-        raise ClientError(f"server answered {e.code}: {detail}", EXIT_REFUSED) from e
-    except (urllib.error.URLError, OSError) as e:
-        raise ClientError(f"cannot reach {endpoint}: {e}", EXIT_NETWORK) from e
-
-
-def discover_names(
-    url: str, csr_or_key: bytes, cafile: str | None = None, timeout: float = 30
-) -> list[str]:
-    """Ask the server which names its policy allows for this key (``GET /v1/name`` with a
-    CSR or PEM public key as the body); patterns still holding ``{label}`` are left out,
-    since only the client can choose a label."""
-    endpoint = url.rstrip("/").removesuffix("/v1/sign") + "/v1/name"
-    req = urllib.request.Request(
-        endpoint, data=csr_or_key, method="GET", headers={"Content-Type": "application/pkcs10"}
-    )
-    context = ssl.create_default_context(cafile=cafile) if endpoint.startswith("https") else None
-    try:
-        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-            doc = json.loads(resp.read())
-    except urllib.error.HTTPError as e:
-        raise ClientError(f"server answered {e.code} to {endpoint}", EXIT_REFUSED) from e
-    except (urllib.error.URLError, OSError) as e:
-        raise ClientError(f"cannot reach {endpoint}: {e}", EXIT_NETWORK) from e
-    except ValueError as e:
-        raise ClientError(f"{endpoint} did not answer JSON: {e}", EXIT_REFUSED) from e
-    names = doc.get("names") if isinstance(doc, dict) else None
-    if not isinstance(names, list):
-        raise ClientError(f"{endpoint} gave no name list", EXIT_REFUSED)
-    return [str(n) for n in names if isinstance(n, str) and "{" not in n]
-
-
-def public_key_pem(key: PrivateKey) -> bytes:
-    return key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-def verify_chain(
-    pem: bytes, key: PrivateKey, names: Sequence[str], root_pem: bytes | None = None
-) -> list[x509.Certificate]:
-    """Check the leaf carries our key and names and each cert is signed by the next."""
-    try:
-        chain = x509.load_pem_x509_certificates(pem)
-    except ValueError as e:
-        raise ClientError(f"the server's answer is not a PEM chain: {e}", EXIT_REFUSED) from e
-    leaf = chain[0]
-    spki = serialization.PublicFormat.SubjectPublicKeyInfo
-    if leaf.public_key().public_bytes(
-        serialization.Encoding.DER, spki
-    ) != key.public_key().public_bytes(serialization.Encoding.DER, spki):
-        raise ClientError("the certificate's key is not the key we made", EXIT_REFUSED)
-    got = sorted(
-        str(n)
-        for n in leaf.extensions.get_extension_for_class(
-            x509.SubjectAlternativeName
-        ).value.get_values_for_type(x509.DNSName)
-    )
-    if got != sorted(n.lower() for n in names):
-        raise ClientError(f"the certificate names {got}, not {sorted(names)}", EXIT_REFUSED)
-    issuers = chain[1:] + ([x509.load_pem_x509_certificate(root_pem)] if root_pem else [])
-    for child, parent in zip(chain, issuers, strict=False):
-        try:
-            child.verify_directly_issued_by(parent)
-        except (ValueError, TypeError, InvalidSignature) as e:
-            raise ClientError(
-                f"{child.subject.rfc4514_string()} is not issued by "
-                f"{parent.subject.rfc4514_string()}: {e}",
-                EXIT_REFUSED,
-            ) from e
-    return chain
+def _record(state: dict[str, Any], names: Sequence[str], signed: lib.Signed) -> None:
+    state["names"] = list(names)
+    if signed.certificate_id:
+        state["certificate_id"] = signed.certificate_id
+        state["certificate_url"] = signed.certificate_url
 
 
 def obtain_certificate(
     url: str,
     directory: str | Path,
-    names: Sequence[str],
+    names: Sequence[str] | None = None,
     *,
     key_type: str = "ec256",
     new_key: bool = False,
+    token: str | None = None,
+    token_file: str | Path | None = None,
     cafile: str | None = None,
     root_pem: bytes | None = None,
+    timeout: float = lib.DEFAULT_TIMEOUT,
+    now: Clock | None = None,
+    sleep: Callable[[float], None] | None = None,
+    transport: Transport | None = None,
+    progress: lib.Progress | None = None,
 ) -> Obtained:
-    """Make (or reuse) the key in ``directory``, get a chain for ``names`` and store it.
-
-    Without ``names``, the server is asked which names its policy gives this key.
-    """
+    """Make (or reuse) the key in ``directory``, get a checked chain for ``names`` and store
+    it with ``csrproxy.json`` (what ``renew`` needs).  Without ``names``, the server is asked
+    which names its policy gives this key (``{key}``), now and at every renewal."""
+    if key_type not in lib.KEY_TYPES:
+        raise ClientError(f"unknown key type {key_type!r}", EXIT_USAGE)
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = load_or_make_key(path, key_type, new_key)
-    if not names:
-        names = discover_names(url, public_key_pem(key), cafile)
-        if not names:
+    clock = now or time.time
+    server = lib.Server(
+        url,
+        token or read_token(token_file),
+        transport or lib.UrllibTransport(cafile),
+        clock,
+        sleep or time.sleep,
+        progress,
+    )
+    with lib.locked(path):
+        key_path = path / lib.KEY_FILE
+        pending: lib.PrivateKey | None = None
+        if key_path.exists() and not new_key:
+            key = lib.load_key(key_path)
+        else:
+            key = lib.generate_key(key_type)
+            if key_path.exists() and (path / lib.CERT_FILE).exists():
+                pending = key  # rotation: key.pem changes with cert.pem, not before
+            else:
+                lib.write_atomic(key_path, lib.key_pem(key), 0o600)
+            lib.log.info("made a new %s key", key_type)
+        discover = not names
+        wanted = list(names or []) or server.names(lib.public_key_pem(key))
+        if not wanted:
             raise ClientError(
                 "the server's policy gives this key no name of its own; give --name", EXIT_USAGE
             )
-    pem = post_csr(url, make_csr(key, names), cafile)
-    chain = verify_chain(pem, key, names, root_pem)
-    leaf_pem = chain[0].public_bytes(serialization.Encoding.PEM)
-    rest = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain[1:])
-    write_atomic(path / CHAIN_FILE, rest)
-    write_atomic(path / CERT_FILE, leaf_pem + rest)
+        lib.log.info("asking for %s", ", ".join(wanted))
+        signed = server.sign(lib.make_csr(key, wanted), timeout)
+        chain = lib.verify_chain(signed.pem, key, wanted, root_pem, clock())
+        state: dict[str, Any] = {
+            "version": 1,
+            "url": server.url,
+            "discover_names": discover,
+            "key_type": key_type_of(key),
+            "token_file": str(Path(token_file).resolve()) if token_file else None,
+            "cacert": str(Path(cafile).resolve()) if cafile else None,
+            "root_pem": root_pem.decode("ascii") if root_pem else None,
+            "timeout": timeout,
+        }
+        _record(state, wanted, signed)
+        _install(path, chain, pending, state)
     return Obtained(
-        list(names), path / KEY_FILE, path / CERT_FILE, path / CHAIN_FILE, chain[0], chain
+        wanted,
+        key_path,
+        path / lib.CERT_FILE,
+        path / lib.CHAIN_FILE,
+        chain[0],
+        chain,
+        signed.certificate_id,
+        signed.retry_after,
     )
+
+
+def due_reason(current: x509.Certificate | None, now: float, force: bool = False) -> str | None:
+    """Why the certificate should be renewed now, or None: missing, forced, or less than
+    a third of its lifetime left."""
+    if current is None:
+        return "no valid certificate for key.pem"
+    if force:
+        return "--force"
+    before = current.not_valid_before_utc.timestamp()
+    after = current.not_valid_after_utc.timestamp()
+    if after - now < (after - before) / 3:
+        return f"{max(0.0, after - now) / 86400:.2f} days left of {(after - before) / 86400:.2f}"
+    return None
+
+
+def renew_if_due(
+    directory: str | Path,
+    *,
+    now: Clock | None = None,
+    sleep: Callable[[float], None] | None = None,
+    reload_command: str | None = None,
+    reload_timeout: float = 120.0,
+    force: bool = False,
+    token: str | None = None,
+    timeout: float | None = None,
+    transport: Transport | None = None,
+    progress: lib.Progress | None = None,
+) -> RenewResult:
+    """Keep ``directory`` (made by :func:`obtain_certificate`) valid.
+
+    Asks the server for the newest chain of the stored certificate id and installs it when
+    it is newer (same key, valid, later notAfter); else, when less than a third of the
+    lifetime is left (or ``force``), posts a CSR from the same key and names again.  A
+    failed look-up only matters when the certificate is due.  ``reload_command`` runs
+    (through the shell) only after the files changed.
+    """
+    path = Path(directory)
+    clock = now or time.time
+    with lib.locked(path):
+        state = lib.load_state(path)
+        key = lib.load_key(path / lib.KEY_FILE)
+        names = [str(n) for n in state["names"]]
+        root = str(state["root_pem"]).encode() if state.get("root_pem") else None
+        server = lib.Server(
+            str(state["url"]),
+            token or read_token(state.get("token_file")),
+            transport or lib.UrllibTransport(state.get("cacert")),
+            clock,
+            sleep or time.sleep,
+            progress,
+        )
+        chain = lib.load_chain(path / lib.CERT_FILE)
+        current = chain[0] if chain and lib.same_key(chain[0], key) else None
+        result = RenewResult("unchanged", "", current.not_valid_after_utc if current else None)
+        result.certificate_id = state.get("certificate_id")
+        fresh: list[x509.Certificate] | None = None
+        if state.get("certificate_url"):
+            try:
+                signed = server.certificate(str(state["certificate_url"]))
+                result.retry_after = signed.retry_after
+                got = lib.verify_chain(signed.pem, key, names, root, clock())
+                if current is None or got[0].not_valid_after_utc > current.not_valid_after_utc:
+                    fresh, result.action = got, "fetched-newer"
+                    result.reason = "the server has a newer certificate"
+                    _record(state, names, signed)
+            except ClientError as e:
+                result.warning = str(e)
+                lib.log.warning("the server's newest certificate: %s", e)
+        if fresh is None:
+            why = due_reason(current, clock(), force)
+            if why is None:
+                assert current is not None
+                left = current.not_valid_after_utc.timestamp() - clock()
+                result.reason = f"not due: {left / 86400:.2f} days left"
+                return result
+            lib.log.info("renewing: %s", why)
+            if state.get("discover_names"):
+                names = server.names(lib.public_key_pem(key)) or names
+            signed = server.sign(
+                lib.make_csr(key, names),
+                float(timeout or state.get("timeout") or lib.DEFAULT_TIMEOUT),
+            )
+            got = lib.verify_chain(signed.pem, key, names, root, clock())
+            result.retry_after = signed.retry_after
+            _record(state, names, signed)
+            if current is not None and got[0] == current:
+                result.reason = f"{why}; the server answered the same certificate"
+                lib.write_atomic(path / lib.STATE_FILE, lib.state_bytes(state), 0o600)
+                return result
+            fresh, result.action, result.reason = got, "reissued", why
+        _install(path, fresh, None, state)
+        result.not_after = fresh[0].not_valid_after_utc
+        result.certificate_id = state.get("certificate_id")
+    if reload_command:
+        result.reloaded, result.reload_error = run_reload(reload_command, reload_timeout)
+    return result
+
+
+def run_reload(command: str, timeout: float) -> tuple[bool, str | None]:
+    lib.log.info("running %s", command)
+    try:
+        done = subprocess.run(command, shell=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return False, f"{command!r} did not finish within {timeout:g}s"
+    except OSError as e:
+        return False, f"{command!r}: {e}"
+    if done.returncode != 0:
+        return False, f"{command!r} exited with {done.returncode}"
+    return True, None
+
+
+# -- command line ------------------------------------------------------------------------
+
+
+class TerminalProgress:
+    """``\\r waiting for the CA… 3s`` on a terminal, redrawn every second while waiting."""
+
+    def __init__(self, stream: TextIO, interval: float = 1.0) -> None:
+        self.stream, self.interval = stream, interval
+        self.message, self.started = "", 0.0
+        self.lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __call__(self, message: str) -> None:
+        with self.lock:
+            if message and not self.message:
+                self.started = time.monotonic()
+            self.message = message
+            self.draw() if message else self.clear()
+        if message and self._thread is None:
+            self._thread = threading.Thread(target=self._tick, daemon=True)
+            self._thread.start()
+        elif not message and self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self._stop.clear()
+
+    def draw(self) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        self.stream.write(f"\r\x1b[K {self.message}… {elapsed}s")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\x1b[K")
+        self.stream.flush()
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self.lock:
+                if self.message:
+                    self.draw()
+
+
+class _LogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Log lines on stderr that step around the progress line."""
+
+    def __init__(self, stream: TextIO, progress: TerminalProgress | None) -> None:
+        super().__init__(stream)
+        self.progress = progress
+        self.setFormatter(logging.Formatter("csrproxy-client: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        p = self.progress
+        if p is None or not p.message:
+            return super().emit(record)
+        with p.lock:
+            p.clear()
+            super().emit(record)
+            p.draw()
 
 
 def describe(result: Obtained) -> str:
     leaf = result.leaf
-    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    lines = [
-        f"subject:   {leaf.subject.rfc4514_string()}",
-        f"SANs:      {', '.join(sans.get_values_for_type(x509.DNSName))}",
-        f"issuer:    {leaf.issuer.rfc4514_string()}",
-        f"validity:  {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
-        f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
-        f"chain:     {len(result.chain)} certificate(s)",
-        f"key:       {result.key_path}",
-        f"cert:      {result.cert_path} (leaf + chain)",
-        f"chain:     {result.chain_path}",
-    ]
-    return "\n".join(lines)
+    return "\n".join(
+        [
+            f"names:       {', '.join(lib.dns_names(leaf))}",
+            f"issuer:      {leaf.issuer.rfc4514_string()}",
+            f"valid:       {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
+            f"chain:       {len(result.chain)} certificate(s)",
+            f"certificate: {result.certificate_id or '(the server gave no id)'}",
+            f"key:         {result.key_path}",
+            f"cert:        {result.cert_path} (leaf + chain)",
+            f"chain:       {result.chain_path}",
+        ]
+    )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="csrproxy-client", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    issue = sub.add_parser("issue", help="get a certificate for this installation")
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="csrproxy-client",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: 0 ok, 1 refused, 2 usage, 3 network or timeout, 4 reload failed",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", required=True, help="where key.pem, cert.pem, chain.pem live")
+    common.add_argument("--timeout", type=float, default=None, help="overall deadline, seconds")
+    common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    sub = p.add_subparsers(dest="command", required=True)
+    issue = sub.add_parser("issue", parents=[common], help="get a certificate now")
     issue.add_argument("--url", required=True, help="csrproxy's base URL")
-    issue.add_argument("--dir", required=True, help="where the key and certificate live")
-    issue.add_argument(
-        "--name",
-        action="append",
-        default=[],
-        help="a DNS name (repeatable); without it, ask the server (GET /v1/name)",
-    )
-    issue.add_argument(
-        "--key-type", default="ec256", choices=["ec256", "ec384", "rsa2048", "rsa3072", "rsa4096"]
-    )
-    issue.add_argument("--new-key", action="store_true", help="make a new key even if one exists")
+    issue.add_argument("--name", action="append", default=[], help="DNS name (repeatable)")
+    issue.add_argument("--key-type", default="ec256", choices=lib.KEY_TYPES)
+    issue.add_argument("--new-key", action="store_true", help="replace an existing key")
+    issue.add_argument("--token-file", help="file holding the bearer token")
     issue.add_argument("--cacert", help="CA file to trust for an https:// --url")
-    issue.add_argument("--root", help="PEM root the chain must lead to (checked when given)")
+    issue.add_argument("--root", help="PEM root the chain must lead to")
+    renew = sub.add_parser("renew", parents=[common], help="renew when due (for timers)")
+    renew.add_argument("--reload-command", help="shell command to run after a change")
+    renew.add_argument("--reload-timeout", type=float, default=120.0)
+    renew.add_argument("--force", action="store_true", help="ask for a new certificate now")
+    return p
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    transport: Transport | None = None,
+    now: Clock | None = None,
+    sleep: Callable[[float], None] | None = None,
+    stderr: TextIO | None = None,
+) -> int:
     try:
-        args = parser.parse_args(argv)
+        args = parser().parse_args(argv)
     except SystemExit as e:
         return EXIT_USAGE if e.code else EXIT_OK
+    err = stderr or sys.stderr
+    progress = TerminalProgress(err) if err.isatty() and not args.quiet else None
+    handler, level = _LogHandler(err, progress), lib.log.level
+    lib.log.addHandler(handler)
+    lib.log.setLevel(
+        logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    )
     try:
+        return _run(args, transport, now, sleep, progress)
+    except ClientError as e:
+        lib.log.error("%s", e)
+        return e.exit_code
+    except OSError as e:
+        lib.log.error("%s", e)
+        return EXIT_USAGE
+    finally:
+        if progress is not None:
+            progress("")
+        lib.log.removeHandler(handler)
+        lib.log.setLevel(level)
+
+
+def _run(
+    args: argparse.Namespace,
+    transport: Transport | None,
+    now: Clock | None,
+    sleep: Callable[[float], None] | None,
+    progress: lib.Progress | None,
+) -> int:
+    if args.timeout is not None and args.timeout <= 0:
+        raise ClientError("--timeout must be positive", EXIT_USAGE)
+    if args.command == "issue":
+        if not args.url.startswith(("http://", "https://")):
+            raise ClientError(f"--url {args.url!r} is not an http(s) URL", EXIT_USAGE)
         root = Path(args.root).read_bytes() if args.root else None
-        result = obtain_certificate(
+        obtained = obtain_certificate(
             args.url,
             args.dir,
             args.name,
             key_type=args.key_type,
             new_key=args.new_key,
+            token_file=args.token_file,
             cafile=args.cacert,
             root_pem=root,
+            timeout=args.timeout or lib.DEFAULT_TIMEOUT,
+            now=now,
+            sleep=sleep,
+            transport=transport,
+            progress=progress,
         )
-    except ClientError as e:
-        print(f"csrproxy-client: {e}", file=sys.stderr)
-        return e.exit_code
-    except OSError as e:
-        print(f"csrproxy-client: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    print(describe(result))
+        if progress is not None:
+            progress("")
+        if not args.quiet:
+            print(describe(obtained))
+        return EXIT_OK
+    result = renew_if_due(
+        args.dir,
+        now=now,
+        sleep=sleep,
+        reload_command=args.reload_command,
+        reload_timeout=args.reload_timeout,
+        force=args.force,
+        timeout=args.timeout,
+        transport=transport,
+        progress=progress,
+    )
+    until = f" (valid until {result.not_after:%Y-%m-%d %H:%M} UTC)" if result.not_after else ""
+    lib.log.info("%s: %s%s", result.action, result.reason, until)
+    if result.reload_error:
+        lib.log.error("the certificate changed but the reload failed: %s", result.reload_error)
+        return EXIT_RELOAD
     return EXIT_OK
 
 

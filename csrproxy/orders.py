@@ -25,6 +25,8 @@ class OrderRecord:
     status: str = "processing"
     chain: str | None = None
     error: dict[str, Any] | None = field(default=None)
+    #: The CSR's certificate id (GET /v1/certificates/<id>).
+    certificate_id: str | None = None
 
     def document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"id": self.id, "status": self.status, "names": list(self.names)}
@@ -53,7 +55,11 @@ class OrderBook:
         self._records: OrderedDict[str, OrderRecord] = OrderedDict()
 
     def track(
-        self, names: tuple[str, ...], waiter: Deferred[str], order_id: str | None = None
+        self,
+        names: tuple[str, ...],
+        waiter: Deferred[str],
+        order_id: str | None = None,
+        certificate_id: str | None = None,
     ) -> OrderRecord:
         """A record following ``waiter`` (its result is consumed); ``order_id`` is the
         issuer's id of the order, so the record can be found again after a restart."""
@@ -61,7 +67,9 @@ class OrderBook:
         if existing is not None and existing.status == "processing":
             waiter.addErrback(lambda _: None)
             return existing
-        record = OrderRecord(order_id or secrets.token_urlsafe(16), tuple(names))
+        record = OrderRecord(
+            order_id or secrets.token_urlsafe(16), tuple(names), certificate_id=certificate_id
+        )
         self.add(record)
 
         def done(result: str | Failure) -> None:

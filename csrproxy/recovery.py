@@ -27,7 +27,8 @@ def load_order_records(ledger: Ledger, book: OrderBook) -> None:
         if row.status == "valid":
             cert = next((c for c in ledger.latest.values() if c.id == row.certificate_id), None)
             chain = cert.chain if cert is not None else None
-            book.add(OrderRecord(row.id, tuple(row.names), "valid" if chain else "invalid", chain))
+            status = "valid" if chain else "invalid"
+            book.add(OrderRecord(row.id, tuple(row.names), status, chain, None, row.request_key))
         elif row.status == "invalid":
             error = {"type": "about:blank", "title": "Order failed", "detail": row.error or ""}
             book.add(OrderRecord(row.id, tuple(row.names), "invalid", None, error))
@@ -74,4 +75,4 @@ async def recover(
             log.error("order {id} cannot be resumed: {err}", id=row.id, err=str(e))
             ledger.order_failed(row.id, f"not resumable: {e}")
             continue
-        book.track(tuple(row.names), d, row.id)
+        book.track(tuple(row.names), d, row.id, row.request_key)
