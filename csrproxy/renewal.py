@@ -35,6 +35,8 @@ class Renewable:
     last_requested: float
     #: The CA's suggested window (start, end) in POSIX seconds, when it offers ARI.
     window: tuple[float, float] | None = None
+    #: What to renew: the CSR the certificate was issued for (default: ``id``).
+    key: str = ""
 
 
 def due_at(cert: Renewable, rng: random.Random) -> float:
@@ -78,7 +80,8 @@ class RenewalScheduler:
         self.active_days = active_days
         self.interval = interval
         self.rng = rng or random.Random()
-        self._due: dict[str, float] = {}
+        #: certificate id -> (the window it was computed for, the moment to renew)
+        self._due: dict[str, tuple[tuple[float, float] | None, float]] = {}
         self._running: set[str] = set()
         #: Certificates already replaced by a renewal (the source may list them a while longer).
         self._replaced: set[str] = set()
@@ -102,9 +105,10 @@ class RenewalScheduler:
     def tick(self) -> None:
         now = self.clock.seconds()
         for cert in self.certificates():
-            when = self._due.get(cert.id)
-            if when is None:
-                when = self._due[cert.id] = due_at(cert, self.rng)
+            known = self._due.get(cert.id)
+            if known is None or known[0] != cert.window:  # new, or the CA's window changed
+                known = self._due[cert.id] = (cert.window, due_at(cert, self.rng))
+            when = known[1]
             if when > now or cert.id in self._running or cert.id in self._replaced:
                 continue
             if not is_active(cert, now, self.active_days):
@@ -121,10 +125,53 @@ class RenewalScheduler:
             if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
                 log.warn("renewal of {id} failed: {err}", id=cert.id, err=str(result))
                 # Try again later, not at once.
-                self._due[cert.id] = self.clock.seconds() + max(self.interval * 10, 600.0)
+                retry = self.clock.seconds() + max(self.interval * 10, 600.0)
+                self._due[cert.id] = (cert.window, retry)
             else:
                 self.renewed += 1
                 self._due.pop(cert.id, None)
                 self._replaced.add(cert.id)
 
         self._limit.run(self.renew, cert).addBoth(done)
+
+
+class RenewalWindows:
+    """The CA's ARI windows of certificates, fetched in the background and kept until the
+    CA's ``Retry-After`` says to look again; ``None`` until known (or without ARI)."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        fetch: Callable[[str], Deferred[tuple[float, float, float | None] | None]],
+        default_recheck: float = 6 * 3600.0,
+    ) -> None:
+        self.clock = clock
+        #: fetch(chain PEM) -> (start, end, retry_after seconds) or None when there is no ARI.
+        self.fetch = fetch
+        self.default_recheck = default_recheck
+        self._windows: dict[str, tuple[float, float]] = {}
+        self._next_look: dict[str, float] = {}
+        self._busy: set[str] = set()
+
+    def lookup(self, key: str, chain_pem: str) -> tuple[float, float] | None:
+        now = self.clock.seconds()
+        if key not in self._busy and now >= self._next_look.get(key, 0.0):
+            self._busy.add(key)
+            self.fetch(chain_pem).addBoth(self._store, key)
+        return self._windows.get(key)
+
+    def _store(self, result: object, key: str) -> None:
+        self._busy.discard(key)
+        recheck = self.default_recheck
+        if isinstance(result, tuple):
+            start, end, retry_after = result
+            self._windows[key] = (start, end)
+            if retry_after:
+                recheck = retry_after
+        elif result is not None:  # a failure: keep what we had, look again later
+            log.warn("renewal window of {key} unknown: {err}", key=key, err=str(result))
+        self._next_look[key] = self.clock.seconds() + recheck
+
+    def forget(self, key: str) -> None:
+        self._windows.pop(key, None)
+        self._next_look.pop(key, None)

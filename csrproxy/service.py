@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from cryptography import x509
 from treq.client import HTTPClient
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
@@ -40,7 +41,7 @@ from csrproxy.metrics import Metrics
 from csrproxy.orders import OrderBook
 from csrproxy.policy import NamePolicy
 from csrproxy.recovery import load_order_records, recover
-from csrproxy.renewal import Renewable, RenewalScheduler
+from csrproxy.renewal import Renewable, RenewalScheduler, RenewalWindows
 from csrproxy.store import StateDir, Store
 
 log = Logger()
@@ -190,11 +191,33 @@ def make_publisher(
     return CheckedPublisher(publisher, checker), publisher
 
 
-def renewables(ledger: Ledger) -> list[Renewable]:
+def renewables(ledger: Ledger, windows: RenewalWindows | None = None) -> list[Renewable]:
     return [
-        Renewable(key, row.not_before, row.not_after, row.last_requested)
+        Renewable(
+            row.id,
+            row.not_before,
+            row.not_after,
+            row.last_requested,
+            windows.lookup(key, row.chain) if windows is not None else None,
+            key,
+        )
         for key, row in ledger.latest.items()
     ]
+
+
+def ari_fetcher(
+    acme: ACMEClient,
+) -> Callable[[str], Deferred[tuple[float, float, float | None] | None]]:
+    """RenewalWindows' fetch: the ARI window of a chain's leaf, None without ARI."""
+
+    async def fetch(chain_pem: str) -> tuple[float, float, float | None] | None:
+        leaf = x509.load_pem_x509_certificate(chain_pem.encode("ascii"))
+        window = await acme.renewal_info(leaf)
+        if window is None:
+            return None
+        return window.start.timestamp(), window.end.timestamp(), window.retry_after
+
+    return lambda pem: Deferred.fromCoroutine(fetch(pem))
 
 
 def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiService:
@@ -314,10 +337,11 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
     ).setServiceParent(collection)
     if config.renewal.enabled:
+        windows = RenewalWindows(reactor, ari_fetcher(acme))
         scheduler = RenewalScheduler(
             reactor,
-            lambda: renewables(ledger),
-            lambda r: issuer.renew(r.id),
+            lambda: renewables(ledger, windows),
+            lambda r: issuer.renew(r.key or r.id),
             active_days=config.renewal.active_days,
             interval=config.renewal.interval,
             max_parallel=config.renewal.max_parallel,

@@ -103,3 +103,49 @@ class SchedulerTests(SynchronousTestCase):
         self.scheduler(max_parallel=3)
         self.clock.advance(60 * DAY + 3600)
         self.assertEqual(len(self.calls), 3)
+
+
+class WindowTests(SynchronousTestCase):
+    def test_fetched_once_then_after_retry_after(self) -> None:
+        from csrproxy.renewal import RenewalWindows
+
+        clock = Clock()
+        calls: list[str] = []
+        pending: list[Deferred[tuple[float, float, float | None] | None]] = []
+
+        def fetch(pem: str) -> Deferred[tuple[float, float, float | None] | None]:
+            calls.append(pem)
+            d: Deferred[tuple[float, float, float | None] | None] = Deferred()
+            pending.append(d)
+            return d
+
+        w = RenewalWindows(clock, fetch)
+        self.assertIsNone(w.lookup("k", "PEM"))
+        self.assertIsNone(w.lookup("k", "PEM"))
+        self.assertEqual(len(calls), 1, "fetched twice while busy")
+        pending.pop().callback((10.0, 20.0, 100.0))
+        self.assertEqual(w.lookup("k", "PEM"), (10.0, 20.0))
+        self.assertEqual(len(calls), 1)
+        clock.advance(101)
+        w.lookup("k", "PEM")
+        self.assertEqual(len(calls), 2)
+        pending.pop().errback(RuntimeError("CA down"))
+        self.assertEqual(w.lookup("k", "PEM"), (10.0, 20.0), "a failure forgot the window")
+
+    def test_scheduler_follows_a_new_window(self) -> None:
+        clock = Clock()
+        calls: list[str] = []
+        certs = [Renewable("c", 0, 90 * DAY, last_requested=0)]
+
+        def renew(c: Renewable) -> Deferred[None]:
+            calls.append(c.key or c.id)
+            return succeed(None)
+
+        s = RenewalScheduler(clock, lambda: certs, renew, interval=3600, rng=random.Random(1))
+        s.start()
+        self.addCleanup(s.stop)
+        clock.advance(3600)  # due computed from the lifetime (day 60+)
+        certs[0] = Renewable("c", 0, 90 * DAY, 0, window=(2 * 3600, 2 * 3600), key="lineage")
+        clock.advance(3600)
+        clock.advance(3600)
+        self.assertEqual(calls, ["lineage"])
