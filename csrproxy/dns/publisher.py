@@ -25,10 +25,14 @@ class ZonePublisher:
         self.zone = zone
 
     def publish(self, identifier: str, value: str) -> Deferred[None]:
+        name = challenge_name(identifier)
         try:
-            self.zone.add_txt(challenge_name(identifier), value)
+            self.zone.add_txt(name, value)
         except ValueError as e:
             return fail(PublishError(self.backend, str(e)))
+        # The same check as for PowerDNS, cheaply: the zone the server answers from has it.
+        if value not in self.zone.txt_values(name):
+            return fail(PublishError(self.backend, f"{name} does not serve the new value"))
         return succeed(None)
 
     def unpublish(self, identifier: str, value: str) -> Deferred[None]:
