@@ -90,16 +90,9 @@ def public_key_label(body: bytes, content_type: str | None, key_types: Collectio
             key = serialization.load_pem_public_key(stripped[stripped.index(b"-----BEGIN") :])
         except (ValueError, TypeError, UnsupportedAlgorithm) as e:
             raise BadCSR(f"the public key does not parse: {e}") from e
-        key_type = _key_type(key)
     else:
-        csr = load_csr(csr_bytes_from_body(stripped, content_type))
-        try:
-            key = csr.public_key()
-        except (ValueError, TypeError, UnsupportedAlgorithm) as e:
-            raise KeyNotAllowed(f"the CSR's public key cannot be read: {e}") from e
-        key_type = _key_type(key)
-    if key_type not in key_types:
-        raise KeyNotAllowed(f"key type {key_type} is not allowed (allowed: {', '.join(key_types)})")
+        key = _csr_key(load_csr(csr_bytes_from_body(stripped, content_type)))
+    _allowed_type(key, key_types)
     spki = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -189,16 +182,25 @@ def check_csr(
 _HASHES = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
 
 
-def _check(
-    csr: x509.CertificateSigningRequest, key_types: Collection[str], max_names: int
-) -> CheckedCSR:
+def _csr_key(csr: x509.CertificateSigningRequest) -> Any:
     try:
-        key = csr.public_key()
+        return csr.public_key()
     except (ValueError, TypeError, UnsupportedAlgorithm) as e:
         raise KeyNotAllowed(f"the CSR's public key cannot be read: {e}") from e
+
+
+def _allowed_type(key: Any, key_types: Collection[str]) -> str:
     key_type = _key_type(key)
     if key_type not in key_types:
         raise KeyNotAllowed(f"key type {key_type} is not allowed (allowed: {', '.join(key_types)})")
+    return key_type
+
+
+def _check(
+    csr: x509.CertificateSigningRequest, key_types: Collection[str], max_names: int
+) -> CheckedCSR:
+    key = _csr_key(csr)
+    key_type = _allowed_type(key, key_types)
     if not isinstance(csr.signature_hash_algorithm, _HASHES):
         algo = getattr(csr.signature_hash_algorithm, "name", "none")
         raise BadCSR(f"the CSR is signed with {algo}; use SHA-256, SHA-384 or SHA-512")
