@@ -365,7 +365,8 @@ def describe(result: Obtained) -> str:
     leaf = result.leaf
     return "\n".join(
         [
-            f"names:       {', '.join(lib.dns_names(leaf))}",
+            f"subject:     {leaf.subject.rfc4514_string() or '(empty)'}",
+            f"SANs:        {', '.join(lib.dns_names(leaf))}",
             f"issuer:      {leaf.issuer.rfc4514_string()}",
             f"valid:       {leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} to "
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
