@@ -673,7 +673,7 @@ def test_progress_line_only_on_a_terminal(
     args = ["issue", "--url", URL, "--dir", str(tmp_path), "--name", NAME]
     assert main(args, transport=server, now=clock.now, sleep=clock.sleep, stderr=tty) == 0
     assert "\r\x1b[K waiting for the CA… 0s" in tty.getvalue()
-    assert "names:" in capsys.readouterr().out
+    assert "SANs:" in capsys.readouterr().out
     plain = io.StringIO()
     assert main(args, transport=server, now=clock.now, sleep=clock.sleep, stderr=plain) == 0
     assert "\r" not in plain.getvalue() and "asking for" in plain.getvalue()
