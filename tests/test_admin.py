@@ -41,9 +41,8 @@ def test_list_show_account_and_revoke(
 
     assert main([*config, "account"]) == 0
     account = json.loads(capsys.readouterr().out)
-    health = json.loads(
-        __import__("urllib.request").request.urlopen(daemon.url + "/v1/health").read()
-    )
+    with urllib.request.urlopen(daemon.url + "/v1/health", timeout=10) as resp:
+        health = json.loads(resp.read())
     assert account["account_url"] == health["account"]
     assert "PRIVATE" not in json.dumps(account)
     assert account["public_key"].startswith("-----BEGIN PUBLIC KEY-----")
