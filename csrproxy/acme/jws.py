@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from josepy.b64 import b64encode
 from josepy.jwa import ES256, ES384, HS256, RS256, JWASignature
 from josepy.jwk import JWK, JWKEC, JWKRSA
@@ -36,6 +39,13 @@ class AccountKey:
             raise TypeError(f"unsupported account key type {type(key).__name__}")
         self.public_jwk: dict[str, Any] = self.jwk.to_partial_json()
         self.thumbprint: str = b64encode(self.jwk.thumbprint()).decode("ascii")
+        # Every POST signs: the header's fixed parts are serialized once, and the key signs
+        # through cryptography directly (the same bytes josepy would produce, less overhead).
+        self._alg_json = encode_basestring_ascii(self.alg.name)
+        self._jwk_json = json.dumps(self.public_jwk, separators=(",", ":"))
+        self._kid = ""
+        self._kid_json = '""'
+        self._raw_sign = _raw_signer(key)
 
     @classmethod
     def generate(cls, key_type: str = "ec256") -> AccountKey:
@@ -77,27 +87,55 @@ class AccountKey:
         kid: str | None,
     ) -> bytes:
         """A flattened JWS; ``payload=None`` is POST-as-GET (empty payload)."""
-        protected: dict[str, Any] = {"alg": self.alg.name, "url": url}
+        # Byte for byte what json.dumps(separators=(",", ":")) makes of the header dict
+        # {"alg", "url", ["nonce"], "kid" | "jwk"}, without building and walking the dict.
+        parts = ['{"alg":', self._alg_json, ',"url":', encode_basestring_ascii(url)]
         if nonce is not None:
-            protected["nonce"] = nonce
+            parts += (',"nonce":', encode_basestring_ascii(nonce))
         if kid is not None:
-            protected["kid"] = kid
+            if kid != self._kid:
+                self._kid, self._kid_json = kid, encode_basestring_ascii(kid)
+            parts += (',"kid":', self._kid_json, "}")
         else:
-            protected["jwk"] = self.public_jwk
-        return _flattened(self.alg, self.key, protected, payload)
+            parts += (',"jwk":', self._jwk_json, "}")
+        p64 = _b64("".join(parts).encode())
+        body64 = "" if payload is None else _b64json(payload)
+        sig64 = _b64(self._raw_sign(f"{p64}.{body64}".encode("ascii")))
+        return _envelope(p64, body64, sig64)
+
+
+def _raw_signer(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> Callable[[bytes], bytes]:
+    """The JWS signature function of RFC 7518 §3.3 (RS256) and §3.4 (ES256/ES384)."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
+        return lambda data: key.sign(data, pkcs1, sha256)
+    size = (key.curve.key_size + 7) // 8
+    ecdsa = ec.ECDSA(hashes.SHA256() if size == 32 else hashes.SHA384())
+
+    def sign(data: bytes) -> bytes:
+        r, s = decode_dss_signature(key.sign(data, ecdsa))
+        return r.to_bytes(size, "big") + s.to_bytes(size, "big")
+
+    return sign
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
 def _b64json(obj: Any) -> str:
-    return b64encode(json.dumps(obj, separators=(",", ":")).encode()).decode("ascii")
+    return _b64(json.dumps(obj, separators=(",", ":")).encode())
+
+
+def _envelope(p64: str, body64: str, sig64: str) -> bytes:
+    # What json.dumps gives for {"protected", "payload", "signature"}: base64url needs no escaping.
+    return f'{{"protected": "{p64}", "payload": "{body64}", "signature": "{sig64}"}}'.encode()
 
 
 def _flattened(alg: JWASignature, key: Any, protected: dict[str, Any], payload: Any) -> bytes:
     p64 = _b64json(protected)
     body64 = "" if payload is None else _b64json(payload)
-    sig = alg.sign(key, f"{p64}.{body64}".encode("ascii"))
-    return json.dumps(
-        {"protected": p64, "payload": body64, "signature": b64encode(sig).decode("ascii")}
-    ).encode()
+    return _envelope(p64, body64, _b64(alg.sign(key, f"{p64}.{body64}".encode("ascii"))))
 
 
 def eab_jws(account: AccountKey, kid: str, hmac_key: bytes, url: str) -> dict[str, Any]:
