@@ -143,7 +143,7 @@ class SigningAPI:
         req = cast(Request, request)
 
         def done(_: object) -> None:
-            self.metrics.http_requests.labels(route, str(req.code)).inc()
+            self.metrics.http_request(route, req.code)
 
         req.notifyFinish().addBoth(done)
 
@@ -356,7 +356,7 @@ class SigningAPI:
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
         he = failure.value
         assert isinstance(he, HTTPException)
-        self.metrics.http_requests.labels("unmatched", str(he.code or 400)).inc()
+        self.metrics.http_request("unmatched", he.code or 400)
         path = request.path.decode("latin-1", "replace")
         e: CsrproxyError
         if isinstance(he, WerkzeugMethodNotAllowed):

@@ -46,6 +46,11 @@ from csrproxy.statedb import OrderRow
 
 log = Logger()
 
+#: How long after the CA's look-up of a challenge record its authorization is polled
+#: (when that is sooner than the poll schedule): the CA asks from several places, then
+#: decides; a poll that comes too early is one extra request.
+POLL_AFTER_LOOKUP = 0.002
+
 
 class SharedResult:
     """One Deferred's result handed to many waiters; cancelling a waiter drops only it."""
@@ -114,6 +119,7 @@ class Issuer:
         cache: IssuedCache | None = None,
         admission: Admission | None = None,
         ledger: Ledger | None = None,
+        lookups: Callable[[str], Deferred[None]] | None = None,
     ) -> None:
         self.ledger = ledger or Ledger(None)
         #: request key -> id of the order in flight for it (the async order id).
@@ -130,6 +136,8 @@ class Issuer:
         self.contact = contact
         self.order_options = order_options or OrderOptions()
         self._on_account = on_account
+        #: identifier -> fires when the CA looks up its challenge record (built-in DNS).
+        self._lookups = lookups
         self._inflight: dict[str, SharedResult] = {}
         self._account: SharedResult | None = None
         self.orders_started = 0
@@ -243,7 +251,7 @@ class Issuer:
         replaces: str | None = None,
         resume_url: str | None = None,
         renewal: bool = False,
-    ) -> IssuedChain:
+    ) -> CachedChain:
         await self.ensure_account()
         schedule = PollSchedule(
             self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
@@ -267,8 +275,10 @@ class Issuer:
                     self.order_options,
                     replaces,
                     on_order=self.ledger.order_created(order_id),
+                    csr_spki=csr.spki_der,
+                    watch=self._watch if self._lookups is not None else None,
                 )
-            await self.ledger.order_valid(order_id, csr, chain, renewal)
+            row = await self.ledger.order_valid(order_id, csr, chain, renewal)
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
@@ -278,7 +288,12 @@ class Issuer:
             self.metrics.orders_in_flight.dec()
         self.metrics.orders.labels("valid").inc()
         self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
-        return chain
+        return CachedChain(chain.pem, row.not_before, row.not_after)
+
+    def _watch(self, identifier: str) -> Deferred[float]:
+        assert self._lookups is not None
+        after = min(POLL_AFTER_LOOKUP, self.poll_interval)
+        return self._lookups(identifier).addCallback(lambda _: self.clock.seconds() + after)
 
     async def _resume_order(
         self, csr: CheckedCSR, url: str, responder: DNS01Responder, schedule: PollSchedule
@@ -287,7 +302,14 @@ class Issuer:
         log.info("resuming order {order} for {names}", order=url, names=",".join(csr.names))
         try:
             return await complete_order(
-                self.acme, url, None, csr.der, responder, schedule, self.order_options
+                self.acme,
+                url,
+                None,
+                csr.der,
+                responder,
+                schedule,
+                self.order_options,
+                self._watch if self._lookups is not None else None,
             )
         except (OrderFailed, ACMEProblem) as e:
             if isinstance(e, ACMEProblem) and e.short_type in ("rateLimited", "badCSR"):
@@ -335,9 +357,6 @@ class Issuer:
         d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
         return self._track(request_key, order_id, d).wait()
 
-    def _cached(self, csr: CheckedCSR, chain: IssuedChain) -> str:
-        try:
-            self.cache.put(csr.request_key, csr.names, CachedChain.from_pem(chain.pem))
-        except ValueError as e:
-            log.warn("chain for {names} not cached: {err}", names=csr.names, err=str(e))
+    def _cached(self, csr: CheckedCSR, chain: CachedChain) -> str:
+        self.cache.put(csr.request_key, csr.names, chain)
         return chain.pem

@@ -2,8 +2,10 @@
 
 Before anything reaches the CA the order is on record; the CA's order URL is
 recorded as soon as the CA made it; every challenge record is recorded before
-it is published and forgotten after it is removed; the chain is recorded
-before any client sees it.  Without a store (unit tests) every step is a no-op.
+it is published and forgotten after it is removed (lazily, with the next
+write: a leftover record only costs a harmless removal at the next start); the
+chain is recorded, together with the order's end, before any client sees it.
+Without a store (unit tests) every step is a no-op.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ log = Logger()
 
 def certificate_id(pem: str) -> str:
     """A stable id of one issued certificate: the SHA-256 of its leaf, shortened."""
-    leaf = x509.load_pem_x509_certificate(pem.encode("ascii"))
+    return leaf_id(x509.load_pem_x509_certificate(pem.encode("ascii")))
+
+
+def leaf_id(leaf: x509.Certificate) -> str:
+    """:func:`certificate_id` of an already parsed leaf."""
     return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()[:32]
 
 
@@ -47,17 +53,17 @@ class RecordingResponder:
             await store.run(store.db.add_challenge, self.order_id, name, value, self.ledger.backend)
         await self.inner.publish(identifier, value)
 
-    async def _unpublish(self, identifier: str, value: str) -> None:
-        await self.inner.unpublish(identifier, value)
+    def _forget(self, _: object, identifier: str, value: str) -> None:
         store = self.ledger.store
         if store is not None:
-            await store.run(store.db.remove_challenge, challenge_name(identifier), value)
+            store.db.forget_challenge_later(challenge_name(identifier), value)
 
     def publish(self, identifier: str, value: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._publish(identifier, value))
 
     def unpublish(self, identifier: str, value: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._unpublish(identifier, value))
+        # Forgotten only once it is gone; the row goes with the store's next write.
+        return self.inner.unpublish(identifier, value).addCallback(self._forget, identifier, value)
 
 
 class Ledger:
@@ -126,7 +132,7 @@ class Ledger:
     ) -> CertificateRow:
         leaf = x509.load_pem_x509_certificate(chain.pem.encode("ascii"))
         row = CertificateRow(
-            id=certificate_id(chain.pem),
+            id=leaf_id(leaf),
             request_key=csr.request_key,
             csr=csr.der,
             names=list(csr.names),
@@ -142,10 +148,7 @@ class Ledger:
             # csrproxy renewed it on its own: the installation has not asked since.
             row.last_requested = current.last_requested
         if self.store is not None:
-            await self.store.run(self.store.db.save_certificate, row)
-            await self.store.run(
-                self.store.db.update_order, order_id, status="valid", certificate_id=row.id
-            )
+            await self.store.run(self.store.db.certificate_issued, row, order_id)
         if current is None or row.not_after >= current.not_after:
             self.latest[row.request_key] = row
         return row

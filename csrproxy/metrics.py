@@ -27,12 +27,6 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.http_requests = Counter(
-            "csrproxy_http_requests",
-            "API requests by route and status",
-            ["route", "status"],
-            registry=r,
-        )
         self.orders = Counter(
             "csrproxy_orders", "Orders finished, by outcome", ["outcome"], registry=r
         )
@@ -43,12 +37,6 @@ class Metrics:
             "csrproxy_issuance_seconds",
             "Time from newOrder to the downloaded chain",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
-            registry=r,
-        )
-        self.acme_requests = Counter(
-            "csrproxy_acme_requests",
-            "Requests to the ACME CA by endpoint and HTTP status",
-            ["endpoint", "status"],
             registry=r,
         )
         self.admission_refusals = Counter(
@@ -62,12 +50,35 @@ class Metrics:
             "Sign requests answered from the issued-certificate cache (no new order)",
             registry=r,
         )
-        # The DNS hot path bumps a plain dict; the collector turns it into a metric on scrape.
+        # Hot paths bump plain dicts; the collectors turn them into metrics on scrape.
         self.dns_rcodes: collections.Counter[int] = collections.Counter()
         r.register(_DNSCollector(self.dns_rcodes))
+        #: (route, status) -> API requests answered.
+        self.http_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        r.register(
+            _CountsCollector(
+                "csrproxy_http_requests",
+                "API requests by route and status",
+                ("route", "status"),
+                self.http_counts,
+            )
+        )
+        #: (endpoint, status) -> requests to the CA.
+        self.acme_counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        r.register(
+            _CountsCollector(
+                "csrproxy_acme_requests",
+                "Requests to the ACME CA by endpoint and HTTP status",
+                ("endpoint", "status"),
+                self.acme_counts,
+            )
+        )
+
+    def http_request(self, route: str, status: int) -> None:
+        self.http_counts[route, status] += 1
 
     def acme_request(self, endpoint: str, status: int) -> None:
-        self.acme_requests.labels(endpoint, str(status)).inc()
+        self.acme_counts[endpoint, status] += 1
 
     def refusal(self, reason: str) -> None:
         self.admission_refusals.labels(reason).inc()
@@ -89,6 +100,28 @@ class _DNSCollector(Collector):
         )
         for rcode, n in sorted(self.counts.items()):
             family.add_metric([RCODES.get(rcode, str(rcode))], n)
+        yield family
+
+
+class _CountsCollector(Collector):
+    """A counter family over a dict of label tuples (any values; shown with ``str``)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labels: tuple[str, ...],
+        counts: collections.Counter[tuple[str, int]],
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labels = labels
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
+        for key, n in sorted(self.counts.items()):
+            family.add_metric([str(v) for v in key], n)
         yield family
 
 

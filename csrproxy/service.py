@@ -37,6 +37,7 @@ from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuer import Issuer
 from csrproxy.ledger import Ledger
 from csrproxy.limits import LimitedSite
+from csrproxy.lookups import WatchedZone
 from csrproxy.metrics import Metrics
 from csrproxy.orders import OrderBook
 from csrproxy.policy import NamePolicy
@@ -229,7 +230,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
     ledger = Ledger(store, config.dns.backend)
     ledger.load()
 
-    zone = ChallengeZone(
+    zone = WatchedZone(
         config.dns.zone,
         config.dns.nameservers,
         config.dns.records,
@@ -268,6 +269,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         contact=config.acme.contact,
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
+        lookups=zone.watch if pdns is None else None,
         metrics=metrics,
         cache=cache,
         ledger=ledger,
@@ -317,7 +319,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         ).setServiceParent(collection)
 
     def refused(path: bytes, status: int) -> None:
-        metrics.http_requests.labels("refused", str(status)).inc()
+        metrics.http_request("refused", status)
 
     site = LimitedSite(
         api.app.resource(),

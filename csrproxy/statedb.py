@@ -4,15 +4,18 @@ Synchronous and thread-confined: the daemon runs every call on one worker
 thread (see :class:`csrproxy.store.Store`); ``csrproxy-admin`` calls it
 directly.  WAL mode with ``synchronous=FULL``: a committed write survives a
 crash or a power cut.  Every write is one transaction: all of it or nothing.
+Challenge records that are no longer published are forgotten lazily, inside
+the next write's transaction (:meth:`StateDB.forget_challenge_later`).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +73,9 @@ MIGRATIONS: Sequence[str] = (
     );
     """,
 )
+
+#: A method of the database, its positional and keyword arguments.
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 #: Statuses of an order that has not ended.
 UNFINISHED = ("new", "pending", "ready", "processing", "valid")
@@ -130,6 +136,11 @@ class StateDB:
             )
         finally:
             os.umask(old_umask)
+        #: (name, value) of challenge records unpublished but still on record; any thread
+        #: may append, the next transaction deletes them (a leftover only costs a harmless
+        #: removal at the next start).
+        self._removals: collections.deque[tuple[str, str]] = collections.deque()
+        self._in_batch = False
         self.conn.row_factory = sqlite3.Row
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
@@ -159,14 +170,53 @@ class StateDB:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all of it or nothing."""
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all of it or nothing.
+
+        Challenge records waiting to be forgotten are deleted in the same transaction.
+        Inside :meth:`batch` it is a savepoint of the batch's transaction instead.
+        """
+        if self._in_batch:
+            self.conn.execute("SAVEPOINT write")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO write")
+                self.conn.execute("RELEASE write")
+                raise
+            self.conn.execute("RELEASE write")
+            return
         self.conn.execute("BEGIN IMMEDIATE")
+        removals: list[tuple[str, str]] = []
+        while self._removals:
+            removals.append(self._removals.popleft())
         try:
+            if removals:
+                self.conn.executemany(_REMOVE_CHALLENGE, removals)
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
+            self._removals.extendleft(reversed(removals))
             raise
         self.conn.execute("COMMIT")
+
+    def batch(self, calls: Sequence[Call]) -> list[tuple[bool, Any]]:
+        """Run ``calls`` in one transaction (group commit), each all-or-nothing on its own.
+
+        Returns ``(True, result)`` or ``(False, exception)`` per call; raises when the
+        transaction itself cannot commit (then none of it happened).
+        """
+        outcomes: list[tuple[bool, Any]] = []
+        with self.transaction():
+            self._in_batch = True
+            try:
+                for method, args, kwargs in calls:
+                    try:
+                        outcomes.append((True, method(*args, **kwargs)))
+                    except Exception as e:
+                        outcomes.append((False, e))
+            finally:
+                self._in_batch = False
+        return outcomes
 
     def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> sqlite3.Cursor:
         with self.transaction() as conn:
@@ -231,13 +281,17 @@ class StateDB:
 
     def save_certificate(self, cert: CertificateRow) -> None:
         d = cert.__dict__ | {"names": json.dumps(cert.names)}
-        self._write(
-            "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
-            "not_before, not_after, order_id, acme_url, created, last_requested, revoked) VALUES "
-            "(:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
-            ":order_id, :acme_url, :created, :last_requested, :revoked)",
-            d,
-        )
+        self._write(_SAVE_CERTIFICATE, d)
+
+    def certificate_issued(self, cert: CertificateRow, order_id: str) -> None:
+        """Record ``cert`` and mark its order valid, in one transaction."""
+        d = cert.__dict__ | {"names": json.dumps(cert.names)}
+        with self.transaction() as conn:
+            conn.execute(_SAVE_CERTIFICATE, d)
+            conn.execute(
+                "UPDATE orders SET status = 'valid', certificate_id = ?, updated = ? WHERE id = ?",
+                (cert.id, time.time(), order_id),
+            )
 
     def touch_certificate(self, cert_id: str, when: float) -> None:
         self._write("UPDATE certificates SET last_requested = ? WHERE id = ?", (when, cert_id))
@@ -281,11 +335,17 @@ class StateDB:
         return int(cur.lastrowid or 0)
 
     def remove_challenge(self, name: str, value: str) -> None:
-        self._write(
-            "DELETE FROM challenges WHERE id IN "
-            "(SELECT id FROM challenges WHERE name = ? AND value = ? LIMIT 1)",
-            (name, value),
-        )
+        self._write(_REMOVE_CHALLENGE, (name, value))
+
+    def forget_challenge_later(self, name: str, value: str) -> None:
+        """Delete one record of ``name``/``value`` with the next write (safe from any thread)."""
+        self._removals.append((name, value))
+
+    def flush_removals(self) -> None:
+        """Delete the records :meth:`forget_challenge_later` queued, now."""
+        if self._removals:
+            with self.transaction():
+                pass
 
     def challenges(self) -> list[ChallengeRow]:
         return [ChallengeRow(**dict(r)) for r in self.conn.execute("SELECT * FROM challenges")]
@@ -293,6 +353,18 @@ class StateDB:
     def clear_challenges(self, ids: Iterable[int]) -> None:
         with self.transaction() as conn:
             conn.executemany("DELETE FROM challenges WHERE id = ?", [(i,) for i in ids])
+
+
+_SAVE_CERTIFICATE = (
+    "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
+    "not_before, not_after, order_id, acme_url, created, last_requested, revoked) VALUES "
+    "(:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
+    ":order_id, :acme_url, :created, :last_requested, :revoked)"
+)
+_REMOVE_CHALLENGE = (
+    "DELETE FROM challenges WHERE id IN "
+    "(SELECT id FROM challenges WHERE name = ? AND value = ? LIMIT 1)"
+)
 
 
 def _order(row: sqlite3.Row) -> OrderRow:

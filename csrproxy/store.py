@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from csrproxy.errors import ConfigError, CsrproxyError
-from csrproxy.statedb import DB_NAME, StateDB
+from csrproxy.statedb import DB_NAME, Call, StateDB
 
 log = Logger()
 T = TypeVar("T")
@@ -118,7 +118,9 @@ class Store:
     """The state database for the reactor: every call runs on one worker thread.
 
     Database work never blocks the reactor (the DNS server shares it), and one
-    thread keeps SQLite's connection confined and the writes in order.
+    thread keeps SQLite's connection confined and the writes in order.  Calls made
+    while the thread is busy run next, together in one transaction (group commit:
+    one sync to disk for all of them); each caller hears back once it is committed.
     """
 
     def __init__(self, reactor: Any, db: StateDB) -> None:
@@ -126,12 +128,18 @@ class Store:
         self.db = db
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="csrproxy-store")
         self._healthy = True
+        self._waiting: list[tuple[Call, Deferred[Any]]] = []
+        self._busy = False
 
     def start(self) -> None:
         self.pool.start()
 
     def stop(self) -> None:
         self.pool.stop()
+        try:
+            self.db.flush_removals()
+        except sqlite3.Error as e:  # a leftover row only costs a removal at the next start
+            log.warn("challenge records not forgotten: {err}", err=str(e))
         self.db.close()
 
     @property
@@ -141,7 +149,10 @@ class Store:
 
     def run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Call ``method(*args, **kwargs)`` on the store thread."""
-        d: Deferred[T] = deferToThreadPool(self.reactor, self.pool, method, *args, **kwargs)
+        d: Deferred[T] = Deferred()
+        self._waiting.append(((method, args, kwargs), d))
+        if not self._busy:
+            self._next()
 
         def ok(result: T) -> T:
             if not self._healthy:
@@ -164,3 +175,30 @@ class Store:
             return failure
 
         return d.addCallbacks(ok, failed)
+
+    def _next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        if len(batch) == 1:
+            (method, args, kwargs), _ = batch[0]
+            done: Deferred[Any] = deferToThreadPool(
+                self.reactor, self.pool, method, *args, **kwargs
+            )
+            done.addCallback(lambda result: [(True, result)])
+        else:
+            done = deferToThreadPool(self.reactor, self.pool, self.db.batch, [c for c, _ in batch])
+
+        def fired(outcomes: list[tuple[bool, Any]] | Failure) -> None:
+            # Calls the callers make now wait for the next batch, all of them together.
+            for i, (_, d) in enumerate(batch):
+                if isinstance(outcomes, Failure):
+                    d.errback(outcomes)
+                elif outcomes[i][0]:
+                    d.callback(outcomes[i][1])
+                else:
+                    d.errback(Failure(outcomes[i][1]))
+            self._busy = False
+            if self._waiting:
+                self._next()
+
+        done.addBoth(fired)

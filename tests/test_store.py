@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import sqlite3
 import stat
@@ -82,6 +83,38 @@ class StateDBTests(SynchronousTestCase):
         self.db.remove_challenge("n", "v")
         self.assertEqual(len(self.db.challenges()), 1)
 
+    def test_certificate_issued_saves_and_ends_the_order_at_once(self) -> None:
+        self.db.save_order(OrderRow("o1", "rk", b"csr", ["a.go.example.test"]))
+        self.db.certificate_issued(cert(cid="c1"), "o1")
+        [order] = self.db.orders(["valid"])
+        self.assertEqual((order.id, order.certificate_id), ("o1", "c1"))
+        self.assertEqual(self.db.newest_certificate("rk").id, "c1")  # type: ignore[union-attr]
+
+    def test_certificate_issued_is_all_or_nothing(self) -> None:
+        self.db.save_order(OrderRow("o1", "rk", b"csr", ["a.go.example.test"]))
+        bad = cert(cid="c1")
+        bad.chain = None  # type: ignore[assignment]  # NOT NULL: the insert fails
+        with self.assertRaises(sqlite3.IntegrityError):
+            self.db.certificate_issued(bad, "o1")
+        self.assertEqual(self.db.orders(["valid"]), [])
+
+    def test_forgotten_challenges_go_with_the_next_write(self) -> None:
+        self.db.add_challenge("o1", "n", "v", "builtin")
+        self.db.add_challenge("o1", "n", "w", "builtin")
+        self.db.forget_challenge_later("n", "v")
+        self.assertEqual(len(self.db.challenges()), 2, "not before a write")
+        self.db.save_order(OrderRow("o2", "rk", b"csr", []))
+        self.assertEqual([c.value for c in self.db.challenges()], ["w"])
+
+    def test_forgotten_challenges_survive_a_failed_write(self) -> None:
+        self.db.add_challenge("o1", "n", "v", "builtin")
+        self.db.forget_challenge_later("n", "v")
+        with self.assertRaises(ValueError), self.db.transaction():
+            raise ValueError("boom")
+        self.assertEqual(len(self.db.challenges()), 1, "rolled back with the write")
+        self.db.flush_removals()
+        self.assertEqual(self.db.challenges(), [])
+
     def test_newer_schema_is_refused(self) -> None:
         self.db.conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
         with self.assertRaises(RuntimeError):
@@ -133,6 +166,90 @@ class StoreThreadTests(TestCase):
         yield self.store.run(self.store.db.save_order, OrderRow("o2", "rk", b"c", []))
         self.assertTrue(self.store.healthy)
 
+    @defer.inlineCallbacks
+    def test_unpublished_challenge_is_forgotten_with_the_next_write(self) -> Any:
+        from csrproxy.ledger import Ledger
+
+        class Inner:
+            def publish(self, identifier: str, value: str) -> defer.Deferred[None]:
+                return defer.succeed(None)
+
+            unpublish = publish
+
+        responder = Ledger(self.store).responder(Inner(), "o1")
+        yield responder.publish("a.go.example.test", "v")
+        rows = yield self.store.run(self.store.db.challenges)
+        self.assertEqual([r.name for r in rows], ["_acme-challenge.a.go.example.test"])
+        yield responder.unpublish("a.go.example.test", "v")
+        rows = yield self.store.run(self.store.db.challenges)
+        self.assertEqual(len(rows), 1, "kept until the next write")
+        yield self.store.run(self.store.db.save_order, OrderRow("o1", "rk", b"c", []))
+        rows = yield self.store.run(self.store.db.challenges)
+        self.assertEqual(rows, [])
+
+    @defer.inlineCallbacks
+    def test_calls_made_while_busy_commit_together_each_on_its_own(self) -> Any:
+        batches: list[int] = []
+        real = self.store.db.batch
+
+        def batch(calls: Any) -> Any:
+            batches.append(len(calls))
+            return real(calls)
+
+        self.store.db.batch = batch  # type: ignore[method-assign]
+        db = self.store.db
+        first = self.store.run(db.save_order, OrderRow("o1", "rk", b"c", []))
+        second = self.store.run(db.save_order, OrderRow("o2", "rk", b"c", []))
+        bad = self.store.run(db.update_order, "o2", nonsense=1)
+        third = self.store.run(db.update_order, "o2", status="pending")
+        yield first
+        yield second
+        with self.assertRaises(ValueError):
+            yield bad
+        yield third
+        self.assertEqual(batches, [3])
+        rows = yield self.store.run(db.orders, None)
+        self.assertEqual(sorted((r.id, r.status) for r in rows), [("o1", "new"), ("o2", "pending")])
+
+    @defer.inlineCallbacks
+    def test_a_failed_write_in_a_batch_leaves_nothing_behind(self) -> Any:
+        def failing() -> None:
+            with self.store.db.transaction() as conn:
+                conn.execute(
+                    "INSERT INTO orders (id, request_key, csr, names, status, created, updated) "
+                    "VALUES ('half', 'rk', x'00', '[]', 'new', 0, 0)"
+                )
+                raise sqlite3.OperationalError("database or disk is full")
+
+        db = self.store.db
+        first = self.store.run(db.save_order, OrderRow("o1", "rk", b"c", []))
+        broken = self.store.run(failing)
+        after = self.store.run(db.save_order, OrderRow("o2", "rk", b"c", []))
+        yield first
+        with self.assertRaises(StoreUnavailable):
+            yield broken
+        yield after
+        rows = yield self.store.run(db.orders, None)
+        self.assertEqual(sorted(r.id for r in rows), ["o1", "o2"])
+
+    def test_stop_forgets_what_is_left(self) -> None:
+        from twisted.internet import reactor
+
+        store = Store(reactor, _prepared(self.dir / "other").open_db())
+        store.start()
+        store.db.add_challenge("o1", "n", "v", "builtin")
+        store.db.forget_challenge_later("n", "v")
+        store.stop()
+        again = StateDir(self.dir / "other").open_db()
+        self.addCleanup(again.close)
+        self.assertEqual(again.challenges(), [])
+
+
+def _prepared(path: Path) -> StateDir:
+    state = StateDir(path)
+    state.prepare()
+    return state
+
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_directory_is_a_config_error() -> None:
@@ -151,6 +268,8 @@ def test_read_only_database_is_store_unavailable(tmp_path: Path) -> None:
     ro = StateDB.__new__(StateDB)
     ro.path = db.path
     ro.conn = sqlite3.connect(f"file:{db.path}?mode=ro", uri=True, check_same_thread=False)
+    ro._removals = collections.deque()
+    ro._in_batch = False
     with pytest.raises(sqlite3.OperationalError):
         ro.save_order(OrderRow("o1", "rk", b"c", []))
     ro.conn.close()

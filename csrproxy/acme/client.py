@@ -15,6 +15,7 @@ from typing import Any
 from cryptography import x509
 from josepy.b64 import b64encode
 from treq.client import HTTPClient
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -239,20 +240,54 @@ class ACMEClient:
         cap: float,
         deadline: float,
         kind: str,
+        nudge: Deferred[float] | None = None,
     ) -> dict[str, Any]:
-        """POST-as-GET ``url`` until ``done(doc)``; honours ``Retry-After``, else doubles."""
+        """POST-as-GET ``url`` until ``done(doc)``; honours ``Retry-After``, else doubles.
+
+        ``nudge`` fires with a clock time at which the CA is likely done (it was seen
+        validating): the first wait then ends by that time, and a poll that finds the
+        CA not done yet is an extra one, leaving the schedule as it was.
+        """
         backoff = Backoff(first, cap)
-        retry_after: float | None = None
+        delay = backoff()
         while True:
-            delay = backoff(retry_after)
-            if self.clock.seconds() + delay > deadline:
+            now = self.clock.seconds()
+            if now + delay > deadline:
                 raise DeadlineExceeded(f"{url} not done before the order's deadline")
-            await deferLater(self.clock, delay, lambda: None)
+            due = now + delay
+            early = await self._sleep(delay, nudge)
+            nudge = None
             resp = await self.post(url, None, kind, deadline)
             doc = resp.json()
             if done(doc):
                 return doc
             retry_after = parse_retry_after(resp.header("retry-after"), self.clock.seconds())
+            if early and retry_after is None:
+                delay = max(0.0, due - self.clock.seconds())
+            else:
+                delay = backoff(retry_after)
+
+    def _sleep(self, delay: float, nudge: Deferred[float] | None) -> Deferred[bool]:
+        """Wait ``delay`` seconds, or less if ``nudge`` names an earlier time; True if less."""
+        if nudge is None:
+            return deferLater(self.clock, delay, lambda: False)
+        cut = [False]
+        woken: Deferred[bool] = Deferred(lambda _: call.cancel() if call.active() else None)
+        call = self.clock.callLater(delay, lambda: woken.callback(cut[0]))
+
+        def early(when: float) -> float:
+            if call.active() and when < call.getTime():
+                left = when - self.clock.seconds()
+                if left > 0:
+                    call.reset(left)
+                    cut[0] = True
+                else:
+                    call.cancel()
+                    woken.callback(True)
+            return when
+
+        nudge.addCallback(early)
+        return woken
 
     async def download(self, url: str, deadline: float | None = None) -> ACMEResponse:
         return await self.post(url, None, "certificate", deadline)

@@ -46,6 +46,10 @@ class AccountKey:
         self._kid = ""
         self._kid_json = '""'
         self._raw_sign = _raw_signer(key)
+        # Compared with every order's CSR key (RFC 8555 §11.1).
+        self._spki_der = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
 
     @classmethod
     def generate(cls, key_type: str = "ec256") -> AccountKey:
@@ -72,9 +76,7 @@ class AccountKey:
         )
 
     def spki_der(self) -> bytes:
-        return self.key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return self._spki_der
 
     def key_authorization(self, token: str) -> str:
         return f"{token}.{self.thumbprint}"

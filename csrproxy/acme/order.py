@@ -16,7 +16,7 @@ from typing import Any, Protocol, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from josepy.b64 import b64encode
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherResults
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -72,6 +72,11 @@ class IssuedChain:
     alternates: list[str] = field(default_factory=list)
 
 
+#: identifier -> a Deferred of the clock time to poll its authorization at, fired once the
+#: CA has been seen looking up its challenge record (cancel it to stop watching).
+Watch = Callable[[str], Deferred[float]]
+
+
 def dns01_value(client: ACMEClient, token: str) -> str:
     digest = hashlib.sha256(client.key.key_authorization(token).encode("ascii")).digest()
     return b64encode(digest).decode("ascii")
@@ -100,13 +105,17 @@ async def obtain_chain(
     options: OrderOptions = OrderOptions(),
     replaces: str | None = None,
     on_order: Callable[[str], Awaitable[object] | object] | None = None,
+    csr_spki: bytes | None = None,
+    watch: Watch | None = None,
 ) -> IssuedChain:
     """Run one order to the end and return the chain.
 
     ``replaces`` is the ARI certificate id of the certificate this order renews;
-    ``on_order(url)`` is called as soon as the CA has created the order.
+    ``on_order(url)`` is called as soon as the CA has created the order;
+    ``csr_spki`` is the CSR's SubjectPublicKeyInfo when the caller has it at hand;
+    ``watch`` is as for :func:`complete_order`.
     """
-    if _csr_spki(csr_der) == client.key.spki_der():
+    if (csr_spki or _csr_spki(csr_der)) == client.key.spki_der():
         # RFC 8555 §11.1: a certificate key must not be the account key.
         raise BadCSR("the CSR's public key is csrproxy's ACME account key")
     await client.account()
@@ -114,12 +123,32 @@ async def obtain_chain(
         names, profile=options.profile, replaces=replaces, deadline=schedule.deadline
     )
     log.info("order {order} created for {names}", order=order_url, names=",".join(names))
+    # The authorizations are read while the order URL is recorded: reading changes nothing
+    # at the CA, and nothing is published before the order is on record.
+    authz_urls = order.get("authorizations")
+    if order.get("status") != "pending" or not isinstance(authz_urls, list):
+        authz_urls = []
+    reads = [client.get(str(u), "authz", schedule.deadline) for u in authz_urls]
+    steps: list[Deferred[Any]] = [Deferred.fromCoroutine(r) for r in reads]
     if on_order is not None:
         recorded = on_order(order_url)
-        if isinstance(recorded, Deferred | Awaitable):
-            await recorded  # the order is on record before anything else happens
+        if isinstance(recorded, Deferred):
+            steps.append(recorded)
+        elif isinstance(recorded, Awaitable):
+            steps.append(Deferred.fromCoroutine(_awaited(recorded)))
+    try:
+        done = await gatherResults(steps, consumeErrors=True) if steps else []
+    except FirstError as e:
+        e.subFailure.raiseException()
+    authzs = dict(zip((str(u) for u in authz_urls), done, strict=False))
     crashpoints.reached("after-new-order")
-    return await complete_order(client, order_url, order, csr_der, responder, schedule, options)
+    return await complete_order(
+        client, order_url, order, csr_der, responder, schedule, options, watch, authzs
+    )
+
+
+async def _awaited(step: Awaitable[object]) -> object:
+    return await step
 
 
 async def complete_order(
@@ -130,15 +159,24 @@ async def complete_order(
     responder: DNS01Responder,
     schedule: PollSchedule,
     options: OrderOptions = OrderOptions(),
+    watch: Watch | None = None,
+    authzs: dict[str, dict[str, Any]] | None = None,
 ) -> IssuedChain:
-    """Take an order from wherever it stands (pending, ready, processing, valid) to its chain."""
+    """Take an order from wherever it stands (pending, ready, processing, valid) to its chain.
+
+    ``watch(identifier)``, when given, fires with the clock time at which to poll the
+    authorization once the CA has been seen looking up its challenge record; ``authzs``
+    are authorizations already read, by URL.
+    """
     if order is None:
         await client.account()
         order = await client.get(order_url, "order", schedule.deadline)
     published: list[tuple[str, str]] = []
     try:
         if order.get("status") == "pending":
-            await _authorize_all(client, order_url, order, responder, schedule, published)
+            await _authorize_all(
+                client, order_url, order, responder, schedule, published, watch, authzs or {}
+            )
         if order.get("status") in ("pending", "ready"):
             order = await _finalize(client, order_url, order, csr_der, schedule)
         elif order.get("status") == "processing":
@@ -176,6 +214,8 @@ async def _authorize_all(
     responder: DNS01Responder,
     schedule: PollSchedule,
     published: list[tuple[str, str]],
+    watch: Watch | None,
+    authzs: dict[str, dict[str, Any]],
 ) -> None:
     authz_urls = order.get("authorizations")
     if not isinstance(authz_urls, list):
@@ -183,7 +223,11 @@ async def _authorize_all(
     # Wait for every authorization to settle before cleanup may run.
     results = await DeferredList(
         [
-            Deferred.fromCoroutine(_authorize(client, str(u), responder, schedule, published))
+            Deferred.fromCoroutine(
+                _authorize(
+                    client, str(u), responder, schedule, published, watch, authzs.get(str(u))
+                )
+            )
             for u in authz_urls
         ],
         consumeErrors=True,
@@ -225,8 +269,11 @@ async def _authorize(
     responder: DNS01Responder,
     schedule: PollSchedule,
     published: list[tuple[str, str]],
+    watch: Watch | None = None,
+    authz: dict[str, Any] | None = None,
 ) -> None:
-    authz = await client.get(url, "authz", schedule.deadline)
+    if authz is None:
+        authz = await client.get(url, "authz", schedule.deadline)
     ident = str((authz.get("identifier") or {}).get("value", "?"))
     status = authz.get("status")
     if status == "valid":
@@ -240,6 +287,27 @@ async def _authorize(
     value = dns01_value(client, str(challenge["token"]))
     published.append((ident, value))
     await responder.publish(ident, value)
+    seen = watch(ident) if watch is not None else None
+    try:
+        authz = await _answer_and_poll(client, url, ident, challenge, schedule, seen)
+    finally:
+        if seen is not None:
+            if not seen.called:
+                seen.cancel()
+            seen.addErrback(lambda _: None)
+    if authz.get("status") != "valid":
+        raise AuthorizationFailed(ident, _challenge_problem(authz))
+    log.info("authorization for {name} valid", name=ident)
+
+
+async def _answer_and_poll(
+    client: ACMEClient,
+    url: str,
+    ident: str,
+    challenge: dict[str, Any],
+    schedule: PollSchedule,
+    seen: Deferred[float] | None,
+) -> dict[str, Any]:
     if challenge.get("status") == "pending":
         try:
             await client.answer_challenge(str(challenge["url"]), schedule.deadline)
@@ -251,18 +319,15 @@ async def _authorize(
             again = _dns01(await client.get(url, "authz", schedule.deadline))
             if again is not None and again.get("status") == "pending":
                 await client.answer_challenge(str(challenge["url"]), schedule.deadline)
-        log.info("challenge for {name} answered", name=ident)
-    authz = await client.poll(
+    return await client.poll(
         url,
         lambda d: d.get("status") not in ("pending", "processing"),
         schedule.first,
         schedule.cap,
         schedule.deadline,
         kind="authz-poll",
+        nudge=seen,
     )
-    if authz.get("status") != "valid":
-        raise AuthorizationFailed(ident, _challenge_problem(authz))
-    log.info("authorization for {name} valid", name=ident)
 
 
 def _dns01(authz: dict[str, Any]) -> dict[str, Any] | None:

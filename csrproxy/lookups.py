@@ -1,0 +1,48 @@
+"""The CA's look-ups of challenge records, as the built-in DNS server sees them.
+
+A CA validates dns-01 by asking for the TXT record; when it does, the answer to
+the authorization poll is moments away.  :class:`WatchedZone` tells whoever
+watches a challenge name that it was asked for, so the first poll can follow the
+CA's look-up instead of a fixed delay.  Only the look-ups that reach the zone
+count (the DNS server's answer cache serves repeats); the first one after a
+change of the zone always does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from csrproxy.dns import records as rr
+from csrproxy.dns.publisher import challenge_name
+from csrproxy.dns.zone import ChallengeZone, Lookup
+
+
+class WatchedZone(ChallengeZone):
+    """A :class:`ChallengeZone` that reports look-ups of watched challenge TXT records."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._watches: dict[bytes, list[Deferred[None]]] = {}
+
+    def watch(self, identifier: str) -> Deferred[None]:
+        """Fires at the next look-up of ``identifier``'s challenge TXT record; cancellable."""
+        wire = rr.name_to_wire(challenge_name(identifier))
+        waiting = self._watches.setdefault(wire, [])
+
+        def forget(d: Deferred[None]) -> None:
+            if d in waiting:
+                waiting.remove(d)
+            if not waiting and self._watches.get(wire) is waiting:
+                del self._watches[wire]
+
+        seen: Deferred[None] = Deferred(forget)
+        waiting.append(seen)
+        return seen
+
+    def lookup(self, qname: bytes, qtype: int, qclass: int = 1) -> Lookup:
+        if self._watches and qtype == rr.TXT:
+            for seen in self._watches.pop(qname, ()):
+                seen.callback(None)
+        return super().lookup(qname, qtype, qclass)

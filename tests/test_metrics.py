@@ -1,0 +1,18 @@
+"""The counters kept in plain dicts still come out in the Prometheus text format."""
+
+from __future__ import annotations
+
+from csrproxy.metrics import Metrics
+
+
+def test_dict_counters_render_as_prometheus_counters() -> None:
+    m = Metrics()
+    m.http_request("/v1/sign", 200)
+    m.http_request("/v1/sign", 200)
+    m.http_request("refused", 413)
+    m.acme_request("newOrder", 201)
+    text = m.render().decode()
+    assert "# TYPE csrproxy_http_requests_total counter" in text
+    assert 'csrproxy_http_requests_total{route="/v1/sign",status="200"} 2.0' in text
+    assert 'csrproxy_http_requests_total{route="refused",status="413"} 1.0' in text
+    assert 'csrproxy_acme_requests_total{endpoint="newOrder",status="201"} 1.0' in text
