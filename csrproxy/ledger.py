@@ -28,13 +28,8 @@ from csrproxy.store import Store
 log = Logger()
 
 
-def certificate_id(pem: str) -> str:
-    """A stable id of one issued certificate: the SHA-256 of its leaf, shortened."""
-    return leaf_id(x509.load_pem_x509_certificate(pem.encode("ascii")))
-
-
 def leaf_id(leaf: x509.Certificate) -> str:
-    """:func:`certificate_id` of an already parsed leaf."""
+    """A stable id of one issued certificate: the SHA-256 of its leaf, shortened."""
     return hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()[:32]
 
 

@@ -249,7 +249,6 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
     )
 
     def remember_account(url: str) -> None:
-        state.write_account({"url": url, "directory": config.acme.directory})
         d = store.run(store.db.save_account, config.acme.directory, url, "account.key")
         d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
 

@@ -7,7 +7,6 @@ is reached from the reactor through :class:`Store`.  No business rules live here
 
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import stat
@@ -28,7 +27,6 @@ log = Logger()
 T = TypeVar("T")
 
 ACCOUNT_KEY = "account.key"
-ACCOUNT_JSON = "account.json"
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
@@ -95,16 +93,6 @@ class StateDir:
             return StateDB(self.path / DB_NAME)
         except (sqlite3.Error, OSError) as e:
             raise ConfigError("state.dir", f"cannot open {self.path / DB_NAME}: {e}") from e
-
-    def read_account(self) -> dict[str, Any]:
-        try:
-            doc = json.loads((self.path / ACCOUNT_JSON).read_bytes())
-        except FileNotFoundError:
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
-    def write_account(self, doc: dict[str, Any]) -> None:
-        atomic_write(self.path / ACCOUNT_JSON, json.dumps(doc, indent=2).encode())
 
 
 class StoreUnavailable(CsrproxyError):

@@ -79,6 +79,8 @@ class Faults:
     ari: bool = False
     #: Alternate chains offered with Link rel="alternate".
     alternates: int = 0
+    #: newOrder answers this problem type (e.g. rejectedIdentifier), every time.
+    reject_orders: str | None = None
 
 
 class FakeCA:
@@ -313,6 +315,8 @@ class FakeCA:
         if self.faults.rate_limited > 0:
             self.faults.rate_limited -= 1
             return self._problem(request, 429, "rateLimited", "slow down", self.faults.retry_after)
+        if self.faults.reject_orders:
+            return self._problem(request, 400, self.faults.reject_orders, "refused by policy")
         payload, kid = got
         self.order_payloads.append(payload)
         names = [i["value"] for i in payload["identifiers"]]

@@ -88,10 +88,12 @@ class RetryTests(ProtocolTestCase):
         self.assertEqual(self.ca.requests["newOrder"], 4)  # t=0, 60, 120, 180
 
     def test_not_retryable_problem_is_raised_at_once(self) -> None:
-        client = self.make_client()
-        failure = self.obtain_with(client, ["a.go.example.test"], der=b"\x30\x00")
-        self.assertTrue(failure.check(Exception))
-        self.assertEqual(self.ca.requests["newOrder"], 0)
+        self.ca.faults.reject_orders = "rejectedIdentifier"
+        failure = self.obtain_with(self.make_client(), ["a.go.example.test"])
+        failure.trap(ACMEProblem)
+        self.assertEqual(failure.value.short_type, "rejectedIdentifier")
+        self.assertEqual(failure.value.status, 400)
+        self.assertEqual(self.ca.requests["newOrder"], 1, "a problem retrying cannot fix")
 
     def test_connection_refused_is_retried(self) -> None:
         flaky = FlakyHTTP(self.http)

@@ -44,7 +44,7 @@ class ACMEProblem(ACMEError):
 
     @property
     def retryable(self) -> bool:
-        return self.short_type in RETRYABLE or self.status in (500, 502, 503, 504)
+        return self.short_type in RETRYABLE or self.status >= 500
 
     @classmethod
     def from_document(

@@ -299,7 +299,7 @@ class ACMETransport:
                 continue
             if resp.status == 429 or resp.status >= 500:
                 problem = self.problem(resp)
-                if resp.status >= 500 or problem.short_type in ("rateLimited", "serverInternal"):
+                if problem.retryable:
                     await self._wait(backoff(problem.retry_after), give_up, problem)
                     continue
             return resp
