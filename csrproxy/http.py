@@ -1,32 +1,32 @@
-"""The HTTPS client for the CA: pooled keep-alive connections, verified certificates.
+"""The daemon's one HTTP client: treq over a keep-alive Agent, certificates verified.
 
-The CA's certificate chain and host name (or IP address) are always
-verified; ``[acme] ca_certs`` adds CAs to the system trust store, it does not
-replace it.  TLS contexts are built once (loading the system store is the
-costly part) and shared by all connections.
-
-:class:`CAHTTPClient` is a treq ``HTTPClient`` for any caller that wants treq,
-and offers :meth:`CAHTTPClient.exchange`, the lean path the ACME transport
-takes for its requests (:mod:`csrproxy.acme.fasthttp`).
+Every request the server makes (ACME, ARI, PowerDNS) goes through the treq
+``HTTPClient`` built here: one ``twisted.web.client.Agent`` with one persistent
+``HTTPConnectionPool``.  TLS is Twisted's ``optionsForClientTLS`` (pyOpenSSL and
+service-identity): the chain must reach a trusted root and the certificate must
+name the host (or IP address) asked for.  ``[acme] ca_certs`` adds CAs to the
+system trust store, it does not replace it.  Connection creators (and so TLS
+contexts, whose trust store is the costly part) are made once per host and port.
 """
 
 from __future__ import annotations
 
-import ssl
-from collections.abc import Mapping
 from typing import Any
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
 from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IPolicyForHTTPS
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
-from csrproxy.acme.fasthttp import Answer, ConnectionPool
+#: Keep-alive connections kept per host (scheme, host, port): the CA's concurrency.
+MAX_PER_HOST = 20
+#: Idle kept-alive connections are closed after this many seconds.
+IDLE_TIMEOUT = 120
 
 
 @implementer(IOpenSSLTrustRoot)
@@ -43,9 +43,10 @@ class SystemPlusFileTrust:
 
 @implementer(IPolicyForHTTPS)
 class VerifyingPolicy:
-    """TLS for every CA connection: the chain to a trusted root and the host name.
+    """TLS for every connection: the chain to a trusted root and the host name.
 
-    One connection creator (and so one TLS context) per host and port, made on first use.
+    One connection creator per host and port, made on first use; the map is bounded by
+    the hosts the configuration names (the CA, its ARI host, PowerDNS).
     """
 
     def __init__(self, cafile: str | None) -> None:
@@ -63,40 +64,54 @@ class VerifyingPolicy:
         return self.creator(hostname.decode("ascii"), port)
 
 
-def ca_context(cafile: str | None) -> ssl.SSLContext:
-    """The lean client's TLS context: system trust store plus ``cafile``; chain and host
-    name (or IP address) checked."""
-    context = ssl.create_default_context()  # CERT_REQUIRED, check_hostname, TLS >= 1.2
-    if cafile:
-        context.load_verify_locations(cafile)
-    return context
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body written in one go.
+
+    treq's default producer for bytes is a ``FileBodyProducer``, which writes through a
+    cooperator on the global reactor, a turn of the reactor later; a body we already hold
+    needs neither.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
 
 
-class CAHTTPClient(HTTPClient):
-    """treq's client, plus :meth:`exchange` on a lean keep-alive connection pool."""
-
-    def __init__(self, agent: Any, pool: ConnectionPool) -> None:
-        super().__init__(agent)
-        self.pool = pool
-
-    def exchange(
-        self,
-        method: str,
-        url: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        timeout: float,
-    ) -> Deferred[Answer]:
-        """One request: ``(status, headers, body)``, or a :class:`~csrproxy.acme.fasthttp.
-        HTTPFailure` telling whether it may have been sent."""
-        return self.pool.request(method, url, body, headers, timeout)
-
-
-def make_http_client(reactor: Any, cafile: str | None, max_per_host: int = 20) -> CAHTTPClient:
-    policy = VerifyingPolicy(cafile)
+def make_pool(reactor: Any, max_per_host: int = MAX_PER_HOST) -> HTTPConnectionPool:
+    """The keep-alive pool: at most ``max_per_host`` idle connections kept per host."""
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
-    pool.cachedConnectionTimeout = 120
-    agent = Agent(reactor, contextFactory=policy, pool=pool)
-    fast = ConnectionPool(reactor, ca_context(cafile), max_per_host=max_per_host)
-    return CAHTTPClient(agent, fast)
+    pool.cachedConnectionTimeout = IDLE_TIMEOUT
+    pool.retryAutomatically = True  # GET/HEAD on a kept-alive connection the server closed
+    return pool
+
+
+def make_http_client(
+    reactor: Any, cafile: str | None, pool: HTTPConnectionPool | None = None
+) -> HTTPClient:
+    """treq's client over one Agent and one persistent connection pool.
+
+    Pass ``pool`` to close its connections later (``closeCachedConnections``).
+    """
+    if pool is None:
+        pool = make_pool(reactor)
+    return client_over(Agent(reactor, contextFactory=VerifyingPolicy(cafile), pool=pool))
+
+
+def client_over(agent: IAgent) -> HTTPClient:
+    """The treq client the daemon uses, over any agent (the tests' in-memory one too)."""
+    return HTTPClient(agent, data_to_body_producer=BytesProducer)

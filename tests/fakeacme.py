@@ -26,6 +26,8 @@ from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.web.iweb import IRequest
 
+from csrproxy.http import client_over
+
 BASE = "https://ca.test"
 ERR = "urn:ietf:params:acme:error:"
 ALGS: dict[str, JWASignature] = {"ES256": ES256, "ES384": ES384, "RS256": RS256}
@@ -108,7 +110,7 @@ class FakeCA:
 
     def client(self) -> tuple[HTTPClient, RequestTraversalAgent]:
         agent = RequestTraversalAgent(self.app.resource())
-        return HTTPClient(agent), agent
+        return client_over(agent), agent
 
     def _next(self) -> str:
         return str(next(self._ids))

@@ -21,6 +21,7 @@ from zope.interface import implementer
 from csrproxy.config import PowerDNSConfig
 from csrproxy.dns.powerdns import PowerDNSAPIError, PowerDNSPublisher
 from csrproxy.errors import PublishError
+from csrproxy.http import client_over
 
 T = TypeVar("T")
 
@@ -58,7 +59,7 @@ class FakePowerDNS:
 
     def client(self) -> tuple[HTTPClient, RequestTraversalAgent]:
         agent = RequestTraversalAgent(self.app.resource())
-        return HTTPClient(agent), agent
+        return client_over(agent), agent
 
     def txt(self, name: str = NAME) -> list[str] | None:
         rrset = self.zones[ZONE + "."].get((name, "TXT"))
@@ -405,7 +406,7 @@ class ErrorTests(PowerDNSTestMixin, SynchronousTestCase):
 
     def test_connection_refused_until_deadline(self) -> None:
         agent = RefusingAgent()
-        publisher = self.make(HTTPClient(agent), api_timeout=5.0)
+        publisher = self.make(client_over(agent), api_timeout=5.0)
         start = self.clock.seconds()
         error = self.failed(publisher.publish("a.go.example.test", V1))
         self.assertEqual((error.reason, error.http_status), ("unreachable", None))
@@ -417,7 +418,7 @@ class ErrorTests(PowerDNSTestMixin, SynchronousTestCase):
     def test_no_answer_times_out_within_deadline(self) -> None:
         agent = RefusingAgent(hang=True)
         publisher = PowerDNSPublisher(
-            self.clock, HTTPClient(agent), config(api_timeout=6.0), request_timeout=2.0
+            self.clock, client_over(agent), config(api_timeout=6.0), request_timeout=2.0
         )
         start = self.clock.seconds()
         error = self.failed(publisher.publish("a.go.example.test", V1))
@@ -500,7 +501,9 @@ class LoggingTests(PowerDNSTestMixin, SynchronousTestCase):
         self.ok(self.publisher.publish("a.go.example.test", V2))
         self.failed(self.make(self.http, api_key=KEY + "-bad").publish("b.go.example.test", V1))
         self.failed(
-            self.make(HTTPClient(RefusingAgent()), api_timeout=1.0).publish("c.go.example.test", V1)
+            self.make(client_over(RefusingAgent()), api_timeout=1.0).publish(
+                "c.go.example.test", V1
+            )
         )
         self.ok(self.publisher.unpublish("a.go.example.test", V1))
         mine = [e for e in self.events if e.get("backend") == "powerdns"]

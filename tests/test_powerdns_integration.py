@@ -29,6 +29,7 @@ from csrproxy.daemon import Csrproxy, start_csrproxy
 from csrproxy.dns.powerdns import PowerDNSAPIError, PowerDNSPublisher
 from csrproxy.dns.propagation import CheckedPublisher, PropagationChecker, udp_txt_query
 from csrproxy.errors import PublishError
+from csrproxy.http import client_over
 from csrproxy.testbed import Pebble, PowerDNS, free_port, start_pebble, start_powerdns
 from tests.keys import make_csr
 
@@ -69,7 +70,7 @@ class PowerDNSIntegration(TestCase):
         reactor = the_reactor()
         pool = HTTPConnectionPool(reactor, persistent=False)
         self.addCleanup(pool.closeCachedConnections)
-        return HTTPClient(cast(Any, Agent)(reactor, pool=pool))
+        return client_over(cast(Any, Agent)(reactor, pool=pool))
 
     def publisher(self, pdns: PowerDNS | None = None, **kw: Any) -> PowerDNSPublisher:
         pdns = pdns or self.pdns
@@ -159,7 +160,7 @@ class StoppedPowerDNS(TestCase):
         pdns = start_powerdns(work, ZONE)
         pdns.stop()
         pool = HTTPConnectionPool(reactor, persistent=False)
-        http = HTTPClient(cast(Any, Agent)(reactor, pool=pool))
+        http = client_over(cast(Any, Agent)(reactor, pool=pool))
         config = PowerDNSConfig(
             api_url=pdns.api_url, api_key=pdns.api_key, zone=ZONE, api_timeout=2.0
         )
@@ -177,7 +178,7 @@ class StoppedPowerDNS(TestCase):
     async def test_api_port_without_listener(self) -> None:
         reactor = the_reactor()
         pool = HTTPConnectionPool(reactor, persistent=False)
-        http = HTTPClient(cast(Any, Agent)(reactor, pool=pool))
+        http = client_over(cast(Any, Agent)(reactor, pool=pool))
         config = PowerDNSConfig(
             api_url=f"http://127.0.0.1:{free_port()}", api_key="k", zone=ZONE, api_timeout=0.5
         )

@@ -1,8 +1,8 @@
-"""ACMETransport over the lean HTTPS client, against a real twisted.web server on 127.0.0.1:0.
+"""ACMETransport over the daemon's HTTP client, against a real twisted.web server on 127.0.0.1:0.
 
-Checks what the transport promises on the production path: nonces harvested from every
-answer, Location/Link/Retry-After read, failures classified (not sent / sent), timeouts on
-the transport's clock; and that treq's path (the one the fake-CA tests take) gives the same.
+Checks what the transport promises on the production path (csrproxy.http's treq client):
+nonces harvested from every answer, Location/Link/Retry-After read, failures classified
+(not sent / sent), timeouts on the transport's clock.
 """
 
 from __future__ import annotations
@@ -12,21 +12,18 @@ import socket
 from typing import Any, cast
 
 from josepy.b64 import b64decode
-from treq.client import HTTPClient
 from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
-from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from csrproxy.acme.fasthttp import ConnectionPool
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMEProblem, ACMETransportError
 from csrproxy.acme.transport import ACMETransport
-from csrproxy.http import CAHTTPClient, VerifyingPolicy, ca_context
+from csrproxy.http import make_http_client, make_pool
 from tests.test_http import CA, CERT, KEY
 
 ACCOUNT_KEY = AccountKey.generate("ec256")
@@ -99,7 +96,6 @@ class TransportTests(TestCase):
         self.addCleanup(port.stopListening)
         self.base = self.ca.base = f"https://127.0.0.1:{port.getHost().port}"
         self.clock = Clock()
-        self.policy = VerifyingPolicy(CA)
 
         def hang_up() -> None:
             for request in self.ca.hanging:
@@ -108,56 +104,32 @@ class TransportTests(TestCase):
 
         self.addCleanup(hang_up)
 
-    def fast(self, **kw: Any) -> ACMETransport:
-        pool = ConnectionPool(the_reactor(), ca_context(CA), clock=self.clock)
-        self.addCleanup(pool.close)
-        http = CAHTTPClient(Agent(the_reactor()), pool)
-        return self.transport(http, **kw)
-
-    def treq(self) -> ACMETransport:
-        pool = HTTPConnectionPool(the_reactor(), persistent=True)
+    def transport(self, **kw: Any) -> ACMETransport:
+        pool = make_pool(the_reactor())
         self.addCleanup(pool.closeCachedConnections)
-        agent = Agent(the_reactor(), contextFactory=self.policy, pool=pool)
-        return self.transport(HTTPClient(agent))
-
-    def transport(self, http: HTTPClient, **kw: Any) -> ACMETransport:
-        t = ACMETransport(self.clock, http, ACCOUNT_KEY, **kw)
+        t = ACMETransport(self.clock, make_http_client(the_reactor(), CA, pool), ACCOUNT_KEY, **kw)
         t.new_nonce_url = self.base + "/nonce"
         t.account_url = self.base + "/acct/1"
         return t
 
     async def test_nonces_location_and_links(self) -> None:
-        for make in (self.fast, self.treq):
-            self.ca.nonces_used.clear()
-            t = make()
-            first = await t.post(self.base + "/acct", {"x": 1}, "account")
-            second = await t.post(self.base + "/acct", None, "account")
-            # The first POST used newNonce's; the second the nonce of the first answer.
-            self.assertEqual(self.ca.nonces_used[1], first.header("replay-nonce"))
-            self.assertEqual(first.status, 201)
-            self.assertEqual(first.location, self.base + "/acct/1")
-            self.assertEqual(first.links("index"), [self.base + "/dir"])
-            self.assertEqual(first.links("terms"), [self.base + "/tos"])
-            self.assertEqual(first.json(), {"status": "valid"})
-            self.assertEqual(second.header("Cache-Control"), "no-store")
-            self.assertEqual(t.requests[("account", 201)], 2)
-            self.assertEqual(t.requests[("newNonce", 200)], 1)
-            self.assertEqual(len(t._nonces), 1)
-
-    async def test_same_answer_through_treq_and_the_lean_client(self) -> None:
-        a = await self.fast().post(self.base + "/acct", None, "account")
-        b = await self.treq().post(self.base + "/acct", None, "account")
-        # Per-answer values; treq's Agent moves Content-Length out of the headers and adds an
-        # empty Content-Encoding (the transport reads neither).
-        skip = {"date", "replay-nonce", "content-encoding", "content-length"}
-        self.assertEqual(
-            {k: v for k, v in a.headers.items() if k not in skip},
-            {k: v for k, v in b.headers.items() if k not in skip},
-        )
-        self.assertEqual((a.status, a.body), (b.status, b.body))
+        t = self.transport()
+        first = await t.post(self.base + "/acct", {"x": 1}, "account")
+        second = await t.post(self.base + "/acct", None, "account")
+        # The first POST used newNonce's; the second the nonce of the first answer.
+        self.assertEqual(self.ca.nonces_used[1], first.header("replay-nonce"))
+        self.assertEqual(first.status, 201)
+        self.assertEqual(first.location, self.base + "/acct/1")
+        self.assertEqual(first.links("index"), [self.base + "/dir"])
+        self.assertEqual(first.links("terms"), [self.base + "/tos"])
+        self.assertEqual(first.json(), {"status": "valid"})
+        self.assertEqual(second.header("Cache-Control"), "no-store")
+        self.assertEqual(t.requests[("account", 201)], 2)
+        self.assertEqual(t.requests[("newNonce", 200)], 1)
+        self.assertEqual(len(t._nonces), 1)
 
     async def test_retry_after_reaches_the_problem(self) -> None:
-        t = self.fast()
+        t = self.transport()
         with self.assertRaises(ACMEProblem) as cm:
             await t.post(self.base + "/limited", {}, "newOrder", deadline=self.clock.seconds())
         self.assertEqual(cm.exception.short_type, "rateLimited")
@@ -165,7 +137,7 @@ class TransportTests(TestCase):
         self.assertEqual(cm.exception.status, 429)
 
     async def test_post_dropped_after_sending_is_ambiguous(self) -> None:
-        t = self.fast()
+        t = self.transport()
         await t.post(self.base + "/acct", None, "account")  # a kept-alive connection
         with self.assertRaises(ACMETransportError) as cm:
             await t.post(self.base + "/drop", {"csr": "x"}, "finalize")
@@ -178,14 +150,14 @@ class TransportTests(TestCase):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
         s.close()
-        t = self.fast()
+        t = self.transport()
         with self.assertRaises(ACMETransportError) as cm:
             await t.send("POST", f"https://127.0.0.1:{port}/order", b"{}", kind="newOrder")
         self.assertFalse(cm.exception.sent)
         self.assertIn("cannot connect", str(cm.exception))
 
     async def test_timeout_on_the_transport_clock(self) -> None:
-        t = self.fast(request_timeout=5.0)
+        t = self.transport(request_timeout=5.0)
         self.ca.arrived = Deferred()
         d = Deferred.fromCoroutine(t.send("POST", self.base + "/hang", b"{}", kind="finalize"))
         await self.ca.arrived

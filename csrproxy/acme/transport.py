@@ -8,9 +8,9 @@ nonce that came with the error, a bounded number of times.  ``rateLimited``,
 never past the caller's deadline.  A POST whose connection failed after it was
 sent is ambiguous: it is retried only when it is a POST-as-GET.
 
-The HTTP client is a treq ``HTTPClient``; when it also offers ``exchange`` (the
-lean keep-alive client of :mod:`csrproxy.http`, see :class:`Exchanger`) the
-requests go that way, which costs a fraction of the CPU of treq's Agent path.
+Every request goes through the treq ``HTTPClient`` it is given (in production the
+one of :mod:`csrproxy.http`: one Agent, one keep-alive pool, verified TLS); the tests
+hand it treq's in-memory client or one over loopback, the same code path.
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ import json
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from treq.client import HTTPClient
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from treq.content import content as read_content
+from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed, readBody
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
+from twisted.web.client import ResponseFailed
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IResponse
 
-from csrproxy.acme.fasthttp import Answer, HTTPFailure
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
 
@@ -42,22 +44,8 @@ USER_AGENT = "csrproxy/0.1 (twisted; treq)"
 # pebble rejects up to half of all good nonces in tests (PEBBLE_WFE_NONCEREJECT=50); each
 # retry costs one request, so a generous bound still ends: 0.5**20 is one in a million.
 MAX_BAD_NONCE = 20
-_GET_HEADERS = {"User-Agent": USER_AGENT}
-_POST_HEADERS = {"User-Agent": USER_AGENT, "Content-Type": JOSE}
-
-
-class Exchanger(Protocol):
-    """What the transport asks of a lean HTTP client (:class:`csrproxy.http.CAHTTPClient`)."""
-
-    def exchange(
-        self,
-        method: str,
-        url: str,
-        body: bytes | None,
-        headers: Mapping[str, str],
-        timeout: float,
-    ) -> Deferred[Answer]:
-        """``(status, lower-case headers, body)``, or fails with an ``HTTPFailure``."""
+_USER_AGENT = [USER_AGENT.encode("ascii")]
+_JOSE = [JOSE.encode("ascii")]
 
 
 class ACMEResponse:
@@ -98,28 +86,6 @@ class ACMEResponse:
                 if f'rel="{rel}"' in flat or f"rel={rel}" in flat.split(";"):
                     out.append(url.strip().strip("<>"))
         return out
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written in one go (no cooperator on the global reactor)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class Backoff:
@@ -190,67 +156,54 @@ class ACMETransport:
     async def send(
         self, method: str, url: str, body: bytes | None = None, kind: str = "other"
     ) -> ACMEResponse:
-        """One HTTP exchange; keeps the answer's nonce; raises ACMETransportError."""
-        exchange = getattr(self.http, "exchange", None)
-        if exchange is None:
-            status, headers, content = await self._treq_send(method, url, body, kind)
-        else:
-            try:
-                status, headers, content = await cast(Exchanger, self.http).exchange(
-                    method,
-                    url,
-                    body,
-                    _GET_HEADERS if body is None else _POST_HEADERS,
-                    self.request_timeout,
-                )
-            except HTTPFailure as e:
-                self._count(kind, 0)
-                why = "timed out" if e.timed_out else str(e)
-                if not e.sent:
-                    raise ACMETransportError(url, f"cannot connect: {why}", sent=False) from e
-                raise ACMETransportError(
-                    url, f"connection failed: {why}", sent=method == "POST"
-                ) from e
-            except CancelledError as e:
-                self._count(kind, 0)
-                raise ACMETransportError(url, "timed out", sent=method == "POST") from e
-        out = ACMEResponse(url, status, headers, content)
-        nonce = headers.get("replay-nonce")
-        if nonce:
-            self._nonces.append(nonce[0])
-        self._count(kind, status)
-        return out
+        """One HTTP exchange; keeps the answer's nonce; raises ACMETransportError.
 
-    async def _treq_send(
-        self, method: str, url: str, body: bytes | None, kind: str
-    ) -> tuple[int, dict[str, list[str]], bytes]:
-        """The same exchange through treq (the in-memory fake CA of the tests goes this way)."""
-        headers: dict[bytes | str, list[bytes | str]] = {"User-Agent": [USER_AGENT]}
+        ``sent`` on the error says whether the CA may have seen the request: a refused
+        connection or a failed TLS handshake did not reach it.
+        """
+        headers = Headers({b"User-Agent": _USER_AGENT})
         if body is not None:
-            headers["Content-Type"] = [JOSE]
+            headers.setRawHeaders(b"Content-Type", _JOSE)
         try:
             resp: IResponse = await self.http.request(
                 method,
                 url,
-                data=BytesProducer(body) if body is not None else None,
+                data=body,
                 headers=headers,
                 timeout=self.request_timeout,
                 reactor=cast(Any, self.clock),
                 allow_redirects=False,
             )
-            content: bytes = await readBody(resp)
+            content: bytes = await read_content(resp)
         except (ConnectError, DNSLookupError) as e:
             self._count(kind, 0)
             raise ACMETransportError(url, f"cannot connect: {e}", sent=False) from e
-        except (ResponseFailed, TimeoutError, CancelledError) as e:
+        except ResponseFailed as e:
             self._count(kind, 0)
-            why = "timed out" if isinstance(e, CancelledError) else f"connection failed: {e}"
-            raise ACMETransportError(url, why, sent=method == "POST") from e
+            if _handshake_failed(e):
+                raise ACMETransportError(url, f"TLS failed: {_reasons(e)}", sent=False) from e
+            if any(reason.check(CancelledError) for reason in e.reasons):
+                raise ACMETransportError(url, "timed out", sent=method == "POST") from e
+            raise ACMETransportError(
+                url, f"connection failed: {_reasons(e)}", sent=method == "POST"
+            ) from e
+        except (TimeoutError, CancelledError) as e:
+            self._count(kind, 0)
+            raise ACMETransportError(url, "timed out", sent=method == "POST") from e
+        if not 100 <= resp.code <= 599:  # twisted.web takes any integer (RFC 9110 15: 3 digits)
+            self._count(kind, 0)
+            raise ACMETransportError(
+                url, f"connection failed: status {resp.code}", sent=method == "POST"
+            )
+        raw = resp.headers.getAllRawHeaders()
         headers_out = {
-            k.decode("latin-1").lower(): [v.decode("latin-1") for v in vs]
-            for k, vs in resp.headers.getAllRawHeaders()
+            k.decode("latin-1").lower(): [v.decode("latin-1") for v in vs] for k, vs in raw
         }
-        return resp.code, headers_out, content
+        nonce = headers_out.get("replay-nonce")
+        if nonce:
+            self._nonces.append(nonce[0])
+        self._count(kind, resp.code)
+        return ACMEResponse(url, resp.code, headers_out, content)
 
     def problem(self, resp: ACMEResponse) -> ACMEProblem:
         try:
@@ -346,3 +299,17 @@ class ACMETransport:
                 bad_nonces += 1
                 continue  # the problem's own Replay-Nonce is the newest in the pool
             raise problem
+
+
+def _reasons(error: ResponseFailed) -> str:
+    return "; ".join(reason.getErrorMessage() for reason in error.reasons) or repr(error)
+
+
+def _handshake_failed(error: ResponseFailed) -> bool:
+    """True when the connection failed in the TLS handshake (nothing reached the server).
+
+    twisted.web writes the request into the TLS layer, which holds it until the handshake
+    is done, so a handshake failure (an untrusted chain, a wrong host name) means no
+    request bytes left us.
+    """
+    return any(reason.check(SSL.Error, VerificationError) for reason in error.reasons)

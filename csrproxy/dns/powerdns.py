@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.iweb import IResponse
 
-from csrproxy.acme.transport import Backoff, BytesProducer
+from csrproxy.acme.transport import Backoff
 from csrproxy.config import PowerDNSConfig
 from csrproxy.dns.publisher import CHALLENGE_LABEL, challenge_name
 from csrproxy.errors import PublishError
@@ -379,7 +379,7 @@ class PowerDNSPublisher:
         resp: IResponse = await self.http.request(
             "PATCH",
             self.zone_url,
-            data=BytesProducer(body),
+            data=body,
             headers=headers,
             allow_redirects=False,
         )
