@@ -14,6 +14,7 @@ import http.client
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,14 @@ PEER_SPEC = "csr-proxy==0.1.0"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+def percentile(values: Sequence[float], p: float) -> float:
+    """The nearest-rank ``p`` percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    xs = sorted(values)
+    return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
+
+
 @dataclass
 class Request:
     csr: bytes
@@ -55,20 +64,74 @@ class Outcome:
     wall: float = 0.0
     cpu: float = 0.0
     acme: dict[str, float] = field(default_factory=dict)
+    dns_idle: DNSProbe | None = None
+    dns_busy: DNSProbe | None = None
 
     @property
     def ok(self) -> int:
         return len(self.latencies)
 
     def pct(self, p: float) -> float:
-        if not self.latencies:
-            return float("nan")
-        xs = sorted(self.latencies)
-        return xs[min(len(xs) - 1, max(0, round(p / 100 * len(xs) + 0.5) - 1))]
+        return percentile(self.latencies, p)
 
     @property
     def throughput(self) -> float:
         return self.ok / self.wall if self.wall else 0.0
+
+
+@dataclass
+class DNSProbe:
+    """Latencies of a light stream of UDP queries (one every ``interval`` seconds)."""
+
+    sent: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def lost(self) -> int:
+        return self.sent - len(self.latencies)
+
+    def pct(self, p: float) -> float:
+        return percentile(self.latencies, p)
+
+    def row(self) -> str:
+        if not self.latencies:
+            return f"{self.sent} queries, all lost"
+        return (
+            f"{self.sent} queries, p50 {self.pct(50) * 1000:.2f} ms, "
+            f"p99 {self.pct(99) * 1000:.2f} ms, max {max(self.latencies) * 1000:.2f} ms, "
+            f"lost {self.lost}"
+        )
+
+
+def probe_dns(
+    port: int, stop: threading.Event, interval: float = 0.01, limit: int = 30_000
+) -> DNSProbe:
+    """Query csrproxy's DNS on 127.0.0.1 every ``interval`` s until ``stop`` (or ``limit``).
+
+    The query is built by dnspython, an independent DNS implementation; a reply counts when
+    its id matches within 1 s.
+    """
+    import dns.message
+
+    out = DNSProbe()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        while not stop.is_set() and out.sent < limit:
+            query = dns.message.make_query(f"probe{out.sent}.{ZONE}", "A")
+            wire = query.to_wire()
+            t0 = time.perf_counter()
+            sock.sendto(wire, ("127.0.0.1", port))
+            out.sent += 1
+            try:
+                while True:
+                    data = sock.recv(4096)
+                    if data[:2] == wire[:2]:
+                        out.latencies.append(time.perf_counter() - t0)
+                        break
+            except TimeoutError:
+                pass
+            stop.wait(max(0.0, interval - (time.perf_counter() - t0)))
+    return out
 
 
 def make_requests(names: Sequence[str]) -> list[Request]:
@@ -257,7 +320,20 @@ def run_csrproxy(
         port = int(daemon.url.rsplit(":", 1)[1])
         if args.py_spy:
             stack.enter_context(py_spy(daemon.proc.pid, f"{args.py_spy}.{label.split()[-1]}.txt"))
-        out = load(label, port, reqs, c, daemon.proc.pid, args.timeout, args.max_duration)
+        # DNS latency on the shared reactor: 1 s idle, then while the load runs.
+        idle_stop = threading.Event()
+        threading.Timer(1.0, idle_stop.set).start()
+        idle = probe_dns(dns_port, idle_stop)
+        busy_stop = threading.Event()
+        busy: list[DNSProbe] = []
+        prober = threading.Thread(target=lambda: busy.append(probe_dns(dns_port, busy_stop)))
+        prober.start()
+        try:
+            out = load(label, port, reqs, c, daemon.proc.pid, args.timeout, args.max_duration)
+        finally:
+            busy_stop.set()
+            prober.join()
+        out.dns_idle, out.dns_busy = idle, busy[0]
         out.acme = acme_requests(daemon.url)
         return out
 
@@ -319,6 +395,10 @@ def report(rows: list[Outcome]) -> None:
         if r.acme and r.ok:
             per = ", ".join(f"{k} {v / r.ok:.2f}" for k, v in sorted(r.acme.items()))
             print(f"{r.label}: ACME requests per certificate (incl. account set-up): {per}")
+    for r in rows:
+        if r.dns_idle and r.dns_busy:
+            print(f"{r.label}: DNS (A query every 10 ms) idle: {r.dns_idle.row()}")
+            print(f"{r.label}: DNS (A query every 10 ms) while signing: {r.dns_busy.row()}")
     by = {r.label: r for r in rows}
     for c in ("c1", "c10"):
         ours, theirs = by.get(f"csrproxy {c}"), by.get(f"original {c}")
