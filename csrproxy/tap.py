@@ -8,9 +8,8 @@ import sys
 from twisted.application.service import IService
 from twisted.python import usage
 
-from csrproxy.config import Config, load_config
+from csrproxy.config import Config, config_from_environment, load_config, uses_legacy_environment
 from csrproxy.errors import ConfigError
-from csrproxy.legacy import config_from_environment, uses_legacy_environment
 
 DEFAULT_CONFIG = "/etc/csrproxy/csrproxy.toml"
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import subprocess
+import sys
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +27,15 @@ def minimal() -> dict[str, Any]:
     }
 
 
-class ConfigTests(SynchronousTestCase):
+class ConfigTestCase(SynchronousTestCase):
+    def assertKey(self, data: dict[str, Any], key: str) -> None:
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, key)
+        self.assertIn(key, str(e.exception))
+
+
+class ConfigTests(ConfigTestCase):
     def test_sample_config_loads(self) -> None:
         config = load_config(SAMPLE)
         self.assertEqual(config.dns.zone, "go.example.com")
@@ -34,12 +46,6 @@ class ConfigTests(SynchronousTestCase):
         self.assertEqual(config.dns.nameservers, ("ns1.go.example.test",))
         self.assertEqual(config.acme.poll_interval, 1.0)
         self.assertEqual(config.api.max_body, 65536)
-
-    def assertKey(self, data: dict[str, Any], key: str) -> None:
-        with self.assertRaises(ConfigError) as e:
-            parse_config(data)
-        self.assertEqual(e.exception.key, key)
-        self.assertIn(key, str(e.exception))
 
     def test_missing_key(self) -> None:
         data = minimal()
@@ -136,3 +142,78 @@ class APIAndPolicyKeyTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=(key, value)) as e:
                 parse_config(data)
             self.assertEqual(e.exception.key, f"{section}.{key}", (key, value))
+
+
+class ReaderTests(ConfigTestCase):
+    def test_unknown_key_lists_the_keys_read(self) -> None:
+        data = minimal()
+        data["renewal"] = {"enabled": True, "intervall": 60}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "renewal.intervall")
+        self.assertIn(
+            "unknown key (known: active_days, enabled, interval, max_parallel)", str(e.exception)
+        )
+
+    def test_nested_table(self) -> None:
+        data = minimal()
+        data["dns"]["powerdns"] = {"api_url": "http://127.0.0.1:8081", "api_key": "k", "tll": 5}
+        self.assertKey(data, "dns.powerdns.tll")
+        data["dns"]["powerdns"] = "http://127.0.0.1:8081"
+        self.assertKey(data, "dns.powerdns")
+        data = minimal()
+        data["dns"]["backend"] = "powerdns"
+        self.assertKey(data, "dns.powerdns")
+
+    def test_misspelt_required_key_is_named(self) -> None:
+        data = minimal()
+        data["acme"] = {"directroy": "https://ca.test/dir"}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "acme.directory")
+        self.assertIn("missing required key", str(e.exception))
+        self.assertIn("'directroy'", str(e.exception))
+        data = minimal()
+        data["polcy"] = data.pop("policy")
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "policy")
+        self.assertIn("'polcy'", str(e.exception))
+
+    def test_every_sample_key_is_read(self) -> None:
+        # The sample lists every key: each one must be known to its section parser,
+        # including those of its commented-out [dns.powerdns] example.
+        text = SAMPLE.read_text("utf-8")
+        block = text.split("# [dns.powerdns]\n", 1)[1].split("\n\n", 1)[0]
+        data = tomllib.loads(text)
+        data["dns"]["powerdns"] = tomllib.loads("\n".join(x[2:] for x in block.splitlines()))
+        self.assertEqual(len(data["dns"]["powerdns"]), 9)
+        parse_config(data)
+
+
+class PackageTests(SynchronousTestCase):
+    def test_no_twisted(self) -> None:
+        code = (
+            "import sys, csrproxy.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'twisted', 'zope'}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(out.strip(), "[]")
+
+    def test_no_cycle_and_no_private_imports(self) -> None:
+        package = Path(__file__).resolve().parent.parent / "csrproxy" / "config"
+        for module in package.glob("*.py"):
+            tree = ast.parse(module.read_text("utf-8"))
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ImportFrom) or node.module is None:
+                    continue
+                names = [a.name for a in node.names]
+                self.assertFalse(
+                    [n for n in names if n.startswith("_") and n != "annotations"],
+                    (module.name, node.module),
+                )
+                if module.name != "__init__.py":
+                    # Sections import sections, never the package that re-exports them.
+                    self.assertNotEqual(node.module, "csrproxy.config", module.name)

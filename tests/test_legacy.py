@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from csrproxy.config import config_from_environment, uses_legacy_environment
 from csrproxy.errors import ConfigError
-from csrproxy.legacy import config_from_environment, uses_legacy_environment
 
 ENV = {
     "CSR_PROXY_ACME_DIRECTORY": "https://127.0.0.1:14000/dir",

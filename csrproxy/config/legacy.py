@@ -12,7 +12,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from csrproxy.config import Config, parse_config
+from csrproxy.config.load import parse_config
+from csrproxy.config.model import Config
 from csrproxy.errors import ConfigError
 
 PREFIX = "CSR_PROXY_"
@@ -32,6 +33,7 @@ VARIABLES = {
 
 
 def uses_legacy_environment(env: Mapping[str, str]) -> bool:
+    """Whether any ``CSR_PROXY_*`` variable is set."""
     return any(k.startswith(PREFIX) for k in env)
 
 
@@ -80,4 +82,5 @@ def legacy_data(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def config_from_environment(env: Mapping[str, str]) -> Config:
+    """The :class:`Config` the original's variables describe, checked like a file."""
     return parse_config(legacy_data(env), source="environment (CSR_PROXY_*)")

@@ -1,0 +1,39 @@
+"""The ``[api]`` section: where the HTTP API listens, its limits, and who may use it."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+from csrproxy.config.model import APIConfig
+from csrproxy.config.reader import Table
+
+
+def parse_api(api: Table) -> APIConfig:
+    tokens_file = api.get("tokens_file", str, APIConfig.tokens_file)
+    if tokens_file is not None and not Path(tokens_file).is_file():
+        raise api.error("tokens_file", f"no such file: {tokens_file}")
+    config = APIConfig(
+        listen=api.strings("listen", APIConfig.listen),
+        max_body=api.positive_int("max_body", APIConfig.max_body),
+        sync_timeout=api.positive("sync_timeout", APIConfig.sync_timeout),
+        read_timeout=api.positive("read_timeout", APIConfig.read_timeout),
+        idle_timeout=api.positive("idle_timeout", APIConfig.idle_timeout),
+        tokens_file=tokens_file,
+        allow_from=_networks(api, "allow_from"),
+        trusted_proxies=_networks(api, "trusted_proxies"),
+        access_log=api.get("access_log", bool, APIConfig.access_log),
+    )
+    api.done()
+    return config
+
+
+def _networks(api: Table, key: str) -> tuple[str, ...]:
+    """Addresses or CIDRs."""
+    entries = api.strings(key, ())
+    for entry in entries:
+        try:
+            ipaddress.ip_network(entry.strip(), strict=False)
+        except ValueError as e:
+            raise api.error(key, f"{entry!r} is not an address or CIDR: {e}") from None
+    return entries

@@ -1,0 +1,128 @@
+"""The typed configuration: one frozen dataclass per section of the TOML file.
+
+Defaults live here only; the section parsers read them from these classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ACMEConfig:
+    directory: str
+    contact: tuple[str, ...] = ()
+    ca_certs: str | None = None
+    #: The first delay (seconds) before polling an authorization or order; doubles up to poll_max.
+    poll_interval: float = 1.0
+    poll_max: float = 10.0
+    #: The overall deadline (seconds) of one order, from newOrder to the downloaded chain.
+    order_timeout: float = 300.0
+    #: Seconds allowed for one HTTP request to the CA.
+    request_timeout: float = 30.0
+    #: Type of a newly made account key: ec256, ec384, rsa2048, rsa3072 or rsa4096.
+    account_key_type: str = "ec256"
+    #: External Account Binding (ZeroSSL, Google Trust Services, step-ca): key id and
+    #: base64url HMAC key, both or neither.
+    eab_kid: str | None = None
+    eab_hmac_key: str | None = field(default=None, repr=False)
+    #: Pick the chain whose top certificate's issuer CN is this (else the CA's default).
+    preferred_chain: str | None = None
+    #: Certificate profile to ask for when the CA's directory offers it.
+    profile: str | None = None
+
+
+@dataclass(frozen=True)
+class APIConfig:
+    listen: tuple[str, ...] = ("tcp:8000:interface=127.0.0.1",)
+    max_body: int = 64 * 1024
+    #: Seconds a synchronous sign request waits before it gets 202 and an order URL.
+    sync_timeout: float = 50.0
+    #: Seconds a request's headers and body have to arrive (408 after).
+    read_timeout: float = 30.0
+    #: Seconds an idle keep-alive connection stays open.
+    idle_timeout: float = 60.0
+    #: File of accepted bearer token hashes (see csrproxy.auth); None: no tokens needed.
+    tokens_file: str | None = None
+    #: Client addresses or CIDRs allowed to use the API; empty: everyone.
+    allow_from: tuple[str, ...] = ()
+    #: Reverse proxies whose X-Forwarded-For is believed.
+    trusted_proxies: tuple[str, ...] = ()
+    #: One access-log line per request.
+    access_log: bool = False
+
+
+@dataclass(frozen=True)
+class PowerDNSConfig:
+    api_url: str
+    api_key: str = field(repr=False)
+    server_id: str = "localhost"
+    #: The PowerDNS zone that holds the records (default: ``[dns] zone``).
+    zone: str = ""
+    ttl: int = 60
+    #: ``host:port`` servers that must answer a TXT value before the challenge is answered;
+    #: empty means the zone's NS names, resolved.
+    check_servers: tuple[str, ...] = ()
+    #: Seconds to wait for every check server to serve a new value.
+    check_timeout: float = 60.0
+    #: Check over DNS that a value is served before answering the challenge.
+    check_propagation: bool = True
+    #: Seconds to keep retrying a failing PowerDNS API call.
+    api_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    zone: str
+    listen: tuple[str, ...] = ()
+    nameservers: tuple[str, ...] = ()
+    records: tuple[str, ...] = ()
+    ttl: int = 300
+    challenge_ttl: int = 10
+    #: "builtin" (our own authoritative server) or "powerdns" (records pushed to its API).
+    backend: str = "builtin"
+    powerdns: PowerDNSConfig | None = None
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    names: tuple[str, ...]
+    #: Seed mode: the exact RFC 4514 subject every CSR must carry (names default to its CN).
+    subject: str | None = None
+    key_types: tuple[str, ...] = ("rsa2048", "rsa3072", "rsa4096", "ec256", "ec384")
+    max_names: int = 100
+    #: The registered domain the new-names budget is counted for (default: the last two
+    #: labels of [dns] zone).
+    registered_domain: str = ""
+    new_names_per_week: int = 45
+    orders_per_3h: int = 250
+    same_names_per_week: int = 5
+    client_requests_per_hour: int = 60
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    dir: str
+
+
+@dataclass(frozen=True)
+class RenewalConfig:
+    #: Renew certificates on the server, without the installation.
+    enabled: bool = True
+    #: Only for installations that asked for their certificate within this many days.
+    active_days: float = 30.0
+    #: Seconds between looks for certificates due.
+    interval: float = 300.0
+    #: Renewals running at once.
+    max_parallel: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    acme: ACMEConfig
+    api: APIConfig
+    dns: DNSConfig
+    policy: PolicyConfig
+    state: StateConfig
+    renewal: RenewalConfig = RenewalConfig()
+    source: str = field(default="", compare=False)

@@ -1,0 +1,58 @@
+"""The ``[policy]`` section: which names may be asked for, with which keys, how often."""
+
+from __future__ import annotations
+
+from csrproxy.config.model import PolicyConfig
+from csrproxy.config.reader import Table
+from csrproxy.policy import NamePattern, subject_common_name
+
+KEY_TYPES = PolicyConfig.key_types
+
+
+def parse_policy(policy: Table, zone: str) -> PolicyConfig:
+    """``[policy]``; the registered domain defaults to the last two labels of ``zone``."""
+    subject = policy.get("subject", str, PolicyConfig.subject)
+    if subject is None:
+        names = policy.strings("names")
+    else:
+        try:
+            cn = subject_common_name(subject)
+        except ValueError as e:
+            raise policy.error("subject", str(e)) from e
+        names = policy.strings("names", ()) or (cn,)
+    if not names:
+        raise policy.error("names", "needs at least one name pattern")
+    for n in names:
+        try:
+            NamePattern.parse(n)
+        except ValueError as e:
+            raise policy.error("names", str(e)) from e
+    key_types = policy.strings("key_types", KEY_TYPES)
+    for kt in key_types:
+        if kt not in KEY_TYPES:
+            raise policy.error("key_types", f"{kt!r} is not one of {', '.join(KEY_TYPES)}")
+    if not key_types:
+        raise policy.error("key_types", "needs at least one key type")
+    registered = policy.get("registered_domain", str, PolicyConfig.registered_domain)
+    registered = registered.strip().rstrip(".").lower() or ".".join(zone.split(".")[-2:])
+
+    def budget(key: str) -> int:
+        """A budget (the CA's rate limits and our own); 0 turns it off."""
+        value = policy.get(key, int, getattr(PolicyConfig, key))
+        if value < 0:
+            raise policy.error(key, f"must be 0 (off) or more, not {value}")
+        return value
+
+    config = PolicyConfig(
+        names=names,
+        subject=subject,
+        key_types=key_types,
+        max_names=policy.positive_int("max_names", PolicyConfig.max_names),
+        registered_domain=registered,
+        new_names_per_week=budget("new_names_per_week"),
+        orders_per_3h=budget("orders_per_3h"),
+        same_names_per_week=budget("same_names_per_week"),
+        client_requests_per_hour=budget("client_requests_per_hour"),
+    )
+    policy.done()
+    return config
