@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
@@ -23,7 +23,6 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
-from csrproxy.admission import Admission
 from csrproxy.auth import ClientGate, Token
 from csrproxy.csr import (
     DEFAULT_KEY_TYPES,
@@ -44,11 +43,12 @@ from csrproxy.errors import (
     OrderNotReady,
     RateLimited,
 )
-from csrproxy.issuer import Issuer
+from csrproxy.issuer import Issuance
 from csrproxy.metrics import Metrics
 from csrproxy.orders import OrderBook, OrderRecord
 from csrproxy.policy import NamePolicy
 from csrproxy.renewal import Renewable, next_check_hint
+from csrproxy.statedb import CertificateRow
 
 log = Logger()
 
@@ -101,6 +101,23 @@ def wants_async(request: IRequest) -> bool:
     return False
 
 
+class Signer(Protocol):
+    """What the routes ask of the issuer."""
+
+    @property
+    def account_url(self) -> str | None: ...
+
+    def issue(self, csr: CheckedCSR, client: str) -> Issuance: ...
+
+
+class CertificateView(Protocol):
+    """The newest certificate of each CSR, read-only but for the installation's activity."""
+
+    def newest(self, request_key: str) -> CertificateRow | None: ...
+
+    def requested(self, request_key: str, when: float) -> None: ...
+
+
 class SigningAPI:
     """The routes; collaborators come through the constructor."""
 
@@ -108,34 +125,32 @@ class SigningAPI:
 
     def __init__(
         self,
-        issuer: Issuer,
+        signer: Signer,
+        certificates: CertificateView,
         policy: NamePolicy,
+        book: OrderBook,
+        metrics: Metrics,
+        gate: ClientGate,
         *,
-        clock: IReactorTime | None = None,
+        clock: IReactorTime,
+        ready: Callable[[], bool],
         max_body: int = 64 * 1024,
         key_types: Collection[str] = DEFAULT_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
         sync_timeout: float = 50.0,
-        ready: Callable[[], bool] | None = None,
-        metrics: Metrics | None = None,
-        gate: ClientGate | None = None,
-        admission: Admission | None = None,
-        book: OrderBook | None = None,
     ) -> None:
-        self.metrics = metrics or Metrics()
-        self.issuer = issuer
-        self.clock = clock or issuer.clock
+        self.signer = signer
+        self.certificates = certificates
         self.policy = policy
+        self.book = book
+        self.metrics = metrics
+        self.gate = gate
+        self.clock = clock
+        self._ready = ready
         self.max_body = max_body
         self.key_types = key_types
         self.max_names = max_names
         self.sync_timeout = sync_timeout
-        self.gate = gate or ClientGate()
-        self.admission = admission
-        self.book = (
-            book if book is not None else OrderBook(self.clock, lambda f: problem_document(f.value))
-        )
-        self._ready = ready or (lambda: issuer.ready)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -204,19 +219,16 @@ class SigningAPI:
         self.policy.check(csr.names, csr.key_label)
         if token is not None and token.policy is not None:
             token.policy.check(csr.names, csr.key_label)
-        admission = self.admission
-        d = self.issuer.issue(
-            csr, None if admission is None else (lambda: admission.admit_client(client))
-        )
-        self.issuer.ledger.requested(csr.request_key, self.clock.seconds())
+        issuance = self.signer.issue(csr, client)
+        self.certificates.requested(csr.request_key, self.clock.seconds())
         certificate_id = csr.request_key
+        d = issuance.chain
         if d.called:  # a stored chain, or a refusal before any order
             return d.addCallback(self._chain, request, certificate_id)
-        order_id = self.issuer.order_id(csr.request_key)
         if wants_async(request):
-            record = self.book.track(csr.names, d, order_id, certificate_id)
+            record = self.book.track(csr.names, d, issuance.order_id, certificate_id)
             return self._accepted(request, record)
-        return self._wait(request, csr.names, d, order_id, certificate_id)
+        return self._wait(request, csr.names, d, issuance.order_id, certificate_id)
 
     def _chain(self, pem: str, request: IRequest, certificate_id: str | None = None) -> bytes:
         request.setHeader(b"Content-Type", PEM_CHAIN)
@@ -301,11 +313,11 @@ class SigningAPI:
         """The newest chain for a CSR (renewals included), and when to look again."""
         self._count(request, "/v1/certificates/{id}")
         self._client(request)
-        row = self.issuer.ledger.latest.get(certificate_id)
+        row = self.certificates.newest(certificate_id)
         if row is None:
             raise NotFound(f"no certificate {certificate_id!r}")
         now = self.clock.seconds()
-        self.issuer.ledger.requested(certificate_id, now)
+        self.certificates.requested(certificate_id, now)
         hint = next_check_hint(
             Renewable(row.id, row.not_before, row.not_after, row.last_requested), now
         )
@@ -332,7 +344,7 @@ class SigningAPI:
     def health(self, request: IRequest) -> bytes:
         self._count(request, "/v1/health")
         ready = self._ready()
-        account = self.issuer.acme.account_url
+        account = self.signer.account_url
         return _json(request, 200 if ready else 503, {"ready": ready, "account": account})
 
     # -- errors ---------------------------------------------------------------

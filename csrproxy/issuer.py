@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -37,7 +38,7 @@ from csrproxy.acme.problems import (
     OrderFailed,
 )
 from csrproxy.admission import Admission
-from csrproxy.cache import CachedChain, IssuedCache, MemoryIssuedCache
+from csrproxy.cache import CachedChain, IssuedCache
 from csrproxy.csr import DEFAULT_KEY_TYPES, CheckedCSR, check_csr
 from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
 from csrproxy.ledger import Ledger
@@ -68,6 +69,11 @@ class SharedResult:
             d.callback(result) if not isinstance(result, Failure) else d.errback(result)
         return None
 
+    @property
+    def failed(self) -> bool:
+        """True once the source has failed (a later caller may want to start afresh)."""
+        return self._done and isinstance(self._result, Failure)
+
     def wait(self) -> Deferred[Any]:
         if self._done:
             d: Deferred[Any] = Deferred()
@@ -79,6 +85,20 @@ class SharedResult:
         d = Deferred(lambda waiter: self._waiters.remove(waiter))
         self._waiters.append(d)
         return d
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """What :meth:`Issuer.issue` hands back.
+
+    ``chain`` fires with the PEM chain (leaf first) or fails with a csrproxy error;
+    cancelling it drops only this waiter, never the order.  ``order_id`` is the id of the
+    order it waits on (the async order id), ``None`` when no order runs (a stored chain,
+    or a refusal).
+    """
+
+    order_id: str | None
+    chain: Deferred[str]
 
 
 def translate(failure: Failure) -> Failure:
@@ -109,27 +129,25 @@ class Issuer:
         acme: ACMEClient,
         responder: DNS01Responder,
         *,
+        ledger: Ledger,
+        cache: IssuedCache,
+        admission: Admission,
+        metrics: Metrics,
         poll_interval: float,
         poll_max: float,
         order_timeout: float,
         contact: tuple[str, ...] = (),
         order_options: OrderOptions | None = None,
         on_account: Callable[[str], None] | None = None,
-        metrics: Metrics | None = None,
-        cache: IssuedCache | None = None,
-        admission: Admission | None = None,
-        ledger: Ledger | None = None,
         lookups: Callable[[str], Deferred[None]] | None = None,
     ) -> None:
-        self.ledger = ledger or Ledger(None)
-        #: request key -> id of the order in flight for it (the async order id).
-        self._order_ids: dict[str, str] = {}
-        self.metrics = metrics or Metrics()
-        self.cache: IssuedCache = cache if cache is not None else MemoryIssuedCache(clock.seconds)
-        self.admission = admission
         self.clock = clock
         self.acme = acme
         self.responder = responder
+        self.ledger = ledger
+        self.cache = cache
+        self.admission = admission
+        self.metrics = metrics
         self.poll_interval = poll_interval
         self.poll_max = poll_max
         self.order_timeout = order_timeout
@@ -138,7 +156,8 @@ class Issuer:
         self._on_account = on_account
         #: identifier -> fires when the CA looks up its challenge record (built-in DNS).
         self._lookups = lookups
-        self._inflight: dict[str, SharedResult] = {}
+        #: request key -> the order in flight for it, and that order's id.
+        self._inflight: dict[str, tuple[str, SharedResult]] = {}
         self._account: SharedResult | None = None
         self.orders_started = 0
 
@@ -146,11 +165,14 @@ class Issuer:
     def ready(self) -> bool:
         return self.acme.account_url is not None
 
+    @property
+    def account_url(self) -> str | None:
+        """The ACME account's URL once it is known (for health and CAA ``accounturi``)."""
+        return self.acme.account_url
+
     def ensure_account(self) -> Deferred[str]:
         """Find or register the account once, however many callers ask."""
-        if self._account is None or (
-            self._account._done and isinstance(self._account._result, Failure)
-        ):
+        if self._account is None or self._account.failed:
             d = Deferred.fromCoroutine(self._find_account())
             self._account = SharedResult(d)
         return self._account.wait()
@@ -184,65 +206,95 @@ class Issuer:
 
         return Deferred.fromCoroutine(loop())
 
-    def issue(
-        self, csr: CheckedCSR, admit_client: Callable[[], None] | None = None
-    ) -> Deferred[str]:
-        """A Deferred of the PEM chain for ``csr``; cancelling it does not cancel the order.
+    def issue(self, csr: CheckedCSR, client: str) -> Issuance:
+        """The chain for ``csr``, asked for by ``client`` (token id or address).
 
-        In order: a stored chain with most of its life left; else (once ``admit_client``
-        lets the caller in) the identical order in flight; else, if admission allows,
-        a new order.  A refusal is a failed Deferred of :class:`RateLimited`.
+        In order: a stored chain with most of its life left; else, once the client's
+        budget lets it in, the identical order in flight; else, if the order budgets
+        allow, a new order.  A refusal is a failed ``chain`` of :class:`RateLimited`.
         """
         key = csr.request_key
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
-            return succeed(cached.pem)
-        if admit_client is not None:
-            try:
-                admit_client()
-            except RateLimited as e:
-                return fail(e)
-        shared = self._inflight.get(key)
-        if shared is None:
-            refund: Callable[[], None] | None = None
-            if self.admission is not None:
-                try:
-                    refund = self.admission.admit_order(
-                        csr.names, not self.cache.issued_before(csr.names)
-                    )
-                except RateLimited as e:
-                    return fail(e)
-            self.orders_started += 1
-            order_id = secrets.token_urlsafe(16)
-            run = Deferred.fromCoroutine(self._run(csr, order_id))
+            return Issuance(None, succeed(cached.pem))
+        try:
+            self.admission.admit_client(client)
+        except RateLimited as e:
+            return Issuance(None, fail(e))
+        return self._join_or_start(csr, new_names=not self.cache.issued_before(csr.names))
 
-            def failed(failure: Failure) -> Failure:
-                if refund is not None:
-                    refund()
-                return translate(failure)
+    def renew(self, request_key: str) -> Issuance:
+        """A new certificate for the CSR behind ``request_key``, with ARI ``replaces``."""
+        row = self.ledger.latest.get(request_key)
+        if row is None:
+            return Issuance(None, fail(KeyError(request_key)))
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
+        try:
+            replaces: str | None = ari_cert_id(leaf)
+        except ValueError:
+            replaces = None
+        return self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
 
-            d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
-            shared = self._track(key, order_id, d)
-        return shared.wait()
+    def resume(self, row: OrderRow) -> Issuance:
+        """Finish (or redo) an order recorded by an earlier run; joins later identical requests.
 
-    def _track(self, key: str, order_id: str, d: Deferred[str]) -> SharedResult:
+        Its budget was charged by the run that started it.
+        """
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False)
+
+    def _join_or_start(
+        self,
+        csr: CheckedCSR,
+        *,
+        new_names: bool,
+        replaces: str | None = None,
+        renewal: bool = False,
+    ) -> Issuance:
+        """Wait on the identical order in flight, or charge the order budgets and start one."""
+        inflight = self._inflight.get(csr.request_key)
+        if inflight is not None:
+            order_id, shared = inflight
+            return Issuance(order_id, shared.wait())
+        try:
+            refund = self.admission.admit_order(csr.names, new_names)
+        except RateLimited as e:
+            return Issuance(None, fail(e))
+        return self._start(csr, secrets.token_urlsafe(16), refund, replaces, None, renewal)
+
+    def _start(
+        self,
+        csr: CheckedCSR,
+        order_id: str,
+        refund: Callable[[], None] | None,
+        replaces: str | None,
+        resume_url: str | None,
+        renewal: bool,
+    ) -> Issuance:
+        """The one path every order takes: run, translate failures, cache, track."""
+        self.orders_started += 1
+        run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+
+        def failed(failure: Failure) -> Failure:
+            if refund is not None:
+                refund()
+            return translate(failure)
+
+        d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
+        key = csr.request_key
         shared = SharedResult(d)
-        self._inflight[key] = shared
-        self._order_ids[key] = order_id
+        entry = (order_id, shared)
+        self._inflight[key] = entry
 
         def forget(_: object) -> None:
             # SharedResult consumed the result; the next identical CSR starts afresh.
-            if self._inflight.get(key) is shared:
+            if self._inflight.get(key) is entry:
                 del self._inflight[key]
-                self._order_ids.pop(key, None)
 
         d.addBoth(forget)
-        return shared
-
-    def order_id(self, request_key: str) -> str | None:
-        """The id of the order in flight for ``request_key`` (its async order id)."""
-        return self._order_ids.get(request_key)
+        return Issuance(order_id, shared.wait())
 
     async def _run(
         self,
@@ -316,46 +368,6 @@ class Issuer:
                 raise
             log.info("order {order} cannot be resumed ({err}); ordering afresh", order=url, err=e)
             return None
-
-    def resume(self, row: OrderRow) -> Deferred[str]:
-        """Finish (or redo) an order recorded by an earlier run; joins later identical requests."""
-        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
-        run = Deferred.fromCoroutine(
-            self._run(csr, row.id, row.replaces, resume_url=row.acme_url or "")
-        )
-        d = run.addCallbacks(lambda chain: self._cached(csr, chain), translate)
-        self._track(csr.request_key, row.id, d)
-        return self._inflight[csr.request_key].wait()
-
-    def renew(self, request_key: str) -> Deferred[str]:
-        """A new certificate for the CSR behind ``request_key``, with ARI ``replaces``."""
-        row = self.ledger.latest.get(request_key)
-        if row is None:
-            return fail(KeyError(request_key))
-        if request_key in self._inflight:
-            return self._inflight[request_key].wait()
-        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
-        refund: Callable[[], None] | None = None
-        if self.admission is not None:
-            try:
-                refund = self.admission.admit_order(csr.names, False)
-            except RateLimited as e:
-                return fail(e)
-        leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
-        try:
-            replaces: str | None = ari_cert_id(leaf)
-        except ValueError:
-            replaces = None
-        order_id = secrets.token_urlsafe(16)
-        run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, renewal=True))
-
-        def failed(failure: Failure) -> Failure:
-            if refund is not None:
-                refund()
-            return translate(failure)
-
-        d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
-        return self._track(request_key, order_id, d).wait()
 
     def _cached(self, csr: CheckedCSR, chain: CachedChain) -> str:
         self.cache.put(csr.request_key, csr.names, chain)

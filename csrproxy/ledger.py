@@ -157,6 +157,10 @@ class Ledger:
             lambda f: log.warn("order {id} not marked failed: {e}", id=order_id, e=f.value)
         )
 
+    def newest(self, request_key: str) -> CertificateRow | None:
+        """The newest certificate issued for ``request_key`` (its certificate id)."""
+        return self.latest.get(request_key)
+
     def requested(self, request_key: str, when: float) -> None:
         """An installation asked for its certificate: it is alive (renewal's active_days)."""
         row = self.latest.get(request_key)

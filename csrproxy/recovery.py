@@ -23,9 +23,10 @@ log = Logger()
 
 def load_order_records(ledger: Ledger, book: OrderBook) -> None:
     """Finished orders of earlier runs, so their async ids still answer."""
+    by_id = {c.id: c for c in ledger.latest.values()}
     for row in reversed(ledger.recent_orders()):
         if row.status == "valid":
-            cert = next((c for c in ledger.latest.values() if c.id == row.certificate_id), None)
+            cert = by_id.get(row.certificate_id) if row.certificate_id else None
             chain = cert.chain if cert is not None else None
             status = "valid" if chain else "invalid"
             book.add(OrderRecord(row.id, tuple(row.names), status, chain, None, row.request_key))
@@ -70,7 +71,7 @@ async def recover(
             names=",".join(row.names),
         )
         try:
-            d = issuer.resume(row)
+            d = issuer.resume(row).chain
         except Exception as e:  # a row this version cannot use must not stop the others
             log.error("order {id} cannot be resumed: {err}", id=row.id, err=str(e))
             ledger.order_failed(row.id, f"not resumable: {e}")

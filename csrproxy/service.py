@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from treq.client import HTTPClient
+from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
@@ -48,36 +48,43 @@ from csrproxy.store import StateDir, Store
 log = Logger()
 
 
-class EndpointService(Service):
-    """Listens on one Twisted endpoint string; binds in privilegedStartService."""
+class APIListener(StreamServerEndpointService):
+    """Twisted's endpoint service for one API endpoint string, failing with one clear line.
+
+    It binds in privilegedStartService (Twisted's behaviour); a bad string or a port that
+    cannot bind raises :class:`ListenError` naming the endpoint. ``port`` is the listening
+    port once bound (readiness).
+    """
 
     def __init__(self, reactor: Any, description: str, factory: Any) -> None:
+        super().__init__(None, factory)
         self.reactor = reactor
         self.description = description
-        self.factory = factory
         self.port: IListeningPort | None = None
 
     def privilegedStartService(self) -> None:
+        if self._waitingForPort is not None:
+            return
         try:
-            endpoint = serverFromString(self.reactor, self.description)
+            self.endpoint = serverFromString(self.reactor, self.description)
         except (ValueError, TypeError, KeyError) as e:
             raise ListenError(self.description, f"bad endpoint string ({e})") from e
-        outcome: list[Any] = []
-        endpoint.listen(self.factory).addBoth(outcome.append)
-        if not outcome:
-            raise ListenError(self.description, "the endpoint did not bind at once")
-        if isinstance(outcome[0], Failure):
-            raise ListenError(self.description, outcome[0].getErrorMessage())
-        self.port = outcome[0]
+        self._raiseSynchronously = True
+        try:
+            super().privilegedStartService()
+        except Exception as e:
+            raise ListenError(self.description, str(e)) from e
+        cast(Deferred[IListeningPort], self._waitingForPort).addCallback(self._bound)
+
+    def _bound(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
         log.info("API listening on {endpoint}", endpoint=self.description)
-        super().privilegedStartService()
+        return port
 
     def stopService(self) -> Deferred[None] | None:
-        super().stopService()
-        if self.port is not None:
-            port, self.port = self.port, None
-            return port.stopListening()
-        return None
+        self.port = None
+        d: Deferred[None] | None = super().stopService()
+        return d
 
 
 class AccountService(Service):
@@ -258,21 +265,6 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         cache.put(
             row.request_key, tuple(row.names), CachedChain(row.chain, row.not_before, row.not_after)
         )
-    issuer = Issuer(
-        reactor,
-        acme,
-        publisher,
-        poll_interval=config.acme.poll_interval,
-        poll_max=config.acme.poll_max,
-        order_timeout=config.acme.order_timeout,
-        contact=config.acme.contact,
-        order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
-        on_account=remember_account,
-        lookups=zone.watch if pdns is None else None,
-        metrics=metrics,
-        cache=cache,
-        ledger=ledger,
-    )
     pol = config.policy
     admission = Admission(
         reactor.seconds,
@@ -285,29 +277,44 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         registered_domain=pol.registered_domain,
         on_refusal=metrics.refusal,
     )
-    issuer.admission = admission
+    issuer = Issuer(
+        reactor,
+        acme,
+        publisher,
+        ledger=ledger,
+        cache=cache,
+        admission=admission,
+        metrics=metrics,
+        poll_interval=config.acme.poll_interval,
+        poll_max=config.acme.poll_max,
+        order_timeout=config.acme.order_timeout,
+        contact=config.acme.contact,
+        order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
+        on_account=remember_account,
+        lookups=zone.watch if pdns is None else None,
+    )
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),
         parse_networks(config.api.allow_from, "api.allow_from"),
         parse_networks(config.api.trusted_proxies, "api.trusted_proxies"),
     )
-    listeners: list[EndpointService] = []
+    listeners: list[APIListener] = []
     book = OrderBook(reactor, lambda f: problem_document(f.value))
     load_order_records(ledger, book)
     api = SigningAPI(
         issuer,
+        ledger,
         NamePolicy(pol.names, pol.subject),
+        book,
+        metrics,
+        gate,
         clock=reactor,
+        # Ready once the account is known and every API listener is bound.
+        ready=lambda: issuer.ready and all(s.port is not None for s in listeners),
         max_body=config.api.max_body,
         key_types=pol.key_types,
         max_names=pol.max_names,
         sync_timeout=config.api.sync_timeout,
-        # Ready once the account is known and every API listener is bound.
-        ready=lambda: issuer.ready and all(s.port is not None for s in listeners),
-        metrics=metrics,
-        gate=gate,
-        admission=admission,
-        book=book,
     )
 
     top = CsrproxyService()
@@ -330,7 +337,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         access_log=config.api.access_log,
     )
     for description in config.api.listen:
-        listener = EndpointService(reactor, description, site)
+        listener = APIListener(reactor, description, site)
         listener.setServiceParent(collection)
         listeners.append(listener)
     AccountService(issuer).setServiceParent(collection)
@@ -342,7 +349,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         scheduler = RenewalScheduler(
             reactor,
             lambda: renewables(ledger, windows),
-            lambda r: issuer.renew(r.key or r.id),
+            lambda r: issuer.renew(r.key or r.id).chain,
             active_days=config.renewal.active_days,
             interval=config.renewal.interval,
             max_parallel=config.renewal.max_parallel,

@@ -16,12 +16,12 @@ from twisted.web.http_headers import Headers
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.admission import Admission, Budgets
-from csrproxy.api import SigningAPI
+from csrproxy.api import SigningAPI, problem_document
 from csrproxy.auth import ClientGate, parse_networks, parse_tokens, token_hash
 from csrproxy.dns.publisher import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
-from csrproxy.issuer import Issuer
 from csrproxy.metrics import Metrics
+from csrproxy.orders import OrderBook
 from csrproxy.policy import NamePolicy, key_label
 from tests.fakeacme import BASE, FakeCA
 from tests.keys import (
@@ -34,6 +34,7 @@ from tests.keys import (
     make_csr,
     tamper,
 )
+from tests.support.issuers import make_issuer
 from tests.test_acme import ACCOUNT_KEY
 
 ZONE = "go.example.test"
@@ -63,15 +64,7 @@ class APITestCase(SynchronousTestCase):
         acme = ACMEClient(
             self.clock, http, BASE + "/dir", ACCOUNT_KEY, on_request=self.metrics.acme_request
         )
-        self.issuer = Issuer(
-            self.clock,
-            acme,
-            ZonePublisher(self.zone),
-            poll_interval=0.05,
-            poll_max=1.0,
-            order_timeout=60,
-            metrics=self.metrics,
-        )
+        self.acme = acme
         self.build()
 
     def build(
@@ -84,15 +77,24 @@ class APITestCase(SynchronousTestCase):
         self.admission = Admission(
             self.clock.seconds, budgets, ZONE.split(".", 1)[1], self.metrics.refusal
         )
-        self.issuer.admission = self.admission
+        self.issuer = make_issuer(
+            self.clock,
+            self.acme,
+            ZonePublisher(self.zone),
+            admission=self.admission,
+            metrics=self.metrics,
+        )
         self.api = SigningAPI(
             self.issuer,
+            self.issuer.ledger,
             NamePolicy(self.patterns if subject is None else [], subject),
+            OrderBook(self.clock, lambda f: problem_document(f.value)),
+            self.metrics,
+            gate or ClientGate(),
+            clock=self.clock,
+            ready=lambda: self.issuer.ready,
             max_body=8192,
             sync_timeout=sync_timeout,
-            metrics=self.metrics,
-            gate=gate,
-            admission=self.admission,
         )
         # StubTreq writes bodies synchronously (no cooperator on the global reactor).
         self.client: Any = StubTreq(self.api.app.resource())
@@ -256,11 +258,11 @@ class SignTests(APITestCase):
     def test_client_disconnect_does_not_cancel_the_order(self) -> None:
         from csrproxy.csr import check_csr
 
-        d = self.issuer.issue(check_csr(make_csr([f"c.{ZONE}"])))
+        d = self.issuer.issue(check_csr(make_csr([f"c.{ZONE}"])), "client").chain
         d.cancel()
         self.failureResultOf(d)
-        again = self.issuer.issue(check_csr(make_csr([f"c.{ZONE}"])))
-        self.drive(again)
+        again = self.issuer.issue(check_csr(make_csr([f"c.{ZONE}"])), "client")
+        self.drive(again.chain)
         self.assertEqual(self.ca.requests["newOrder"], 1, "the order was restarted")
 
 

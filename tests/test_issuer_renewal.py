@@ -14,9 +14,9 @@ from csrproxy.acme.client import ACMEClient
 from csrproxy.csr import check_csr
 from csrproxy.dns.publisher import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
-from csrproxy.issuer import Issuer
 from tests.fakeacme import BASE, FakeCA
 from tests.keys import make_csr
+from tests.support.issuers import make_issuer
 from tests.test_acme import ACCOUNT_KEY
 
 ZONE = "go.example.test"
@@ -31,9 +31,7 @@ class IssuerRenewalTests(SynchronousTestCase):
         zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
         self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
         acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
-        self.issuer = Issuer(
-            self.clock, acme, ZonePublisher(zone), poll_interval=0.05, poll_max=1, order_timeout=60
-        )
+        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone))
 
     def drive(self, d: Deferred[Any]) -> Any:
         out: list[Any] = []
@@ -47,11 +45,11 @@ class IssuerRenewalTests(SynchronousTestCase):
 
     def test_renewal_replaces_the_old_certificate(self) -> None:
         csr = check_csr(make_csr([f"r.{ZONE}"]))
-        first = self.drive(self.issuer.issue(csr))
+        first = self.drive(self.issuer.issue(csr, "client").chain)
         old_leaf = x509.load_pem_x509_certificates(first.encode())[0]
         row = self.issuer.ledger.latest[csr.request_key]
         row.last_requested = 1234.0  # the installation last asked long ago
-        second = self.drive(self.issuer.renew(csr.request_key))
+        second = self.drive(self.issuer.renew(csr.request_key).chain)
         self.assertIsInstance(second, str, second)
         self.assertNotEqual(second, first)
         self.assertEqual(self.ca.order_payloads[-1]["replaces"], ari_cert_id(old_leaf))
@@ -60,9 +58,9 @@ class IssuerRenewalTests(SynchronousTestCase):
         self.assertEqual(newest.last_requested, 1234.0, "a renewal counted as activity")
         # The same CSR posted again gets the renewed chain from the cache, no order.
         orders = self.ca.requests["newOrder"]
-        self.assertEqual(self.drive(self.issuer.issue(csr)), second)
+        self.assertEqual(self.drive(self.issuer.issue(csr, "client").chain), second)
         self.assertEqual(self.ca.requests["newOrder"], orders)
 
     def test_unknown_lineage_fails(self) -> None:
-        failure = self.drive(self.issuer.renew("nope"))
+        failure = self.drive(self.issuer.renew("nope").chain)
         self.assertTrue(failure.check(KeyError))
