@@ -17,7 +17,7 @@ import hmac
 import ipaddress
 import secrets
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,16 +78,6 @@ def load_tokens(path: str) -> list[Token]:
     if not tokens:
         raise ConfigError("api.tokens_file", f"{path} holds no token")
     return tokens
-
-
-def parse_networks(entries: Iterable[str], key: str) -> tuple[Network, ...]:
-    out = []
-    for entry in entries:
-        try:
-            out.append(ipaddress.ip_network(entry.strip(), strict=False))
-        except ValueError as e:
-            raise ConfigError(key, f"{entry!r} is not an address or CIDR: {e}") from None
-    return tuple(out)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

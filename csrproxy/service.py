@@ -20,7 +20,7 @@ from csrproxy.acme.jws import AccountKey, eab_binding
 from csrproxy.acme.order import DNS01Responder, OrderOptions
 from csrproxy.admission import Admission, Budgets
 from csrproxy.api import SigningAPI, problem_document
-from csrproxy.auth import ClientGate, load_tokens, parse_networks
+from csrproxy.auth import ClientGate, load_tokens
 from csrproxy.cache import CachedChain, MemoryIssuedCache
 from csrproxy.config import Config
 from csrproxy.dns.powerdns import PowerDNSPublisher
@@ -295,8 +295,8 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
     )
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),
-        parse_networks(config.api.allow_from, "api.allow_from"),
-        parse_networks(config.api.trusted_proxies, "api.trusted_proxies"),
+        config.api.allow_from,
+        config.api.trusted_proxies,
     )
     listeners: list[APIListener] = []
     book = OrderBook(reactor, lambda f: problem_document(f.value))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import sys
+from ipaddress import ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.auth import ClientGate, main, parse_networks, parse_tokens, token_hash
+from csrproxy.auth import ClientGate, main, parse_tokens, token_hash
 from csrproxy.errors import ClientNotAllowed, ConfigError, Unauthorized
 
 
@@ -53,7 +54,7 @@ class TokenTests(SynchronousTestCase):
 
 class AddressTests(SynchronousTestCase):
     def test_allow_from(self) -> None:
-        gate = ClientGate(allow_from=parse_networks(["10.0.0.0/8", "2001:db8::/32"], "k"))
+        gate = ClientGate(allow_from=[ip_network("10.0.0.0/8"), ip_network("2001:db8::/32")])
         gate.check_address("10.1.2.3")
         gate.check_address("2001:db8::1")
         gate.check_address("::ffff:10.0.0.1")
@@ -64,7 +65,7 @@ class AddressTests(SynchronousTestCase):
     def test_forwarded_for_needs_a_trusted_peer(self) -> None:
         untrusting = ClientGate()
         self.assertEqual(untrusting.client_address("127.0.0.1", ["203.0.113.9"]), "127.0.0.1")
-        gate = ClientGate(trusted_proxies=parse_networks(["127.0.0.1", "10.0.0.0/8"], "k"))
+        gate = ClientGate(trusted_proxies=[ip_network("127.0.0.1"), ip_network("10.0.0.0/8")])
         self.assertEqual(gate.client_address("198.51.100.1", ["203.0.113.9"]), "198.51.100.1")
         self.assertEqual(gate.client_address("127.0.0.1", ["203.0.113.9"]), "203.0.113.9")
         # A client cannot smuggle an address in front of the proxies' own entries.
@@ -74,7 +75,3 @@ class AddressTests(SynchronousTestCase):
         )
         self.assertEqual(gate.client_address("127.0.0.1", ["garbage"]), "127.0.0.1")
         self.assertEqual(gate.client_address("127.0.0.1", []), "127.0.0.1")
-
-    def test_bad_networks(self) -> None:
-        with self.assertRaises(ConfigError):
-            parse_networks(["10.0.0.0/33"], "api.allow_from")

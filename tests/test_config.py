@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import tomllib
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,18 @@ class APIAndPolicyKeyTests(SynchronousTestCase):
             with self.assertRaises(ConfigError, msg=(key, value)) as e:
                 parse_config(data)
             self.assertEqual(e.exception.key, f"{section}.{key}", (key, value))
+
+    def test_networks_are_parsed_once_here(self) -> None:
+        data = minimal()
+        data["api"] = {"allow_from": [" 10.1.2.3/8", "2001:db8::1"], "trusted_proxies": ["::1"]}
+        api = parse_config(data).api
+        self.assertEqual(api.allow_from, (ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")))
+        self.assertEqual(api.trusted_proxies, (ip_network("::1"),))
+        data["api"] = {"allow_from": ["10.0.0.0/8", "10.0.0.0/33"]}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "api.allow_from")
+        self.assertIn("'10.0.0.0/33' is not an address or CIDR", str(e.exception))
 
 
 class ReaderTests(ConfigTestCase):

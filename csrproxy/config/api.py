@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from pathlib import Path
 
-from csrproxy.config.model import APIConfig
+from csrproxy.config.model import APIConfig, Network
 from csrproxy.config.reader import Table
 
 
@@ -28,12 +28,12 @@ def parse_api(api: Table) -> APIConfig:
     return config
 
 
-def _networks(api: Table, key: str) -> tuple[str, ...]:
-    """Addresses or CIDRs."""
-    entries = api.strings(key, ())
-    for entry in entries:
+def _networks(api: Table, key: str) -> tuple[Network, ...]:
+    """A list of addresses or CIDRs (host bits allowed: ``10.1.2.3/8`` is ``10.0.0.0/8``)."""
+    networks = []
+    for entry in api.strings(key, ()):
         try:
-            ipaddress.ip_network(entry.strip(), strict=False)
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
         except ValueError as e:
             raise api.error(key, f"{entry!r} is not an address or CIDR: {e}") from None
-    return entries
+    return tuple(networks)

@@ -5,7 +5,11 @@ Defaults live here only; the section parsers read them from these classes.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
+
+#: An entry of ``[api] allow_from`` or ``trusted_proxies``: an address is a /32 or /128.
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True)
@@ -44,10 +48,10 @@ class APIConfig:
     idle_timeout: float = 60.0
     #: File of accepted bearer token hashes (see csrproxy.auth); None: no tokens needed.
     tokens_file: str | None = None
-    #: Client addresses or CIDRs allowed to use the API; empty: everyone.
-    allow_from: tuple[str, ...] = ()
+    #: Client networks allowed to use the API; empty: everyone.
+    allow_from: tuple[Network, ...] = ()
     #: Reverse proxies whose X-Forwarded-For is believed.
-    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxies: tuple[Network, ...] = ()
     #: One access-log line per request.
     access_log: bool = False
 
