@@ -1,4 +1,4 @@
-"""The challenge zone and the byte-level responder: every answering rule, without sockets."""
+"""The challenge zone and the server factory: every answering rule, without sockets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ import dns.message
 import dns.opcode
 import dns.rcode
 import dns.rdatatype
+import dns.rrset
+from twisted.internet.task import Clock
 from twisted.names import dns as tdns
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.dns.wire import Responder, parse_query
+from csrproxy.dns.factory import ZoneServerFactory
+from csrproxy.dns.testing import reply_to
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError
 
@@ -39,15 +42,25 @@ def make_zone() -> ChallengeZone:
     )
 
 
+def make_factory(zone: ChallengeZone) -> ZoneServerFactory:
+    return ZoneServerFactory(Clock(), zone)
+
+
+def respond(responder: ZoneServerFactory, packet: bytes, udp: int | None = 1232) -> bytes | None:
+    """The reply over UDP (``udp`` is our EDNS size, always 1232 here) or TCP (None)."""
+    assert udp in (1232, None)
+    return reply_to(responder, packet, tcp=udp is None)
+
+
 def ask(
-    responder: Responder,
+    responder: ZoneServerFactory,
     name: str,
     rdtype: str | int = "A",
     udp: int | None = 1232,
     **kwargs: object,
 ) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
-    wire = responder.respond(query.to_wire(), udp)
+    wire = respond(responder, query.to_wire(), udp)
     assert wire is not None
     return dns.message.from_wire(wire)
 
@@ -95,7 +108,7 @@ class ZoneConfigTests(SynchronousTestCase):
 
     def test_hostmaster_mailbox(self) -> None:
         zone = ChallengeZone(ORIGIN, ["ns1." + ORIGIN], [], hostmaster="ops.team@example.org")
-        response = ask(Responder(zone), ORIGIN, "SOA")
+        response = ask(make_factory(zone), ORIGIN, "SOA")
         soa = response.answer[0][0]
         self.assertEqual(soa.rname.labels[0], b"ops.team")
         self.assertEqual(soa.rname.labels[1:], (b"example", b"org", b""))
@@ -127,7 +140,7 @@ class ChallengeRecordTests(SynchronousTestCase):
 
     def test_serial_increases(self) -> None:
         zone = make_zone()
-        responder = Responder(zone)
+        responder = make_factory(zone)
         first = ask(responder, ORIGIN, "SOA").answer[0][0].serial
         zone.add_txt(CHALLENGE, "a")
         second = ask(responder, ORIGIN, "SOA").answer[0][0].serial
@@ -138,7 +151,7 @@ class ChallengeRecordTests(SynchronousTestCase):
 
     def test_values_served_and_withdrawn(self) -> None:
         zone = make_zone()
-        responder = Responder(zone)
+        responder = make_factory(zone)
         # Before and after: the apex wildcard covers the name, and it has no TXT.
         self.assertEqual(ask(responder, CHALLENGE, "TXT").answer, [])
         zone.add_txt(CHALLENGE, "first")
@@ -157,7 +170,7 @@ class ChallengeRecordTests(SynchronousTestCase):
     def test_long_value_split(self) -> None:
         zone = make_zone()
         zone.add_txt(CHALLENGE, "x" * 300)
-        txt = ask(Responder(zone), CHALLENGE, "TXT").answer[0][0]
+        txt = ask(make_factory(zone), CHALLENGE, "TXT").answer[0][0]
         self.assertEqual(b"".join(txt.strings), b"x" * 300)
 
 
@@ -165,7 +178,7 @@ class AnswerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.zone = make_zone()
         self.zone.add_txt(CHALLENGE, "token")
-        self.responder = Responder(self.zone)
+        self.responder = make_factory(self.zone)
 
     def test_positive_answer_is_authoritative(self) -> None:
         response = ask(self.responder, ORIGIN, "A")
@@ -220,9 +233,9 @@ class AnswerTests(SynchronousTestCase):
     def test_case_preserved_byte_for_byte(self) -> None:
         query = dns.message.make_query("_AcMe-ChAlLeNgE.DeMo.gO.ExAmPlE.tEsT", "TXT")
         wire = query.to_wire()
-        response = self.responder.respond(wire, 1232)
+        response = respond(self.responder, wire, 1232)
         assert response is not None
-        question_end = parse_query(wire).question_end
+        question_end = 12 + len(query.question[0].name.to_wire() or b"") + 4
         self.assertEqual(response[12:question_end], wire[12:question_end])
         self.assertEqual(dns.message.from_wire(response).answer[0][0].strings, (b"token",))
 
@@ -275,10 +288,27 @@ class AnswerTests(SynchronousTestCase):
                 self.assertEqual(rcode(response), dns.rcode.REFUSED)
                 self.assertEqual(response.answer, [])
 
+    def test_ixfr_with_its_soa_refused(self) -> None:
+        # RFC 1995: an IXFR query carries the client's SOA in the authority section.
+        for name in [ORIGIN, "other.org"]:
+            query = dns.message.make_query(name, "IXFR")
+            query.authority.append(
+                dns.rrset.from_text(
+                    name + ".", 0, "IN", "SOA", "ns1.x. hostmaster.x. 99 3600 600 604800 10"
+                )
+            )
+            for udp in (1232, None):
+                wire = respond(self.responder, query.to_wire(), udp)
+                assert wire is not None
+                response = dns.message.from_wire(wire)
+                self.assertEqual(rcode(response), dns.rcode.REFUSED, (name, udp))
+                self.assertEqual((response.answer, response.authority), ([], []))
+                self.assertEqual(response.question[0].rdtype, dns.rdatatype.IXFR)
+
     def test_unknown_opcode_notimp(self) -> None:
         query = dns.message.make_query(ORIGIN, "SOA")
         query.set_opcode(dns.opcode.NOTIFY)
-        wire = self.responder.respond(query.to_wire(), 1232)
+        wire = respond(self.responder, query.to_wire(), 1232)
         assert wire is not None
         response = dns.message.from_wire(wire)
         self.assertTrue(response.flags & dns.flags.QR)
@@ -288,7 +318,7 @@ class AnswerTests(SynchronousTestCase):
     def test_rd_copied_never_ra(self) -> None:
         query = dns.message.make_query(ORIGIN, "A")
         query.flags &= ~dns.flags.RD
-        wire = self.responder.respond(query.to_wire(), 1232)
+        wire = respond(self.responder, query.to_wire(), 1232)
         assert wire is not None
         self.assertFalse(dns.message.from_wire(wire).flags & (dns.flags.RD | dns.flags.RA))
         self.assertTrue(ask(self.responder, ORIGIN, "A").flags & dns.flags.RD)
@@ -297,7 +327,7 @@ class AnswerTests(SynchronousTestCase):
         query = tdns.Message(id=7, recDes=True)
         query.queries = [tdns.Query(b"Go.Example.Test", tdns.SOA, tdns.IN)]
         response = tdns.Message()
-        response.fromStr(self.zone.answer(query, 512))
+        response.fromStr(respond(self.responder, query.toStr()) or b"")
         self.assertEqual((response.id, response.auth, response.rCode), (7, True, 0))
         self.assertEqual(response.queries[0].name.name, b"Go.Example.Test")
 
@@ -307,11 +337,11 @@ class SizeAndEDNSTests(SynchronousTestCase):
         self.zone = make_zone()
         for index in range(30):
             self.zone.add_txt(CHALLENGE, f"{index:02d}" + "v" * 41)  # ~55 bytes per record
-        self.responder = Responder(self.zone)
+        self.responder = make_factory(self.zone)
 
     def test_udp_limit_512_without_edns(self) -> None:
         query = dns.message.make_query(CHALLENGE, "TXT").to_wire()
-        wire = self.responder.respond(query, 1232)
+        wire = respond(self.responder, query, 1232)
         assert wire is not None
         self.assertLessEqual(len(wire), 512)
         response = dns.message.from_wire(wire)
@@ -328,7 +358,7 @@ class SizeAndEDNSTests(SynchronousTestCase):
         for index in range(1, 12):
             self.zone.remove_txt(CHALLENGE, f"{index:02d}" + "v" * 41)
         query = dns.message.make_query(CHALLENGE, "TXT", use_edns=0, payload=4096).to_wire()
-        wire = self.responder.respond(query, 1232)
+        wire = respond(self.responder, query, 1232)
         assert wire is not None
         self.assertLessEqual(len(wire), 1232)
         self.assertEqual(len(dns.message.from_wire(wire).answer[0]), 18)
@@ -364,11 +394,11 @@ class SizeAndEDNSTests(SynchronousTestCase):
 
 class MalformedInputTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.responder = Responder(make_zone())
+        self.responder = make_factory(make_zone())
         self.query = dns.message.make_query(ORIGIN, "SOA", id=0x4242).to_wire()
 
     def rcode_of(self, packet: bytes) -> int | None:
-        wire = self.responder.respond(packet, 1232)
+        wire = respond(self.responder, packet, 1232)
         if wire is None:
             return None
         self.assertTrue(wire[2] & 0x80)
@@ -392,9 +422,13 @@ class MalformedInputTests(SynchronousTestCase):
     def test_compression_loop_formerr(self) -> None:
         header = b"\x12\x34\x00\x00\x00\x01\x00\x00\x00\x00\x00\x00"
         self.assertEqual(self.rcode_of(header + b"\xc0\x0c\x00\x01\x00\x01"), 1)
-        # A loop in an additional record's owner is skipped, never followed.
+        # A loop in an additional record's owner: twisted's decoder sees it (and bounds
+        # pointer jumps per message), so the query is malformed.
         looped = header[:11] + b"\x01" + self.query[12:] + b"\xc0\x21\x00\x10\x00\x01" + bytes(6)
-        self.assertEqual(self.rcode_of(looped), 0)
+        self.assertEqual(self.rcode_of(looped), 1)
+        # A pointer in an additional record's owner to the question is fine.
+        pointing = header[:11] + b"\x01" + self.query[12:] + b"\xc0\x0c\x00\x10\x00\x01" + bytes(6)
+        self.assertEqual(self.rcode_of(pointing), 0)
 
     def test_two_questions_formerr(self) -> None:
         packet = self.query[:4] + b"\x00\x02" + self.query[6:] + self.query[12:]
@@ -416,7 +450,9 @@ class MalformedInputTests(SynchronousTestCase):
         self.assertEqual(self.rcode_of(packet), 1)
 
     def test_meta_types(self) -> None:
-        packet = self.query[:-4] + struct.pack("!HH", 41, 1)
-        self.assertEqual(self.rcode_of(packet), 1)
-        packet = self.query[:-4] + struct.pack("!HH", 254, 1)
-        self.assertEqual(self.rcode_of(packet), 4)
+        for meta in (0, 41, 249, 250):
+            packet = self.query[:-4] + struct.pack("!HH", meta, 1)
+            self.assertEqual(self.rcode_of(packet), 1, meta)
+        for mail in (253, 254):
+            packet = self.query[:-4] + struct.pack("!HH", mail, 1)
+            self.assertEqual(self.rcode_of(packet), 4, mail)

@@ -8,12 +8,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
+from twisted.names import dns as tdns
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.client import ACMEClient
-from csrproxy.acme.order import PollSchedule, obtain_chain
+from csrproxy.acme.order import OrderRun, PollSchedule, obtain_chain
 from csrproxy.acme.transport import ACMEResponse
-from csrproxy.dns import records as rr
+from csrproxy.dns.factory import ZoneServerFactory
+from csrproxy.dns.testing import reply_to
 from csrproxy.lookups import WatchedZone
 from tests.test_acme import ACCOUNT_KEY, ACMETestMixin, csr_der
 
@@ -41,7 +43,12 @@ class PollNudgeTests(SynchronousTestCase):
     def poll(self, nudge: Deferred[float] | None) -> Deferred[dict[str, Any]]:
         return Deferred.fromCoroutine(
             self.client.poll(
-                URL, lambda d: d["status"] == "valid", 1.0, 8.0, 100.0, "authz-poll", nudge
+                URL,
+                lambda doc, url: doc,
+                lambda d: d["status"] == "valid",
+                PollSchedule(1.0, 8.0, 100.0),
+                "authz-poll",
+                nudge,
             )
         )
 
@@ -98,25 +105,40 @@ class PollNudgeTests(SynchronousTestCase):
 class WatchedZoneTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.zone = WatchedZone("go.example.test", ["ns1.go.example.test"], [], ttl=60)
-        self.wire = rr.name_to_wire("_acme-challenge.a.go.example.test")
+        self.name = "_acme-challenge.a.go.example.test"
+        self.key = self.name.encode()
 
     def test_fires_at_the_txt_lookup_and_answers_as_before(self) -> None:
-        self.zone.add_txt("_acme-challenge.a.go.example.test", "v")
+        self.zone.add_txt(self.name, "v")
         seen = self.zone.watch("a.go.example.test")
-        self.zone.lookup(rr.name_to_wire("_acme-challenge.b.go.example.test"), rr.TXT)
-        self.zone.lookup(self.wire, rr.A)
+        self.failureResultOf(self.zone.lookupText("_acme-challenge.b.go.example.test"))
+        self.successResultOf(self.zone.lookupAddress(self.name))
         self.assertNoResult(seen)
-        found = self.zone.lookup(self.wire, rr.TXT)
+        found = self.zone.lookupText(self.name.upper())
         self.assertIsNone(self.successResultOf(seen))
-        self.assertEqual(len(found.answer), 1)
+        answers, _, _ = self.successResultOf(found)
+        self.assertEqual(len(answers), 1)
         self.assertEqual(self.zone._watches, {})
+
+    def test_fires_for_a_query_through_the_server(self) -> None:
+        factory = ZoneServerFactory(Clock(), self.zone)
+        self.zone.add_txt(self.name, "v")
+        query = tdns.Message(id=1)
+        query.queries = [tdns.Query(self.name, tdns.TXT)]
+        reply_to(factory, query.toStr())  # cached now
+        seen = self.zone.watch("a.go.example.test")
+        reply_to(factory, query.toStr())
+        self.assertNoResult(seen)  # the answer cache served it, the zone saw nothing
+        self.zone.add_txt(self.name, "w")
+        reply_to(factory, query.toStr())
+        self.assertIsNone(self.successResultOf(seen))
 
     def test_cancelled_watch_is_forgotten(self) -> None:
         seen = self.zone.watch("a.go.example.test")
         other = self.zone.watch("a.go.example.test")
         seen.cancel()
         self.failureResultOf(seen)
-        self.assertEqual(len(self.zone._watches[self.wire]), 1)
+        self.assertEqual(len(self.zone._watches[self.key]), 1)
         other.cancel()
         self.failureResultOf(other)
         self.assertEqual(self.zone._watches, {})
@@ -134,7 +156,7 @@ class ObtainWithWatchTests(ACMETestMixin, SynchronousTestCase):
         recorded: list[int] = []
         names = ["a.go.example.test", "b.go.example.test"]
         schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + 300)
-        coro = obtain_chain(
+        run = OrderRun(
             self.make_client(),
             names,
             csr_der(names),
@@ -143,6 +165,7 @@ class ObtainWithWatchTests(ACMETestMixin, SynchronousTestCase):
             on_order=lambda url: recorded.append(len(self.responder.published)),
             watch=watch,
         )
+        coro = obtain_chain(run)
         [chain] = self.drive(Deferred.fromCoroutine(coro))
         self.assertTrue(chain.pem)
         self.assertEqual(sorted(i for i, _ in watched), names)

@@ -1,129 +1,121 @@
-"""Resource records of the zone: names in wire form, zone-file lines, RDATA encoding.
+"""The zone's records as twisted.names objects: names, zone-file lines, and CAA.
 
-Names are kept as lowercase wire-format ``bytes`` (length-prefixed labels ending in
-a zero byte): unambiguous for any label content and directly comparable to a query.
+Names are twisted.names' dotted ``bytes``, lowercase, without the trailing dot
+(``b""`` is the root). A configured name is checked label by label here, so a
+name in the zone never holds a dot inside a label and the dotted form is exact.
+Wire encoding is ``twisted.names.dns``'s; this module only reads zone-file text.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
-from dataclasses import dataclass
+from typing import IO
 
-A = 1
-NS = 2
-CNAME = 5
-SOA = 6
-PTR = 12
-HINFO = 13
-MX = 15
-TXT = 16
-AAAA = 28
-SRV = 33
-OPT = 41
-IXFR = 251
-AXFR = 252
-MAILB = 253
-MAILA = 254
-ANY = 255
+from twisted.names import dns
+from twisted.python import util as tputil
+from zope.interface import implementer
+
 CAA = 257
 
 TYPE_CODES = {
-    "A": A, "NS": NS, "CNAME": CNAME, "PTR": PTR, "MX": MX, "TXT": TXT,
-    "AAAA": AAAA, "SRV": SRV, "CAA": CAA,
+    "A": dns.A, "NS": dns.NS, "CNAME": dns.CNAME, "PTR": dns.PTR, "MX": dns.MX,
+    "TXT": dns.TXT, "AAAA": dns.AAAA, "SRV": dns.SRV, "CAA": CAA,
 }  # fmt: skip
 
 MAX_TTL = 2**31 - 1
-ROOT = b"\x00"
 
 
-@dataclass(frozen=True)
-class NameRef:
-    """A domain name inside RDATA that may be compressed (RFC 1035 4.1.4, RFC 3597)."""
+@implementer(dns.IEncodableRecord)
+class Record_CAA(tputil.FancyEqMixin, tputil.FancyStrMixin):  # noqa: N801 (twisted's naming)
+    """Certification Authority Authorization (RFC 8659), which twisted.names lacks.
 
-    wire: bytes
+    ``flags`` is the flags octet, ``tag`` the property tag (``b"issue"``) and
+    ``value`` the property value as raw bytes.
+    """
+
+    TYPE = CAA
+    fancybasename = "CAA"
+    showAttributes = ("flags", "tag", "value", "ttl")
+    compareAttributes = ("flags", "tag", "value", "ttl")
+
+    def __init__(
+        self, flags: int = 0, tag: bytes = b"", value: bytes = b"", ttl: int | None = None
+    ) -> None:
+        self.flags = flags
+        self.tag = tag
+        self.value = value
+        self.ttl = ttl
+
+    def encode(self, strio: IO[bytes], compDict: dict[bytes, int] | None = None) -> None:
+        strio.write(struct.pack("!BB", self.flags, len(self.tag)) + self.tag + self.value)
+
+    def decode(self, strio: IO[bytes], length: int | None = None) -> None:
+        if length is None:
+            raise ValueError("a CAA record needs its RDATA length")
+        self.flags, tag_length = struct.unpack("!BB", dns.readPrecisely(strio, 2))
+        self.tag = dns.readPrecisely(strio, tag_length)
+        self.value = dns.readPrecisely(strio, length - 2 - tag_length)
+
+    def __hash__(self) -> int:
+        return hash((self.flags, self.tag, self.value))
 
 
-RDataPart = bytes | NameRef
+class Mailbox(dns.Name):
+    """An SOA RNAME whose first label is a mailbox's local part, dots and all (RFC 1035 8).
+
+    ``dns.Name`` keeps names dotted, so ``ops.team@example.org`` would become four
+    labels; this writes ``ops.team`` as one, then the domain (compressible).
+    """
+
+    def __init__(self, local: bytes, domain: bytes) -> None:
+        super().__init__(local + b"." + domain)
+        self.local = local
+        self.domain = dns.Name(domain)
+
+    def encode(self, strio: IO[bytes], compDict: dict[bytes, int] | None = None) -> None:
+        strio.write(bytes([len(self.local)]) + self.local)
+        self.domain.encode(strio, compDict)
 
 
-@dataclass(frozen=True)
-class Record:
-    """One resource record: owner (lowercase wire name), type, TTL and RDATA parts."""
-
-    owner: bytes
-    rtype: int
-    ttl: int
-    rdata: tuple[RDataPart, ...]
-
-
-def name_to_wire(name: str) -> bytes:
-    """The lowercase wire form of a dotted ASCII name; a trailing dot is optional.
+def normalize_name(name: str) -> bytes:
+    """The lowercase dotted ``bytes`` form of an ASCII name; a trailing dot is optional.
 
     Raises ``ValueError`` for empty labels, labels over 63 bytes, names over 255
-    bytes or non-ASCII text (give IDNs in their ``xn--`` form).
+    bytes in wire form or non-ASCII text (give IDNs in their ``xn--`` form).
     """
     text = name.strip().lower()
     if text.endswith("."):
         text = text[:-1]
     if not text:
-        return ROOT
+        return b""
     try:
         raw = text.encode("ascii")
     except UnicodeEncodeError:
         raise ValueError(f"{name!r} is not ASCII (use the xn-- form)") from None
-    out = bytearray()
     for label in raw.split(b"."):
         if not label:
             raise ValueError(f"{name!r} has an empty label")
         if len(label) > 63:
             raise ValueError(f"{name!r} has a label longer than 63 bytes")
-        out.append(len(label))
-        out += label
-    out.append(0)
-    if len(out) > 255:
+    if len(raw) + 2 > 255:
         raise ValueError(f"{name!r} is longer than 255 bytes")
-    return bytes(out)
+    return raw
 
 
-def wire_to_text(wire: bytes) -> str:
-    """The dotted text of a wire name, without the trailing dot ("" for the root)."""
-    return ".".join(label.decode("ascii", "backslashreplace") for label in split_labels(wire))
+def name_text(name: bytes) -> str:
+    """The dotted text of a name, without the trailing dot ("" for the root)."""
+    return name.decode("ascii", "backslashreplace")
 
 
-def split_labels(wire: bytes) -> list[bytes]:
-    """The labels of an uncompressed wire name."""
-    labels = []
-    pos = 0
-    while wire[pos]:
-        length = wire[pos]
-        labels.append(wire[pos + 1 : pos + 1 + length])
-        pos += length + 1
-    return labels
+def is_within(name: bytes, origin: bytes) -> bool:
+    """True when the lowercase ``name`` is ``origin`` or below it (label-aligned)."""
+    return name == origin or not origin or name.endswith(b"." + origin)
 
 
-def suffix_offsets(wire: bytes) -> list[int]:
-    """Offsets of every label start in a wire name, the root excluded."""
-    offsets = []
-    pos = 0
-    while wire[pos]:
-        offsets.append(pos)
-        pos += wire[pos] + 1
-    return offsets
-
-
-def is_within(wire: bytes, origin: bytes) -> bool:
-    """True when ``wire`` is ``origin`` or below it (label-aligned)."""
-    if wire == origin:
-        return True
-    if not wire.endswith(origin):
-        return False
-    return (len(wire) - len(origin)) in suffix_offsets(wire)
-
-
-def parent(wire: bytes) -> bytes:
-    """The wire name one label up (the root stays the root)."""
-    return wire[wire[0] + 1 :] if wire[0] else wire
+def parent(name: bytes) -> bytes:
+    """The name one label up (the root stays the root)."""
+    return name.partition(b".")[2]
 
 
 def tokenize(line: str) -> list[tuple[bytes, bool]]:
@@ -180,26 +172,26 @@ def resolve_name(text: str, origin: bytes) -> bytes:
     if text == "@":
         return origin
     if text.endswith("."):
-        return name_to_wire(text)
-    wire = name_to_wire(text)[:-1] + origin
-    if len(wire) > 255:
+        return normalize_name(text)
+    name = normalize_name(text) + b"." + origin
+    if len(name) + 2 > 255:
         raise ValueError(f"{text!r} is too long below the origin")
-    return wire
+    return name
 
 
-def character_strings(data: bytes) -> bytes:
-    """``data`` as one or more <character-string>s of at most 255 bytes each."""
-    if not data:
-        return b"\x00"
-    return b"".join(
-        bytes([len(data[i : i + 255])]) + data[i : i + 255] for i in range(0, len(data), 255)
-    )
+def txt_strings(data: bytes) -> list[bytes]:
+    """``data`` as the <character-string>s of one TXT record, at most 255 bytes each."""
+    return [data[i : i + 255] for i in range(0, len(data), 255)] or [b""]
 
 
-def parse_record(line: str, origin: bytes, default_ttl: int) -> Record:
+def parse_record(
+    line: str, origin: bytes, default_ttl: int
+) -> tuple[bytes, int, int, dns.IEncodableRecord]:
     """Parse ``<owner> [<ttl>] [IN] <type> <rdata>`` relative to ``origin``.
 
-    Raises ``ValueError`` saying what is wrong.
+    Returns ``(owner, type, ttl, payload)``, the payload a twisted.names record
+    (``dns.Record_A`` ... or :class:`Record_CAA`) carrying ``ttl``. Raises
+    ``ValueError`` saying what is wrong.
     """
     tokens = tokenize(line)
     if len(tokens) < 2:
@@ -209,7 +201,7 @@ def parse_record(line: str, origin: bytes, default_ttl: int) -> Record:
         raise ValueError("the owner name must not be quoted")
     owner = resolve_name(owner_token.decode("ascii", "replace"), origin)
     if not is_within(owner, origin):
-        raise ValueError(f"{wire_to_text(owner)} is outside the zone {wire_to_text(origin)}")
+        raise ValueError(f"{name_text(owner)} is outside the zone {name_text(origin)}")
     ttl = default_ttl
     rest = tokens[1:]
     while rest and not rest[0][1]:
@@ -228,8 +220,8 @@ def parse_record(line: str, origin: bytes, default_ttl: int) -> Record:
         known = ", ".join(sorted(TYPE_CODES))
         raise ValueError(f"unsupported record type {type_name!r} (supported: {known})")
     rtype = TYPE_CODES[type_name]
-    rdata = _parse_rdata(rtype, [token for token, _ in rest[1:]], origin)
-    return Record(owner, rtype, ttl, rdata)
+    payload = _parse_rdata(rtype, [token for token, _ in rest[1:]], origin, ttl)
+    return owner, rtype, ttl, payload
 
 
 def _expect(args: list[bytes], count: int, what: str) -> list[str]:
@@ -244,38 +236,40 @@ def _uint(text: str, bits: int, what: str) -> int:
     return int(text)
 
 
-def _parse_rdata(rtype: int, args: list[bytes], origin: bytes) -> tuple[RDataPart, ...]:
-    if rtype == A:
+def _parse_rdata(rtype: int, args: list[bytes], origin: bytes, ttl: int) -> dns.IEncodableRecord:
+    if rtype == dns.A:
         (text,) = _expect(args, 1, "an IPv4 address")
-        return (ipaddress.IPv4Address(text).packed,)
-    if rtype == AAAA:
+        return dns.Record_A(str(ipaddress.IPv4Address(text)), ttl)
+    if rtype == dns.AAAA:
         (text,) = _expect(args, 1, "an IPv6 address")
-        return (ipaddress.IPv6Address(text).packed,)
-    if rtype in (CNAME, NS, PTR):
+        return dns.Record_AAAA(str(ipaddress.IPv6Address(text)), ttl)
+    if rtype in (dns.CNAME, dns.NS, dns.PTR):
         (text,) = _expect(args, 1, "one domain name")
-        return (NameRef(resolve_name(text, origin)),)
-    if rtype == MX:
+        target = resolve_name(text, origin)
+        if rtype == dns.CNAME:
+            return dns.Record_CNAME(target, ttl)
+        if rtype == dns.NS:
+            return dns.Record_NS(target, ttl)
+        return dns.Record_PTR(target, ttl)
+    if rtype == dns.MX:
         pref, text = _expect(args, 2, "'<preference> <exchange>'")
-        return (
-            struct.pack("!H", _uint(pref, 16, "preference")),
-            NameRef(resolve_name(text, origin)),
-        )
-    if rtype == SRV:
+        return dns.Record_MX(_uint(pref, 16, "preference"), resolve_name(text, origin), ttl)
+    if rtype == dns.SRV:
         prio, weight, port, text = _expect(args, 4, "'<priority> <weight> <port> <target>'")
-        fields = struct.pack(
-            "!HHH",
+        # twisted.names writes the SRV target uncompressed, as RFC 2782 asks.
+        return dns.Record_SRV(
             _uint(prio, 16, "priority"),
             _uint(weight, 16, "weight"),
             _uint(port, 16, "port"),
+            resolve_name(text, origin),
+            ttl,
         )
-        # RFC 2782: the SRV target is never compressed.
-        return (fields + resolve_name(text, origin),)
-    if rtype == TXT:
+    if rtype == dns.TXT:
         if not args:
             raise ValueError("expected at least one string")
         if any(len(arg) > 255 for arg in args):
             raise ValueError("a TXT string is longer than 255 bytes")
-        return (b"".join(bytes([len(arg)]) + arg for arg in args),)
+        return dns.Record_TXT(*args, ttl=ttl)
     if rtype == CAA:
         if len(args) != 3:
             raise ValueError("expected '<flags> <tag> <value>'")
@@ -283,39 +277,5 @@ def _parse_rdata(rtype: int, args: list[bytes], origin: bytes) -> tuple[RDataPar
         tag = args[1]
         if not (1 <= len(tag) <= 15 and tag.isalnum() and tag.isascii()):
             raise ValueError("the CAA tag must be 1 to 15 ASCII letters or digits")
-        return (bytes([flags, len(tag)]) + tag.lower() + args[2],)
+        return Record_CAA(flags, tag.lower(), args[2], ttl)
     raise ValueError(f"unsupported record type {rtype}")  # pragma: no cover
-
-
-def encode_name(name: bytes, out: bytearray, table: dict[bytes, int]) -> None:
-    """Append ``name`` to the message ``out``, compressed against ``table``.
-
-    ``table`` maps name suffixes (lowercase wire) to their offsets in ``out``;
-    new suffixes written here are added to it.
-    """
-    pos = 0
-    while name[pos]:
-        pointer = table.get(name[pos:])
-        if pointer is not None:
-            out += struct.pack("!H", 0xC000 | pointer)
-            return
-        if len(out) < 0x3FFF:
-            table[name[pos:]] = len(out)
-        end = pos + name[pos] + 1
-        out += name[pos:end]
-        pos = end
-    out.append(0)
-
-
-def encode_record(record: Record, owner: bytes, out: bytearray, table: dict[bytes, int]) -> None:
-    """Append ``record`` (owned by ``owner``, which may differ for wildcards) to ``out``."""
-    encode_name(owner, out, table)
-    out += struct.pack("!HHI", record.rtype, 1, record.ttl)
-    length_at = len(out)
-    out += b"\x00\x00"
-    for part in record.rdata:
-        if isinstance(part, NameRef):
-            encode_name(part.wire, out, table)
-        else:
-            out += part
-    struct.pack_into("!H", out, length_at, len(out) - length_at - 2)

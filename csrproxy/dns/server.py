@@ -1,12 +1,14 @@
-"""The DNS listeners: UDP and TCP on every configured address, answering from a zone."""
+"""The DNS listeners: UDP and TCP on every configured address, answering from a zone.
+
+The protocols are twisted.names' (``csrproxy.dns.protocols``) and the answering
+is a ``twisted.names.server.DNSServerFactory`` (``csrproxy.dns.factory``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import ipaddress
 import socket
-import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -14,18 +16,12 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
-from twisted.logger import Logger
-from twisted.python.failure import Failure
 
-from csrproxy.dns.wire import UDP_MAX, Responder
+from csrproxy.dns.factory import MAX_TCP_CONNECTIONS, TCP_IDLE_TIMEOUT, ZoneServerFactory
+from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 
-log = Logger()
-
-TCP_IDLE_TIMEOUT = 30.0
-MAX_TCP_CONNECTIONS = 512
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
 _PORT_ZERO_ATTEMPTS = 8
 
@@ -53,99 +49,15 @@ def parse_listen(spec: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class DNSDatagramProtocol(DatagramProtocol):
-    """Answers each UDP query with one datagram, or drops it."""
-
-    def __init__(self, responder: Responder) -> None:
-        self._respond = responder.respond
-        self._sendto: Callable[[bytes, Any], object] | None = None
-
-    def startProtocol(self) -> None:
-        # Port.write re-validates the address on every call; the socket needs no such care
-        # for addresses that recvfrom just gave us.
-        sock = getattr(self.transport, "socket", None)
-        self._sendto = sock.sendto if sock is not None else None
-
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        if addr[1] == 0:
-            return  # nobody can receive on port 0
-        try:
-            response = self._respond(datagram, UDP_MAX)
-        except Exception:
-            log.failure("DNS query from {addr} crashed the responder", addr=addr)
-            return
-        if response is None:
-            return
-        try:
-            if self._sendto is not None:
-                self._sendto(response, addr)
-            else:
-                transport: Any = self.transport
-                transport.write(response, addr)
-        except OSError as e:
-            # A full send buffer or an ICMP error: drop, as UDP may.
-            if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNREFUSED, errno.ENOBUFS):
-                log.warn("DNS reply to {addr} failed: {error}", addr=addr, error=e)
-
-
-class DNSStreamProtocol(Protocol):
-    """DNS over TCP (RFC 7766): length-prefixed queries, pipelined, with an idle timeout."""
-
-    def __init__(self, server: DNSServerService) -> None:
-        self._server = server
-        self._buffer = bytearray()
-        self._timer: Any = None  # an IDelayedCall
-        self.closed: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        if len(self._server.connections) >= self._server.max_tcp_connections:
-            cast(Any, self.transport).abortConnection()  # keep file descriptors for others
-            return
-        self._server.connections.add(self)
-        self._timer = self._server.reactor.callLater(self._server.tcp_idle_timeout, self._idle)
-
-    def _idle(self) -> None:
-        self._timer = None
-        transport: Any = self.transport
-        transport.abortConnection()
-
-    def dataReceived(self, data: bytes) -> None:
-        buffer = self._buffer
-        buffer += data
-        transport: Any = self.transport
-        while len(buffer) >= 2:
-            length = buffer[0] << 8 | buffer[1]
-            if len(buffer) < 2 + length:
-                break
-            packet = bytes(buffer[2 : 2 + length])
-            del buffer[: 2 + length]
-            try:
-                response = self._server.responder.respond(packet, None)
-            except Exception:
-                log.failure("DNS query over TCP crashed the responder")
-                transport.abortConnection()
-                return
-            if response is not None:
-                transport.write(struct.pack("!H", len(response)) + response)
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self._server.tcp_idle_timeout)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self._server.connections.discard(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if not self.closed.called:
-            self.closed.callback(None)
-
-
 class DNSServerService(Service):
     """Serves ``zone`` over UDP and TCP on every ``listen`` address.
 
     Ports are bound in ``privilegedStartService`` (so port 53 binds before privileges
     drop); a failure raises ``ListenError(<listen string>, <reason>)``. ``ports``
-    holds the listening ports once started. ``stopService`` closes them all and
-    returns a Deferred that fires when they are closed.
+    holds the listening ports once started; ``factory`` (one
+    :class:`ZoneServerFactory` for every address and both transports) answers the
+    queries. ``stopService`` closes them all and returns a Deferred that fires when
+    they are closed.
     """
 
     def __init__(
@@ -161,12 +73,20 @@ class DNSServerService(Service):
         self.zone = zone
         self.listen = list(listen)
         self._addresses = [parse_listen(spec) for spec in self.listen]
-        self.responder = Responder(zone, on_rcode)
-        self.tcp_idle_timeout = tcp_idle_timeout
-        self.max_tcp_connections = max_tcp_connections
+        self.factory = ZoneServerFactory(
+            reactor,
+            zone,
+            on_rcode,
+            tcp_idle_timeout=tcp_idle_timeout,
+            max_tcp_connections=max_tcp_connections,
+        )
         self.ports: list[IListeningPort] = []
-        self.connections: set[DNSStreamProtocol] = set()
         self._bound = False
+
+    @property
+    def connections(self) -> set[DNSStreamProtocol]:
+        """The open TCP connections."""
+        return self.factory.connections
 
     def privilegedStartService(self) -> None:
         cast(Any, super()).privilegedStartService()
@@ -190,12 +110,14 @@ class DNSServerService(Service):
         self._bound = True
 
     def _bind_one(self, spec: str, host: str, port: int) -> list[IListeningPort]:
-        factory = Factory.forProtocol(lambda: DNSStreamProtocol(self))
         attempts = _PORT_ZERO_ATTEMPTS if port == 0 else 1
         for attempt in range(attempts):
             try:
                 udp = self.reactor.listenUDP(
-                    port, DNSDatagramProtocol(self.responder), interface=host, maxPacketSize=65535
+                    port,
+                    DNSDatagramProtocol(self.factory),
+                    interface=host,
+                    maxPacketSize=65535,
                 )
             except CannotListenError as e:
                 raise ListenError(spec, f"UDP: {e.socketError}") from e
@@ -203,7 +125,7 @@ class DNSServerService(Service):
             try:
                 # Port 0: TCP takes the port number the kernel gave UDP.
                 tcp = self.reactor.listenTCP(
-                    udp.getHost().port, factory, backlog=128, interface=host
+                    udp.getHost().port, self.factory, backlog=128, interface=host
                 )
             except CannotListenError as e:
                 udp.stopListening()

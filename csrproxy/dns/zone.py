@@ -2,47 +2,51 @@
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.names import common, dns, error
 
 from csrproxy.dns import records as rr
-from csrproxy.dns.records import NameRef, Record
 from csrproxy.errors import ConfigError
-
-if TYPE_CHECKING:
-    from twisted.names import dns
-
-NOERROR, FORMERR, SERVFAIL, NXDOMAIN, NOTIMP, REFUSED = 0, 1, 2, 3, 4, 5
-BADVERS = 16
 
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 604800
 # RFC 8482 section 4.2: the synthesised answer to ANY.
-RFC8482_HINFO = b"\x07RFC8482\x00"
+RFC8482_HINFO = (b"RFC8482", b"")
 MAX_CNAME_CHAIN = 8
 
-Node = dict[int, tuple[Record, ...]]
+Records = list[dns.RRHeader]
+Result = tuple[Records, Records, Records]
+# A node: record type -> the records of that type (payloads carry their TTL).
+Node = dict[int, tuple[Any, ...]]
 
 
-@dataclass(frozen=True)
-class Lookup:
-    """What the zone says about one question: rcode, AA, and the records to send."""
+class NameNotFound(dns.AuthoritativeDomainError):
+    """NXDOMAIN inside the zone, with what the response still carries (RFC 2308, 6604).
 
-    rcode: int
-    authoritative: bool
-    answer: tuple[tuple[bytes, Record], ...] = ()  # (owner as sent, record)
-    authority: tuple[tuple[bytes, Record], ...] = ()
+    ``answers`` holds the CNAME chain that led to the missing name (often empty)
+    and ``authority`` the SOA.
+    """
+
+    def __init__(self, name: bytes, answers: Records, authority: Records) -> None:
+        super().__init__(name)
+        self.name = name
+        self.answers = answers
+        self.authority = authority
 
 
-REFUSED_LOOKUP = Lookup(REFUSED, False)
-NOTIMP_LOOKUP = Lookup(NOTIMP, False)
-FORMERR_LOOKUP = Lookup(FORMERR, False)
-
-
-class ChallengeZone:
+class ChallengeZone(common.ResolverBase):
     """The in-memory authoritative zone: SOA, NS, static records, and challenge TXT records.
+
+    An authority in twisted.names' sense: ``query`` and the ``lookup*`` methods
+    return Deferreds (fired at once) of ``(answers, authority, additional)``
+    lists of ``dns.RRHeader``, following ``authority.FileAuthority``'s rules
+    with the conformance fixes: the SOA (TTL min(TTL, MINIMUM)) in the authority
+    section of NODATA and of NXDOMAIN (a :class:`NameNotFound` failure), NODATA
+    for empty non-terminals, RFC 4592 wildcards, in-zone CNAME chains, RFC 8482
+    ANY; a name outside the zone, or a transfer, fails with ``DomainError``.
 
     ``origin`` is stored lowercase without the trailing dot. Static ``records`` are
     zone-file lines relative to the origin (``"@ A 127.0.0.1"``, ``"* 60 A 127.0.0.1"``,
@@ -62,13 +66,14 @@ class ChallengeZone:
         hostmaster: str | None = None,
         serial: int | None = None,
     ) -> None:
+        super().__init__()
         try:
-            self._origin = rr.name_to_wire(origin)
+            self._origin = rr.normalize_name(origin)
         except ValueError as e:
             raise ConfigError("dns.zone", str(e)) from None
-        if self._origin == rr.ROOT:
+        if not self._origin:
             raise ConfigError("dns.zone", "the zone must not be the root")
-        self.origin = rr.wire_to_text(self._origin)
+        self.origin = rr.name_text(self._origin)
         for key, value in (("dns.ttl", ttl), ("dns.challenge_ttl", challenge_ttl)):
             if not 0 <= value <= rr.MAX_TTL:
                 raise ConfigError(key, f"TTL {value} is out of range")
@@ -79,41 +84,38 @@ class ChallengeZone:
         self._serial = int(time.time()) if serial is None else serial
         self.version = 0
         try:
-            ns_names = [rr.name_to_wire(name) for name in nameservers]
-            rname = self._hostmaster_wire(hostmaster)
+            ns_names = [rr.normalize_name(name) for name in nameservers]
+            self._rname = self._hostmaster(hostmaster)
         except ValueError as e:
             raise ConfigError("dns.nameservers", str(e)) from None
         self._mname = ns_names[0]
-        self._rname = rname
-        static: dict[bytes, list[Record]] = {}
-        lines: dict[Record, str] = {}
+        static: dict[bytes, list[tuple[int, Any, str]]] = {}
         for name in ns_names:
-            static.setdefault(self._origin, []).append(
-                Record(self._origin, rr.NS, ttl, (NameRef(name),))
-            )
+            static.setdefault(self._origin, []).append((dns.NS, dns.Record_NS(name, ttl), ""))
         for line in records:
             try:
-                record = rr.parse_record(line, self._origin, ttl)
+                owner, rtype, _, payload = rr.parse_record(line, self._origin, ttl)
             except ValueError as e:
                 raise ConfigError("dns.records", f"{line}: {e}") from None
-            if record.rtype == rr.NS and record.owner != self._origin:
+            if rtype == dns.NS and owner != self._origin:
                 raise ConfigError(
                     "dns.records", f"{line}: delegations (NS below the apex) are not supported"
                 )
-            static.setdefault(record.owner, []).append(record)
-            lines.setdefault(record, line)
+            static.setdefault(owner, []).append((rtype, payload, line))
         self._static: dict[bytes, Node] = {}
         for owner, owned in static.items():
-            node: dict[int, list[Record]] = {}
-            for record in owned:
-                if record not in node.get(record.rtype, []):
-                    node.setdefault(record.rtype, []).append(record)
-            if rr.CNAME in node and (
-                len(node) > 1 or len(node[rr.CNAME]) > 1 or owner == self._origin
+            node: dict[int, list[Any]] = {}
+            first_line: dict[int, str] = {}
+            for rtype, payload, line in owned:
+                if payload not in node.get(rtype, []):
+                    node.setdefault(rtype, []).append(payload)
+                    first_line.setdefault(rtype, line)
+            if dns.CNAME in node and (
+                len(node) > 1 or len(node[dns.CNAME]) > 1 or owner == self._origin
             ):
                 raise ConfigError(
                     "dns.records",
-                    f"{lines[node[rr.CNAME][0]]}: a CNAME must be alone at its name (RFC 1034)",
+                    f"{first_line[dns.CNAME]}: a CNAME must be alone at its name (RFC 1034)",
                 )
             self._static[owner] = {rtype: tuple(recs) for rtype, recs in node.items()}
         self._challenges: dict[bytes, list[str]] = {}
@@ -124,16 +126,16 @@ class ChallengeZone:
         self._update_soa()
 
     @staticmethod
-    def _hostmaster_wire(hostmaster: str | None) -> bytes | None:
+    def _hostmaster(hostmaster: str | None) -> dns.Name | None:
         if hostmaster is None:
             return None
         local, at, domain = hostmaster.rpartition("@")
         if not at:
-            return rr.name_to_wire(hostmaster)
+            return dns.Name(rr.normalize_name(hostmaster))
         # The mailbox's local part is one label, dots and all (RFC 1035 section 8).
         if not local or len(local) > 63 or not local.isascii():
             raise ValueError(f"bad hostmaster mailbox {hostmaster!r}")
-        return bytes([len(local)]) + local.lower().encode("ascii") + rr.name_to_wire(domain)
+        return rr.Mailbox(local.lower().encode("ascii"), rr.normalize_name(domain))
 
     # -- challenge records -------------------------------------------------
 
@@ -148,27 +150,27 @@ class ChallengeZone:
         The values form a multiset: adding a value twice needs two removals.
         Raises ``ValueError`` for a name outside the zone or one that owns a CNAME.
         """
-        wire = self._challenge_name(name)
-        if rr.CNAME in self._static.get(wire, {}):
+        key = self._challenge_name(name)
+        if dns.CNAME in self._static.get(key, {}):
             raise ValueError(f"{name} owns a CNAME and cannot hold TXT records")
-        values = self._challenges.setdefault(wire, [])
+        values = self._challenges.setdefault(key, [])
         values.append(value)
-        if len(values) == 1 and wire not in self._static:
-            self._count(wire, 1)
-        self._refresh(wire)
+        if len(values) == 1 and key not in self._static:
+            self._count(key, 1)
+        self._refresh(key)
 
     def remove_txt(self, name: str, value: str) -> None:
         """Stop serving one copy of ``value`` at ``name``; a value not present is a no-op."""
-        wire = self._challenge_name(name)
-        values = self._challenges.get(wire)
+        key = self._challenge_name(name)
+        values = self._challenges.get(key)
         if not values or value not in values:
             return
         values.remove(value)
         if not values:
-            del self._challenges[wire]
-            if wire not in self._static:
-                self._count(wire, -1)
-        self._refresh(wire)
+            del self._challenges[key]
+            if key not in self._static:
+                self._count(key, -1)
+        self._refresh(key)
 
     def txt_values(self, name: str) -> tuple[str, ...]:
         """The challenge values currently served at ``name``."""
@@ -176,111 +178,125 @@ class ChallengeZone:
 
     def challenge_names(self) -> tuple[str, ...]:
         """The names that currently hold challenge TXT values."""
-        return tuple(rr.wire_to_text(wire) for wire in self._challenges)
+        return tuple(rr.name_text(key) for key in self._challenges)
 
     def _challenge_name(self, name: str) -> bytes:
-        wire = rr.name_to_wire(name)
-        if not rr.is_within(wire, self._origin):
+        key = rr.normalize_name(name)
+        if not rr.is_within(key, self._origin):
             raise ValueError(f"{name} is outside the zone {self.origin}")
-        return wire
+        return key
 
-    def _count(self, wire: bytes, delta: int) -> None:
+    def _count(self, name: bytes, delta: int) -> None:
         while True:
-            count = self._existing.get(wire, 0) + delta
+            count = self._existing.get(name, 0) + delta
             if count:
-                self._existing[wire] = count
+                self._existing[name] = count
             else:
-                self._existing.pop(wire, None)
-            if wire == self._origin:
+                self._existing.pop(name, None)
+            if name == self._origin:
                 return
-            wire = rr.parent(wire)
+            name = rr.parent(name)
 
-    def _refresh(self, wire: bytes) -> None:
-        node = dict(self._static.get(wire, {}))
-        values = self._challenges.get(wire)
+    def _refresh(self, key: bytes) -> None:
+        node = dict(self._static.get(key, {}))
+        values = self._challenges.get(key)
         if values:
             txt = tuple(
-                Record(wire, rr.TXT, self.challenge_ttl, (rr.character_strings(v.encode("utf-8")),))
+                dns.Record_TXT(*rr.txt_strings(v.encode("utf-8")), ttl=self.challenge_ttl)
                 for v in values
             )
-            node[rr.TXT] = node.get(rr.TXT, ()) + txt
+            node[dns.TXT] = node.get(dns.TXT, ()) + txt
         if node:
-            self._nodes[wire] = node
+            self._nodes[key] = node
         else:
-            self._nodes.pop(wire, None)
+            self._nodes.pop(key, None)
         self._serial = (self._serial + 1) & 0xFFFFFFFF
         self._update_soa()
 
     def _update_soa(self) -> None:
-        rname = self._rname or b"\x0ahostmaster" + self._origin
         minimum = self.challenge_ttl
-        fields = struct.pack("!IIIII", self._serial, SOA_REFRESH, SOA_RETRY, SOA_EXPIRE, minimum)
-        rdata = (NameRef(self._mname), NameRef(rname), fields)
-        self._soa = Record(self._origin, rr.SOA, self.ttl, rdata)
-        # RFC 2308 section 5: negative answers carry the SOA with TTL min(TTL, MINIMUM).
-        self._negative_soa = (
-            (self._origin, Record(self._origin, rr.SOA, min(self.ttl, minimum), rdata)),
+        soa = dns.Record_SOA(
+            mname=self._mname,
+            rname=b"hostmaster." + self._origin,
+            serial=self._serial,
+            refresh=SOA_REFRESH,
+            retry=SOA_RETRY,
+            expire=SOA_EXPIRE,
+            minimum=minimum,
+            ttl=self.ttl,
         )
+        if self._rname is not None:
+            soa.rname = self._rname
+        self._soa = soa
+        # RFC 2308 section 5: negative answers carry the SOA with TTL min(TTL, MINIMUM).
+        self._negative_ttl = min(self.ttl, minimum)
         apex = dict(self._nodes.get(self._origin, {}))
-        apex[rr.SOA] = (self._soa,)
+        apex[dns.SOA] = (soa,)
         self._nodes[self._origin] = apex
         self.version += 1
 
     # -- answering ---------------------------------------------------------
 
-    def lookup(self, qname: bytes, qtype: int, qclass: int = 1) -> Lookup:
-        """Answer one question; ``qname`` is the lowercase wire form of the name asked."""
-        if qclass not in (1, 255):
-            return REFUSED_LOOKUP
-        if qtype in (0, rr.OPT, 249, 250):  # TKEY and TSIG are not questions
-            return FORMERR_LOOKUP
-        if not rr.is_within(qname, self._origin):
-            return REFUSED_LOOKUP
-        if qtype in (rr.AXFR, rr.IXFR):
-            return REFUSED_LOOKUP
-        if qtype in (rr.MAILA, rr.MAILB):
-            return NOTIMP_LOOKUP
-        return self._lookup(qname, qtype, MAX_CNAME_CHAIN)
+    def contains(self, name: bytes) -> bool:
+        """True when ``name`` (any letter case) is the origin or below it."""
+        return rr.is_within(name.lower(), self._origin)
 
-    def _lookup(self, qname: bytes, qtype: int, hops: int) -> Lookup:
-        node = self._nodes.get(qname)
+    def query(self, query: dns.Query, timeout: object = None) -> Deferred[Result]:
+        # ResolverBase.query drops the class and logs every unknown type; ask directly.
+        return maybeDeferred(self._lookup, query.name.name, query.cls, query.type, timeout)
+
+    def _lookup(self, name: bytes, cls: int, type: int, timeout: object = None) -> Deferred[Result]:
+        """Answer one question, as ``FileAuthority._lookup`` does, with the fixes above."""
+        key = name.lower()
+        if not rr.is_within(key, self._origin) or type in (dns.AXFR, dns.IXFR):
+            return fail(error.DomainError(name))
+        nxdomain, answers, authority = self._resolve(key, type, MAX_CNAME_CHAIN)
+        if nxdomain:
+            return fail(NameNotFound(name, answers, authority))
+        return succeed((answers, authority, []))
+
+    def _negative(self) -> Records:
+        return [
+            dns.RRHeader(self._origin, dns.SOA, dns.IN, self._negative_ttl, self._soa, auth=True)
+        ]
+
+    def _resolve(self, name: bytes, type: int, hops: int) -> tuple[bool, Records, Records]:
+        node = self._nodes.get(name)
         if node is None:
-            if qname in self._existing:  # an empty non-terminal
-                return Lookup(NOERROR, True, (), self._negative_soa)
-            node = self._wildcard(qname)
+            if name in self._existing:  # an empty non-terminal
+                return False, [], self._negative()
+            node = self._wildcard(name)
             if node is None:
-                return Lookup(NXDOMAIN, True, (), self._negative_soa)
-        if qtype == rr.ANY:
-            hinfo = Record(qname, rr.HINFO, self.ttl, (RFC8482_HINFO,))
-            return Lookup(NOERROR, True, ((qname, hinfo),))
-        found = node.get(qtype)
+                return True, [], self._negative()
+        if type == dns.ALL_RECORDS:
+            hinfo = dns.Record_HINFO(*RFC8482_HINFO, ttl=self.ttl)
+            return False, [dns.RRHeader(name, dns.HINFO, dns.IN, self.ttl, hinfo, auth=True)], []
+        found = node.get(type)
         if found:
-            return Lookup(NOERROR, True, tuple((qname, record) for record in found))
-        cname = node.get(rr.CNAME)
+            return (
+                False,
+                [
+                    dns.RRHeader(name, type, dns.IN, record.ttl, record, auth=True)
+                    for record in found
+                ],
+                [],
+            )
+        cname = node.get(dns.CNAME)
         if cname:
-            first = ((qname, cname[0]),)
-            target = cname[0].rdata[0]
-            assert isinstance(target, NameRef)
-            if hops <= 0 or not rr.is_within(target.wire, self._origin):
-                return Lookup(NOERROR, True, first)
-            rest = self._lookup(target.wire, qtype, hops - 1)
-            return Lookup(rest.rcode, True, first + rest.answer, rest.authority)
-        return Lookup(NOERROR, True, (), self._negative_soa)
+            record = cname[0]
+            first = dns.RRHeader(name, dns.CNAME, dns.IN, record.ttl, record, auth=True)
+            target = record.name.name
+            if hops <= 0 or not rr.is_within(target, self._origin):
+                return False, [first], []
+            nxdomain, answers, authority = self._resolve(target, type, hops - 1)
+            return nxdomain, [first, *answers], authority
+        return False, [], self._negative()
 
-    def _wildcard(self, qname: bytes) -> Node | None:
+    def _wildcard(self, name: bytes) -> Node | None:
         # RFC 4592: only the closest encloser's wildcard applies.
-        encloser = rr.parent(qname)
+        encloser = rr.parent(name)
         while encloser not in self._existing:
-            if encloser == self._origin or encloser == rr.ROOT:
+            if encloser == self._origin or not encloser:
                 break
             encloser = rr.parent(encloser)
-        return self._nodes.get(b"\x01*" + encloser)
-
-    def answer(self, query: dns.Message, max_udp: int | None) -> bytes:
-        """The response to ``query`` in wire form; ``max_udp=None`` means over TCP."""
-        from csrproxy.dns.wire import Responder
-
-        response = Responder(self).respond(query.toStr(), max_udp)
-        if response is None:
-            raise ValueError("a response (QR=1) is never answered")
-        return response
+        return self._nodes.get(b"*." + encloser)

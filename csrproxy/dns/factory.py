@@ -1,0 +1,455 @@
+"""Answering DNS queries for one zone: twisted.names' server factory, made authoritative.
+
+``ZoneServerFactory`` subclasses ``twisted.names.server.DNSServerFactory``. Queries
+are decoded by ``dns.Message`` (held to what a query must be by
+:class:`QueryMessage`) and replies encoded by ``dns.Message``, EDNS through
+``dns._OPTHeader``. Where the stock factory answers wrongly for an
+authoritative server, an override says so.
+
+Two caches keep the common case cheap; both are dropped whenever the zone's
+``version`` changes, and each is cleared when it reaches ``CACHE_ENTRIES``:
+
+- the memo: the exact query bytes after the id (one table per transport) map to
+  the reply already sent for them; a hit parses nothing and patches only the id.
+- the answer cache: (lowercase name, type, class, EDNS and DO) map to the reply
+  encoded once by ``dns.Message`` with a lowercase question; the id, RD, CD and
+  the question's letter case (0x20) of each query are patched in.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from io import BytesIO
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+from twisted.names import dns, server
+from twisted.python.failure import Failure
+
+from csrproxy.dns.protocols import DNSStreamProtocol
+from csrproxy.dns.zone import ChallengeZone, NameNotFound
+
+log = Logger()
+
+UDP_DEFAULT = 512
+# The DNS flag day 2020 value: no IP fragmentation on common paths.
+UDP_MAX = 1232
+TCP_MAX = 65535
+TCP_IDLE_TIMEOUT = 30.0
+MAX_TCP_CONNECTIONS = 512
+# Each cache holds at most this many entries and is cleared when full, so a flood of
+# distinct queries costs a refill, never memory.
+CACHE_ENTRIES = 8192
+# Larger replies (TCP only) are encoded afresh each time; with CACHE_ENTRIES this bounds
+# each cache to about 20 MB.
+CACHE_REPLY_BYTES = 2048
+MEMO_QUERY_BYTES = 512
+# Types that are never questions (RFC 6891, 2930, 8945).
+META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
+
+AnswerKey = tuple[bytes, int, int, bool | None]
+# (rcode, the full reply, the reply when it does not fit: TC, question and OPT only)
+Entry = tuple[int, bytes, bytes]
+
+
+class ReplyWriter(Protocol):
+    """What the factory needs of a protocol: send one reply (``address`` None for TCP)."""
+
+    def writeReply(self, data: bytes, address: Any) -> None: ...
+
+
+class MalformedQuery(ValueError):
+    """The packet is not a well-formed DNS query."""
+
+
+class QueryMessage(dns.Message):
+    """A query decoded by ``dns.Message``, held to what a query must be.
+
+    ``dns.Message`` stops quietly where the data ends, ignores trailing bytes,
+    follows compression pointers in the question and reads label lengths 64 to
+    191 as labels; ``fromStr`` raises :class:`MalformedQuery` (or the decoder's
+    own error) for all of these, and for more than one OPT or an OPT not owned
+    by the root. After it: ``raw`` is the packet, ``opt`` the query's
+    ``_OPTHeader`` (None without EDNS), ``questionEnd`` the offset after the
+    question (0 unless there is exactly one), ``limit`` the largest reply the
+    transport takes, and ``cacheKey`` the answer-cache key once it is answered
+    from the zone.
+    """
+
+    raw = b""
+    opt: dns._OPTHeader | None = None
+    questionEnd = 0
+    limit = TCP_MAX
+    cacheKey: AnswerKey | None = None
+
+    def lookupRecordType(self, type: int) -> Any:
+        # A query's records are never read past the OPT header: RDATA stays bytes, and
+        # each record takes exactly its RDLENGTH (and no decoder logs about a bad one).
+        return dns.UnknownRecord
+
+    def fromStr(self, str: bytes) -> None:
+        self.raw = data = str
+        strio = BytesIO(data)
+        self.decode(strio)
+        found = (len(self.queries), len(self.answers), len(self.authority), len(self.additional))
+        if found != struct.unpack_from("!4H", data, 4):
+            raise MalformedQuery("the message ends before its last record")
+        if strio.tell() != len(data):
+            raise MalformedQuery("bytes after the last record")
+        if len(self.queries) == 1:
+            self.questionEnd = 12 + _question_length(data, self.queries[0])
+        opts = [record for record in self.additional if record.type == dns.OPT]
+        if opts:
+            if len(opts) > 1 or opts[0].name.name:
+                raise MalformedQuery("more than one OPT, or an OPT not at the root")
+            self.opt = dns._OPTHeader.fromRRHeader(opts[0])  # EOFError for bad options
+
+
+def _question_length(data: bytes, query: dns.Query) -> int:
+    # The question as twisted encodes it (uncompressed) must be the bytes received: no
+    # pointers, no dots inside labels. The answer echoes it byte for byte (0x20).
+    out = BytesIO()
+    query.encode(out)
+    wire = out.getvalue()
+    if (
+        data[12 : 12 + len(wire)] != wire
+        or len(wire) - 4 > 255
+        or any(len(label) > 63 for label in query.name.name.split(b"."))
+    ):
+        raise MalformedQuery("the question name is compressed or malformed")
+    return len(wire)
+
+
+class Reply(dns.Message):
+    """A response to ``request``, encoded in full (``maxSize`` 0).
+
+    ``dns.Message`` with a ``maxSize`` cuts the encoded bytes at that size, which
+    leaves a broken message; truncation is the factory's (TC, question and OPT).
+    """
+
+    def __init__(self, request: QueryMessage, **kwargs: Any) -> None:
+        super().__init__(maxSize=0, **kwargs)
+        self.request = request
+        self.cacheable = request.cacheKey is not None
+
+
+class ZoneServerFactory(server.DNSServerFactory):
+    """Answers queries for ``zone`` (a :class:`ChallengeZone`) as its authoritative server.
+
+    The protocols hand every packet to :meth:`packetReceived`; ``on_rcode`` sees
+    the rcode of every reply sent. ``udp_max`` is our EDNS UDP payload size.
+    TCP connections are tracked in ``connections`` (at most
+    ``max_tcp_connections``), each closed after ``tcp_idle_timeout`` idle seconds.
+    """
+
+    protocol = DNSStreamProtocol
+
+    def __init__(
+        self,
+        reactor: Any,
+        zone: ChallengeZone,
+        on_rcode: Callable[[int], None] | None = None,
+        *,
+        udp_max: int = UDP_MAX,
+        tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
+        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+    ) -> None:
+        super().__init__(authorities=[zone])
+        self.canRecurse = False
+        self.reactor = reactor
+        self.zone = zone
+        self.on_rcode = on_rcode
+        self.udp_max = udp_max
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.connections: set[Any] = set()  # type: ignore[assignment]
+        self._version = zone.version
+        self._udp_memo: dict[bytes, tuple[int, bytes]] = {}
+        self._tcp_memo: dict[bytes, tuple[int, bytes]] = {}
+        self._answers: dict[AnswerKey, Entry] = {}
+        self._crashes = 0
+
+    # -- TCP connections ---------------------------------------------------
+
+    def connectionMade(self, protocol: Any) -> None:
+        self.connections.add(protocol)
+
+    def connectionLost(self, protocol: Any) -> None:
+        self.connections.discard(protocol)
+
+    # -- from packet to message ---------------------------------------------
+
+    def packetReceived(self, packet: bytes, protocol: ReplyWriter, address: Any) -> None:
+        """Answer one query packet; ``address`` is the UDP peer, None over TCP."""
+        if self._version != self.zone.version:
+            self._forget()
+        hit = (self._udp_memo if address is not None else self._tcp_memo).get(packet[2:])
+        if hit is not None:
+            if self.on_rcode is not None:
+                self.on_rcode(hit[0])
+            protocol.writeReply(packet[:2] + hit[1], address)
+            return
+        if len(packet) < 12:
+            return  # not even a header: nobody to answer
+        message = QueryMessage()
+        try:
+            message.fromStr(packet)
+        except Exception:
+            # twisted read the header before it gave up; answer FORMERR from it, and
+            # log nothing: any peer can send garbage.
+            if not message.answer:
+                self.sendReply(protocol, self._error(message, dns.EFORMAT, False), address)
+            return
+        if address is None:
+            message.limit = TCP_MAX
+        elif message.opt is None:
+            message.limit = UDP_DEFAULT
+        else:
+            message.limit = max(UDP_DEFAULT, min(message.opt.udpPayloadSize, self.udp_max))
+        try:
+            self.messageReceived(message, protocol, address)
+        except Exception:
+            self._crashed(Failure())
+
+    def _forget(self) -> None:
+        self._udp_memo.clear()
+        self._tcp_memo.clear()
+        self._answers.clear()
+        self._version = self.zone.version
+
+    # -- DNSServerFactory overrides -------------------------------------------
+
+    def messageReceived(self, message: Any, proto: Any, address: Any = None) -> None:
+        """Dispatch a decoded query, in the order of the checks a query must pass.
+
+        Stock: answers responses too, lets any opcode but QUERY reply with the query
+        itself (QR clear), ignores EDNS versions, and sends every question to the
+        resolver. Here: responses are never answered (no reflection loops), other
+        opcodes get NOTIMP, EDNS version >= 1 BADVERS, QDCOUNT != 1 and meta types
+        FORMERR, ``allowQuery`` decides REFUSED, then records in the answer or
+        authority section are FORMERR (after the transfer check, so IXFR with its SOA
+        is REFUSED), MAILA/MAILB NOTIMP, and the rest is a query for the zone.
+        """
+        if message.answer:
+            return
+        if message.opCode != dns.OP_QUERY:
+            self.handleOther(message, proto, address)
+            return
+        if message.opt is not None and message.opt.version != 0:
+            # RFC 6891 6.1.3: BADVERS (16) lives in the OPT's extended rcode.
+            self.sendReply(proto, self._error(message, dns.EBADVERSION), address)
+            return
+        if len(message.queries) != 1:
+            self.sendReply(proto, self._error(message, dns.EFORMAT, False), address)
+            return
+        query = message.queries[0]
+        if query.type in META_TYPES:
+            self.sendReply(proto, self._error(message, dns.EFORMAT), address)
+        elif not self.allowQuery(message, proto, address):
+            self.sendReply(proto, self._error(message, dns.EREFUSED), address)
+        elif message.answers or message.authority:
+            self.sendReply(proto, self._error(message, dns.EFORMAT), address)
+        elif query.type in (dns.MAILA, dns.MAILB):
+            self.sendReply(proto, self._error(message, dns.ENOTIMP), address)
+        else:
+            self.handleQuery(message, proto, address)
+
+    def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
+        """REFUSED for classes but IN and ANY, names outside the zone and zone transfers.
+
+        Stock allows anything with a question, so out-of-zone names got NXDOMAIN and
+        AXFR the whole zone.
+        """
+        query = message.queries[0]
+        return (
+            query.cls in (dns.IN, dns.ANY)
+            and query.type not in (dns.AXFR, dns.IXFR)
+            and self.zone.contains(query.name.name)
+        )
+
+    def handleQuery(self, message: Any, protocol: Any, address: Any) -> Any:
+        """Serve from the answer cache, or ask the zone as stock does and cache its answer.
+
+        The zone is asked directly: the stock ``ResolverChain`` drops the class and
+        logs every query of a type it has no lookup method for (CAA, HTTPS...).
+        """
+        query = message.queries[0]
+        key = (query.name.name.lower(), query.type, query.cls, _do_bit(message.opt))
+        entry = self._answers.get(key)
+        if entry is not None and self._serve(message, protocol, address, entry):
+            return None
+        message.cacheKey = key
+        return (
+            self.zone.query(query)
+            .addCallback(self.gotResolverResponse, protocol, message, address)
+            .addErrback(self.gotResolverError, protocol, message, address)
+            .addErrback(self._crashed)
+        )
+
+    def handleOther(self, message: Any, protocol: Any, address: Any) -> None:
+        """NOTIMP for every opcode but QUERY. Stock replies with the query itself (QR 0)."""
+        self.sendReply(protocol, self._error(message, dns.ENOTIMP), address)
+
+    def gotResolverError(self, failure: Failure, protocol: Any, message: Any, address: Any) -> None:
+        """NXDOMAIN with AA and the SOA; REFUSED outside the zone; else SERVFAIL.
+
+        Stock answers NXDOMAIN without AA or SOA, for names outside the zone too.
+        """
+        if failure.check(NameNotFound):
+            missing: NameNotFound = failure.value  # type: ignore[assignment]
+            reply = self._responseFromMessage(
+                message, dns.ENAME, missing.answers, missing.authority
+            )
+        elif failure.check(dns.DomainError):
+            reply = self._error(message, dns.EREFUSED)
+        else:
+            self._crashed(failure)
+            reply = self._error(message, dns.ESERVER)
+        self.sendReply(protocol, reply, address)
+
+    def _responseFromMessage(
+        self,
+        message: Any,
+        rCode: int = dns.OK,
+        answers: list[dns.RRHeader] | None = None,
+        authority: list[dns.RRHeader] | None = None,
+        additional: list[dns.RRHeader] | None = None,
+    ) -> Reply:
+        """The response frame: QR, the opcode, RD and CD copied, AA with in-zone records.
+
+        Stock copies neither RD nor CD and sets AA only for positive answers.
+        """
+        reply = Reply(
+            message,
+            id=message.id,
+            answer=1,
+            opCode=message.opCode,
+            recDes=message.recDes,
+            checkingDisabled=message.checkingDisabled,
+            rCode=rCode,
+        )
+        reply.queries = message.queries[:]
+        reply.answers = answers or []
+        reply.authority = authority or []
+        reply.additional = additional or []
+        reply.auth = any(record.auth for record in reply.answers + reply.authority)
+        return reply
+
+    def sendReply(self, protocol: Any, message: Any, address: Any) -> None:
+        """Encode with ``dns.Message``, with the OPT echoed and TC when it does not fit.
+
+        Stock encodes with twisted's ``maxSize`` (which cuts bytes) or no limit at all.
+        An answer from the zone is encoded once with a lowercase question, cached,
+        and patched for this query; anything else is encoded as it stands.
+        """
+        request: QueryMessage = message.request
+        if request.opt is not None:
+            message.additional = [
+                *message.additional,
+                dns._OPTHeader(
+                    udpPayloadSize=self.udp_max,
+                    extendedRCODE=message.rCode >> 4,
+                    version=0,
+                    dnssecOK=request.opt.dnssecOK,
+                ),
+            ]
+        if message.cacheable and request.cacheKey is not None:
+            entry = self._entry(message)
+            if len(entry[1]) <= CACHE_REPLY_BYTES:
+                if len(self._answers) >= CACHE_ENTRIES:
+                    self._answers.clear()
+                self._answers[request.cacheKey] = entry
+            if self._serve(request, protocol, address, entry):
+                return
+        full = message.toStr()
+        if len(full) > request.limit:
+            full = _truncated(message).toStr()
+        self._send(request, protocol, address, message.rCode, full)
+
+    # -- building and sending replies -------------------------------------------
+
+    def _error(self, message: QueryMessage, rcode: int, question: bool = True) -> Reply:
+        reply = self._responseFromMessage(message, rcode)
+        reply.cacheable = False
+        if not question:
+            reply.queries = []
+        return reply
+
+    def _entry(self, message: Reply) -> Entry:
+        # The same records behind a lowercase question and a zero id, RD and CD clear:
+        # the owner names compress against the question, so one entry serves any case.
+        canonical = Reply(message.request, answer=1, auth=message.auth, rCode=message.rCode)
+        canonical.queries = [
+            dns.Query(query.name.name.lower(), query.type, query.cls) for query in message.queries
+        ]
+        canonical.answers = message.answers
+        canonical.authority = message.authority
+        canonical.additional = message.additional
+        full = canonical.toStr()
+        cut = _truncated(canonical).toStr() if len(full) > UDP_DEFAULT else full
+        return message.rCode, full, cut
+
+    def _serve(self, request: QueryMessage, protocol: Any, address: Any, entry: Entry) -> bool:
+        """Send ``entry`` patched for ``request``; False if its question does not match."""
+        rcode, full, cut = entry
+        data = full if len(full) <= request.limit else cut
+        packet, end = request.raw, request.questionEnd
+        name_end = end - 4
+        if (
+            packet[12:name_end].lower() != data[12:name_end]
+            or packet[name_end:end] != data[name_end:end]
+        ):
+            return False
+        flags = bytes((data[2] | packet[2] & 0x01, data[3] | packet[3] & 0x10))  # RD, CD
+        reply = b"".join((packet[:2], flags, data[4:12], packet[12:end], data[end:]))
+        self._send(request, protocol, address, rcode, reply)
+        return True
+
+    def _send(
+        self, request: QueryMessage, protocol: Any, address: Any, rcode: int, data: bytes
+    ) -> None:
+        packet = request.raw
+        # Only well-formed queries: garbage would churn the memo for nothing.
+        if (
+            request.questionEnd
+            and len(packet) <= MEMO_QUERY_BYTES
+            and len(data) <= CACHE_REPLY_BYTES
+        ):
+            memo = self._udp_memo if address is not None else self._tcp_memo
+            if len(memo) >= CACHE_ENTRIES:
+                memo.clear()
+            memo[packet[2:]] = (rcode, data[2:])
+        if self.on_rcode is not None:
+            self.on_rcode(rcode)
+        protocol.writeReply(data, address)
+
+    def _crashed(self, reason: Failure) -> None:
+        self._crashes += 1
+        if self._crashes & (self._crashes - 1) == 0:  # 1, 2, 4, 8...: a bug must not flood
+            log.failure(
+                "answering a DNS query failed ({count} so far)", reason, count=self._crashes
+            )
+
+
+def _do_bit(opt: dns._OPTHeader | None) -> bool | None:
+    return None if opt is None else bool(opt.dnssecOK)
+
+
+def _truncated(message: Reply) -> Reply:
+    # RFC 2181 9: it does not fit, so send only TC, the question and the OPT; the client
+    # asks again over TCP.
+    cut = Reply(
+        message.request,
+        id=message.id,
+        answer=1,
+        opCode=message.opCode,
+        auth=message.auth,
+        trunc=1,
+        recDes=message.recDes,
+        checkingDisabled=message.checkingDisabled,
+        rCode=message.rCode,
+    )
+    cut.queries = message.queries
+    cut.additional = [record for record in message.additional if record.type == dns.OPT]
+    return cut
