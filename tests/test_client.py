@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from csrproxy import clientlib
 from csrproxy.client import (
     ClientError,
     Obtained,
@@ -32,7 +31,11 @@ from csrproxy.client import (
     obtain_certificate,
     renew_if_due,
 )
-from csrproxy.clientlib import Request, Response
+from csrproxy.client.api import certificate_ref
+from csrproxy.client.chains import dns_names, pem_of
+from csrproxy.client.cli import log as client_log
+from csrproxy.client.keys import key_label, load_key, make_csr, public_key_pem, same_key
+from csrproxy.client.transport import Request, Response, UrllibTransport
 
 ZONE_T = "go.example.test"
 DAY = 86400.0
@@ -85,7 +88,7 @@ class CA:
             .add_extension(san, critical=False)
             .sign(self.int_key, hashes.SHA256())
         )
-        return clientlib.pem_of([leaf, self.intermediate])
+        return pem_of([leaf, self.intermediate])
 
 
 @dataclass
@@ -205,7 +208,7 @@ class FakeServer:
             )
             .sign(self.ca.int_key, hashes.SHA256())
         )
-        self.chains[cid] = clientlib.pem_of([renewed, self.ca.intermediate])
+        self.chains[cid] = pem_of([renewed, self.ca.intermediate])
 
     def posts(self) -> int:
         return sum(1 for r in self.requests if r.method == "POST" and r.url.endswith("/v1/sign"))
@@ -282,7 +285,7 @@ def test_issue_writes_key_0600_cert_chain_and_state(
     chain = x509.load_pem_x509_certificates((tmp_path / "chain.pem").read_bytes())
     assert [c.subject for c in cert] == [result.leaf.subject, server.ca.intermediate.subject]
     assert chain == cert[1:]
-    assert clientlib.dns_names(result.leaf) == [NAME]
+    assert dns_names(result.leaf) == [NAME]
     state = json.loads((tmp_path / "csrproxy.json").read_text())
     assert state["url"] == URL and state["names"] == [NAME] and not state["discover_names"]
     assert state["certificate_id"] == "cert-0" == result.certificate_id
@@ -305,8 +308,8 @@ def test_key_is_reused_and_rotated_with_new_key(
     third = obtain(server, clock, tmp_path, new_key=True, key_type="ec384")
     assert key_bytes(tmp_path) != key1
     assert third.leaf.public_key() != first.leaf.public_key()
-    key = clientlib.load_key(tmp_path / "key.pem")
-    assert clientlib.same_key(leaf_of(tmp_path), key)
+    key = load_key(tmp_path / "key.pem")
+    assert same_key(leaf_of(tmp_path), key)
     assert stat.S_IMODE((tmp_path / "key.pem").stat().st_mode) == 0o600
     assert json.loads((tmp_path / "csrproxy.json").read_text())["key_type"] == "ec384"
 
@@ -361,12 +364,12 @@ def test_a_crash_mid_write_leaves_the_old_files(
 
 def test_key_names_come_from_the_server(server: FakeServer, clock: Clock, tmp_path: Path) -> None:
     result = obtain(server, clock, tmp_path, names=[])
-    key = clientlib.load_key(tmp_path / "key.pem")
-    label = label_of(clientlib.public_key_pem(key))
-    assert label == clientlib.key_label(key)
+    key = load_key(tmp_path / "key.pem")
+    label = label_of(public_key_pem(key))
+    assert label == key_label(key)
     assert result.names == [f"{label}.{ZONE_T}"]
     name_req = next(r for r in server.requests if r.url.endswith("/v1/name"))
-    assert name_req.method == "GET" and name_req.body == clientlib.public_key_pem(key)
+    assert name_req.method == "GET" and name_req.body == public_key_pem(key)
     assert json.loads((tmp_path / "csrproxy.json").read_text())["discover_names"] is True
 
 
@@ -385,7 +388,7 @@ def test_async_fallback_polls_with_retry_after(
 ) -> None:
     server.async_polls = 2
     result = obtain(server, clock, tmp_path)
-    assert clientlib.dns_names(result.leaf) == [NAME]
+    assert dns_names(result.leaf) == [NAME]
     # 202 (Retry-After 1), two "processing" polls (Retry-After 3 each), then valid.
     assert clock.sleeps == [1.0, 3.0, 3.0]
     paths = [r.url.removeprefix(URL) for r in server.requests]
@@ -423,7 +426,7 @@ def test_network_errors_while_polling_are_retried(
     result = obtain_certificate(
         URL, tmp_path, [NAME], now=clock.now, sleep=clock.sleep, transport=flaky
     )
-    assert clientlib.dns_names(result.leaf) == [NAME]
+    assert dns_names(result.leaf) == [NAME]
 
 
 def test_rate_limited_is_retried_after_retry_after(
@@ -461,10 +464,10 @@ def test_link_header_alone_gives_the_certificate_id() -> None:
     resp = Response(
         200, {"link": '<https://x.test/v1/certificates/abc>; rel="csrproxy-certificate"'}
     )
-    assert clientlib.certificate_ref(resp, URL) == ("abc", "https://x.test/v1/certificates/abc")
+    assert certificate_ref(resp, URL) == ("abc", "https://x.test/v1/certificates/abc")
     resp = Response(200, {"csrproxy-certificate-id": "a/b"})
-    assert clientlib.certificate_ref(resp, URL) == ("a/b", f"{URL}/v1/certificates/a%2Fb")
-    assert clientlib.certificate_ref(Response(200, {}), URL) == (None, None)
+    assert certificate_ref(resp, URL) == ("a/b", f"{URL}/v1/certificates/a%2Fb")
+    assert certificate_ref(Response(200, {}), URL) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -476,19 +479,19 @@ def test_a_bad_chain_is_refused(
 ) -> None:
     other = ec.generate_private_key(ec.SECP256R1())
     if damage == "other-key":
-        pem = ca.issue(x509.load_pem_x509_csr(clientlib.make_csr(other, [NAME])), T0, 90)
+        pem = ca.issue(x509.load_pem_x509_csr(make_csr(other, [NAME])), T0, 90)
     elif damage == "other-names":
         obtain(server, clock, tmp_path)
-        key = clientlib.load_key(tmp_path / "key.pem")
-        pem = ca.issue(x509.load_pem_x509_csr(clientlib.make_csr(key, ["x." + ZONE_T])), T0, 90)
+        key = load_key(tmp_path / "key.pem")
+        pem = ca.issue(x509.load_pem_x509_csr(make_csr(key, ["x." + ZONE_T])), T0, 90)
     elif damage == "bad-order":
         obtain(server, clock, tmp_path)
         chain = x509.load_pem_x509_certificates((tmp_path / "cert.pem").read_bytes())
-        pem = clientlib.pem_of([chain[0], ca.root])  # the leaf is not signed by the root
+        pem = pem_of([chain[0], ca.root])  # the leaf is not signed by the root
     elif damage == "expired":
         obtain(server, clock, tmp_path)
-        key = clientlib.load_key(tmp_path / "key.pem")
-        pem = ca.issue(x509.load_pem_x509_csr(clientlib.make_csr(key, [NAME])), T0 - 100 * DAY, 90)
+        key = load_key(tmp_path / "key.pem")
+        pem = ca.issue(x509.load_pem_x509_csr(make_csr(key, [NAME])), T0 - 100 * DAY, 90)
     else:
         pem = b"<html>proxy error</html>"
     server.canned["POST /v1/sign"] = [Response(200, {}, pem)]
@@ -527,7 +530,7 @@ def test_the_urllib_transport_maps_errors(monkeypatch: pytest.MonkeyPatch) -> No
         raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
 
     monkeypatch.setattr(urllib.request, "urlopen", refused)
-    transport = clientlib.UrllibTransport()
+    transport = UrllibTransport()
     with pytest.raises(ClientError) as e:
         transport(Request("GET", URL + "/v1/health", {}))
     assert e.value.exit_code == 3 and "Connection refused" in str(e.value)
@@ -617,7 +620,7 @@ def test_renew_ignores_a_fetched_chain_for_another_key(
 ) -> None:
     obtain(server, clock, tmp_path)
     other = ec.generate_private_key(ec.SECP256R1())
-    pem = ca.issue(x509.load_pem_x509_csr(clientlib.make_csr(other, [NAME])), T0 + DAY, 90)
+    pem = ca.issue(x509.load_pem_x509_csr(make_csr(other, [NAME])), T0 + DAY, 90)
     server.canned["GET /v1/certificates/cert-0"] = [Response(200, {}, pem)]
     clock.t += DAY
     result = renew(server, clock, tmp_path)
@@ -629,7 +632,7 @@ def test_renew_rediscovers_key_names(server: FakeServer, clock: Clock, tmp_path:
     clock.t += 70 * DAY
     result = renew(server, clock, tmp_path)
     assert result.action == "reissued"
-    assert clientlib.dns_names(leaf_of(tmp_path)) == first.names
+    assert dns_names(leaf_of(tmp_path)) == first.names
 
 
 def test_renew_repairs_a_missing_certificate(
@@ -696,7 +699,7 @@ def test_terminal_progress_redraws_and_clears() -> None:
 @pytest.fixture
 def no_client_log_handlers() -> Iterator[None]:
     yield
-    assert not clientlib.log.handlers
+    assert not client_log.handlers
 
 
 @pytest.mark.integration
@@ -711,12 +714,12 @@ def test_cli_issue_against_the_daemon(
     name = f"client-cli.{ZONE}"
     argv = ["issue", "--url", daemon.url, "--dir", str(d), "--name", name, "--root", str(root)]
     assert main(argv) == 0
-    key = clientlib.load_key(d / "key.pem")
+    key = load_key(d / "key.pem")
     chain = x509.load_pem_x509_certificates((d / "cert.pem").read_bytes())
-    assert clientlib.same_key(chain[0], key) and clientlib.dns_names(chain[0]) == [name]
+    assert same_key(chain[0], key) and dns_names(chain[0]) == [name]
     assert x509.load_pem_x509_certificates((d / "chain.pem").read_bytes()) == chain[1:]
     state = json.loads((d / "csrproxy.json").read_text())
     assert state["url"] == daemon.url and state["names"] == [name]
     # Again: the same key, and the server's cache answers.
     assert main(argv) == 0
-    assert clientlib.load_key(d / "key.pem").private_numbers() == key.private_numbers()
+    assert load_key(d / "key.pem").private_numbers() == key.private_numbers()
