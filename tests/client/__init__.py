@@ -1,0 +1,1 @@
+"""Tests of csrproxy/client/, the installation's side."""
