@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from csrproxy import crashpoints
 from csrproxy.acme.certs import top_issuer_cn
 from csrproxy.acme.client import ACMEClient
+from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import (
     ACMEProblem,
     ACMEProtocolError,
@@ -84,7 +85,7 @@ def dns01_value(client: ACMEClient, token: str) -> str:
 
 def _problem(doc: Any) -> ACMEProblem | None:
     if isinstance(doc, dict) and doc.get("type"):
-        return ACMEProblem.from_document(doc, int(doc.get("status") or 403))
+        return problem_from_json(doc, int(doc.get("status") or 403))
     return None
 
 

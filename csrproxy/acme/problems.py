@@ -1,9 +1,15 @@
-"""ACME problem documents (RFC 8555 §6.7) as typed exceptions."""
+"""ACME failures as typed exceptions; a problem document (RFC 8555 §6.7) is an ACMEProblem.
+
+The documents themselves are parsed in :mod:`csrproxy.acme.messages`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from csrproxy.acme.messages import Subproblem
 
 ACME_ERROR = "urn:ietf:params:acme:error:"
 
@@ -11,19 +17,27 @@ ACME_ERROR = "urn:ietf:params:acme:error:"
 RETRYABLE = frozenset({"rateLimited", "serverInternal", "badNonce"})
 
 
+def short_problem_type(type: str) -> str:
+    """``badNonce`` for ``urn:ietf:params:acme:error:badNonce``, else the type unchanged."""
+    return type[len(ACME_ERROR) :] if type.startswith(ACME_ERROR) else type
+
+
 class ACMEError(Exception):
     """Any failure talking to the CA."""
 
 
 class ACMEProblem(ACMEError):
-    """The CA answered with a problem document; keeps type, detail, subproblems and status."""
+    """The CA answered with a problem document; keeps type, detail, subproblems and status.
+
+    Raised for an error answer; also what an order's or a challenge's ``error`` field holds.
+    """
 
     def __init__(
         self,
         type: str,
         detail: str,
         status: int,
-        subproblems: Sequence[Mapping[str, Any]] = (),
+        subproblems: Sequence[Subproblem] = (),
         retry_after: float | None = None,
         nonce: str | None = None,
         url: str | None = None,
@@ -32,7 +46,7 @@ class ACMEProblem(ACMEError):
         self.type = type
         self.detail = detail
         self.status = status
-        self.subproblems = list(subproblems)
+        self.subproblems = tuple(subproblems)
         self.retry_after = retry_after
         self.nonce = nonce
         self.url = url
@@ -40,35 +54,11 @@ class ACMEProblem(ACMEError):
     @property
     def short_type(self) -> str:
         """``badNonce`` for ``urn:ietf:params:acme:error:badNonce``, else the full type."""
-        return self.type[len(ACME_ERROR) :] if self.type.startswith(ACME_ERROR) else self.type
+        return short_problem_type(self.type)
 
     @property
     def retryable(self) -> bool:
         return self.short_type in RETRYABLE or self.status >= 500
-
-    @classmethod
-    def from_document(
-        cls,
-        doc: Any,
-        status: int,
-        retry_after: float | None = None,
-        nonce: str | None = None,
-        url: str | None = None,
-    ) -> ACMEProblem:
-        if not isinstance(doc, Mapping):
-            doc = {}
-        subs = doc.get("subproblems")
-        return cls(
-            type=str(doc.get("type") or "about:blank"),
-            detail=str(doc.get("detail") or f"HTTP {status}"),
-            status=status,
-            subproblems=[s for s in subs if isinstance(s, Mapping)]
-            if isinstance(subs, list)
-            else (),
-            retry_after=retry_after,
-            nonce=nonce,
-            url=url,
-        )
 
 
 class ACMEProtocolError(ACMEError):

@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import parsedate_to_datetime
 from typing import Any, cast
+from urllib.parse import urljoin
 
 from OpenSSL import SSL
 from service_identity import VerificationError
@@ -35,6 +36,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from csrproxy.acme.jws import AccountKey
+from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
 
 log = Logger()
@@ -65,7 +67,9 @@ class ACMEResponse:
 
     @property
     def location(self) -> str | None:
-        return self.header("location")
+        """The ``Location`` header, a relative reference resolved against the request URL."""
+        value = self.header("location")
+        return urljoin(self.url, value) if value else value
 
     def json(self) -> dict[str, Any]:
         try:
@@ -210,7 +214,7 @@ class ACMETransport:
             doc: Any = json.loads(resp.body)
         except ValueError:
             doc = {"detail": resp.body[:200].decode("utf-8", "replace")}
-        return ACMEProblem.from_document(
+        return problem_from_json(
             doc,
             resp.status,
             retry_after=parse_retry_after(resp.header("retry-after"), self.clock.seconds()),
