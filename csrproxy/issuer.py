@@ -22,11 +22,14 @@ from twisted.python.failure import Failure
 from csrproxy.acme.certs import ari_cert_id
 from csrproxy.acme.client import ACMEClient, Backoff
 from csrproxy.acme.order import (
+    Checkpoint,
     DNS01Responder,
     IssuedChain,
     OrderOptions,
+    OrderRun,
     PollSchedule,
     complete_order,
+    no_checkpoint,
     obtain_chain,
 )
 from csrproxy.acme.problems import (
@@ -140,6 +143,7 @@ class Issuer:
         order_options: OrderOptions | None = None,
         on_account: Callable[[str], None] | None = None,
         lookups: Callable[[str], Deferred[None]] | None = None,
+        checkpoint: Checkpoint | None = None,
     ) -> None:
         self.clock = clock
         self.acme = acme
@@ -156,6 +160,8 @@ class Issuer:
         self._on_account = on_account
         #: identifier -> fires when the CA looks up its challenge record (built-in DNS).
         self._lookups = lookups
+        #: Called at each named point of every order run (crash tests); else a no-op.
+        self.checkpoint: Checkpoint = checkpoint or no_checkpoint
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
         self._account: SharedResult | None = None
@@ -310,26 +316,27 @@ class Issuer:
         )
         if resume_url is None:
             await self.ledger.order_started(order_id, csr, replaces)
-        responder = self.ledger.responder(self.responder, order_id)
+        run = OrderRun(
+            self.acme,
+            csr.names,
+            csr.der,
+            self.ledger.responder(self.responder, order_id),
+            schedule,
+            self.order_options,
+            replaces,
+            on_order=self.ledger.order_created(order_id),
+            csr_spki=csr.spki_der,
+            watch=self._watch if self._lookups is not None else None,
+            checkpoint=self.checkpoint,
+        )
         started = self.clock.seconds()
         self.metrics.orders_in_flight.inc()
         try:
             chain = None
             if resume_url:  # "" is an order recorded before the CA had made it
-                chain = await self._resume_order(csr, resume_url, responder, schedule)
+                chain = await self._resume_order(run, resume_url)
             if chain is None:
-                chain = await obtain_chain(
-                    self.acme,
-                    csr.names,
-                    csr.der,
-                    responder,
-                    schedule,
-                    self.order_options,
-                    replaces,
-                    on_order=self.ledger.order_created(order_id),
-                    csr_spki=csr.spki_der,
-                    watch=self._watch if self._lookups is not None else None,
-                )
+                chain = await obtain_chain(run)
             row = await self.ledger.order_valid(order_id, csr, chain, renewal)
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
@@ -347,22 +354,11 @@ class Issuer:
         after = min(POLL_AFTER_LOOKUP, self.poll_interval)
         return self._lookups(identifier).addCallback(lambda _: self.clock.seconds() + after)
 
-    async def _resume_order(
-        self, csr: CheckedCSR, url: str, responder: DNS01Responder, schedule: PollSchedule
-    ) -> IssuedChain | None:
+    async def _resume_order(self, run: OrderRun, url: str) -> IssuedChain | None:
         """Finish an order a crashed run left; None when the CA no longer knows it."""
-        log.info("resuming order {order} for {names}", order=url, names=",".join(csr.names))
+        log.info("resuming order {order} for {names}", order=url, names=",".join(run.names))
         try:
-            return await complete_order(
-                self.acme,
-                url,
-                None,
-                csr.der,
-                responder,
-                schedule,
-                self.order_options,
-                self._watch if self._lookups is not None else None,
-            )
+            return await complete_order(run, url)
         except (OrderFailed, ACMEProblem) as e:
             if isinstance(e, ACMEProblem) and e.short_type in ("rateLimited", "badCSR"):
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -23,6 +24,7 @@ from csrproxy.api import SigningAPI, problem_document
 from csrproxy.auth import ClientGate, load_tokens
 from csrproxy.cache import CachedChain, MemoryIssuedCache
 from csrproxy.config import Config
+from csrproxy.crashpoints import crash_checkpoint_from_env
 from csrproxy.dns.powerdns import PowerDNSPublisher
 from csrproxy.dns.propagation import (
     CheckedPublisher,
@@ -292,6 +294,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
         lookups=zone.watch if pdns is None else None,
+        checkpoint=crash_checkpoint_from_env(os.environ),
     )
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),

@@ -83,6 +83,11 @@ class Faults:
     alternates: int = 0
     #: newOrder answers this problem type (e.g. rejectedIdentifier), every time.
     reject_orders: str | None = None
+    #: Fields set in every order / authorization document (None removes one): a broken CA.
+    order_fields: dict[str, Any] = field(default_factory=dict)
+    authz_fields: dict[str, Any] = field(default_factory=dict)
+    #: The certificate URL answers this body instead of the chain.
+    cert_body: bytes | None = None
 
 
 class FakeCA:
@@ -349,7 +354,7 @@ class FakeCA:
             doc["certificate"] = f"{BASE}/cert/{o.cert_id}"
         if o.error:
             doc["error"] = o.error
-        return doc
+        return _patched(doc, self.faults.order_fields)
 
     def _authz_doc(self, a: Authz) -> dict[str, Any]:
         ch: dict[str, Any] = {
@@ -367,7 +372,7 @@ class FakeCA:
         }
         if a.wildcard:
             doc["wildcard"] = True
-        return doc
+        return _patched(doc, self.faults.authz_fields)
 
     @app.route("/authz/<aid>", methods=["POST"])
     def authz(self, request: IRequest, aid: str) -> bytes:
@@ -383,9 +388,15 @@ class FakeCA:
             elif self.faults.poll_retry_after:
                 request.setHeader(b"Retry-After", self.faults.poll_retry_after.encode())
         doc = self._authz_doc(a)
-        if doc["status"] == "processing":
+        if doc.get("status") == "processing":
             doc["status"] = "pending"
         return self._json(request, doc)
+
+    def validate_answered(self) -> None:
+        """Validate every answered challenge now, as a real CA does in its own time."""
+        for a in self.authzs.values():
+            if a.status == "processing":
+                self._validate(a)
 
     def _validate(self, a: Authz) -> None:
         ok = a.identifier not in self.faults.invalid_names
@@ -438,7 +449,7 @@ class FakeCA:
             return got
         payload, _ = got
         o = self.orders[oid]
-        if self._order_doc(o)["status"] != "ready":
+        if self._order_doc(o).get("status") != "ready":
             return self._problem(request, 403, "orderNotReady", f"order is {o.status}")
         csr = x509.load_der_x509_csr(b64decode(payload["csr"]))
         sans = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -477,6 +488,8 @@ class FakeCA:
             return got
         request.setHeader(b"Content-Type", b"application/pem-certificate-chain")
         self._nonce(request)
+        if self.faults.cert_body is not None:
+            return self.faults.cert_body
         base, _, alt = cid.partition("-alt")
         for i in range(1, self.faults.alternates + 1):
             if str(i) != alt:
@@ -499,6 +512,15 @@ class FakeCA:
             .sign(self._ca_key, hashes.SHA256())
         )
         return inter.public_bytes(serialization.Encoding.PEM)
+
+
+def _patched(doc: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    for key, value in fields.items():
+        if value is None:
+            doc.pop(key, None)
+        else:
+            doc[key] = value
+    return doc
 
 
 class _BadNonce(Exception):

@@ -15,7 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.client import ACMEClient, Backoff, parse_retry_after
 from csrproxy.acme.jws import AccountKey
-from csrproxy.acme.order import IssuedChain, PollSchedule, obtain_chain
+from csrproxy.acme.order import IssuedChain, OrderRun, PollSchedule, obtain_chain
 from csrproxy.acme.problems import ACMEProblem, AuthorizationFailed
 from tests.fakeacme import BASE, FakeCA
 
@@ -83,7 +83,7 @@ class ACMETestMixin:
         schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + deadline)
         return self.drive(
             Deferred.fromCoroutine(
-                obtain_chain(client, names, csr_der(names), self.responder, schedule)
+                obtain_chain(OrderRun(client, names, csr_der(names), self.responder, schedule))
             )
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
@@ -12,8 +15,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from csrproxy.acme.certs import ari_cert_id, chain_issuer_cns, top_issuer_cn
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey
-from csrproxy.acme.order import IssuedChain, OrderOptions, PollSchedule, obtain_chain
-from csrproxy.acme.problems import ACMEProblem, ACMETransportError
+from csrproxy.acme.order import (
+    CHECKPOINTS,
+    Checkpoint,
+    IssuedChain,
+    OrderOptions,
+    OrderRun,
+    PollSchedule,
+    complete_order,
+    no_checkpoint,
+    obtain_chain,
+)
+from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
+from csrproxy.crashpoints import POINTS, crash_checkpoint_from_env
 from csrproxy.errors import BadCSR
 from tests.fakeacme import BASE, FlakyHTTP
 from tests.test_acme import ACCOUNT_KEY, ACMETestMixin, csr_der
@@ -32,7 +46,7 @@ class ProtocolTestCase(ACMETestMixin, SynchronousTestCase):
         der: bytes | None = None,
     ) -> Any:
         schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + deadline)
-        coro = obtain_chain(
+        run = OrderRun(
             client,
             names,
             der or csr_der(names),
@@ -41,6 +55,7 @@ class ProtocolTestCase(ACMETestMixin, SynchronousTestCase):
             options or OrderOptions(),
             replaces,
         )
+        coro = obtain_chain(run)
         [result] = self.drive(Deferred.fromCoroutine(coro))
         return result
 
@@ -256,3 +271,139 @@ class NewerACMETests(ProtocolTestCase):
         [result] = self.drive(Deferred.fromCoroutine(client.revoke(der, "keyCompromise")))
         self.assertIsNone(result)
         self.assertEqual(self.ca.revoked, {leaf.serial_number: 1})
+
+
+class MalformedAnswerTests(ProtocolTestCase):
+    """A CA answer RFC 8555 does not allow ends the order with ACMEProtocolError."""
+
+    def test_order_without_finalize(self) -> None:
+        self.ca.faults.order_fields = {"finalize": None}
+        failure = self.obtain_with(self.make_client(), ["a.go.example.test"])
+        failure.trap(ACMEProtocolError)
+        self.assertIn("'finalize' is missing", str(failure.value))
+        self.assertEqual(self.responder.published, [])
+
+    def test_authorization_with_an_unknown_status(self) -> None:
+        self.ca.faults.authz_fields = {"status": "done"}
+        failure = self.obtain_with(self.make_client(), ["a.go.example.test"])
+        failure.trap(ACMEProtocolError)
+        self.assertIn("unknown status 'done'", str(failure.value))
+        self.assertEqual(self.responder.published, [])
+        self.assertEqual(self.ca.requests["challenge"], 0)
+
+    def test_dns01_token_that_is_not_base64url(self) -> None:
+        self.ca.faults.authz_fields = {
+            "challenges": [
+                {"type": "dns-01", "url": BASE + "/chall/1", "status": "pending", "token": "a b"}
+            ]
+        }
+        failure = self.obtain_with(self.make_client(), ["a.go.example.test"])
+        failure.trap(ACMEProtocolError)
+        self.assertIn("is not base64url", str(failure.value))
+        self.assertEqual(self.responder.published, [])
+
+    def test_certificate_that_is_not_pem_cleans_up(self) -> None:
+        self.ca.faults.cert_body = b'{"status": "valid"}'
+        failure = self.obtain_with(self.make_client(), ["a.go.example.test"])
+        failure.trap(ACMEProtocolError)
+        self.assertIn("did not return a PEM chain", str(failure.value))
+        self.assertEqual(len(self.responder.published), 1)
+        self.assertEqual(dict(self.responder.live), {}, "records left behind")
+
+
+class Stop(Exception):
+    """What a test checkpoint raises to end a run at a named point."""
+
+
+class CheckpointTests(ProtocolTestCase):
+    def run_for(
+        self,
+        client: ACMEClient,
+        names: list[str],
+        checkpoint: Checkpoint,
+        on_order: Callable[[str], object] | None = None,
+    ) -> OrderRun:
+        schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + 300)
+        return OrderRun(
+            client,
+            names,
+            csr_der(names),
+            self.responder,
+            schedule,
+            on_order=on_order,
+            checkpoint=checkpoint,
+        )
+
+    def test_points_are_reached_in_order(self) -> None:
+        reached: list[str] = []
+        names = ["a.go.example.test", "b.go.example.test"]
+        run = self.run_for(self.make_client(), names, reached.append)
+        [chain] = self.drive(Deferred.fromCoroutine(obtain_chain(run)))
+        self.assertIsInstance(chain, IssuedChain)
+        self.assertEqual(
+            reached,
+            ["after-new-order", "after-challenge", "after-challenge", *CHECKPOINTS[2:]],
+        )
+
+    def test_the_default_checkpoint_does_nothing(self) -> None:
+        schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + 300)
+        run = OrderRun(self.make_client(), ["a.go.example.test"], b"", self.responder, schedule)
+        self.assertIs(run.checkpoint, no_checkpoint)
+
+    def test_a_run_stopped_at_each_point_is_finished_by_complete_order(self) -> None:
+        for point in CHECKPOINTS:
+            ca_before = dict(self.ca.requests)
+
+            def stop(reached: str, point: str = point) -> None:
+                if reached == point:
+                    # The CA goes on while we are down (and kill -9 leaves the records).
+                    self.ca.validate_answered()
+                    raise Stop(point)
+
+            urls: list[str] = []
+            names = [f"{point}.go.example.test"]
+            run = self.run_for(self.make_client(), names, stop, urls.append)
+            [failure] = self.drive(Deferred.fromCoroutine(obtain_chain(run)))
+            failure.trap(Stop)
+            self.assertEqual(dict(self.responder.live), {}, "records left behind")
+            # A new process: a new client, the order URL from the record.
+            again = self.run_for(self.make_client(), names, stop_nowhere)
+            [chain] = self.drive(Deferred.fromCoroutine(complete_order(again, urls[0])))
+            self.assertIsInstance(chain, IssuedChain, point)
+            self.assertEqual(chain.order_url, urls[0])
+            self.assertEqual(dict(self.responder.live), {}, "records left behind")
+            made = {k: v - ca_before.get(k, 0) for k, v in self.ca.requests.items()}
+            self.assertEqual(made["newOrder"], 1, point)
+            self.assertEqual(made["finalize"], 1, point)
+            self.assertEqual(made["challenge"], 1, point)
+
+
+def stop_nowhere(point: str) -> None:
+    pass
+
+
+class CrashCheckpointTests(SynchronousTestCase):
+    """csrproxy.crashpoints: the checkpoint that kills the process, built only when asked."""
+
+    def test_not_asked(self) -> None:
+        self.assertIsNone(crash_checkpoint_from_env({}))
+        self.assertIsNone(crash_checkpoint_from_env({"CSRPROXY_CRASH_AT": ""}))
+
+    def test_kills_at_its_point_only(self) -> None:
+        killed: list[tuple[int, int]] = []
+        self.patch(os, "kill", lambda pid, sig: killed.append((pid, sig)))
+        checkpoint = crash_checkpoint_from_env({"CSRPROXY_CRASH_AT": "after-finalize"})
+        assert checkpoint is not None
+        checkpoint("after-new-order")
+        checkpoint("after-challenge")
+        self.assertEqual(killed, [])
+        checkpoint("after-finalize")
+        self.assertEqual(killed, [(os.getpid(), signal.SIGKILL)])
+
+    def test_unknown_point_is_refused(self) -> None:
+        with self.assertRaises(ValueError) as cm:
+            crash_checkpoint_from_env({"CSRPROXY_CRASH_AT": "after-lunch"})
+        self.assertIn("after-new-order", str(cm.exception))
+
+    def test_the_crash_tests_points_are_the_order_checkpoints(self) -> None:
+        self.assertEqual(POINTS, CHECKPOINTS)

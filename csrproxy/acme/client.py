@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from cryptography import x509
 from josepy.b64 import b64encode
@@ -22,6 +23,15 @@ from twisted.logger import Logger
 
 from csrproxy.acme.certs import RenewalWindow, ari_cert_id, parse_window
 from csrproxy.acme.jws import AccountKey, eab_jws
+from csrproxy.acme.messages import (
+    Account,
+    Authorization,
+    CertificateChain,
+    Challenge,
+    Directory,
+    Order,
+    checked_url,
+)
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, DeadlineExceeded
 from csrproxy.acme.transport import (
     ACMEResponse,
@@ -41,7 +51,25 @@ REVOCATION_REASONS = {
     "cessationOfOperation": 5,
 }
 
-__all__ = ["REVOCATION_REASONS", "ACMEClient", "ACMEResponse", "Backoff", "parse_retry_after"]
+__all__ = [
+    "REVOCATION_REASONS",
+    "ACMEClient",
+    "ACMEResponse",
+    "Backoff",
+    "PollSchedule",
+    "parse_retry_after",
+]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PollSchedule:
+    """First poll delay, its cap, and the overall deadline in seconds (clock time)."""
+
+    first: float
+    cap: float
+    deadline: float
 
 
 class ACMEClient:
@@ -75,7 +103,7 @@ class ACMEClient:
             retry_deadline=retry_deadline,
             on_request=on_request,
         )
-        self._directory: dict[str, Any] | None = None
+        self._directory: Directory | None = None
         self._warned_profile = False
 
     @property
@@ -91,7 +119,7 @@ class ACMEClient:
         """ACME requests made, by (endpoint kind, HTTP status)."""
         return self.transport.requests
 
-    async def directory(self) -> dict[str, Any]:
+    async def directory(self) -> Directory:
         """The CA's directory, fetched once per process."""
         if self._directory is None:
             t = self.transport
@@ -100,30 +128,17 @@ class ACMEClient:
             )
             if resp.status != 200:
                 raise t.problem(resp)
-            doc = resp.json()
-            for key in ("newNonce", "newAccount", "newOrder"):
-                if not isinstance(doc.get(key), str):
-                    raise ACMEProtocolError(f"directory {self.directory_url} has no {key}")
-            t.new_nonce_url = doc["newNonce"]
-            self._directory = doc
+            directory = Directory.from_json(resp.json(), self.directory_url)
+            t.new_nonce_url = directory.new_nonce
+            self._directory = directory
             log.info("ACME directory {url} loaded", url=self.directory_url)
         return self._directory
-
-    async def _url(self, name: str) -> str:
-        url = (await self.directory()).get(name)
-        if not isinstance(url, str):
-            raise ACMEProtocolError(f"the CA's directory offers no {name}")
-        return url
 
     async def post(
         self, url: str, payload: Any, kind: str = "other", deadline: float | None = None
     ) -> ACMEResponse:
         await self.directory()
         return await self.transport.post(url, payload, kind, deadline=deadline)
-
-    async def get(self, url: str, kind: str = "other", deadline: float | None = None) -> Any:
-        """POST-as-GET a JSON resource."""
-        return (await self.post(url, None, kind, deadline)).json()
 
     # -- account ----------------------------------------------------------
 
@@ -134,7 +149,7 @@ class ACMEClient:
         """
         if self.account_url is not None:
             return self.account_url
-        url = await self._url("newAccount")
+        url = (await self.directory()).new_account
         t = self.transport
         try:
             resp = await t.post(url, {"onlyReturnExisting": True}, "newAccount", jwk=True)
@@ -151,17 +166,19 @@ class ACMEClient:
             found = False
         if not resp.location:
             raise ACMEProtocolError("newAccount gave no Location")
-        t.account_url = resp.location
+        location = checked_url(resp.location, "newAccount's Location")
+        account = Account.from_json(resp.json(), location) if resp.body else None
+        t.account_url = location
         log.info(
             "ACME account {account} {how}",
-            account=resp.location,
+            account=location,
             how="found" if found else "registered",
         )
         if found and contact:
-            current = resp.json().get("contact") if resp.body else None
-            if sorted(current or []) != sorted(contact):
+            current = account.contact if account is not None else ()
+            if sorted(current) != sorted(contact):
                 await self.update_contact(contact)
-        return resp.location
+        return location
 
     async def update_contact(self, contact: Sequence[str]) -> None:
         if self.account_url is None:
@@ -173,7 +190,7 @@ class ACMEClient:
         """Roll the account over to ``new_key`` (RFC 8555 §7.3.5)."""
         if self.account_url is None:
             raise ACMEProtocolError("no account yet")
-        url = await self._url("keyChange")
+        url = _offered((await self.directory()).key_change, "keyChange")
         inner = new_key.sign(
             {"account": self.account_url, "oldKey": self.key.public_jwk}, url, None, None
         )
@@ -185,8 +202,7 @@ class ACMEClient:
     # -- orders -----------------------------------------------------------
 
     async def offers_profile(self, profile: str) -> bool:
-        profiles = (await self.directory()).get("meta", {}).get("profiles")
-        return isinstance(profiles, dict) and profile in profiles
+        return profile in (await self.directory()).profiles
 
     async def new_order(
         self,
@@ -195,19 +211,20 @@ class ACMEClient:
         profile: str | None = None,
         replaces: str | None = None,
         deadline: float | None = None,
-    ) -> tuple[str, dict[str, Any]]:
-        url = await self._url("newOrder")
+    ) -> Order:
+        directory = await self.directory()
         payload: dict[str, Any] = {"identifiers": [{"type": "dns", "value": n} for n in names]}
         if profile is not None:
-            if await self.offers_profile(profile):
+            if profile in directory.profiles:
                 payload["profile"] = profile
             elif not self._warned_profile:
                 self._warned_profile = True
                 log.warn(
                     "the CA does not offer profile {profile}; ordering without", profile=profile
                 )
-        if replaces is not None and "renewalInfo" in await self.directory():
+        if replaces is not None and directory.renewal_info is not None:
             payload["replaces"] = replaces
+        url = directory.new_order
         try:
             resp = await self.post(url, payload, "newOrder", deadline)
         except ACMEProblem as e:
@@ -221,46 +238,57 @@ class ACMEClient:
             resp = await self.post(url, payload, "newOrder", deadline)
         if not resp.location:
             raise ACMEProtocolError("newOrder gave no Location")
-        return resp.location, resp.json()
+        return Order.from_json(resp.json(), checked_url(resp.location, "newOrder's Location"))
 
-    async def answer_challenge(self, url: str, deadline: float | None = None) -> Any:
-        return (await self.post(url, {}, "challenge", deadline)).json()
+    async def order(self, url: str, deadline: float | None = None) -> Order:
+        """POST-as-GET the order at ``url``."""
+        return Order.from_json((await self.post(url, None, "order", deadline)).json(), url)
 
-    async def finalize(
-        self, url: str, csr_der: bytes, deadline: float | None = None
-    ) -> ACMEResponse:
+    async def authorization(self, url: str, deadline: float | None = None) -> Authorization:
+        """POST-as-GET the authorization at ``url``."""
+        resp = await self.post(url, None, "authz", deadline)
+        return Authorization.from_json(resp.json(), url)
+
+    async def answer_challenge(self, url: str, deadline: float | None = None) -> Challenge:
+        """Tell the CA the challenge at ``url`` is ready to be validated."""
+        resp = await self.post(url, {}, "challenge", deadline)
+        return Challenge.from_json(resp.json(), f"challenge {url}")
+
+    async def finalize(self, order: Order, csr_der: bytes, deadline: float | None = None) -> Order:
+        """Send the CSR to the order's finalize URL; the CA answers with the order."""
         payload = {"csr": b64encode(csr_der).decode("ascii")}
-        return await self.post(url, payload, "finalize", deadline)
+        resp = await self.post(order.finalize, payload, "finalize", deadline)
+        return Order.from_json(resp.json(), order.url)
 
     async def poll(
         self,
         url: str,
-        done: Callable[[dict[str, Any]], bool],
-        first: float,
-        cap: float,
-        deadline: float,
+        parse: Callable[[dict[str, Any], str], T],
+        done: Callable[[T], bool],
+        schedule: PollSchedule,
         kind: str,
         nudge: Deferred[float] | None = None,
-    ) -> dict[str, Any]:
-        """POST-as-GET ``url`` until ``done(doc)``; honours ``Retry-After``, else doubles.
+    ) -> T:
+        """POST-as-GET ``url`` until ``done(parse(doc, url))``; honours ``Retry-After``, else
+        doubles the delay from ``schedule.first`` up to ``schedule.cap``.
 
         ``nudge`` fires with a clock time at which the CA is likely done (it was seen
         validating): the first wait then ends by that time, and a poll that finds the
         CA not done yet is an extra one, leaving the schedule as it was.
         """
-        backoff = Backoff(first, cap)
+        backoff = Backoff(schedule.first, schedule.cap)
         delay = backoff()
         while True:
             now = self.clock.seconds()
-            if now + delay > deadline:
+            if now + delay > schedule.deadline:
                 raise DeadlineExceeded(f"{url} not done before the order's deadline")
             due = now + delay
             early = await self._sleep(delay, nudge)
             nudge = None
-            resp = await self.post(url, None, kind, deadline)
-            doc = resp.json()
-            if done(doc):
-                return doc
+            resp = await self.post(url, None, kind, schedule.deadline)
+            message = parse(resp.json(), url)
+            if done(message):
+                return message
             retry_after = parse_retry_after(resp.header("retry-after"), self.clock.seconds())
             if early and retry_after is None:
                 delay = max(0.0, due - self.clock.seconds())
@@ -289,15 +317,17 @@ class ACMEClient:
         nudge.addCallback(early)
         return woken
 
-    async def download(self, url: str, deadline: float | None = None) -> ACMEResponse:
-        return await self.post(url, None, "certificate", deadline)
+    async def download(self, url: str, deadline: float | None = None) -> CertificateChain:
+        """POST-as-GET the chain at ``url``, with the alternates it links to."""
+        resp = await self.post(url, None, "certificate", deadline)
+        return CertificateChain.from_pem(resp.body, url, resp.links("alternate"))
 
     # -- renewal information and revocation -------------------------------------
 
     async def renewal_info(self, cert: x509.Certificate) -> RenewalWindow | None:
         """The CA's suggested renewal window for ``cert`` (RFC 9773), or None without ARI."""
-        base = (await self.directory()).get("renewalInfo")
-        if not isinstance(base, str):
+        base = (await self.directory()).renewal_info
+        if base is None:
             return None
         url = f"{base.rstrip('/')}/{ari_cert_id(cert)}"
         t = self.transport
@@ -315,7 +345,13 @@ class ACMEClient:
         code = REVOCATION_REASONS.get(reason) if isinstance(reason, str) else reason
         if code is None:
             raise ValueError(f"unknown revocation reason {reason!r}")
-        url = await self._url("revokeCert")
+        url = _offered((await self.directory()).revoke_cert, "revokeCert")
         payload = {"certificate": b64encode(cert_der).decode("ascii"), "reason": code}
         await self.post(url, payload, "revokeCert")
         log.info("certificate revoked (reason {reason})", reason=code)
+
+
+def _offered(url: str | None, name: str) -> str:
+    if url is None:
+        raise ACMEProtocolError(f"the CA's directory offers no {name}")
+    return url

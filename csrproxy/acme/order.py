@@ -1,15 +1,19 @@
 """One order from ``newOrder`` to the downloaded chain, answering dns-01.
 
-The DNS side is behind :class:`DNS01Responder`: this module computes the
-TXT value for an identifier and asks the responder to publish it, and never
-learns how.  Every value published is unpublished when the order ends,
-whatever the outcome.
+Everything one order needs is an :class:`OrderRun`; :func:`obtain_chain` runs it from
+``newOrder``, :func:`complete_order` from an order the CA already has.  The DNS side is
+behind :class:`DNS01Responder`: this module computes the TXT value for an identifier
+and asks the responder to publish it, and never learns how.  Every value published is
+unpublished when the order ends, whatever the outcome.
+
+The run calls its ``checkpoint`` with the name of each point in :data:`CHECKPOINTS` as
+it passes it (a no-op unless a test asks for more, such as dying there).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
@@ -20,10 +24,10 @@ from twisted.internet.defer import Deferred, DeferredList, FirstError, gatherRes
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from csrproxy import crashpoints
 from csrproxy.acme.certs import top_issuer_cn
-from csrproxy.acme.client import ACMEClient
-from csrproxy.acme.messages import problem_from_json
+from csrproxy.acme.client import ACMEClient, PollSchedule
+from csrproxy.acme.jws import AccountKey
+from csrproxy.acme.messages import Authorization, CertificateChain, Challenge, Order, Status
 from csrproxy.acme.problems import (
     ACMEProblem,
     ACMEProtocolError,
@@ -35,6 +39,36 @@ from csrproxy.errors import BadCSR
 
 log = Logger()
 
+__all__ = [
+    "CHECKPOINTS",
+    "Checkpoint",
+    "DNS01Responder",
+    "IssuedChain",
+    "OrderOptions",
+    "OrderRun",
+    "PollSchedule",
+    "Watch",
+    "complete_order",
+    "dns01_value",
+    "no_checkpoint",
+    "obtain_chain",
+]
+
+#: The named points of a run, in order: the CA has the order (and it is on record); the
+#: challenge was answered; finalize was accepted; the chain is downloaded.
+CHECKPOINTS = ("after-new-order", "after-challenge", "after-finalize", "after-download")
+
+#: Called with a name from :data:`CHECKPOINTS` when the run passes that point.
+Checkpoint = Callable[[str], None]
+
+#: identifier -> a Deferred of the clock time to poll its authorization at, fired once the
+#: CA has been seen looking up its challenge record (cancel it to stop watching).
+Watch = Callable[[str], Deferred[float]]
+
+
+def no_checkpoint(point: str) -> None:
+    """The checkpoint of production runs: passing a point does nothing."""
+
 
 class DNS01Responder(Protocol):
     """Publishes and removes the dns-01 TXT value for an identifier (a DNS name, no ``*.``)."""
@@ -42,15 +76,6 @@ class DNS01Responder(Protocol):
     def publish(self, identifier: str, value: str) -> Deferred[None]: ...
 
     def unpublish(self, identifier: str, value: str) -> Deferred[None]: ...
-
-
-@dataclass(frozen=True)
-class PollSchedule:
-    """First poll delay, its cap, and the overall deadline in seconds (clock time)."""
-
-    first: float
-    cap: float
-    deadline: float
 
 
 @dataclass(frozen=True)
@@ -63,6 +88,31 @@ class OrderOptions:
     profile: str | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class OrderRun:
+    """Everything one order's run needs: what to order, how, and the caller's hooks.
+
+    ``replaces`` is the ARI certificate id of the certificate this order renews;
+    ``on_order(url)`` is called as soon as the CA has created the order, and nothing is
+    published before what it returns has completed; ``csr_spki`` is the CSR's
+    SubjectPublicKeyInfo when the caller has it at hand; ``watch(identifier)``, when
+    given, fires with the clock time at which to poll the authorization once the CA has
+    been seen looking up its challenge record.
+    """
+
+    client: ACMEClient
+    names: Sequence[str]
+    csr_der: bytes
+    responder: DNS01Responder
+    schedule: PollSchedule
+    options: OrderOptions = OrderOptions()
+    replaces: str | None = None
+    on_order: Callable[[str], Awaitable[object] | object] | None = None
+    csr_spki: bytes | None = None
+    watch: Watch | None = None
+    checkpoint: Checkpoint = no_checkpoint
+
+
 @dataclass
 class IssuedChain:
     """The CA's answer: the PEM chain (leaf first) and where it came from."""
@@ -73,20 +123,10 @@ class IssuedChain:
     alternates: list[str] = field(default_factory=list)
 
 
-#: identifier -> a Deferred of the clock time to poll its authorization at, fired once the
-#: CA has been seen looking up its challenge record (cancel it to stop watching).
-Watch = Callable[[str], Deferred[float]]
-
-
-def dns01_value(client: ACMEClient, token: str) -> str:
-    digest = hashlib.sha256(client.key.key_authorization(token).encode("ascii")).digest()
+def dns01_value(key: AccountKey, token: str) -> str:
+    """The TXT value that answers the dns-01 challenge ``token`` for the account ``key``."""
+    digest = hashlib.sha256(key.key_authorization(token).encode("ascii")).digest()
     return b64encode(digest).decode("ascii")
-
-
-def _problem(doc: Any) -> ACMEProblem | None:
-    if isinstance(doc, dict) and doc.get("type"):
-        return problem_from_json(doc, int(doc.get("status") or 403))
-    return None
 
 
 def _csr_spki(csr_der: bytes) -> bytes:
@@ -97,42 +137,28 @@ def _csr_spki(csr_der: bytes) -> bytes:
     )
 
 
-async def obtain_chain(
-    client: ACMEClient,
-    names: Sequence[str],
-    csr_der: bytes,
-    responder: DNS01Responder,
-    schedule: PollSchedule,
-    options: OrderOptions = OrderOptions(),
-    replaces: str | None = None,
-    on_order: Callable[[str], Awaitable[object] | object] | None = None,
-    csr_spki: bytes | None = None,
-    watch: Watch | None = None,
-) -> IssuedChain:
-    """Run one order to the end and return the chain.
-
-    ``replaces`` is the ARI certificate id of the certificate this order renews;
-    ``on_order(url)`` is called as soon as the CA has created the order;
-    ``csr_spki`` is the CSR's SubjectPublicKeyInfo when the caller has it at hand;
-    ``watch`` is as for :func:`complete_order`.
-    """
-    if (csr_spki or _csr_spki(csr_der)) == client.key.spki_der():
+async def obtain_chain(run: OrderRun) -> IssuedChain:
+    """Run one order from ``newOrder`` to the end and return the chain."""
+    client = run.client
+    if (run.csr_spki or _csr_spki(run.csr_der)) == client.key.spki_der():
         # RFC 8555 §11.1: a certificate key must not be the account key.
         raise BadCSR("the CSR's public key is csrproxy's ACME account key")
     await client.account()
-    order_url, order = await client.new_order(
-        names, profile=options.profile, replaces=replaces, deadline=schedule.deadline
+    order = await client.new_order(
+        run.names,
+        profile=run.options.profile,
+        replaces=run.replaces,
+        deadline=run.schedule.deadline,
     )
-    log.info("order {order} created for {names}", order=order_url, names=",".join(names))
+    log.info("order {order} created for {names}", order=order.url, names=",".join(run.names))
     # The authorizations are read while the order URL is recorded: reading changes nothing
     # at the CA, and nothing is published before the order is on record.
-    authz_urls = order.get("authorizations")
-    if order.get("status") != "pending" or not isinstance(authz_urls, list):
-        authz_urls = []
-    reads = [client.get(str(u), "authz", schedule.deadline) for u in authz_urls]
-    steps: list[Deferred[Any]] = [Deferred.fromCoroutine(r) for r in reads]
-    if on_order is not None:
-        recorded = on_order(order_url)
+    authz_urls = order.authorizations if order.status is Status.PENDING else ()
+    steps: list[Deferred[Any]] = [
+        Deferred.fromCoroutine(client.authorization(u, run.schedule.deadline)) for u in authz_urls
+    ]
+    if run.on_order is not None:
+        recorded = run.on_order(order.url)
         if isinstance(recorded, Deferred):
             steps.append(recorded)
         elif isinstance(recorded, Awaitable):
@@ -141,11 +167,9 @@ async def obtain_chain(
         done = await gatherResults(steps, consumeErrors=True) if steps else []
     except FirstError as e:
         e.subFailure.raiseException()
-    authzs = dict(zip((str(u) for u in authz_urls), done, strict=False))
-    crashpoints.reached("after-new-order")
-    return await complete_order(
-        client, order_url, order, csr_der, responder, schedule, options, watch, authzs
-    )
+    authzs: dict[str, Authorization] = {a.url: a for a in done[: len(authz_urls)]}
+    run.checkpoint("after-new-order")
+    return await complete_order(run, order.url, order, authzs)
 
 
 async def _awaited(step: Awaitable[object]) -> object:
@@ -153,241 +177,178 @@ async def _awaited(step: Awaitable[object]) -> object:
 
 
 async def complete_order(
-    client: ACMEClient,
+    run: OrderRun,
     order_url: str,
-    order: dict[str, Any] | None,
-    csr_der: bytes,
-    responder: DNS01Responder,
-    schedule: PollSchedule,
-    options: OrderOptions = OrderOptions(),
-    watch: Watch | None = None,
-    authzs: dict[str, dict[str, Any]] | None = None,
+    order: Order | None = None,
+    authzs: Mapping[str, Authorization] | None = None,
 ) -> IssuedChain:
-    """Take an order from wherever it stands (pending, ready, processing, valid) to its chain.
+    """Take the order at ``order_url`` from wherever it stands (pending, ready, processing,
+    valid) to its chain.
 
-    ``watch(identifier)``, when given, fires with the clock time at which to poll the
-    authorization once the CA has been seen looking up its challenge record; ``authzs``
-    are authorizations already read, by URL.
+    ``order`` is the order as last read, if the caller has it; ``authzs`` are its
+    authorizations already read, by URL.
     """
     if order is None:
-        await client.account()
-        order = await client.get(order_url, "order", schedule.deadline)
-    published: list[tuple[str, str]] = []
+        await run.client.account()
+        order = await run.client.order(order_url, run.schedule.deadline)
+    steps = _OrderSteps(run, order_url)
     try:
-        if order.get("status") == "pending":
-            await _authorize_all(
-                client, order_url, order, responder, schedule, published, watch, authzs or {}
-            )
-        if order.get("status") in ("pending", "ready"):
-            order = await _finalize(client, order_url, order, csr_der, schedule)
-        elif order.get("status") == "processing":
-            order = await _await_order(client, order_url, schedule)
-        if order.get("status") != "valid":
-            raise OrderFailed(order_url, _problem(order.get("error")))
-        cert_url = order.get("certificate")
-        if not isinstance(cert_url, str):
+        if order.status is Status.PENDING:
+            await steps.authorize_all(order, authzs or {})
+        if order.status in (Status.PENDING, Status.READY):
+            order = await steps.finalize(order)
+        elif order.status is Status.PROCESSING:
+            order = await steps.await_order()
+        if order.status is not Status.VALID:
+            raise OrderFailed(order_url, order.error)
+        if order.certificate is None:
             raise ACMEProtocolError(f"order {order_url} is valid but has no certificate URL")
-        pem, cert_url, alternates = await _download(client, cert_url, options, schedule)
-        crashpoints.reached("after-download")
-        log.info("order {order} valid; certificate {cert}", order=order_url, cert=cert_url)
-        chain = IssuedChain(pem, order_url, cert_url, alternates)
+        downloaded = await steps.download(order.certificate)
+        run.checkpoint("after-download")
+        log.info("order {order} valid; certificate {cert}", order=order_url, cert=downloaded.url)
+        chain = IssuedChain(downloaded.pem, order_url, downloaded.url, list(downloaded.alternates))
     except BaseException:
         # Clean up without making the caller wait: a backend that just failed to publish
         # may take its whole retry deadline to fail the removal too.
-        Deferred.fromCoroutine(_unpublish_all(responder, published))
+        Deferred.fromCoroutine(steps.unpublish_all())
         raise
-    await _unpublish_all(responder, published)
+    await steps.unpublish_all()
     return chain
 
 
-async def _unpublish_all(responder: DNS01Responder, published: list[tuple[str, str]]) -> None:
-    for identifier, value in published:
-        try:
-            await responder.unpublish(identifier, value)
-        except Exception as e:  # cleanup must go on for every record
-            log.error("could not remove challenge for {name}: {err}", name=identifier, err=str(e))
+class _OrderSteps:
+    """The steps of one run past ``newOrder``, and the TXT values it has published."""
 
+    def __init__(self, run: OrderRun, order_url: str) -> None:
+        self.run = run
+        self.client = run.client
+        self.schedule = run.schedule
+        self.order_url = order_url
+        self.published: list[tuple[str, str]] = []
 
-async def _authorize_all(
-    client: ACMEClient,
-    order_url: str,
-    order: dict[str, Any],
-    responder: DNS01Responder,
-    schedule: PollSchedule,
-    published: list[tuple[str, str]],
-    watch: Watch | None,
-    authzs: dict[str, dict[str, Any]],
-) -> None:
-    authz_urls = order.get("authorizations")
-    if not isinstance(authz_urls, list):
-        raise ACMEProtocolError(f"order {order_url} has no authorizations")
-    # Wait for every authorization to settle before cleanup may run.
-    results = await DeferredList(
-        [
-            Deferred.fromCoroutine(
-                _authorize(
-                    client, str(u), responder, schedule, published, watch, authzs.get(str(u))
+    async def unpublish_all(self) -> None:
+        for identifier, value in self.published:
+            try:
+                await self.run.responder.unpublish(identifier, value)
+            except Exception as e:  # cleanup must go on for every record
+                log.error(
+                    "could not remove challenge for {name}: {err}", name=identifier, err=str(e)
                 )
-            )
-            for u in authz_urls
-        ],
-        consumeErrors=True,
-    )
-    for ok, result in results:
-        if not ok:
-            cast(Failure, result).raiseException()
 
+    async def authorize_all(self, order: Order, authzs: Mapping[str, Authorization]) -> None:
+        # Wait for every authorization to settle before cleanup may run.
+        results = await DeferredList(
+            [
+                Deferred.fromCoroutine(self.authorize(u, authzs.get(u)))
+                for u in order.authorizations
+            ],
+            consumeErrors=True,
+        )
+        for ok, result in results:
+            if not ok:
+                cast(Failure, result).raiseException()
 
-async def _download(
-    client: ACMEClient, url: str, options: OrderOptions, schedule: PollSchedule
-) -> tuple[str, str, list[str]]:
-    """The default chain, or the first alternate whose top issuer CN is the preferred one."""
-    resp = await client.download(url, schedule.deadline)
-    pem = _pem(resp.body, url)
-    alternates = resp.links("alternate")
-    want = options.preferred_chain
-    if want is None or top_issuer_cn(pem) == want:
-        return pem, url, alternates
-    for alt in alternates:
-        alt_pem = _pem((await client.download(alt, schedule.deadline)).body, alt)
-        if top_issuer_cn(alt_pem) == want:
-            log.info("chain {url} matches preferred chain {want}", url=alt, want=want)
-            return alt_pem, alt, alternates
-    log.warn("no chain is issued by {want}; using the default", want=want)
-    return pem, url, alternates
-
-
-def _pem(body: bytes, url: str) -> str:
-    pem = body.decode("ascii", "replace")
-    if "-----BEGIN CERTIFICATE-----" not in pem:
-        raise ACMEProtocolError(f"{url} did not return a PEM chain")
-    return pem
-
-
-async def _authorize(
-    client: ACMEClient,
-    url: str,
-    responder: DNS01Responder,
-    schedule: PollSchedule,
-    published: list[tuple[str, str]],
-    watch: Watch | None = None,
-    authz: dict[str, Any] | None = None,
-) -> None:
-    if authz is None:
-        authz = await client.get(url, "authz", schedule.deadline)
-    ident = str((authz.get("identifier") or {}).get("value", "?"))
-    status = authz.get("status")
-    if status == "valid":
-        log.info("authorization for {name} already valid", name=ident)
-        return
-    if status != "pending":
-        raise AuthorizationFailed(ident, _challenge_problem(authz))
-    challenge = _dns01(authz)
-    if challenge is None:
-        raise ACMEProtocolError(f"authorization {url} for {ident} offers no dns-01 challenge")
-    value = dns01_value(client, str(challenge["token"]))
-    published.append((ident, value))
-    await responder.publish(ident, value)
-    seen = watch(ident) if watch is not None else None
-    try:
-        authz = await _answer_and_poll(client, url, ident, challenge, schedule, seen)
-    finally:
-        if seen is not None:
-            if not seen.called:
-                seen.cancel()
-            seen.addErrback(lambda _: None)
-    if authz.get("status") != "valid":
-        raise AuthorizationFailed(ident, _challenge_problem(authz))
-    log.info("authorization for {name} valid", name=ident)
-
-
-async def _answer_and_poll(
-    client: ACMEClient,
-    url: str,
-    ident: str,
-    challenge: dict[str, Any],
-    schedule: PollSchedule,
-    seen: Deferred[float] | None,
-) -> dict[str, Any]:
-    if challenge.get("status") == "pending":
+    async def authorize(self, url: str, authz: Authorization | None) -> None:
+        if authz is None:
+            authz = await self.client.authorization(url, self.schedule.deadline)
+        ident = authz.identifier.value
+        if authz.status is Status.VALID:
+            log.info("authorization for {name} already valid", name=ident)
+            return
+        if authz.status is not Status.PENDING:
+            raise AuthorizationFailed(ident, authz.problem)
+        challenge = authz.challenge("dns-01")
+        if challenge is None or challenge.token is None:
+            raise ACMEProtocolError(f"authorization {url} for {ident} offers no dns-01 challenge")
+        value = dns01_value(self.client.key, challenge.token)
+        self.published.append((ident, value))
+        await self.run.responder.publish(ident, value)
+        watch = self.run.watch
+        seen = watch(ident) if watch is not None else None
         try:
-            await client.answer_challenge(str(challenge["url"]), schedule.deadline)
-            crashpoints.reached("after-challenge")
-        except ACMETransportError as e:
-            if not e.sent:
-                raise
-            # The answer may or may not have arrived: look before answering again.
-            again = _dns01(await client.get(url, "authz", schedule.deadline))
-            if again is not None and again.get("status") == "pending":
-                await client.answer_challenge(str(challenge["url"]), schedule.deadline)
-    return await client.poll(
-        url,
-        lambda d: d.get("status") not in ("pending", "processing"),
-        schedule.first,
-        schedule.cap,
-        schedule.deadline,
-        kind="authz-poll",
-        nudge=seen,
-    )
+            authz = await self._answer_and_poll(authz, challenge, seen)
+        finally:
+            if seen is not None:
+                if not seen.called:
+                    seen.cancel()
+                seen.addErrback(lambda _: None)
+        if authz.status is not Status.VALID:
+            raise AuthorizationFailed(ident, authz.problem)
+        log.info("authorization for {name} valid", name=ident)
 
+    async def _answer_and_poll(
+        self, authz: Authorization, challenge: Challenge, seen: Deferred[float] | None
+    ) -> Authorization:
+        deadline = self.schedule.deadline
+        if challenge.status is Status.PENDING:
+            try:
+                await self.client.answer_challenge(challenge.url, deadline)
+                self.run.checkpoint("after-challenge")
+            except ACMETransportError as e:
+                if not e.sent:
+                    raise
+                # The answer may or may not have arrived: look before answering again.
+                again = (await self.client.authorization(authz.url, deadline)).challenge("dns-01")
+                if again is not None and again.status is Status.PENDING:
+                    await self.client.answer_challenge(challenge.url, deadline)
+        return await self.client.poll(
+            authz.url,
+            Authorization.from_json,
+            lambda a: a.status not in (Status.PENDING, Status.PROCESSING),
+            self.schedule,
+            "authz-poll",
+            nudge=seen,
+        )
 
-def _dns01(authz: dict[str, Any]) -> dict[str, Any] | None:
-    for c in authz.get("challenges", []):
-        if isinstance(c, dict) and c.get("type") == "dns-01":
-            return c
-    return None
+    async def finalize(self, order: Order) -> Order:
+        """Finalize once; after an ambiguous failure, re-read the order instead of guessing."""
+        ready = order
+        for _ in range(3):
+            try:
+                order = await self.client.finalize(ready, self.run.csr_der, self.schedule.deadline)
+                self.run.checkpoint("after-finalize")
+                break
+            except ACMETransportError as e:
+                if not e.sent:
+                    raise
+                order = await self.client.order(self.order_url, self.schedule.deadline)
+            except ACMEProblem as e:
+                if e.short_type != "orderNotReady":
+                    raise
+                # The CA has not noticed yet that every authorization is valid.
+                order = await self.client.poll(
+                    self.order_url,
+                    Order.from_json,
+                    lambda o: o.status is not Status.PENDING,
+                    self.schedule,
+                    "order-poll",
+                )
+            if order.status is not Status.READY:
+                break  # processing, valid or invalid: finalize reached the CA
+        if order.status in (Status.PROCESSING, Status.READY):
+            order = await self.await_order()
+        return order
 
+    async def await_order(self) -> Order:
+        return await self.client.poll(
+            self.order_url,
+            Order.from_json,
+            lambda o: o.status in (Status.VALID, Status.INVALID),
+            self.schedule,
+            "order-poll",
+        )
 
-def _challenge_problem(authz: dict[str, Any]) -> ACMEProblem | None:
-    for c in authz.get("challenges", []):
-        if isinstance(c, dict) and (p := _problem(c.get("error"))) is not None:
-            return p
-    return None
-
-
-async def _finalize(
-    client: ACMEClient,
-    order_url: str,
-    order: dict[str, Any],
-    csr_der: bytes,
-    schedule: PollSchedule,
-) -> dict[str, Any]:
-    """Finalize once; after an ambiguous failure, re-read the order instead of guessing."""
-    finalize_url = str(order["finalize"])
-    for _ in range(3):
-        try:
-            order = (await client.finalize(finalize_url, csr_der, schedule.deadline)).json()
-            crashpoints.reached("after-finalize")
-            break
-        except ACMETransportError as e:
-            if not e.sent:
-                raise
-            order = await client.get(order_url, "order", schedule.deadline)
-        except ACMEProblem as e:
-            if e.short_type != "orderNotReady":
-                raise
-            # The CA has not noticed yet that every authorization is valid.
-            order = await client.poll(
-                order_url,
-                lambda d: d.get("status") != "pending",
-                schedule.first,
-                schedule.cap,
-                schedule.deadline,
-                kind="order-poll",
-            )
-        if order.get("status") != "ready":
-            break  # processing, valid or invalid: finalize reached the CA
-    if order.get("status") in ("processing", "ready"):
-        order = await _await_order(client, order_url, schedule)
-    return order
-
-
-async def _await_order(client: ACMEClient, order_url: str, schedule: PollSchedule) -> Any:
-    return await client.poll(
-        order_url,
-        lambda d: d.get("status") in ("valid", "invalid"),
-        schedule.first,
-        schedule.cap,
-        schedule.deadline,
-        kind="order-poll",
-    )
+    async def download(self, url: str) -> CertificateChain:
+        """The default chain, or the first alternate whose top issuer CN is the preferred one."""
+        chain = await self.client.download(url, self.schedule.deadline)
+        want = self.run.options.preferred_chain
+        if want is None or top_issuer_cn(chain.pem) == want:
+            return chain
+        for alt in chain.alternates:
+            alt_chain = await self.client.download(alt, self.schedule.deadline)
+            if top_issuer_cn(alt_chain.pem) == want:
+                log.info("chain {url} matches preferred chain {want}", url=alt, want=want)
+                # The alternates are those the default chain named.
+                return CertificateChain(alt, alt_chain.pem, chain.alternates)
+        log.warn("no chain is issued by {want}; using the default", want=want)
+        return chain
