@@ -12,7 +12,6 @@ import socket
 from typing import Any, cast
 
 from josepy.b64 import b64decode
-from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock
@@ -30,7 +29,9 @@ ACCOUNT_KEY = AccountKey.generate("ec256")
 
 
 def the_reactor() -> Any:
-    return _global_reactor
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class MiniCA(Resource):
