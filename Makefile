@@ -38,7 +38,7 @@ test: system-deps venv lint
 	$(PY) -m pytest -q
 
 demo: system-deps venv
-	$(PY) -m csrproxy.demo
+	$(PY) -m csrproxy.testing.demo
 
 bench: system-deps venv
 	bench/dns

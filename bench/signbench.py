@@ -32,8 +32,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from csrproxy.daemon import start_csrproxy
-from csrproxy.testbed import Pebble, free_port, free_udp_tcp_port, start_pebble, start_powerdns
+from csrproxy.testing.daemon import start_csrproxy
+from csrproxy.testing.pebble import Pebble, start_pebble
+from csrproxy.testing.ports import free_port, free_udp_tcp_port
+from csrproxy.testing.powerdns import start_powerdns
 
 ZONE = "go.example.test"
 PEER_SPEC = "csr-proxy==0.1.0"

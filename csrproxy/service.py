@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -18,13 +17,12 @@ from twisted.logger import Logger
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
-from csrproxy.acme.order import DNS01Responder, OrderOptions
+from csrproxy.acme.order import Checkpoint, DNS01Responder, OrderOptions
 from csrproxy.admission import Admission, Budgets
 from csrproxy.api import SigningAPI, problem_document
 from csrproxy.auth import ClientGate, load_tokens
 from csrproxy.cache import CachedChain, MemoryIssuedCache
 from csrproxy.config import Config
-from csrproxy.crashpoints import crash_checkpoint_from_env
 from csrproxy.dns.powerdns import PowerDNSPublisher
 from csrproxy.dns.propagation import (
     CheckedPublisher,
@@ -230,8 +228,13 @@ def ari_fetcher(
     return lambda pem: Deferred.fromCoroutine(fetch(pem))
 
 
-def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiService:
-    """Everything the daemon runs, as one MultiService."""
+def build_service(
+    config: Config, reactor: Any, http: HTTPClient, checkpoint: Checkpoint | None = None
+) -> MultiService:
+    """Everything the daemon runs, as one MultiService.
+
+    ``checkpoint`` is called at named points of every order (crash tests install one).
+    """
     state = StateDir(config.state.dir)
     state.prepare()
     key = load_account_key(state, config.acme.account_key_type)
@@ -294,7 +297,7 @@ def build_service(config: Config, reactor: Any, http: HTTPClient) -> MultiServic
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
         lookups=zone.watch if pdns is None else None,
-        checkpoint=crash_checkpoint_from_env(os.environ),
+        checkpoint=checkpoint,
     )
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),

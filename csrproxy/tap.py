@@ -49,9 +49,19 @@ def makeService(options: Options) -> IService:
     from csrproxy.service import build_service
 
     config: Config = options.loaded
+    checkpoint = None
+    if os.environ.get("CSRPROXY_CRASH_AT"):
+        # The crash tests' knob: only then is the test kit imported.
+        from csrproxy.testing.crashpoints import crash_checkpoint_from_env
+
+        try:
+            checkpoint = crash_checkpoint_from_env(os.environ)
+        except ValueError as e:
+            sys.stderr.write(f"csrproxy: {e}\n")
+            raise SystemExit(2) from None
     try:
         http = make_http_client(reactor, config.acme.ca_certs)
-        return build_service(config, reactor, http)
+        return build_service(config, reactor, http, checkpoint)
     except ConfigError as e:
         sys.stderr.write(f"csrproxy: configuration error: {e}\n")
         raise SystemExit(2) from None

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from csrproxy.daemon import Csrproxy, start_csrproxy
-from csrproxy.testbed import Pebble, free_udp_tcp_port, start_pebble
+from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.pebble import Pebble, start_pebble
+from csrproxy.testing.ports import free_udp_tcp_port
 
 ZONE = "go.example.test"
 

@@ -16,9 +16,10 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from csrproxy.client import Obtained, obtain_certificate
-from csrproxy.daemon import Csrproxy, start_csrproxy
-from csrproxy.faultproxy import start_faultproxy
-from csrproxy.testbed import Pebble, free_udp_tcp_port, start_pebble
+from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.faultprocess import start_faultproxy
+from csrproxy.testing.pebble import Pebble, start_pebble
+from csrproxy.testing.ports import free_udp_tcp_port
 from tests.conftest import ZONE
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,8 @@ from csrproxy.acme.order import (
     obtain_chain,
 )
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
-from csrproxy.crashpoints import POINTS, crash_checkpoint_from_env
 from csrproxy.errors import BadCSR
+from csrproxy.testing.crashpoints import POINTS, crash_checkpoint_from_env
 from tests.fakeacme import BASE, FlakyHTTP
 from tests.test_acme import ACCOUNT_KEY, ACMETestMixin, csr_der
 

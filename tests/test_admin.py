@@ -13,8 +13,8 @@ from cryptography import x509
 
 from csrproxy.admin import main
 from csrproxy.client import obtain_certificate
-from csrproxy.daemon import Csrproxy
-from csrproxy.testbed import Pebble
+from csrproxy.testing.daemon import Csrproxy
+from csrproxy.testing.pebble import Pebble
 from tests.conftest import ZONE
 
 pytestmark = pytest.mark.integration

@@ -24,9 +24,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from csrproxy.crashpoints import POINTS
-from csrproxy.daemon import Csrproxy, start_csrproxy
-from csrproxy.testbed import Pebble, free_udp_tcp_port, start_pebble
+from csrproxy.testing.crashpoints import POINTS
+from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.pebble import Pebble, start_pebble
+from csrproxy.testing.ports import free_udp_tcp_port
 from tests.conftest import ZONE
 from tests.keys import make_csr
 

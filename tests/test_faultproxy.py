@@ -27,10 +27,12 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial import unittest as trial
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
-from csrproxy import faultproxy, testbed
-from csrproxy.faultproxy import Rule
+from csrproxy.testing.faultprocess import FaultProxyProcess, start_faultproxy
+from csrproxy.testing.faultproxy import FaultProxy, Rule, path_kind
+from csrproxy.testing.pebble import PEBBLE_BIN, Pebble, start_pebble
+from csrproxy.testing.ports import free_port
 
-have_pebble = Path(testbed.PEBBLE_BIN).exists()
+have_pebble = Path(PEBBLE_BIN).exists()
 
 
 # ---------------------------------------------------------------------- rule parsing (no I/O)
@@ -57,7 +59,7 @@ def test_rule_after_and_count() -> None:
     fired = [r.take(b"POST", "/finalize-order/abc") for _ in range(5)]
     assert fired == [False, True, True, False, False]
     assert not Rule.parse("POST:/x:503").take(b"GET", "/x")
-    assert faultproxy.path_kind("/my-order/123/x") == "/my-order"
+    assert path_kind("/my-order/123/x") == "/my-order"
 
 
 # ---------------------------------------------------------------------- against pebble
@@ -65,24 +67,24 @@ def test_rule_after_and_count() -> None:
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
-        tuple[testbed.Pebble, faultproxy.FaultProxyProcess]]:
+        tuple[Pebble, FaultProxyProcess]]:
     if not have_pebble:
         pytest.skip("no pebble")
     work = tmp_path_factory.mktemp("fp")
-    dns = f"127.0.0.1:{testbed.free_port('udp')}"  # nothing answers there: no validations here
-    with testbed.start_pebble(str(work / "pebble"), dns) as p, \
-            faultproxy.start_faultproxy(str(work / "proxy"), p) as fp:
+    dns = f"127.0.0.1:{free_port('udp')}"  # nothing answers there: no validations here
+    with start_pebble(str(work / "pebble"), dns) as p, \
+            start_faultproxy(str(work / "proxy"), p) as fp:
         yield p, fp
 
 
 @pytest.fixture
-def fp(bed: tuple[testbed.Pebble, faultproxy.FaultProxyProcess]) -> faultproxy.FaultProxyProcess:
+def fp(bed: tuple[Pebble, FaultProxyProcess]) -> FaultProxyProcess:
     bed[1].clear_rules()
     bed[1].reset_counts()
     return bed[1]
 
 
-def _req(fp: faultproxy.FaultProxyProcess, method: str, url: str, body: bytes | None = None,
+def _req(fp: FaultProxyProcess, method: str, url: str, body: bytes | None = None,
          ) -> tuple[int, Message[str, str], bytes]:
     ctx = ssl.create_default_context(cafile=fp.ca_cert)
     req = urllib.request.Request(url, data=body, method=method,
@@ -111,8 +113,8 @@ def _new_account_jws(key: ec.EllipticCurvePrivateKey, nonce: str, url: str) -> b
 
 
 @pytest.mark.integration
-def test_directory_is_rewritten_to_the_proxy(fp: faultproxy.FaultProxyProcess,
-                                             bed: tuple[testbed.Pebble, Any]) -> None:
+def test_directory_is_rewritten_to_the_proxy(fp: FaultProxyProcess,
+                                             bed: tuple[Pebble, Any]) -> None:
     code, _, body = _req(fp, "GET", fp.directory)
     d = json.loads(body)
     assert code == 200
@@ -124,7 +126,7 @@ def test_directory_is_rewritten_to_the_proxy(fp: faultproxy.FaultProxyProcess,
 
 
 @pytest.mark.integration
-def test_rate_limited_new_account_then_passes(fp: faultproxy.FaultProxyProcess) -> None:
+def test_rate_limited_new_account_then_passes(fp: FaultProxyProcess) -> None:
     d = json.loads(_req(fp, "GET", fp.directory)[2])
     fp.add_rules(["POST:^/sign-me-up$:rateLimited:2:count=1"])
     key = ec.generate_private_key(ec.SECP256R1())
@@ -147,7 +149,7 @@ def test_rate_limited_new_account_then_passes(fp: faultproxy.FaultProxyProcess) 
 
 
 @pytest.mark.integration
-def test_other_faults(fp: faultproxy.FaultProxyProcess) -> None:
+def test_other_faults(fp: FaultProxyProcess) -> None:
     fp.add_rules(["GET:^/dir$:rateLimited-date:3", "GET:^/dir$:503", "GET:/dir:serverInternal",
                   "GET:/dir:drop-before", "GET:/dir:drop-after",
                   {"method": "GET", "path": "/dir", "action": "delay", "arg": 0.3}])
@@ -183,9 +185,9 @@ class InProcess(trial.TestCase):
 
         work = tempfile.mkdtemp(prefix="faultproxy-")
         self.addCleanup(shutil.rmtree, work, True)
-        peb = testbed.start_pebble(work, f"127.0.0.1:{testbed.free_port('udp')}")
+        peb = start_pebble(work, f"127.0.0.1:{free_port('udp')}")
         self.addCleanup(peb.stop)
-        proxy = faultproxy.FaultProxy.for_pebble(reactor, peb, ["GET:^/dir$:serverInternal:1"])
+        proxy = FaultProxy.for_pebble(reactor, peb, ["GET:^/dir$:serverInternal:1"])
         proxy.listen(0)
         self.addCleanup(proxy.stop)
         with open(peb.ca_cert, "rb") as f:

@@ -25,7 +25,7 @@ from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMETransportError
 from csrproxy.acme.transport import ACMEResponse, ACMETransport
 from csrproxy.http import MAX_PER_HOST, VerifyingPolicy, make_http_client, make_pool
-from csrproxy.testbed import make_tls_files
+from csrproxy.testing.tls import make_tls_files
 
 _TLS_DIR = tempfile.TemporaryDirectory(prefix="csrproxy-test-http-")
 # The server's CA and certificate for 127.0.0.1; another CA nobody trusts; a certificate

@@ -19,8 +19,8 @@ import pytest
 from cryptography import x509
 
 from csrproxy.client import obtain_certificate
-from csrproxy.daemon import Csrproxy, to_toml, twistd_argv
-from csrproxy.testbed import Pebble
+from csrproxy.testing.daemon import Csrproxy, to_toml, twistd_argv
+from csrproxy.testing.pebble import Pebble
 from tests.conftest import ZONE
 from tests.keys import make_csr
 

@@ -25,12 +25,14 @@ from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy.config import PowerDNSConfig
-from csrproxy.daemon import Csrproxy, start_csrproxy
 from csrproxy.dns.powerdns import PowerDNSAPIError, PowerDNSPublisher
 from csrproxy.dns.propagation import CheckedPublisher, PropagationChecker, udp_txt_query
 from csrproxy.errors import PublishError
 from csrproxy.http import client_over
-from csrproxy.testbed import Pebble, PowerDNS, free_port, start_pebble, start_powerdns
+from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.pebble import Pebble, start_pebble
+from csrproxy.testing.ports import free_port
+from csrproxy.testing.powerdns import PowerDNS, start_powerdns
 from tests.keys import make_csr
 
 pytestmark = pytest.mark.integration
@@ -347,7 +349,7 @@ def test_e2e_original_environment_only(
     import os
     import subprocess
 
-    from csrproxy.daemon import twistd_argv, wait_ready
+    from csrproxy.testing.daemon import twistd_argv, wait_ready
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CSR_PROXY_")}

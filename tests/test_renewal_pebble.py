@@ -16,8 +16,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from csrproxy.daemon import start_csrproxy
-from csrproxy.testbed import free_udp_tcp_port, start_pebble
+from csrproxy.testing.daemon import start_csrproxy
+from csrproxy.testing.pebble import start_pebble
+from csrproxy.testing.ports import free_udp_tcp_port
 from tests.conftest import ZONE
 from tests.keys import make_csr
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 
 from csrproxy.auth import token_hash
 from csrproxy.client import obtain_certificate
-from csrproxy.daemon import Csrproxy, start_csrproxy
-from csrproxy.testbed import Pebble
+from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.pebble import Pebble
 from tests.conftest import ZONE
 from tests.keys import RSA1024, make_csr, tamper
 

@@ -12,13 +12,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from csrproxy import testbed
+from csrproxy.testing.pebble import PEBBLE_BIN, start_pebble
+from csrproxy.testing.ports import free_port, free_udp_tcp_port
+from csrproxy.testing.powerdns import start_powerdns
 
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(
         not (shutil.which("pdns_server") and shutil.which("pdnsutil")
-             and Path(testbed.PEBBLE_BIN).exists()),
+             and Path(PEBBLE_BIN).exists()),
         reason="pebble / PowerDNS not installed"),
 ]
 
@@ -40,14 +42,14 @@ def _port(url: str) -> int:
 
 
 def test_free_ports() -> None:
-    p = testbed.free_udp_tcp_port()
+    p = free_udp_tcp_port()
     assert _port_bindable(p) and _port_bindable(p, socket.SOCK_DGRAM)
-    assert 0 < testbed.free_port("udp") < 65536
+    assert 0 < free_port("udp") < 65536
 
 
 def test_pebble_starts_serves_directory_and_root_then_stops(tmp_path: Path) -> None:
-    nothing = f"127.0.0.1:{testbed.free_udp_tcp_port()}"
-    with testbed.start_pebble(str(tmp_path), nothing, validity_seconds=3600) as peb:
+    nothing = f"127.0.0.1:{free_udp_tcp_port()}"
+    with start_pebble(str(tmp_path), nothing, validity_seconds=3600) as peb:
         assert peb.directory.startswith("https://127.0.0.1:")
         ctx = ssl.create_default_context(cafile=peb.ca_cert)
         with urllib.request.urlopen(peb.directory, context=ctx, timeout=5) as r:
@@ -72,13 +74,13 @@ def test_pebble_starts_serves_directory_and_root_then_stops(tmp_path: Path) -> N
 def test_pebble_failure_reports_log_tail(tmp_path: Path) -> None:
     # an unparseable listen address makes pebble exit at once
     with pytest.raises(RuntimeError, match="pebble exited"):
-        testbed.start_pebble(str(tmp_path), "127.0.0.1:1",
+        start_pebble(str(tmp_path), "127.0.0.1:1",
                              extra_config={"listenAddress": "127.0.0.1:notaport"}, timeout=10)
 
 
 def test_powerdns_serves_zone_and_api_changes(tmp_path: Path) -> None:
     records = [("@", "A", "127.0.0.1"), ("ns1", "A", "127.0.0.1")]
-    with testbed.start_powerdns(str(tmp_path), ZONE, records) as pdns:
+    with start_powerdns(str(tmp_path), ZONE, records) as pdns:
         name = f"_acme-challenge.host.{ZONE}."
         assert pdns.query(name) == (3, [])  # NXDOMAIN before
         pdns.api("PATCH", pdns.zone_url, {"rrsets": [{

@@ -12,8 +12,9 @@ import tempfile
 from pathlib import Path
 
 from csrproxy.client import ClientError, describe, obtain_certificate
-from csrproxy.daemon import start_csrproxy
-from csrproxy.testbed import free_udp_tcp_port, start_pebble
+from csrproxy.testing.daemon import start_csrproxy
+from csrproxy.testing.pebble import start_pebble
+from csrproxy.testing.ports import free_udp_tcp_port
 
 ZONE = "go.example.test"
 

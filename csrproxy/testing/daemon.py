@@ -19,7 +19,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from csrproxy.testbed import Pebble, free_port, log_tail
+from csrproxy.testing.pebble import Pebble
+from csrproxy.testing.ports import free_port
+from csrproxy.testing.processes import log_tail
 
 
 def toml_value(value: Any) -> str:
