@@ -36,7 +36,7 @@ ZONE = ChallengeZone(
 for _index in range(25):
     ZONE.add_txt("_acme-challenge.many." + ORIGIN, f"{_index:02d}" + "v" * 41)
 ZONE.add_txt("_acme-challenge.one." + ORIGIN, "single")
-RESPONDER = ZoneServerFactory(Clock(), ZONE)
+SERVER = ZoneServerFactory(Clock(), ZONE)
 
 labels = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_*", min_size=1, max_size=12)
 in_zone_prefixes = st.sampled_from(
@@ -93,7 +93,7 @@ class UDPReplyProperties(SynchronousTestCase):
             payload=edns if edns is not None else 1232,
         )
         wire = query.to_wire()
-        reply = reply_to(RESPONDER, wire)
+        reply = reply_to(SERVER, wire)
         assert reply is not None
         limit = 512 if edns is None else max(512, min(edns, 1232))
         self.assertLessEqual(len(reply), limit)
@@ -103,7 +103,7 @@ class UDPReplyProperties(SynchronousTestCase):
         self.assertEqual(reply[12:question_end], wire[12:question_end])
         response = dns.message.from_wire(reply)
         if not response.flags & dns.flags.TC:  # what fits is the same over TCP
-            self.assertEqual(reply_to(RESPONDER, wire, tcp=True), reply)
+            self.assertEqual(reply_to(SERVER, wire, tcp=True), reply)
         self.assertFalse(response.flags & dns.flags.RA)
         self.assertEqual(response.edns, -1 if edns is None else 0)
         if not inside:
@@ -113,7 +113,7 @@ class UDPReplyProperties(SynchronousTestCase):
         truncated = bool(response.flags & dns.flags.TC)
         if truncated:
             self.assertEqual((response.answer, response.authority), ([], []))
-            tcp = dns.message.from_wire(reply_to(RESPONDER, wire, tcp=True) or b"")
+            tcp = dns.message.from_wire(reply_to(SERVER, wire, tcp=True) or b"")
             self.assertFalse(tcp.flags & dns.flags.TC)
             self.assertTrue(tcp.answer)
             return
@@ -129,7 +129,7 @@ class UDPReplyProperties(SynchronousTestCase):
     def test_random_bytes_never_raise(self, packet: bytes, prefix: bytes) -> None:
         if prefix:  # a plausible header in front makes the parser go deeper
             packet = struct.pack("!HHHHHH", 1, 0, 1, 0, 0, 1) + packet
-        reply = reply_to(RESPONDER, packet)
+        reply = reply_to(SERVER, packet)
         if reply is not None:
             self.assertTrue(reply[2] & 0x80)
             self.assertLessEqual(len(reply), 1232)

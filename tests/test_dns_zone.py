@@ -46,21 +46,21 @@ def make_factory(zone: ChallengeZone) -> ZoneServerFactory:
     return ZoneServerFactory(Clock(), zone)
 
 
-def respond(responder: ZoneServerFactory, packet: bytes, udp: int | None = 1232) -> bytes | None:
+def respond(server: ZoneServerFactory, packet: bytes, udp: int | None = 1232) -> bytes | None:
     """The reply over UDP (``udp`` is our EDNS size, always 1232 here) or TCP (None)."""
     assert udp in (1232, None)
-    return reply_to(responder, packet, tcp=udp is None)
+    return reply_to(server, packet, tcp=udp is None)
 
 
 def ask(
-    responder: ZoneServerFactory,
+    server: ZoneServerFactory,
     name: str,
     rdtype: str | int = "A",
     udp: int | None = 1232,
     **kwargs: object,
 ) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype, **kwargs)  # type: ignore[arg-type]
-    wire = respond(responder, query.to_wire(), udp)
+    wire = respond(server, query.to_wire(), udp)
     assert wire is not None
     return dns.message.from_wire(wire)
 
@@ -140,10 +140,10 @@ class ChallengeRecordTests(SynchronousTestCase):
 
     def test_serial_increases(self) -> None:
         zone = make_zone()
-        responder = make_factory(zone)
-        first = ask(responder, ORIGIN, "SOA").answer[0][0].serial
+        server = make_factory(zone)
+        first = ask(server, ORIGIN, "SOA").answer[0][0].serial
         zone.add_txt(CHALLENGE, "a")
-        second = ask(responder, ORIGIN, "SOA").answer[0][0].serial
+        second = ask(server, ORIGIN, "SOA").answer[0][0].serial
         zone.remove_txt(CHALLENGE, "a")
         self.assertEqual(first, 100)
         self.assertGreater(second, first)
@@ -151,19 +151,19 @@ class ChallengeRecordTests(SynchronousTestCase):
 
     def test_values_served_and_withdrawn(self) -> None:
         zone = make_zone()
-        responder = make_factory(zone)
+        server = make_factory(zone)
         # Before and after: the apex wildcard covers the name, and it has no TXT.
-        self.assertEqual(ask(responder, CHALLENGE, "TXT").answer, [])
+        self.assertEqual(ask(server, CHALLENGE, "TXT").answer, [])
         zone.add_txt(CHALLENGE, "first")
         zone.add_txt(CHALLENGE, "second")
-        response = ask(responder, CHALLENGE, "TXT")
+        response = ask(server, CHALLENGE, "TXT")
         self.assertEqual(sorted(r.strings[0] for r in response.answer[0]), [b"first", b"second"])
         self.assertEqual(response.answer[0].ttl, 10)
         zone.remove_txt(CHALLENGE, "first")
-        response = ask(responder, CHALLENGE, "TXT")
+        response = ask(server, CHALLENGE, "TXT")
         self.assertEqual([r.strings[0] for r in response.answer[0]], [b"second"])
         zone.remove_txt(CHALLENGE, "second")
-        response = ask(responder, CHALLENGE, "TXT")
+        response = ask(server, CHALLENGE, "TXT")
         self.assertEqual((rcode(response), response.answer), (dns.rcode.NOERROR, []))
         self.assertTrue(soa_in_authority(response))
 
@@ -178,10 +178,10 @@ class AnswerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.zone = make_zone()
         self.zone.add_txt(CHALLENGE, "token")
-        self.responder = make_factory(self.zone)
+        self.server = make_factory(self.zone)
 
     def test_positive_answer_is_authoritative(self) -> None:
-        response = ask(self.responder, ORIGIN, "A")
+        response = ask(self.server, ORIGIN, "A")
         self.assertEqual(rcode(response), dns.rcode.NOERROR)
         self.assertTrue(response.flags & dns.flags.AA)
         self.assertFalse(response.flags & dns.flags.RA)
@@ -189,10 +189,10 @@ class AnswerTests(SynchronousTestCase):
         self.assertEqual(response.answer[0].ttl, 300)
 
     def test_apex_soa_and_ns(self) -> None:
-        soa = ask(self.responder, ORIGIN, "SOA")
+        soa = ask(self.server, ORIGIN, "SOA")
         self.assertEqual(soa.answer[0].rdtype, dns.rdatatype.SOA)
         self.assertEqual(str(soa.answer[0][0].mname), "ns1.go.example.test.")
-        ns = ask(self.responder, ORIGIN, "NS")
+        ns = ask(self.server, ORIGIN, "NS")
         self.assertEqual(
             sorted(str(r.target) for r in ns.answer[0]),
             ["ns1.go.example.test.", "ns2.go.example.test."],
@@ -200,14 +200,14 @@ class AnswerTests(SynchronousTestCase):
         self.assertTrue(ns.flags & dns.flags.AA)
 
     def test_nxdomain_has_soa(self) -> None:
-        response = ask(self.responder, "nothing.sub.go.example.test", "A")
+        response = ask(self.server, "nothing.sub.go.example.test", "A")
         self.assertEqual(rcode(response), dns.rcode.NXDOMAIN)
         self.assertTrue(response.flags & dns.flags.AA)
         self.assertTrue(soa_in_authority(response))
         self.assertEqual(response.authority[0].ttl, 10)
 
     def test_nodata_has_soa(self) -> None:
-        response = ask(self.responder, "ns1.go.example.test", "TXT")
+        response = ask(self.server, "ns1.go.example.test", "TXT")
         self.assertEqual(rcode(response), dns.rcode.NOERROR)
         self.assertEqual(response.answer, [])
         self.assertTrue(response.flags & dns.flags.AA)
@@ -215,25 +215,25 @@ class AnswerTests(SynchronousTestCase):
 
     def test_empty_non_terminal_is_nodata(self) -> None:
         for name in ["demo.go.example.test", "sub.go.example.test"]:
-            response = ask(self.responder, name, "A")
+            response = ask(self.server, name, "A")
             self.assertEqual(rcode(response), dns.rcode.NOERROR, name)
             self.assertEqual(response.answer, [], name)
             self.assertTrue(soa_in_authority(response), name)
 
     def test_out_of_zone_refused(self) -> None:
         for name in ["example.test", "ago.example.test", "other.org", "."]:
-            response = ask(self.responder, name, "A")
+            response = ask(self.server, name, "A")
             self.assertEqual(rcode(response), dns.rcode.REFUSED, name)
             self.assertFalse(response.flags & (dns.flags.AA | dns.flags.RA), name)
 
     def test_other_class_refused(self) -> None:
-        response = ask(self.responder, ORIGIN, "A", rdclass="CH")
+        response = ask(self.server, ORIGIN, "A", rdclass="CH")
         self.assertEqual(rcode(response), dns.rcode.REFUSED)
 
     def test_case_preserved_byte_for_byte(self) -> None:
         query = dns.message.make_query("_AcMe-ChAlLeNgE.DeMo.gO.ExAmPlE.tEsT", "TXT")
         wire = query.to_wire()
-        response = respond(self.responder, wire, 1232)
+        response = respond(self.server, wire, 1232)
         assert response is not None
         question_end = 12 + len(query.question[0].name.to_wire() or b"") + 4
         self.assertEqual(response[12:question_end], wire[12:question_end])
@@ -241,42 +241,42 @@ class AnswerTests(SynchronousTestCase):
 
     def test_wildcard(self) -> None:
         for name in ["install1.go.example.test", "a.b.c.go.example.test"]:
-            response = ask(self.responder, name, "A")
+            response = ask(self.server, name, "A")
             self.assertEqual(response.answer[0][0].address, "127.0.0.1", name)
             self.assertEqual(str(response.answer[0].name), name + ".")
             self.assertTrue(response.flags & dns.flags.AA)
-        nodata = ask(self.responder, "install1.go.example.test", "AAAA")
+        nodata = ask(self.server, "install1.go.example.test", "AAAA")
         self.assertEqual((rcode(nodata), nodata.answer), (dns.rcode.NOERROR, []))
         self.assertTrue(soa_in_authority(nodata))
 
     def test_wildcard_not_for_existing_names(self) -> None:
         # RFC 4592: names that exist, even empty non-terminals, get no wildcard data.
         for name in ["ns1.go.example.test", CHALLENGE, "demo.go.example.test"]:
-            response = ask(self.responder, name, "AAAA" if name.startswith("ns1") else "A")
+            response = ask(self.server, name, "AAAA" if name.startswith("ns1") else "A")
             self.assertEqual(response.answer, [], name)
-        below = ask(self.responder, "x.demo.go.example.test", "A")
+        below = ask(self.server, "x.demo.go.example.test", "A")
         self.assertEqual(rcode(below), dns.rcode.NXDOMAIN)
 
     def test_cname_followed_in_zone(self) -> None:
-        response = ask(self.responder, "www.go.example.test", "A")
+        response = ask(self.server, "www.go.example.test", "A")
         self.assertEqual(
             [rrset.rdtype for rrset in response.answer],
             [dns.rdatatype.CNAME, dns.rdatatype.A],
         )
 
     def test_caa_mx_aaaa_txt(self) -> None:
-        caa = ask(self.responder, ORIGIN, "CAA").answer[0][0]
+        caa = ask(self.server, ORIGIN, "CAA").answer[0][0]
         self.assertEqual((caa.flags, caa.tag, caa.value), (0, b"issue", b"letsencrypt.org"))
-        mx = ask(self.responder, ORIGIN, "MX").answer[0]
+        mx = ask(self.server, ORIGIN, "MX").answer[0]
         self.assertEqual(
             (mx.ttl, mx[0].preference, str(mx[0].exchange)), (60, 10, "mail." + ORIGIN + ".")
         )
-        self.assertEqual(ask(self.responder, ORIGIN, "AAAA").answer[0][0].address, "::1")
-        txt = ask(self.responder, "txt." + ORIGIN, "TXT").answer[0][0]
+        self.assertEqual(ask(self.server, ORIGIN, "AAAA").answer[0][0].address, "::1")
+        txt = ask(self.server, "txt." + ORIGIN, "TXT").answer[0][0]
         self.assertEqual(txt.strings, (b"hello", b"world"))
 
     def test_any_is_minimal(self) -> None:
-        response = ask(self.responder, ORIGIN, "ANY")
+        response = ask(self.server, ORIGIN, "ANY")
         self.assertEqual(len(response.answer), 1)
         self.assertEqual(response.answer[0].rdtype, dns.rdatatype.HINFO)
         self.assertEqual(response.answer[0][0].cpu, b"RFC8482")
@@ -284,7 +284,7 @@ class AnswerTests(SynchronousTestCase):
     def test_zone_transfers_refused(self) -> None:
         for rdtype in ["AXFR", "IXFR"]:
             for udp in (1232, None):
-                response = ask(self.responder, ORIGIN, rdtype, udp=udp)
+                response = ask(self.server, ORIGIN, rdtype, udp=udp)
                 self.assertEqual(rcode(response), dns.rcode.REFUSED)
                 self.assertEqual(response.answer, [])
 
@@ -298,7 +298,7 @@ class AnswerTests(SynchronousTestCase):
                 )
             )
             for udp in (1232, None):
-                wire = respond(self.responder, query.to_wire(), udp)
+                wire = respond(self.server, query.to_wire(), udp)
                 assert wire is not None
                 response = dns.message.from_wire(wire)
                 self.assertEqual(rcode(response), dns.rcode.REFUSED, (name, udp))
@@ -308,7 +308,7 @@ class AnswerTests(SynchronousTestCase):
     def test_unknown_opcode_notimp(self) -> None:
         query = dns.message.make_query(ORIGIN, "SOA")
         query.set_opcode(dns.opcode.NOTIFY)
-        wire = respond(self.responder, query.to_wire(), 1232)
+        wire = respond(self.server, query.to_wire(), 1232)
         assert wire is not None
         response = dns.message.from_wire(wire)
         self.assertTrue(response.flags & dns.flags.QR)
@@ -318,16 +318,16 @@ class AnswerTests(SynchronousTestCase):
     def test_rd_copied_never_ra(self) -> None:
         query = dns.message.make_query(ORIGIN, "A")
         query.flags &= ~dns.flags.RD
-        wire = respond(self.responder, query.to_wire(), 1232)
+        wire = respond(self.server, query.to_wire(), 1232)
         assert wire is not None
         self.assertFalse(dns.message.from_wire(wire).flags & (dns.flags.RD | dns.flags.RA))
-        self.assertTrue(ask(self.responder, ORIGIN, "A").flags & dns.flags.RD)
+        self.assertTrue(ask(self.server, ORIGIN, "A").flags & dns.flags.RD)
 
     def test_twisted_message_api(self) -> None:
         query = tdns.Message(id=7, recDes=True)
         query.queries = [tdns.Query(b"Go.Example.Test", tdns.SOA, tdns.IN)]
         response = tdns.Message()
-        response.fromStr(respond(self.responder, query.toStr()) or b"")
+        response.fromStr(respond(self.server, query.toStr()) or b"")
         self.assertEqual((response.id, response.auth, response.rCode), (7, True, 0))
         self.assertEqual(response.queries[0].name.name, b"Go.Example.Test")
 
@@ -337,11 +337,11 @@ class SizeAndEDNSTests(SynchronousTestCase):
         self.zone = make_zone()
         for index in range(30):
             self.zone.add_txt(CHALLENGE, f"{index:02d}" + "v" * 41)  # ~55 bytes per record
-        self.responder = make_factory(self.zone)
+        self.server = make_factory(self.zone)
 
     def test_udp_limit_512_without_edns(self) -> None:
         query = dns.message.make_query(CHALLENGE, "TXT").to_wire()
-        wire = respond(self.responder, query, 1232)
+        wire = respond(self.server, query, 1232)
         assert wire is not None
         self.assertLessEqual(len(wire), 512)
         response = dns.message.from_wire(wire)
@@ -350,7 +350,7 @@ class SizeAndEDNSTests(SynchronousTestCase):
 
     def test_edns_size_respected_and_capped(self) -> None:
         for size, fits in [(512, False), (1000, False), (4096, False), (65535, False)]:
-            response = ask(self.responder, CHALLENGE, "TXT", use_edns=0, payload=size)
+            response = ask(self.server, CHALLENGE, "TXT", use_edns=0, payload=size)
             self.assertTrue(response.flags & dns.flags.TC, size)
             self.assertEqual(response.edns, 0)
             del fits
@@ -358,35 +358,33 @@ class SizeAndEDNSTests(SynchronousTestCase):
         for index in range(1, 12):
             self.zone.remove_txt(CHALLENGE, f"{index:02d}" + "v" * 41)
         query = dns.message.make_query(CHALLENGE, "TXT", use_edns=0, payload=4096).to_wire()
-        wire = respond(self.responder, query, 1232)
+        wire = respond(self.server, query, 1232)
         assert wire is not None
         self.assertLessEqual(len(wire), 1232)
         self.assertEqual(len(dns.message.from_wire(wire).answer[0]), 18)
 
     def test_tcp_gets_everything(self) -> None:
-        response = ask(self.responder, CHALLENGE, "TXT", udp=None)
+        response = ask(self.server, CHALLENGE, "TXT", udp=None)
         self.assertFalse(response.flags & dns.flags.TC)
         self.assertEqual(len(response.answer[0]), 30)
 
     def test_opt_echoed_with_do(self) -> None:
-        response = ask(self.responder, ORIGIN, "SOA", use_edns=0, want_dnssec=True)
+        response = ask(self.server, ORIGIN, "SOA", use_edns=0, want_dnssec=True)
         self.assertEqual(response.edns, 0)
         self.assertTrue(response.ednsflags & dns.flags.DO)
         self.assertEqual(response.payload, 1232)
-        plain = ask(self.responder, ORIGIN, "SOA", use_edns=0)
+        plain = ask(self.server, ORIGIN, "SOA", use_edns=0)
         self.assertFalse(plain.ednsflags & dns.flags.DO)
-        self.assertEqual(ask(self.responder, ORIGIN, "SOA").edns, -1)
+        self.assertEqual(ask(self.server, ORIGIN, "SOA").edns, -1)
 
     def test_unknown_options_and_flags_ignored(self) -> None:
         option = dns.edns.GenericOption(cast(Any, 65001), b"abc")
-        response = ask(
-            self.responder, ORIGIN, "SOA", use_edns=0, options=[option], ednsflags=0x4000
-        )
+        response = ask(self.server, ORIGIN, "SOA", use_edns=0, options=[option], ednsflags=0x4000)
         self.assertEqual(rcode(response), dns.rcode.NOERROR)
         self.assertEqual((tuple(response.options), response.ednsflags), ((), 0))
 
     def test_badvers(self) -> None:
-        response = ask(self.responder, ORIGIN, "SOA", use_edns=1)
+        response = ask(self.server, ORIGIN, "SOA", use_edns=1)
         self.assertEqual(response.rcode(), dns.rcode.BADVERS)
         self.assertEqual(response.edns, 0)
         self.assertEqual(response.answer, [])
@@ -394,11 +392,11 @@ class SizeAndEDNSTests(SynchronousTestCase):
 
 class MalformedInputTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.responder = make_factory(make_zone())
+        self.server = make_factory(make_zone())
         self.query = dns.message.make_query(ORIGIN, "SOA", id=0x4242).to_wire()
 
     def rcode_of(self, packet: bytes) -> int | None:
-        wire = respond(self.responder, packet, 1232)
+        wire = respond(self.server, packet, 1232)
         if wire is None:
             return None
         self.assertTrue(wire[2] & 0x80)

@@ -3,7 +3,9 @@
 Names are twisted.names' dotted ``bytes``, lowercase, without the trailing dot
 (``b""`` is the root). A configured name is checked label by label here, so a
 name in the zone never holds a dot inside a label and the dotted form is exact.
-Wire encoding is ``twisted.names.dns``'s; this module only reads zone-file text.
+Wire encoding is ``twisted.names.dns``'s: this module reads zone-file text into
+its record classes, and adds the two it lacks (CAA, an SOA mailbox name) as
+``IEncodable``s that plug into its encoder.
 """
 
 from __future__ import annotations
