@@ -2,7 +2,7 @@
 
 ``ZoneServerFactory`` subclasses ``twisted.names.server.DNSServerFactory``. Queries
 are decoded by ``dns.Message`` (held to what a query must be by
-:class:`QueryMessage`) and replies encoded by ``dns.Message``, EDNS through
+``messages.QueryMessage``) and replies encoded by ``dns.Message``, EDNS through
 ``dns._OPTHeader``. Where the stock factory answers wrongly for an
 authoritative server, an override says so.
 
@@ -18,15 +18,14 @@ Two caches keep the common case cheap; both are dropped whenever the zone's
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
-from io import BytesIO
 from typing import Any, Protocol
 
 from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
+from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
 from csrproxy.dns.zone import ChallengeZone, NameNotFound
 
@@ -35,7 +34,6 @@ log = Logger()
 UDP_DEFAULT = 512
 # The DNS flag day 2020 value: no IP fragmentation on common paths.
 UDP_MAX = 1232
-TCP_MAX = 65535
 TCP_IDLE_TIMEOUT = 30.0
 MAX_TCP_CONNECTIONS = 512
 # Each cache holds at most this many entries and is cleared when full, so a flood of
@@ -48,7 +46,6 @@ MEMO_QUERY_BYTES = 512
 # Types that are never questions (RFC 6891, 2930, 8945).
 META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
 
-AnswerKey = tuple[bytes, int, int, bool | None]
 # (rcode, the full reply, the reply when it does not fit: TC, question and OPT only)
 Entry = tuple[int, bytes, bytes]
 
@@ -57,81 +54,6 @@ class ReplyWriter(Protocol):
     """What the factory needs of a protocol: send one reply (``address`` None for TCP)."""
 
     def writeReply(self, data: bytes, address: Any) -> None: ...
-
-
-class MalformedQuery(ValueError):
-    """The packet is not a well-formed DNS query."""
-
-
-class QueryMessage(dns.Message):
-    """A query decoded by ``dns.Message``, held to what a query must be.
-
-    ``dns.Message`` stops quietly where the data ends, ignores trailing bytes,
-    follows compression pointers in the question and reads label lengths 64 to
-    191 as labels; ``fromStr`` raises :class:`MalformedQuery` (or the decoder's
-    own error) for all of these, and for more than one OPT or an OPT not owned
-    by the root. After it: ``raw`` is the packet, ``opt`` the query's
-    ``_OPTHeader`` (None without EDNS), ``questionEnd`` the offset after the
-    question (0 unless there is exactly one), ``limit`` the largest reply the
-    transport takes, and ``cacheKey`` the answer-cache key once it is answered
-    from the zone.
-    """
-
-    raw = b""
-    opt: dns._OPTHeader | None = None
-    questionEnd = 0
-    limit = TCP_MAX
-    cacheKey: AnswerKey | None = None
-
-    def lookupRecordType(self, type: int) -> Any:
-        # A query's records are never read past the OPT header: RDATA stays bytes, and
-        # each record takes exactly its RDLENGTH (and no decoder logs about a bad one).
-        return dns.UnknownRecord
-
-    def fromStr(self, str: bytes) -> None:
-        self.raw = data = str
-        strio = BytesIO(data)
-        self.decode(strio)
-        found = (len(self.queries), len(self.answers), len(self.authority), len(self.additional))
-        if found != struct.unpack_from("!4H", data, 4):
-            raise MalformedQuery("the message ends before its last record")
-        if strio.tell() != len(data):
-            raise MalformedQuery("bytes after the last record")
-        if len(self.queries) == 1:
-            self.questionEnd = 12 + _question_length(data, self.queries[0])
-        opts = [record for record in self.additional if record.type == dns.OPT]
-        if opts:
-            if len(opts) > 1 or opts[0].name.name:
-                raise MalformedQuery("more than one OPT, or an OPT not at the root")
-            self.opt = dns._OPTHeader.fromRRHeader(opts[0])  # EOFError for bad options
-
-
-def _question_length(data: bytes, query: dns.Query) -> int:
-    # The question as twisted encodes it (uncompressed) must be the bytes received: no
-    # pointers, no dots inside labels. The answer echoes it byte for byte (0x20).
-    out = BytesIO()
-    query.encode(out)
-    wire = out.getvalue()
-    if (
-        data[12 : 12 + len(wire)] != wire
-        or len(wire) - 4 > 255
-        or any(len(label) > 63 for label in query.name.name.split(b"."))
-    ):
-        raise MalformedQuery("the question name is compressed or malformed")
-    return len(wire)
-
-
-class Reply(dns.Message):
-    """A response to ``request``, encoded in full (``maxSize`` 0).
-
-    ``dns.Message`` with a ``maxSize`` cuts the encoded bytes at that size, which
-    leaves a broken message; truncation is the factory's (TC, question and OPT).
-    """
-
-    def __init__(self, request: QueryMessage, **kwargs: Any) -> None:
-        super().__init__(maxSize=0, **kwargs)
-        self.request = request
-        self.cacheable = request.cacheKey is not None
 
 
 class ZoneServerFactory(server.DNSServerFactory):
