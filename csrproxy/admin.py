@@ -25,8 +25,8 @@ from csrproxy.acme.client import REVOCATION_REASONS
 from csrproxy.acme.jws import AccountKey
 from csrproxy.config import Config, load_config
 from csrproxy.errors import ConfigError
-from csrproxy.statedb import UNFINISHED, CertificateRow, OrderRow, StateDB
-from csrproxy.store import StateDir
+from csrproxy.state.database import UNFINISHED, CertificateRow, OrderRow, StateDB
+from csrproxy.state.store import StateDir
 
 
 def _when(ts: float) -> str:

@@ -18,32 +18,32 @@ from twisted.logger import Logger
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
 from csrproxy.acme.order import Checkpoint, DNS01Responder, OrderOptions
-from csrproxy.admission import Admission, Budgets
-from csrproxy.api import SigningAPI, problem_document
-from csrproxy.auth import ClientGate, load_tokens
-from csrproxy.cache import CachedChain, MemoryIssuedCache
-from csrproxy.config import Config
-from csrproxy.dns.powerdns import PowerDNSPublisher
-from csrproxy.dns.propagation import (
+from csrproxy.challenges.powerdns import PowerDNSPublisher
+from csrproxy.challenges.propagation import (
     CheckedPublisher,
     PropagationChecker,
     resolve_check_servers,
     udp_txt_query,
 )
-from csrproxy.dns.publisher import ZonePublisher
+from csrproxy.challenges.watch import WatchedZone
+from csrproxy.challenges.zone import ZonePublisher
+from csrproxy.config import Config
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
-from csrproxy.issuer import Issuer
-from csrproxy.ledger import Ledger
-from csrproxy.limits import LimitedSite
-from csrproxy.lookups import WatchedZone
+from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.cache import CachedChain, MemoryIssuedCache
+from csrproxy.issuance.issuer import Issuer
+from csrproxy.issuance.ledger import Ledger
+from csrproxy.issuance.orders import OrderBook
+from csrproxy.issuance.policy import NamePolicy
+from csrproxy.issuance.recovery import load_order_records, recover
+from csrproxy.issuance.renewal import Renewable, RenewalScheduler, RenewalWindows
 from csrproxy.metrics import Metrics
-from csrproxy.orders import OrderBook
-from csrproxy.policy import NamePolicy
-from csrproxy.recovery import load_order_records, recover
-from csrproxy.renewal import Renewable, RenewalScheduler, RenewalWindows
-from csrproxy.store import StateDir, Store
+from csrproxy.state.store import StateDir, Store
+from csrproxy.web.api import SigningAPI, problem_document
+from csrproxy.web.auth import ClientGate, load_tokens
+from csrproxy.web.limits import LimitedSite
 
 log = Logger()
 

@@ -46,7 +46,7 @@ class APIConfig:
     read_timeout: float = 30.0
     #: Seconds an idle keep-alive connection stays open.
     idle_timeout: float = 60.0
-    #: File of accepted bearer token hashes (see csrproxy.auth); None: no tokens needed.
+    #: File of accepted bearer token hashes (see csrproxy.web.auth); None: no tokens needed.
     tokens_file: str | None = None
     #: Client networks allowed to use the API; empty: everyone.
     allow_from: tuple[Network, ...] = ()

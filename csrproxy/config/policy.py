@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from csrproxy.config.model import PolicyConfig
 from csrproxy.config.reader import Table
-from csrproxy.policy import NamePattern, subject_common_name
+from csrproxy.issuance.policy import NamePattern, subject_common_name
 
 KEY_TYPES = PolicyConfig.key_types
 

@@ -8,10 +8,10 @@ from twisted.internet.interfaces import IReactorTime
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.order import DNS01Responder
-from csrproxy.admission import Admission, Budgets
-from csrproxy.cache import MemoryIssuedCache
-from csrproxy.issuer import Issuer
-from csrproxy.ledger import Ledger
+from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.cache import MemoryIssuedCache
+from csrproxy.issuance.issuer import Issuer
+from csrproxy.issuance.ledger import Ledger
 from csrproxy.metrics import Metrics
 
 NO_BUDGETS = Budgets(0, 0, 0, 0)

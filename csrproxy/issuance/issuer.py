@@ -1,0 +1,370 @@
+"""One checked CSR to one chain.
+
+The issuer runs each order detached from whoever asked for it: a caller gets
+its own Deferred, and cancelling that (an HTTP client that went away) leaves
+the order running.  Identical requests in flight share one order.  ACME
+failures are translated here into csrproxy's typed errors.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from csrproxy.acme.certs import ari_cert_id
+from csrproxy.acme.client import ACMEClient, Backoff
+from csrproxy.acme.order import (
+    Checkpoint,
+    DNS01Responder,
+    IssuedChain,
+    OrderOptions,
+    OrderRun,
+    PollSchedule,
+    complete_order,
+    no_checkpoint,
+    obtain_chain,
+)
+from csrproxy.acme.problems import (
+    ACMEError,
+    ACMEProblem,
+    ACMETransportError,
+    AuthorizationFailed,
+    DeadlineExceeded,
+    OrderFailed,
+)
+from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
+from csrproxy.issuance.admission import Admission
+from csrproxy.issuance.cache import CachedChain, IssuedCache
+from csrproxy.issuance.csr import DEFAULT_KEY_TYPES, CheckedCSR, check_csr
+from csrproxy.issuance.ledger import Ledger
+from csrproxy.metrics import Metrics
+from csrproxy.state.database import OrderRow
+
+log = Logger()
+
+#: How long after the CA's look-up of a challenge record its authorization is polled
+#: (when that is sooner than the poll schedule): the CA asks from several places, then
+#: decides; a poll that comes too early is one extra request.
+POLL_AFTER_LOOKUP = 0.002
+
+
+class SharedResult:
+    """One Deferred's result handed to many waiters; cancelling a waiter drops only it."""
+
+    def __init__(self, source: Deferred[Any]) -> None:
+        self._waiters: list[Deferred[Any]] = []
+        self._result: Any = None
+        self._done = False
+        source.addBoth(self._fire)
+
+    def _fire(self, result: Any) -> None:
+        self._done, self._result = True, result
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
+        return None
+
+    @property
+    def failed(self) -> bool:
+        """True once the source has failed (a later caller may want to start afresh)."""
+        return self._done and isinstance(self._result, Failure)
+
+    def wait(self) -> Deferred[Any]:
+        if self._done:
+            d: Deferred[Any] = Deferred()
+            if isinstance(self._result, Failure):
+                d.errback(self._result)
+            else:
+                d.callback(self._result)
+            return d
+        d = Deferred(lambda waiter: self._waiters.remove(waiter))
+        self._waiters.append(d)
+        return d
+
+
+@dataclass(frozen=True)
+class Issuance:
+    """What :meth:`Issuer.issue` hands back.
+
+    ``chain`` fires with the PEM chain (leaf first) or fails with a csrproxy error;
+    cancelling it drops only this waiter, never the order.  ``order_id`` is the id of the
+    order it waits on (the async order id), ``None`` when no order runs (a stored chain,
+    or a refusal).
+    """
+
+    order_id: str | None
+    chain: Deferred[str]
+
+
+def translate(failure: Failure) -> Failure:
+    """ACME exceptions to csrproxy errors the API can show."""
+    e = failure.value
+    if isinstance(e, CsrproxyError | CancelledError):
+        return failure
+    if isinstance(e, DeadlineExceeded):
+        return Failure(IssuanceTimeout(f"the CA did not finish the order in time: {e}"))
+    if isinstance(e, ACMEProblem):
+        status = 429 if e.short_type == "rateLimited" else 502
+        return Failure(IssuanceFailed(f"the CA refused: {e.detail}", e.type, status, e.retry_after))
+    if isinstance(e, AuthorizationFailed | OrderFailed):
+        return Failure(IssuanceFailed(str(e), e.problem.type if e.problem else None, 502))
+    if isinstance(e, ACMETransportError):
+        return Failure(IssuanceFailed(f"the CA is unreachable: {e}", None, 503))
+    if isinstance(e, ACMEError):
+        return Failure(IssuanceFailed(f"ACME error: {e}", None, 502))
+    return failure
+
+
+class Issuer:
+    """Turns checked CSRs into chains through one ACME account."""
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        acme: ACMEClient,
+        responder: DNS01Responder,
+        *,
+        ledger: Ledger,
+        cache: IssuedCache,
+        admission: Admission,
+        metrics: Metrics,
+        poll_interval: float,
+        poll_max: float,
+        order_timeout: float,
+        contact: tuple[str, ...] = (),
+        order_options: OrderOptions | None = None,
+        on_account: Callable[[str], None] | None = None,
+        lookups: Callable[[str], Deferred[None]] | None = None,
+        checkpoint: Checkpoint | None = None,
+    ) -> None:
+        self.clock = clock
+        self.acme = acme
+        self.responder = responder
+        self.ledger = ledger
+        self.cache = cache
+        self.admission = admission
+        self.metrics = metrics
+        self.poll_interval = poll_interval
+        self.poll_max = poll_max
+        self.order_timeout = order_timeout
+        self.contact = contact
+        self.order_options = order_options or OrderOptions()
+        self._on_account = on_account
+        #: identifier -> fires when the CA looks up its challenge record (built-in DNS).
+        self._lookups = lookups
+        #: Called at each named point of every order run (crash tests); else a no-op.
+        self.checkpoint: Checkpoint = checkpoint or no_checkpoint
+        #: request key -> the order in flight for it, and that order's id.
+        self._inflight: dict[str, tuple[str, SharedResult]] = {}
+        self._account: SharedResult | None = None
+        self.orders_started = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.acme.account_url is not None
+
+    @property
+    def account_url(self) -> str | None:
+        """The ACME account's URL once it is known (for health and CAA ``accounturi``)."""
+        return self.acme.account_url
+
+    def ensure_account(self) -> Deferred[str]:
+        """Find or register the account once, however many callers ask."""
+        if self._account is None or self._account.failed:
+            d = Deferred.fromCoroutine(self._find_account())
+            self._account = SharedResult(d)
+        return self._account.wait()
+
+    async def _find_account(self) -> str:
+        url = await self.acme.account(self.contact)
+        if self._on_account is not None:
+            self._on_account(url)
+        return url
+
+    def keep_trying_account(self) -> Deferred[None]:
+        """At start-up: look the account up, retrying with back-off while the CA is away."""
+        backoff = Backoff(1.0, 60.0)
+
+        async def loop() -> None:
+            from twisted.internet.task import deferLater
+
+            while True:
+                try:
+                    url = await self.ensure_account()
+                    log.info("ACME account ready: {account}", account=url)
+                    return
+                except Exception as e:
+                    delay = backoff()
+                    log.warn(
+                        "ACME account lookup failed ({err}); retrying in {delay:.0f}s",
+                        err=str(e),
+                        delay=delay,
+                    )
+                    await deferLater(self.clock, delay, lambda: None)
+
+        return Deferred.fromCoroutine(loop())
+
+    def issue(self, csr: CheckedCSR, client: str) -> Issuance:
+        """The chain for ``csr``, asked for by ``client`` (token id or address).
+
+        In order: a stored chain with most of its life left; else, once the client's
+        budget lets it in, the identical order in flight; else, if the order budgets
+        allow, a new order.  A refusal is a failed ``chain`` of :class:`RateLimited`.
+        """
+        key = csr.request_key
+        cached = self.cache.get(key)
+        if cached is not None:
+            self.metrics.cache_hits.inc()
+            return Issuance(None, succeed(cached.pem))
+        try:
+            self.admission.admit_client(client)
+        except RateLimited as e:
+            return Issuance(None, fail(e))
+        return self._join_or_start(csr, new_names=not self.cache.issued_before(csr.names))
+
+    def renew(self, request_key: str) -> Issuance:
+        """A new certificate for the CSR behind ``request_key``, with ARI ``replaces``."""
+        row = self.ledger.latest.get(request_key)
+        if row is None:
+            return Issuance(None, fail(KeyError(request_key)))
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
+        try:
+            replaces: str | None = ari_cert_id(leaf)
+        except ValueError:
+            replaces = None
+        return self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
+
+    def resume(self, row: OrderRow) -> Issuance:
+        """Finish (or redo) an order recorded by an earlier run; joins later identical requests.
+
+        Its budget was charged by the run that started it.
+        """
+        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False)
+
+    def _join_or_start(
+        self,
+        csr: CheckedCSR,
+        *,
+        new_names: bool,
+        replaces: str | None = None,
+        renewal: bool = False,
+    ) -> Issuance:
+        """Wait on the identical order in flight, or charge the order budgets and start one."""
+        inflight = self._inflight.get(csr.request_key)
+        if inflight is not None:
+            order_id, shared = inflight
+            return Issuance(order_id, shared.wait())
+        try:
+            refund = self.admission.admit_order(csr.names, new_names)
+        except RateLimited as e:
+            return Issuance(None, fail(e))
+        return self._start(csr, secrets.token_urlsafe(16), refund, replaces, None, renewal)
+
+    def _start(
+        self,
+        csr: CheckedCSR,
+        order_id: str,
+        refund: Callable[[], None] | None,
+        replaces: str | None,
+        resume_url: str | None,
+        renewal: bool,
+    ) -> Issuance:
+        """The one path every order takes: run, translate failures, cache, track."""
+        self.orders_started += 1
+        run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+
+        def failed(failure: Failure) -> Failure:
+            if refund is not None:
+                refund()
+            return translate(failure)
+
+        d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
+        key = csr.request_key
+        shared = SharedResult(d)
+        entry = (order_id, shared)
+        self._inflight[key] = entry
+
+        def forget(_: object) -> None:
+            # SharedResult consumed the result; the next identical CSR starts afresh.
+            if self._inflight.get(key) is entry:
+                del self._inflight[key]
+
+        d.addBoth(forget)
+        return Issuance(order_id, shared.wait())
+
+    async def _run(
+        self,
+        csr: CheckedCSR,
+        order_id: str,
+        replaces: str | None = None,
+        resume_url: str | None = None,
+        renewal: bool = False,
+    ) -> CachedChain:
+        await self.ensure_account()
+        schedule = PollSchedule(
+            self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
+        )
+        if resume_url is None:
+            await self.ledger.order_started(order_id, csr, replaces)
+        run = OrderRun(
+            self.acme,
+            csr.names,
+            csr.der,
+            self.ledger.responder(self.responder, order_id),
+            schedule,
+            self.order_options,
+            replaces,
+            on_order=self.ledger.order_created(order_id),
+            csr_spki=csr.spki_der,
+            watch=self._watch if self._lookups is not None else None,
+            checkpoint=self.checkpoint,
+        )
+        started = self.clock.seconds()
+        self.metrics.orders_in_flight.inc()
+        try:
+            chain = None
+            if resume_url:  # "" is an order recorded before the CA had made it
+                chain = await self._resume_order(run, resume_url)
+            if chain is None:
+                chain = await obtain_chain(run)
+            row = await self.ledger.order_valid(order_id, csr, chain, renewal)
+        except Exception as e:
+            log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
+            self.metrics.orders.labels(type(e).__name__).inc()
+            self.ledger.order_failed(order_id, str(e))
+            raise
+        finally:
+            self.metrics.orders_in_flight.dec()
+        self.metrics.orders.labels("valid").inc()
+        self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
+        return CachedChain(chain.pem, row.not_before, row.not_after)
+
+    def _watch(self, identifier: str) -> Deferred[float]:
+        assert self._lookups is not None
+        after = min(POLL_AFTER_LOOKUP, self.poll_interval)
+        return self._lookups(identifier).addCallback(lambda _: self.clock.seconds() + after)
+
+    async def _resume_order(self, run: OrderRun, url: str) -> IssuedChain | None:
+        """Finish an order a crashed run left; None when the CA no longer knows it."""
+        log.info("resuming order {order} for {names}", order=url, names=",".join(run.names))
+        try:
+            return await complete_order(run, url)
+        except (OrderFailed, ACMEProblem) as e:
+            if isinstance(e, ACMEProblem) and e.short_type in ("rateLimited", "badCSR"):
+                raise
+            log.info("order {order} cannot be resumed ({err}); ordering afresh", order=url, err=e)
+            return None
+
+    def _cached(self, csr: CheckedCSR, chain: CachedChain) -> str:
+        self.cache.put(csr.request_key, csr.names, chain)
+        return chain.pem

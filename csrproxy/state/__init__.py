@@ -1,0 +1,1 @@
+"""Durable state: the state directory, the SQLite database and the thread that owns it."""

@@ -1,0 +1,379 @@
+"""The SQLite database under ``[state] dir``: schema, migrations and queries.
+
+Synchronous and thread-confined: the daemon runs every call on one worker
+thread (see :class:`csrproxy.state.store.Store`); ``csrproxy-admin`` calls it
+directly.  WAL mode with ``synchronous=FULL``: a committed write survives a
+crash or a power cut.  Every write is one transaction: all of it or nothing.
+Challenge records that are no longer published are forgotten lazily, inside
+the next write's transaction (:meth:`StateDB.forget_challenge_later`).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DB_NAME = "csrproxy.sqlite3"
+
+#: Each entry migrates the schema from version i to i + 1.
+MIGRATIONS: Sequence[str] = (
+    """
+    CREATE TABLE account (
+        directory TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        key_file TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE orders (
+        id TEXT PRIMARY KEY,
+        request_key TEXT NOT NULL,
+        csr BLOB NOT NULL,
+        names TEXT NOT NULL,
+        acme_url TEXT,
+        status TEXT NOT NULL,
+        error TEXT,
+        certificate_id TEXT,
+        replaces TEXT,
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX orders_by_status ON orders(status);
+    CREATE INDEX orders_by_request ON orders(request_key);
+    CREATE TABLE certificates (
+        id TEXT PRIMARY KEY,
+        request_key TEXT NOT NULL,
+        csr BLOB NOT NULL,
+        names TEXT NOT NULL,
+        spki_sha256 TEXT NOT NULL,
+        chain TEXT NOT NULL,
+        not_before REAL NOT NULL,
+        not_after REAL NOT NULL,
+        order_id TEXT,
+        acme_url TEXT,
+        created REAL NOT NULL,
+        last_requested REAL NOT NULL,
+        revoked INTEGER
+    );
+    CREATE INDEX certificates_by_request ON certificates(request_key, not_after);
+    CREATE TABLE challenges (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        order_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        value TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    """,
+)
+
+#: A method of the database, its positional and keyword arguments.
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+#: Statuses of an order that has not ended.
+UNFINISHED = ("new", "pending", "ready", "processing", "valid")
+
+
+@dataclass
+class OrderRow:
+    id: str
+    request_key: str
+    csr: bytes
+    names: list[str]
+    status: str = "new"
+    acme_url: str | None = None
+    error: str | None = None
+    certificate_id: str | None = None
+    replaces: str | None = None
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+
+
+@dataclass
+class CertificateRow:
+    id: str
+    request_key: str
+    csr: bytes
+    names: list[str]
+    spki_sha256: str
+    chain: str
+    not_before: float
+    not_after: float
+    order_id: str | None = None
+    acme_url: str | None = None
+    created: float = field(default_factory=time.time)
+    last_requested: float = field(default_factory=time.time)
+    revoked: int | None = None
+
+
+@dataclass
+class ChallengeRow:
+    id: int
+    order_id: str
+    name: str
+    value: str
+    backend: str
+    created: float
+
+
+class StateDB:
+    """One connection to the state database."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        created = not self.path.exists()
+        old_umask = os.umask(0o077)
+        try:
+            self.conn = sqlite3.connect(
+                self.path, check_same_thread=False, isolation_level=None, timeout=10
+            )
+        finally:
+            os.umask(old_umask)
+        #: (name, value) of challenge records unpublished but still on record; any thread
+        #: may append, the next transaction deletes them (a leftover only costs a harmless
+        #: removal at the next start).
+        self._removals: collections.deque[tuple[str, str]] = collections.deque()
+        self._in_batch = False
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=FULL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        if created:
+            os.chmod(self.path, 0o600)
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @property
+    def version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest version, one transaction per step."""
+        while self.version < len(MIGRATIONS):
+            step = self.version
+            script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
+            self.conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+        if self.version > len(MIGRATIONS):
+            raise RuntimeError(
+                f"{self.path} has schema version {self.version}, newer than this csrproxy "
+                f"({len(MIGRATIONS)}): upgrade csrproxy"
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all of it or nothing.
+
+        Challenge records waiting to be forgotten are deleted in the same transaction.
+        Inside :meth:`batch` it is a savepoint of the batch's transaction instead.
+        """
+        if self._in_batch:
+            self.conn.execute("SAVEPOINT write")
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK TO write")
+                self.conn.execute("RELEASE write")
+                raise
+            self.conn.execute("RELEASE write")
+            return
+        self.conn.execute("BEGIN IMMEDIATE")
+        removals: list[tuple[str, str]] = []
+        while self._removals:
+            removals.append(self._removals.popleft())
+        try:
+            if removals:
+                self.conn.executemany(_REMOVE_CHALLENGE, removals)
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            self._removals.extendleft(reversed(removals))
+            raise
+        self.conn.execute("COMMIT")
+
+    def batch(self, calls: Sequence[Call]) -> list[tuple[bool, Any]]:
+        """Run ``calls`` in one transaction (group commit), each all-or-nothing on its own.
+
+        Returns ``(True, result)`` or ``(False, exception)`` per call; raises when the
+        transaction itself cannot commit (then none of it happened).
+        """
+        outcomes: list[tuple[bool, Any]] = []
+        with self.transaction():
+            self._in_batch = True
+            try:
+                for method, args, kwargs in calls:
+                    try:
+                        outcomes.append((True, method(*args, **kwargs)))
+                    except Exception as e:
+                        outcomes.append((False, e))
+            finally:
+                self._in_batch = False
+        return outcomes
+
+    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> sqlite3.Cursor:
+        with self.transaction() as conn:
+            return conn.execute(sql, args)
+
+    # -- account ------------------------------------------------------------
+
+    def save_account(self, directory: str, url: str, key_file: str) -> None:
+        self._write(
+            "INSERT INTO account (directory, url, key_file, created) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(directory) DO UPDATE SET url = excluded.url, key_file = excluded.key_file",
+            (directory, url, key_file, time.time()),
+        )
+
+    def account(self, directory: str) -> dict[str, Any] | None:
+        row = self.conn.execute(
+            "SELECT * FROM account WHERE directory = ?", (directory,)
+        ).fetchone()
+        return dict(row) if row else None
+
+    def accounts(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM account ORDER BY created")]
+
+    # -- orders ---------------------------------------------------------------
+
+    def save_order(self, order: OrderRow) -> None:
+        d = order.__dict__ | {"names": json.dumps(order.names)}
+        self._write(
+            "INSERT OR REPLACE INTO orders (id, request_key, csr, names, acme_url, status, error, "
+            "certificate_id, replaces, created, updated) VALUES (:id, :request_key, :csr, :names, "
+            ":acme_url, :status, :error, :certificate_id, :replaces, :created, :updated)",
+            d,
+        )
+
+    def update_order(self, order_id: str, **fields: Any) -> None:
+        allowed = {"acme_url", "status", "error", "certificate_id"}
+        if not fields or set(fields) - allowed:
+            raise ValueError(f"cannot update order fields {sorted(fields)}")
+        sets = ", ".join(f"{k} = :{k}" for k in fields)
+        self._write(
+            f"UPDATE orders SET {sets}, updated = :updated WHERE id = :id",
+            fields | {"id": order_id, "updated": time.time()},
+        )
+
+    def order(self, order_id: str) -> OrderRow | None:
+        row = self.conn.execute("SELECT * FROM orders WHERE id = ?", (order_id,)).fetchone()
+        return _order(row) if row else None
+
+    def orders(self, statuses: Iterable[str] | None = None, limit: int = 1000) -> list[OrderRow]:
+        if statuses is None:
+            rows = self.conn.execute("SELECT * FROM orders ORDER BY created DESC LIMIT ?", (limit,))
+        else:
+            wanted = list(statuses)
+            marks = ",".join("?" * len(wanted))
+            rows = self.conn.execute(
+                f"SELECT * FROM orders WHERE status IN ({marks}) ORDER BY created LIMIT ?",
+                (*wanted, limit),
+            )
+        return [_order(r) for r in rows]
+
+    # -- certificates -------------------------------------------------------------
+
+    def save_certificate(self, cert: CertificateRow) -> None:
+        d = cert.__dict__ | {"names": json.dumps(cert.names)}
+        self._write(_SAVE_CERTIFICATE, d)
+
+    def certificate_issued(self, cert: CertificateRow, order_id: str) -> None:
+        """Record ``cert`` and mark its order valid, in one transaction."""
+        d = cert.__dict__ | {"names": json.dumps(cert.names)}
+        with self.transaction() as conn:
+            conn.execute(_SAVE_CERTIFICATE, d)
+            conn.execute(
+                "UPDATE orders SET status = 'valid', certificate_id = ?, updated = ? WHERE id = ?",
+                (cert.id, time.time(), order_id),
+            )
+
+    def touch_certificate(self, cert_id: str, when: float) -> None:
+        self._write("UPDATE certificates SET last_requested = ? WHERE id = ?", (when, cert_id))
+
+    def mark_revoked(self, cert_id: str, reason: int) -> None:
+        self._write("UPDATE certificates SET revoked = ? WHERE id = ?", (reason, cert_id))
+
+    def certificate(self, cert_id: str) -> CertificateRow | None:
+        row = self.conn.execute("SELECT * FROM certificates WHERE id = ?", (cert_id,)).fetchone()
+        return _cert(row) if row else None
+
+    def certificates(self, limit: int = 100_000) -> list[CertificateRow]:
+        rows = self.conn.execute(
+            "SELECT * FROM certificates ORDER BY created DESC LIMIT ?", (limit,)
+        )
+        return [_cert(r) for r in rows]
+
+    def newest_certificate(self, request_key: str) -> CertificateRow | None:
+        row = self.conn.execute(
+            "SELECT * FROM certificates WHERE request_key = ? AND revoked IS NULL "
+            "ORDER BY not_after DESC LIMIT 1",
+            (request_key,),
+        ).fetchone()
+        return _cert(row) if row else None
+
+    def count_certificates(self, request_key: str) -> int:
+        return int(
+            self.conn.execute(
+                "SELECT COUNT(*) FROM certificates WHERE request_key = ?", (request_key,)
+            ).fetchone()[0]
+        )
+
+    # -- challenge records ------------------------------------------------------------
+
+    def add_challenge(self, order_id: str, name: str, value: str, backend: str) -> int:
+        cur = self._write(
+            "INSERT INTO challenges (order_id, name, value, backend, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (order_id, name, value, backend, time.time()),
+        )
+        return int(cur.lastrowid or 0)
+
+    def remove_challenge(self, name: str, value: str) -> None:
+        self._write(_REMOVE_CHALLENGE, (name, value))
+
+    def forget_challenge_later(self, name: str, value: str) -> None:
+        """Delete one record of ``name``/``value`` with the next write (safe from any thread)."""
+        self._removals.append((name, value))
+
+    def flush_removals(self) -> None:
+        """Delete the records :meth:`forget_challenge_later` queued, now."""
+        if self._removals:
+            with self.transaction():
+                pass
+
+    def challenges(self) -> list[ChallengeRow]:
+        return [ChallengeRow(**dict(r)) for r in self.conn.execute("SELECT * FROM challenges")]
+
+    def clear_challenges(self, ids: Iterable[int]) -> None:
+        with self.transaction() as conn:
+            conn.executemany("DELETE FROM challenges WHERE id = ?", [(i,) for i in ids])
+
+
+_SAVE_CERTIFICATE = (
+    "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
+    "not_before, not_after, order_id, acme_url, created, last_requested, revoked) VALUES "
+    "(:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
+    ":order_id, :acme_url, :created, :last_requested, :revoked)"
+)
+_REMOVE_CHALLENGE = (
+    "DELETE FROM challenges WHERE id IN "
+    "(SELECT id FROM challenges WHERE name = ? AND value = ? LIMIT 1)"
+)
+
+
+def _order(row: sqlite3.Row) -> OrderRow:
+    d = dict(row)
+    d["names"] = json.loads(d["names"])
+    return OrderRow(**d)
+
+
+def _cert(row: sqlite3.Row) -> CertificateRow:
+    d = dict(row)
+    d["names"] = json.loads(d["names"])
+    return CertificateRow(**d)

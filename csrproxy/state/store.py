@@ -1,0 +1,192 @@
+"""Durable state under ``[state] dir``: the account key file and the state database.
+
+Files are written atomically (write to a temporary file, fsync, rename) and
+with mode 0600 inside a 0700 directory.  The database (:mod:`csrproxy.state.database`)
+is reached from the reactor through :class:`Store`.  No business rules live here.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from csrproxy.errors import ConfigError, CsrproxyError
+from csrproxy.state.database import DB_NAME, Call, StateDB
+
+log = Logger()
+T = TypeVar("T")
+
+ACCOUNT_KEY = "account.key"
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class StateDir:
+    """The state directory and the files in it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def prepare(self) -> None:
+        """Create the directory (0700) if needed; raise ConfigError when it cannot be used."""
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(self.path, 0o700)
+        except OSError as e:
+            raise ConfigError("state.dir", f"cannot use {self.path}: {e.strerror}") from e
+        if not os.access(self.path, os.W_OK | os.X_OK):
+            raise ConfigError("state.dir", f"{self.path} is not writable")
+
+    def read_account_key(self) -> bytes | None:
+        """The account key PEM, or None when there is none yet; refuses a key others can read."""
+        path = self.path / ACCOUNT_KEY
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            raise ConfigError(
+                "state.dir",
+                f"{path} is readable by group or others (mode {stat.filemode(st.st_mode)}); "
+                "chmod 600 it",
+            )
+        return path.read_bytes()
+
+    def write_account_key(self, pem: bytes) -> None:
+        path = self.path / ACCOUNT_KEY
+        if path.exists():
+            raise FileExistsError(f"{path} exists; the account key is written once")
+        atomic_write(path, pem)
+
+    def open_db(self) -> StateDB:
+        """Open (creating and migrating) the state database; ConfigError when impossible."""
+        try:
+            return StateDB(self.path / DB_NAME)
+        except (sqlite3.Error, OSError) as e:
+            raise ConfigError("state.dir", f"cannot open {self.path / DB_NAME}: {e}") from e
+
+
+class StoreUnavailable(CsrproxyError):
+    """The state database cannot be written (full disk, read-only directory, I/O error)."""
+
+    problem = "state-unavailable"
+    status = 503
+
+
+class Store:
+    """The state database for the reactor: every call runs on one worker thread.
+
+    Database work never blocks the reactor (the DNS server shares it), and one
+    thread keeps SQLite's connection confined and the writes in order.  Calls made
+    while the thread is busy run next, together in one transaction (group commit:
+    one sync to disk for all of them); each caller hears back once it is committed.
+    """
+
+    def __init__(self, reactor: Any, db: StateDB) -> None:
+        self.reactor = reactor
+        self.db = db
+        self.pool = ThreadPool(minthreads=1, maxthreads=1, name="csrproxy-store")
+        self._healthy = True
+        self._waiting: list[tuple[Call, Deferred[Any]]] = []
+        self._busy = False
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        try:
+            self.db.flush_removals()
+        except sqlite3.Error as e:  # a leftover row only costs a removal at the next start
+            log.warn("challenge records not forgotten: {err}", err=str(e))
+        self.db.close()
+
+    @property
+    def healthy(self) -> bool:
+        """False after a write failed, until one succeeds again."""
+        return self._healthy
+
+    def run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """Call ``method(*args, **kwargs)`` on the store thread."""
+        d: Deferred[T] = Deferred()
+        self._waiting.append(((method, args, kwargs), d))
+        if not self._busy:
+            self._next()
+
+        def ok(result: T) -> T:
+            if not self._healthy:
+                self._healthy = True
+                log.info("state database writable again")
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(sqlite3.Error, OSError):
+                if self._healthy:
+                    log.error(
+                        "state database {path} unusable: {err}",
+                        path=str(self.db.path),
+                        err=failure.getErrorMessage(),
+                    )
+                self._healthy = False
+                return Failure(
+                    StoreUnavailable(f"csrproxy cannot record state: {failure.getErrorMessage()}")
+                )
+            return failure
+
+        return d.addCallbacks(ok, failed)
+
+    def _next(self) -> None:
+        batch, self._waiting = self._waiting, []
+        self._busy = True
+        if len(batch) == 1:
+            (method, args, kwargs), _ = batch[0]
+            done: Deferred[Any] = deferToThreadPool(
+                self.reactor, self.pool, method, *args, **kwargs
+            )
+            done.addCallback(lambda result: [(True, result)])
+        else:
+            done = deferToThreadPool(self.reactor, self.pool, self.db.batch, [c for c, _ in batch])
+
+        def fired(outcomes: list[tuple[bool, Any]] | Failure) -> None:
+            # Calls the callers make now wait for the next batch, all of them together.
+            for i, (_, d) in enumerate(batch):
+                if isinstance(outcomes, Failure):
+                    d.errback(outcomes)
+                elif outcomes[i][0]:
+                    d.callback(outcomes[i][1])
+                else:
+                    d.errback(Failure(outcomes[i][1]))
+            self._busy = False
+            if self._waiting:
+                self._next()
+
+        done.addBoth(fired)

@@ -1,0 +1,1 @@
+"""The client-facing HTTP API: Klein routes, problem documents, tokens and networks, limits."""

@@ -1,0 +1,389 @@
+"""The client-facing HTTP API (Klein).
+
+``POST /v1/sign`` (sync, or async with ``Prefer: respond-async``), ``GET /v1/orders/<id>``
+and its ``/certificate``, ``GET /v1/name``, ``GET /v1/health`` and ``GET /metrics``.
+Every error leaves as an RFC 9457 ``application/problem+json`` document, unknown routes
+and wrong methods included.  Orders run in the issuer, detached from the request: a
+client that goes away cancels only its own wait.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from typing import Any, Protocol, cast
+
+from klein import Klein
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from twisted.web.server import Request
+from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
+
+from csrproxy.errors import (
+    PROBLEM_NAMESPACE,
+    BadRequest,
+    BodyTooLarge,
+    CsrproxyError,
+    IssuanceFailed,
+    MethodNotAllowed,
+    NotFound,
+    OrderNotReady,
+    RateLimited,
+)
+from csrproxy.issuance.csr import (
+    DEFAULT_KEY_TYPES,
+    DEFAULT_MAX_NAMES,
+    CheckedCSR,
+    check_csr,
+    csr_bytes_from_body,
+    public_key_label,
+)
+from csrproxy.issuance.issuer import Issuance
+from csrproxy.issuance.orders import OrderBook, OrderRecord
+from csrproxy.issuance.policy import NamePolicy
+from csrproxy.issuance.renewal import Renewable, next_check_hint
+from csrproxy.metrics import Metrics
+from csrproxy.state.database import CertificateRow
+from csrproxy.web.auth import ClientGate, Token
+
+log = Logger()
+
+CERTIFICATE_ID = b"CSRProxy-Certificate-Id"
+PEM_CHAIN = b"application/pem-certificate-chain"
+PROBLEM_JSON = b"application/problem+json"
+JSON = b"application/json"
+
+
+def problem_document(e: BaseException) -> dict[str, Any]:
+    """The RFC 9457 document for an exception (``internal`` for anything unexpected)."""
+    if not isinstance(e, CsrproxyError):
+        return {
+            "type": PROBLEM_NAMESPACE + "internal",
+            "title": "Internal error",
+            "status": 500,
+            "detail": "an unexpected error occurred; it has been logged",
+        }
+    doc: dict[str, Any] = {
+        "type": e.problem_type,
+        "title": type(e).__name__,
+        "status": e.status,
+        "detail": e.detail,
+    }
+    for field in ("names", "acme_type", "reason", "allowed", "order_status"):
+        value = getattr(e, field, None)
+        if value:
+            doc[field] = value
+    return doc
+
+
+def retry_after_of(e: BaseException) -> float | None:
+    if isinstance(e, IssuanceFailed | RateLimited):
+        return e.retry_after
+    return None
+
+
+def _json(request: IRequest, status: int, doc: dict[str, Any], ctype: bytes = JSON) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", ctype)
+    return json.dumps(doc).encode() + b"\n"
+
+
+def wants_async(request: IRequest) -> bool:
+    """``Prefer: respond-async`` (RFC 7240), among other preferences or not."""
+    for value in request.requestHeaders.getRawHeaders(b"prefer", []):
+        for pref in value.split(b","):
+            if pref.split(b";")[0].split(b"=")[0].strip().lower() == b"respond-async":
+                return True
+    return False
+
+
+class Signer(Protocol):
+    """What the routes ask of the issuer."""
+
+    @property
+    def account_url(self) -> str | None: ...
+
+    def issue(self, csr: CheckedCSR, client: str) -> Issuance: ...
+
+
+class CertificateView(Protocol):
+    """The newest certificate of each CSR, read-only but for the installation's activity."""
+
+    def newest(self, request_key: str) -> CertificateRow | None: ...
+
+    def requested(self, request_key: str, when: float) -> None: ...
+
+
+class SigningAPI:
+    """The routes; collaborators come through the constructor."""
+
+    app = Klein()
+
+    def __init__(
+        self,
+        signer: Signer,
+        certificates: CertificateView,
+        policy: NamePolicy,
+        book: OrderBook,
+        metrics: Metrics,
+        gate: ClientGate,
+        *,
+        clock: IReactorTime,
+        ready: Callable[[], bool],
+        max_body: int = 64 * 1024,
+        key_types: Collection[str] = DEFAULT_KEY_TYPES,
+        max_names: int = DEFAULT_MAX_NAMES,
+        sync_timeout: float = 50.0,
+    ) -> None:
+        self.signer = signer
+        self.certificates = certificates
+        self.policy = policy
+        self.book = book
+        self.metrics = metrics
+        self.gate = gate
+        self.clock = clock
+        self._ready = ready
+        self.max_body = max_body
+        self.key_types = key_types
+        self.max_names = max_names
+        self.sync_timeout = sync_timeout
+
+    # -- plumbing -------------------------------------------------------------
+
+    def _count(self, request: IRequest, route: str) -> None:
+        req = cast(Request, request)
+
+        def done(_: object) -> None:
+            self.metrics.http_request(route, req.code)
+
+        req.notifyFinish().addBoth(done)
+
+    def _body(self, request: IRequest) -> bytes:
+        length = request.getHeader(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise BodyTooLarge(self.max_body)
+        assert request.content is not None
+        body: bytes = request.content.read(self.max_body + 1)
+        if len(body) > self.max_body:
+            raise BodyTooLarge(self.max_body)
+        return body
+
+    def _address(self, request: IRequest) -> str:
+        peer = getattr(request.getClientAddress(), "host", "unix")
+        forwarded = [
+            v.decode("latin-1")
+            for v in request.requestHeaders.getRawHeaders(b"x-forwarded-for", [])
+        ]
+        return self.gate.client_address(peer, forwarded)
+
+    def _client(self, request: IRequest) -> tuple[str, Token | None]:
+        """Who asks (token id, else address); raises 403 outside allow_from, 401 without
+        a valid token when tokens are configured."""
+        address = self._address(request)
+        try:
+            self.gate.check_address(address)
+            auth = request.getHeader(b"authorization")
+            token = self.gate.check_token(auth.decode("latin-1") if auth else None)
+        except CsrproxyError as e:
+            self.metrics.refusal(e.problem)
+            raise
+        return (token.client_id if token is not None else address), token
+
+    def _csr_from(self, request: IRequest) -> CheckedCSR:
+        ctype = request.getHeader(b"content-type")
+        return check_csr(
+            csr_bytes_from_body(self._body(request), ctype.decode("latin-1") if ctype else None),
+            key_types=self.key_types,
+            max_names=self.max_names,
+        )
+
+    # -- routes ---------------------------------------------------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics_text(self, request: IRequest) -> bytes:
+        # Scrapers are held to allow_from, not to the signing tokens.
+        self.gate.check_address(self._address(request))
+        request.setHeader(b"Content-Type", self.metrics.content_type.encode())
+        return bytes(self.metrics.render())
+
+    @app.route("/v1/sign", methods=["POST"])
+    def sign(self, request: IRequest) -> Deferred[bytes] | bytes:
+        self._count(request, "/v1/sign")
+        client, token = self._client(request)
+        csr = self._csr_from(request)
+        self.policy.check_subject(csr.subject)
+        self.policy.check(csr.names, csr.key_label)
+        if token is not None and token.policy is not None:
+            token.policy.check(csr.names, csr.key_label)
+        issuance = self.signer.issue(csr, client)
+        self.certificates.requested(csr.request_key, self.clock.seconds())
+        certificate_id = csr.request_key
+        d = issuance.chain
+        if d.called:  # a stored chain, or a refusal before any order
+            return d.addCallback(self._chain, request, certificate_id)
+        if wants_async(request):
+            record = self.book.track(csr.names, d, issuance.order_id, certificate_id)
+            return self._accepted(request, record)
+        return self._wait(request, csr.names, d, issuance.order_id, certificate_id)
+
+    def _chain(self, pem: str, request: IRequest, certificate_id: str | None = None) -> bytes:
+        request.setHeader(b"Content-Type", PEM_CHAIN)
+        if certificate_id is not None:
+            # Where to look for this CSR's newest chain later (renewals included).
+            request.setHeader(CERTIFICATE_ID, certificate_id.encode())
+            request.setHeader(
+                b"Link", f'</v1/certificates/{certificate_id}>; rel="csrproxy-certificate"'.encode()
+            )
+        return pem.encode("ascii")
+
+    def _accepted(self, request: IRequest, record: OrderRecord) -> bytes:
+        request.setHeader(b"Location", f"/v1/orders/{record.id}".encode())
+        request.setHeader(b"Retry-After", b"1")
+        return _json(request, 202, record.document())
+
+    def _wait(
+        self,
+        request: IRequest,
+        names: tuple[str, ...],
+        d: Deferred[str],
+        order_id: str | None = None,
+        certificate_id: str | None = None,
+    ) -> Deferred[bytes]:
+        """The chain, or a 202 for an async order once ``sync_timeout`` has passed."""
+        tracked = [False]
+
+        def cancel(_: Deferred[bytes]) -> None:
+            if timer.active():
+                timer.cancel()
+            d.cancel()
+
+        out: Deferred[bytes] = Deferred(cancel)
+
+        def finished(result: str | Failure) -> str | Failure | None:
+            if timer.active():
+                timer.cancel()
+            if not out.called:
+                if isinstance(result, Failure):
+                    out.errback(result)
+                else:
+                    out.callback(self._chain(result, request, certificate_id))
+            return result if tracked[0] else None
+
+        def too_long() -> None:
+            tracked[0] = True
+            record = self.book.track(names, d, order_id, certificate_id)
+            out.callback(self._accepted(request, record))
+
+        timer = self.clock.callLater(self.sync_timeout, too_long)
+        d.addBoth(finished)
+        return out
+
+    @app.route("/v1/orders/<string:order_id>", methods=["GET"])
+    def order(self, request: IRequest, order_id: str) -> bytes:
+        self._count(request, "/v1/orders/{id}")
+        self._client(request)
+        record = self._record(order_id)
+        if record.status == "processing":
+            request.setHeader(b"Retry-After", b"1")
+        return _json(request, 200, record.document())
+
+    @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
+    def order_certificate(self, request: IRequest, order_id: str) -> bytes:
+        self._count(request, "/v1/orders/{id}/certificate")
+        self._client(request)
+        record = self._record(order_id)
+        if record.chain is None:
+            if record.status == "processing":
+                request.setHeader(b"Retry-After", b"1")
+            raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
+        return self._chain(record.chain, request, record.certificate_id)
+
+    def _record(self, order_id: str) -> OrderRecord:
+        record = self.book.get(order_id)
+        if record is None:
+            raise NotFound(f"no order {order_id!r} (unknown, or finished over an hour ago)")
+        return record
+
+    @app.route("/v1/certificates/<string:certificate_id>", methods=["GET"])
+    def certificate(self, request: IRequest, certificate_id: str) -> bytes:
+        """The newest chain for a CSR (renewals included), and when to look again."""
+        self._count(request, "/v1/certificates/{id}")
+        self._client(request)
+        row = self.certificates.newest(certificate_id)
+        if row is None:
+            raise NotFound(f"no certificate {certificate_id!r}")
+        now = self.clock.seconds()
+        self.certificates.requested(certificate_id, now)
+        hint = next_check_hint(
+            Renewable(row.id, row.not_before, row.not_after, row.last_requested), now
+        )
+        request.setHeader(b"Retry-After", str(int(hint)).encode())
+        return self._chain(row.chain, request, certificate_id)
+
+    @app.route("/v1/name", methods=["GET", "POST"])
+    def name(self, request: IRequest) -> bytes:
+        self._count(request, "/v1/name")
+        _, token = self._client(request)
+        ctype = request.getHeader(b"content-type")
+        label = public_key_label(
+            self._body(request), ctype.decode("latin-1") if ctype else None, self.key_types
+        )
+        names = [
+            n for n in self.policy.offer(label) if "{label}" in n or self.policy.allowed(n, label)
+        ]
+        if token is not None and token.policy is not None:
+            allowed = token.policy
+            names = [n for n in names if "{label}" in n or allowed.allowed(n, label)]
+        return _json(request, 200, {"names": names, "key_label": label})
+
+    @app.route("/v1/health", methods=["GET"])
+    def health(self, request: IRequest) -> bytes:
+        self._count(request, "/v1/health")
+        ready = self._ready()
+        account = self.signer.account_url
+        return _json(request, 200 if ready else 503, {"ready": ready, "account": account})
+
+    # -- errors ---------------------------------------------------------------
+
+    @app.handle_errors(CsrproxyError)
+    def known_error(self, request: IRequest, failure: Failure) -> bytes:
+        assert isinstance(failure.value, CsrproxyError)
+        return self._problem(request, failure.value)
+
+    def _problem(self, request: IRequest, e: CsrproxyError) -> bytes:
+        retry_after = retry_after_of(e)
+        if retry_after is not None:
+            request.setHeader(b"Retry-After", str(int(retry_after + 0.999)).encode())
+        if isinstance(e, MethodNotAllowed) and e.allowed:
+            request.setHeader(b"Allow", ", ".join(e.allowed).encode())
+        if e.status >= 500:
+            log.warn("request failed: {err}", err=e.detail)
+        return _json(request, e.status, problem_document(e), PROBLEM_JSON)
+
+    @app.handle_errors(HTTPException)
+    def routing_error(self, request: IRequest, failure: Failure) -> bytes:
+        he = failure.value
+        assert isinstance(he, HTTPException)
+        self.metrics.http_request("unmatched", he.code or 400)
+        path = request.path.decode("latin-1", "replace")
+        e: CsrproxyError
+        if isinstance(he, WerkzeugMethodNotAllowed):
+            allowed = sorted(set(he.valid_methods or ()))
+            method = request.method.decode("latin-1", "replace")
+            e = MethodNotAllowed(f"{method} is not allowed on {path}", allowed)
+        elif he.code == 404:
+            e = NotFound(f"no route {path}")
+        else:
+            e = BadRequest(f"the request cannot be routed: {he.description}")
+        return self._problem(request, e)
+
+    @app.handle_errors(Exception)
+    def unexpected_error(self, request: IRequest, failure: Failure) -> bytes:
+        if failure.check(CancelledError):
+            return b""  # the client went away; the order goes on in the issuer
+        log.failure("unexpected error serving {uri}", failure, uri=request.uri)
+        return _json(request, 500, problem_document(Exception()), PROBLEM_JSON)

@@ -1,0 +1,174 @@
+"""Who may ask: bearer tokens (stored as hashes), client CIDRs, and the client address
+behind trusted reverse proxies.  Pure logic; the tokens file is read once at start-up.
+
+Tokens file (``[api] tokens_file``), one token per line, ``#`` starts a comment::
+
+    sha256:<64 hex digits>                          # any name policy allows
+    sha256:<64 hex digits> {key}.go.example.com     # only names matching these patterns
+
+Make a token and its line with ``python -m csrproxy.web.auth new`` (or hash an existing
+token read from stdin with ``python -m csrproxy.web.auth hash``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from csrproxy.errors import ClientNotAllowed, ConfigError, Unauthorized
+from csrproxy.issuance.policy import NamePolicy
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def token_hash(token: str) -> str:
+    """The line prefix that identifies ``token`` in a tokens file."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Token:
+    """One accepted token: its SHA-256 digest and the names it may ask for (None: any)."""
+
+    digest: bytes
+    policy: NamePolicy | None
+
+    @property
+    def client_id(self) -> str:
+        """A stable, non-secret id for per-client limits and logs."""
+        return "token:" + self.digest.hex()[:12]
+
+
+def parse_tokens(text: str, source: str = "tokens_file") -> list[Token]:
+    """Parse a tokens file; raise :class:`ConfigError` naming the line of a bad entry."""
+    tokens = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        head, _, rest = line.partition(" ")
+        algo, _, hexdigest = head.partition(":")
+        if algo != "sha256" or len(hexdigest) != 64:
+            raise ConfigError("api.tokens_file", f"{source}:{number}: expected sha256:<64 hex>")
+        try:
+            digest = bytes.fromhex(hexdigest)
+        except ValueError:
+            raise ConfigError("api.tokens_file", f"{source}:{number}: not hex") from None
+        patterns = [p for p in rest.replace(",", " ").split() if p]
+        try:
+            policy = NamePolicy(patterns) if patterns else None
+        except ValueError as e:
+            raise ConfigError("api.tokens_file", f"{source}:{number}: {e}") from None
+        tokens.append(Token(digest, policy))
+    return tokens
+
+
+def load_tokens(path: str) -> list[Token]:
+    try:
+        text = Path(path).read_text("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("api.tokens_file", f"cannot read {path}: {e}") from e
+    tokens = parse_tokens(text, path)
+    if not tokens:
+        raise ConfigError("api.tokens_file", f"{path} holds no token")
+    return tokens
+
+
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        addr = ipaddress.ip_address(text.strip().strip("[]"))
+    except ValueError:
+        return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def _within(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: Sequence[Network]) -> bool:
+    return any(addr.version == n.version and addr in n for n in nets)
+
+
+class ClientGate:
+    """Decides who the client is and whether it may ask at all."""
+
+    def __init__(
+        self,
+        tokens: Sequence[Token] = (),
+        allow_from: Sequence[Network] = (),
+        trusted_proxies: Sequence[Network] = (),
+    ) -> None:
+        self.tokens = tuple(tokens)
+        self.allow_from = tuple(allow_from)
+        self.trusted_proxies = tuple(trusted_proxies)
+
+    def client_address(self, peer: str, forwarded_for: Sequence[str] = ()) -> str:
+        """The client's address: the peer's, or from ``X-Forwarded-For`` when the peer (and
+        every proxy after the client in the header) is a trusted proxy."""
+        addr = _address(peer)
+        if addr is None or not _within(addr, self.trusted_proxies):
+            return str(addr) if addr is not None else peer
+        hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
+        # Walk from the nearest hop back; the first untrusted one is the client.
+        for hop in reversed(hops):
+            hop_addr = _address(hop)
+            if hop_addr is None:
+                break
+            addr = hop_addr
+            if not _within(hop_addr, self.trusted_proxies):
+                break
+        return str(addr)
+
+    def check_address(self, address: str) -> None:
+        if not self.allow_from:
+            return
+        addr = _address(address)
+        if addr is None or not _within(addr, self.allow_from):
+            raise ClientNotAllowed(f"{address} is not allowed to use this service", address)
+
+    def check_token(self, authorization: str | None) -> Token | None:
+        """The token sent as ``Authorization: Bearer``; None when no tokens are configured."""
+        if not self.tokens:
+            return None
+        if not authorization:
+            raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+        scheme, _, presented = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise Unauthorized("use Authorization: Bearer <token>")
+        digest = hashlib.sha256(presented.strip().encode("utf-8")).digest()
+        found = None
+        # Compare with every token, in constant time each, and never stop early.
+        for token in self.tokens:
+            if hmac.compare_digest(digest, token.digest):
+                found = token
+        if found is None:
+            raise Unauthorized("the bearer token is not valid")
+        return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m csrproxy.web.auth new [pattern ...]`` or ``python -m csrproxy.web.auth hash``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["new"]:
+        token = secrets.token_urlsafe(32)
+        print(f"token (give it to the client): {token}", file=sys.stderr)
+        print(" ".join([token_hash(token), *args[1:]]))
+        return 0
+    if args[:1] == ["hash"]:
+        token = sys.stdin.readline().strip()
+        if not token:
+            print("csrproxy.web.auth hash: give the token on stdin", file=sys.stderr)
+            return 2
+        print(" ".join([token_hash(token), *args[1:]]))
+        return 0
+    print("usage: python -m csrproxy.web.auth new|hash [pattern ...]", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

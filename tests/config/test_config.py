@@ -1,0 +1,232 @@
+"""Configuration loading: every mistake names its key."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import tempfile
+import tomllib
+from ipaddress import ip_network
+from pathlib import Path
+from typing import Any
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from csrproxy.config import load_config, parse_config
+from csrproxy.errors import ConfigError
+
+SAMPLE = Path(__file__).resolve().parents[2] / "etc" / "csrproxy.toml"
+
+
+def minimal() -> dict[str, Any]:
+    return {
+        "acme": {"directory": "https://ca.test/dir"},
+        "dns": {"zone": "go.example.test"},
+        "policy": {"names": ["{label}.go.example.test"]},
+        "state": {"dir": "/tmp/x"},
+    }
+
+
+class ConfigTestCase(SynchronousTestCase):
+    def assertKey(self, data: dict[str, Any], key: str) -> None:
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, key)
+        self.assertIn(key, str(e.exception))
+
+
+class ConfigTests(ConfigTestCase):
+    def test_sample_config_loads(self) -> None:
+        config = load_config(SAMPLE)
+        self.assertEqual(config.dns.zone, "go.example.com")
+        self.assertEqual(config.api.listen, ("tcp:8000:interface=127.0.0.1",))
+
+    def test_defaults(self) -> None:
+        config = parse_config(minimal())
+        self.assertEqual(config.dns.nameservers, ("ns1.go.example.test",))
+        self.assertEqual(config.acme.poll_interval, 1.0)
+        self.assertEqual(config.api.max_body, 65536)
+
+    def test_missing_key(self) -> None:
+        data = minimal()
+        del data["acme"]["directory"]
+        self.assertKey(data, "acme.directory")
+
+    def test_missing_section(self) -> None:
+        data = minimal()
+        del data["policy"]
+        self.assertKey(data, "policy")
+
+    def test_wrong_type(self) -> None:
+        data = minimal()
+        data["api"] = {"listen": "tcp:8000"}
+        self.assertKey(data, "api.listen")
+        data = minimal()
+        data["acme"]["poll_interval"] = "fast"
+        self.assertKey(data, "acme.poll_interval")
+        data = minimal()
+        data["api"] = {"max_body": True}
+        self.assertKey(data, "api.max_body")
+
+    def test_unknown_key(self) -> None:
+        data = minimal()
+        data["dns"]["zones"] = ["x"]
+        self.assertKey(data, "dns.zones")
+        data = minimal()
+        data["extra"] = {}
+        self.assertKey(data, "extra")
+
+    def test_bad_values(self) -> None:
+        data = minimal()
+        data["acme"]["contact"] = ["admin@example.test"]
+        self.assertKey(data, "acme.contact")
+        data = minimal()
+        data["policy"]["names"] = ["{nope}.go.example.test"]
+        self.assertKey(data, "policy.names")
+        data = minimal()
+        data["acme"]["ca_certs"] = "/nonexistent/ca.pem"
+        self.assertKey(data, "acme.ca_certs")
+        data = minimal()
+        data["acme"]["order_timeout"] = 0
+        self.assertKey(data, "acme.order_timeout")
+
+    def test_unreadable_and_invalid_file(self) -> None:
+        with self.assertRaises(ConfigError) as e:
+            load_config("/nonexistent/csrproxy.toml")
+        self.assertIn("cannot read", str(e.exception))
+        with tempfile.NamedTemporaryFile("w", suffix=".toml") as f:
+            f.write("[acme\n")
+            f.flush()
+            with self.assertRaises(ConfigError) as e:
+                load_config(f.name)
+            self.assertIn("not valid TOML", str(e.exception))
+
+
+class APIAndPolicyKeyTests(SynchronousTestCase):
+    def test_new_defaults(self) -> None:
+        config = parse_config(minimal())
+        self.assertEqual(config.api.sync_timeout, 50.0)
+        self.assertEqual(config.api.allow_from, ())
+        self.assertIsNone(config.api.tokens_file)
+        self.assertEqual(config.policy.max_names, 100)
+        self.assertEqual(config.policy.registered_domain, "example.test")
+        self.assertEqual(config.policy.new_names_per_week, 45)
+        self.assertEqual(config.policy.orders_per_3h, 250)
+        self.assertIn("ec256", config.policy.key_types)
+
+    def test_seed_mode_names_default_to_the_cn(self) -> None:
+        data = minimal()
+        data["policy"] = {"subject": "CN=go.example.test"}
+        config = parse_config(data)
+        self.assertEqual(config.policy.names, ("go.example.test",))
+        self.assertEqual(config.policy.subject, "CN=go.example.test")
+
+    def test_bad_values_name_their_key(self) -> None:
+        cases: list[tuple[str, str, Any]] = [
+            ("api", "allow_from", ["10.0.0.0/33"]),
+            ("api", "trusted_proxies", ["proxy"]),
+            ("api", "tokens_file", "/nonexistent/tokens"),
+            ("api", "sync_timeout", 0),
+            ("api", "read_timeout", "10"),
+            ("api", "access_log", "yes"),
+            ("policy", "subject", "O=no cn"),
+            ("policy", "key_types", ["ec521"]),
+            ("policy", "key_types", []),
+            ("policy", "max_names", 0),
+            ("policy", "orders_per_3h", -1),
+            ("policy", "client_requests_per_hour", 1.5),
+        ]
+        for section, key, value in cases:
+            data = minimal()
+            data.setdefault(section, {})[key] = value
+            with self.assertRaises(ConfigError, msg=(key, value)) as e:
+                parse_config(data)
+            self.assertEqual(e.exception.key, f"{section}.{key}", (key, value))
+
+    def test_networks_are_parsed_once_here(self) -> None:
+        data = minimal()
+        data["api"] = {"allow_from": [" 10.1.2.3/8", "2001:db8::1"], "trusted_proxies": ["::1"]}
+        api = parse_config(data).api
+        self.assertEqual(api.allow_from, (ip_network("10.0.0.0/8"), ip_network("2001:db8::1/128")))
+        self.assertEqual(api.trusted_proxies, (ip_network("::1"),))
+        data["api"] = {"allow_from": ["10.0.0.0/8", "10.0.0.0/33"]}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "api.allow_from")
+        self.assertIn("'10.0.0.0/33' is not an address or CIDR", str(e.exception))
+
+
+class ReaderTests(ConfigTestCase):
+    def test_unknown_key_lists_the_keys_read(self) -> None:
+        data = minimal()
+        data["renewal"] = {"enabled": True, "intervall": 60}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "renewal.intervall")
+        self.assertIn(
+            "unknown key (known: active_days, enabled, interval, max_parallel)", str(e.exception)
+        )
+
+    def test_nested_table(self) -> None:
+        data = minimal()
+        data["dns"]["powerdns"] = {"api_url": "http://127.0.0.1:8081", "api_key": "k", "tll": 5}
+        self.assertKey(data, "dns.powerdns.tll")
+        data["dns"]["powerdns"] = "http://127.0.0.1:8081"
+        self.assertKey(data, "dns.powerdns")
+        data = minimal()
+        data["dns"]["backend"] = "powerdns"
+        self.assertKey(data, "dns.powerdns")
+
+    def test_misspelt_required_key_is_named(self) -> None:
+        data = minimal()
+        data["acme"] = {"directroy": "https://ca.test/dir"}
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "acme.directory")
+        self.assertIn("missing required key", str(e.exception))
+        self.assertIn("'directroy'", str(e.exception))
+        data = minimal()
+        data["polcy"] = data.pop("policy")
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertEqual(e.exception.key, "policy")
+        self.assertIn("'polcy'", str(e.exception))
+
+    def test_every_sample_key_is_read(self) -> None:
+        # The sample lists every key: each one must be known to its section parser,
+        # including those of its commented-out [dns.powerdns] example.
+        text = SAMPLE.read_text("utf-8")
+        block = text.split("# [dns.powerdns]\n", 1)[1].split("\n\n", 1)[0]
+        data = tomllib.loads(text)
+        data["dns"]["powerdns"] = tomllib.loads("\n".join(x[2:] for x in block.splitlines()))
+        self.assertEqual(len(data["dns"]["powerdns"]), 9)
+        parse_config(data)
+
+
+class PackageTests(SynchronousTestCase):
+    def test_no_twisted(self) -> None:
+        code = (
+            "import sys, csrproxy.config; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'twisted', 'zope'}))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        self.assertEqual(out.strip(), "[]")
+
+    def test_no_cycle_and_no_private_imports(self) -> None:
+        package = Path(__file__).resolve().parents[2] / "csrproxy" / "config"
+        for module in package.glob("*.py"):
+            tree = ast.parse(module.read_text("utf-8"))
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ImportFrom) or node.module is None:
+                    continue
+                names = [a.name for a in node.names]
+                self.assertFalse(
+                    [n for n in names if n.startswith("_") and n != "annotations"],
+                    (module.name, node.module),
+                )
+                if module.name != "__init__.py":
+                    # Sections import sections, never the package that re-exports them.
+                    self.assertNotEqual(node.module, "csrproxy.config", module.name)

@@ -1,0 +1,66 @@
+"""The issuer renews from the stored CSR, with ARI replaces, keeping the activity clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cryptography import x509
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from csrproxy.acme.certs import ari_cert_id
+from csrproxy.acme.client import ACMEClient
+from csrproxy.challenges.zone import ZonePublisher, challenge_name
+from csrproxy.dns.zone import ChallengeZone
+from csrproxy.issuance.csr import check_csr
+from tests.acme.test_client import ACCOUNT_KEY
+from tests.support.fakeacme import BASE, FakeCA
+from tests.support.issuers import make_issuer
+from tests.support.keys import make_csr
+
+ZONE = "go.example.test"
+
+
+class IssuerRenewalTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.ca = FakeCA()
+        self.ca.faults.ari = True
+        http, self.agent = self.ca.client()
+        zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
+        self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
+        acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
+        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone))
+
+    def drive(self, d: Deferred[Any]) -> Any:
+        out: list[Any] = []
+        d.addBoth(out.append)
+        for _ in range(10000):
+            if out:
+                break
+            self.agent.flush()
+            self.clock.advance(0.01)
+        return out[0]
+
+    def test_renewal_replaces_the_old_certificate(self) -> None:
+        csr = check_csr(make_csr([f"r.{ZONE}"]))
+        first = self.drive(self.issuer.issue(csr, "client").chain)
+        old_leaf = x509.load_pem_x509_certificates(first.encode())[0]
+        row = self.issuer.ledger.latest[csr.request_key]
+        row.last_requested = 1234.0  # the installation last asked long ago
+        second = self.drive(self.issuer.renew(csr.request_key).chain)
+        self.assertIsInstance(second, str, second)
+        self.assertNotEqual(second, first)
+        self.assertEqual(self.ca.order_payloads[-1]["replaces"], ari_cert_id(old_leaf))
+        newest = self.issuer.ledger.latest[csr.request_key]
+        self.assertEqual(newest.chain, second)
+        self.assertEqual(newest.last_requested, 1234.0, "a renewal counted as activity")
+        # The same CSR posted again gets the renewed chain from the cache, no order.
+        orders = self.ca.requests["newOrder"]
+        self.assertEqual(self.drive(self.issuer.issue(csr, "client").chain), second)
+        self.assertEqual(self.ca.requests["newOrder"], orders)
+
+    def test_unknown_lineage_fails(self) -> None:
+        failure = self.drive(self.issuer.renew("nope").chain)
+        self.assertTrue(failure.check(KeyError))
