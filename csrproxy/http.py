@@ -11,7 +11,7 @@ contexts, whose trust store is the costly part) are made once per host and port.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from treq.client import HTTPClient
@@ -91,9 +91,26 @@ class BytesProducer:
         pass
 
 
+def _quiet_factory(quiescent: Any, description: str) -> Any:
+    # twisted.web's connection factory logs "Starting/Stopping factory" for every
+    # connection: one log line per connection is what a log must never have.
+    factory = HTTPConnectionPool._factory(quiescent, description)
+    factory.noisy = False
+    return factory
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """twisted.web's persistent pool, without a log line per connection."""
+
+    _factory = staticmethod(_quiet_factory)  # type: ignore[assignment]
+
+    def __init__(self, reactor: Any, persistent: bool = True) -> None:
+        cast(Any, super()).__init__(reactor, persistent)
+
+
 def make_pool(reactor: Any, max_per_host: int = MAX_PER_HOST) -> HTTPConnectionPool:
     """The keep-alive pool: at most ``max_per_host`` idle connections kept per host."""
-    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool = QuietConnectionPool(reactor, persistent=True)
     pool.maxPersistentPerHost = max_per_host
     pool.cachedConnectionTimeout = IDLE_TIMEOUT
     pool.retryAutomatically = True  # GET/HEAD on a kept-alive connection the server closed

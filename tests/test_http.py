@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
 from twisted.web.resource import Resource
@@ -137,6 +138,19 @@ class ClientTests(TestCase):
         resp = await self.get(t, base + "/p", "POST", b"{}")
         self.assertEqual(resp.body, b"echo:POST /p {}")
         self.assertEqual(server.connections(), 1)
+
+    async def test_no_log_line_per_connection(self) -> None:
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        server, base = self.serve()
+        t, pool = self.transport()
+        for i in range(3):
+            await self.get(t, f"{base}/n{i}")
+        server.channels[-1].loseConnection()
+        await pool.closeCachedConnections()
+        self.assertEqual([e for e in events if "factory" in str(e.get("log_format", ""))], [])
 
     async def test_plain_http_and_chunked_bodies(self) -> None:
         behaviour = Behaviour()

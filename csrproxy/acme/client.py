@@ -33,12 +33,8 @@ from csrproxy.acme.messages import (
     checked_url,
 )
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, DeadlineExceeded
-from csrproxy.acme.transport import (
-    ACMEResponse,
-    ACMETransport,
-    Backoff,
-    parse_retry_after,
-)
+from csrproxy.acme.transport import ACMEResponse, ACMETransport
+from csrproxy.retry import Backoff, parse_retry_after
 
 log = Logger()
 
@@ -55,9 +51,7 @@ __all__ = [
     "REVOCATION_REASONS",
     "ACMEClient",
     "ACMEResponse",
-    "Backoff",
     "PollSchedule",
-    "parse_retry_after",
 ]
 
 T = TypeVar("T")

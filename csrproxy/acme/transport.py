@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
-from email.utils import parsedate_to_datetime
 from typing import Any, cast
 from urllib.parse import urljoin
 
@@ -38,6 +37,7 @@ from twisted.web.iweb import IResponse
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
+from csrproxy.retry import Backoff, parse_retry_after
 
 log = Logger()
 
@@ -90,36 +90,6 @@ class ACMEResponse:
                 if f'rel="{rel}"' in flat or f"rel={rel}" in flat.split(";"):
                     out.append(url.strip().strip("<>"))
         return out
-
-
-class Backoff:
-    """Delays that start at ``first`` and double up to ``cap``; ``Retry-After`` wins."""
-
-    def __init__(self, first: float, cap: float) -> None:
-        self.first = first
-        self.cap = cap
-        self.next = first
-
-    def __call__(self, retry_after: float | None = None) -> float:
-        delay = self.next
-        self.next = min(self.next * 2, self.cap)
-        if retry_after is not None:
-            return max(retry_after, 0.0)
-        return delay
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date)."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
 
 
 class ACMETransport:

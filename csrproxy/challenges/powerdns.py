@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.iweb import IResponse
 
-from csrproxy.acme.transport import Backoff
 from csrproxy.challenges.zone import CHALLENGE_LABEL, challenge_name
 from csrproxy.config import PowerDNSConfig
 from csrproxy.errors import PublishError
+from csrproxy.retry import Backoff
 
 log = Logger()
 

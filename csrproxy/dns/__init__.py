@@ -1,6 +1,2 @@
-"""csrproxy's authoritative DNS: the challenge zone and its UDP/TCP listeners."""
-
-from csrproxy.dns.server import DNSServerService, parse_listen
-from csrproxy.dns.zone import ChallengeZone
-
-__all__ = ["ChallengeZone", "DNSServerService", "parse_listen"]
+"""csrproxy's authoritative DNS: the zone (static records and challenge TXT values) and the
+twisted.names server (UDP/TCP listeners, EDNS, answer caches)."""

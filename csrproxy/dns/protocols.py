@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -20,13 +20,25 @@ from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-if TYPE_CHECKING:
-    from csrproxy.dns.factory import ZoneServerFactory
-
 log = Logger()
 
 # A full send buffer or an ICMP error: drop the reply, as UDP may.
 _DROPPED_SEND_ERRORS = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNREFUSED, errno.ENOBUFS)
+
+
+class Controller(Protocol):
+    """What the protocols ask of the server factory that owns them."""
+
+    reactor: Any
+    connections: set[Any]
+    max_tcp_connections: int
+    tcp_idle_timeout: float
+
+    def packetReceived(self, data: bytes, protocol: Any, address: Any) -> None: ...
+
+    def connectionMade(self, protocol: Any) -> None: ...
+
+    def connectionLost(self, protocol: Any) -> None: ...
 
 
 class DNSDatagramProtocol(dns.DNSDatagramProtocol):
@@ -35,9 +47,9 @@ class DNSDatagramProtocol(dns.DNSDatagramProtocol):
     Datagrams from port 0 are dropped (nobody can receive there).
     """
 
-    controller: ZoneServerFactory
+    controller: Controller
 
-    def __init__(self, controller: ZoneServerFactory) -> None:
+    def __init__(self, controller: Controller) -> None:
         super().__init__(controller, reactor=controller.reactor)
         self._sendto: Callable[[bytes, Any], object] | None = None
 
@@ -76,9 +88,9 @@ class DNSStreamProtocol(dns.DNSProtocol, TimeoutMixin):
     the connection is gone.
     """
 
-    controller: ZoneServerFactory
+    controller: Controller
 
-    def __init__(self, controller: ZoneServerFactory, reactor: Any = None) -> None:
+    def __init__(self, controller: Controller, reactor: Any = None) -> None:
         super().__init__(controller, reactor=reactor or controller.reactor)
         self.closed: Deferred[None] = Deferred()
         self._admitted = False

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.acme.certs import ari_cert_id
-from csrproxy.acme.client import ACMEClient, Backoff
+from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.order import (
     Checkpoint,
     DNS01Responder,
@@ -46,6 +46,7 @@ from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import DEFAULT_KEY_TYPES, CheckedCSR, check_csr
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.metrics import Metrics
+from csrproxy.retry import Backoff
 from csrproxy.state.database import OrderRow
 
 log = Logger()

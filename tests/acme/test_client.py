@@ -13,10 +13,11 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.acme.client import ACMEClient, Backoff, parse_retry_after
+from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.order import IssuedChain, OrderRun, PollSchedule, obtain_chain
 from csrproxy.acme.problems import ACMEProblem, AuthorizationFailed
+from csrproxy.retry import Backoff, parse_retry_after
 from tests.support.fakeacme import BASE, FakeCA
 
 T = TypeVar("T")
