@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from email.utils import parsedate_to_datetime
 
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+
 
 class Backoff:
     """Delays that start at ``first`` and double up to ``cap``; ``Retry-After`` wins."""
@@ -33,3 +37,21 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - now)
+
+
+class RetryTimer:
+    """The waits between attempts at one thing: back-off, ``Retry-After`` first, and never
+    past ``give_up`` (clock time)."""
+
+    def __init__(self, clock: IReactorTime, first: float, cap: float, give_up: float) -> None:
+        self.clock = clock
+        self.backoff = Backoff(first, cap)
+        self.give_up = give_up
+
+    def next_delay(self, retry_after: float | None = None) -> float | None:
+        """Seconds to wait before the next attempt, or None when it would end past the deadline."""
+        delay = self.backoff(retry_after)
+        return None if self.clock.seconds() + delay > self.give_up else delay
+
+    def sleep(self, delay: float) -> Deferred[None]:
+        return deferLater(self.clock, delay, lambda: None)

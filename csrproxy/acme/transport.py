@@ -28,7 +28,6 @@ from treq.content import content as read_content
 from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import ResponseFailed
 from twisted.web.http_headers import Headers
@@ -37,7 +36,7 @@ from twisted.web.iweb import IResponse
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
-from csrproxy.retry import Backoff, parse_retry_after
+from csrproxy.retry import RetryTimer, parse_retry_after
 
 log = Logger()
 
@@ -214,28 +213,29 @@ class ACMETransport:
         ``safe`` says a repeat cannot do anything twice (GET, HEAD, POST-as-GET), so an
         ambiguous connection failure is retried too.
         """
-        backoff = Backoff(self.retry_first, self.retry_cap)
         give_up = deadline if deadline is not None else self.clock.seconds() + self.retry_deadline
+        timer = RetryTimer(self.clock, self.retry_first, self.retry_cap, give_up)
         while True:
             try:
                 resp = await attempt()
             except ACMETransportError as e:
                 if e.sent and not safe:
                     raise
-                await self._wait(backoff(), give_up, e)
+                await self._wait(timer, None, e)
                 continue
             if resp.status == 429 or resp.status >= 500:
                 problem = self.problem(resp)
                 if problem.retryable:
-                    await self._wait(backoff(problem.retry_after), give_up, problem)
+                    await self._wait(timer, problem.retry_after, problem)
                     continue
             return resp
 
-    async def _wait(self, delay: float, give_up: float, cause: Exception) -> None:
-        if self.clock.seconds() + delay > give_up:
+    async def _wait(self, timer: RetryTimer, retry_after: float | None, cause: Exception) -> None:
+        delay = timer.next_delay(retry_after)
+        if delay is None:
             raise cause
         log.info("ACME retry in {delay:.2f}s after {cause}", delay=delay, cause=str(cause))
-        await deferLater(self.clock, delay, lambda: None)
+        await timer.sleep(delay)
 
     async def post(
         self,

@@ -20,7 +20,6 @@ from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, readBody
@@ -29,7 +28,7 @@ from twisted.web.iweb import IResponse
 from csrproxy.challenges.zone import CHALLENGE_LABEL, challenge_name
 from csrproxy.config import PowerDNSConfig
 from csrproxy.errors import PublishError
-from csrproxy.retry import Backoff
+from csrproxy.retry import RetryTimer
 
 log = Logger()
 
@@ -282,9 +281,9 @@ class PowerDNSPublisher:
         if values:
             rrset["records"] = [{"content": _quote_txt(v), "disabled": False} for v in values]
         body = json.dumps({"rrsets": [rrset]}).encode()
-        backoff = Backoff(self.retry_first, self.retry_cap)
         started = self.clock.seconds()
         give_up = started + self.config.api_timeout
+        timer = RetryTimer(self.clock, self.retry_first, self.retry_cap, give_up)
         attempt = 0
         while True:
             attempt += 1
@@ -317,8 +316,8 @@ class PowerDNSPublisher:
                         detail=error.text,
                     )
                     raise error
-            delay = backoff()
-            if self.clock.seconds() + delay >= give_up:
+            delay = timer.next_delay()
+            if delay is None:
                 waited = self.clock.seconds() - started
                 log.error(
                     "powerdns {changetype} {name}: giving up after {attempt} attempts: {detail}",
@@ -343,7 +342,7 @@ class PowerDNSPublisher:
                 detail=error.text,
                 delay=delay,
             )
-            await deferLater(self.clock, delay, lambda: None)
+            await timer.sleep(delay)
 
     async def _patch(self, body: bytes, timeout: float) -> tuple[int, bytes]:
         """One PATCH of the zone; raises :class:`_Transient` when PowerDNS cannot be reached."""
