@@ -25,39 +25,18 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, readBody
 from twisted.web.iweb import IResponse
 
+from csrproxy.challenges.powerdns_errors import (
+    BACKEND,
+    PowerDNSAPIError,
+    Transient,
+    http_error,
+    reason_of,
+)
 from csrproxy.challenges.zone import CHALLENGE_LABEL, challenge_name
 from csrproxy.config import PowerDNSConfig
-from csrproxy.errors import PublishError
 from csrproxy.retry import RetryTimer
 
 log = Logger()
-
-BACKEND = "powerdns"
-
-
-class PowerDNSAPIError(PublishError):
-    """A PowerDNS API call failed for good.
-
-    ``reason`` is one of ``unreachable``, ``bad-key`` (401/403), ``no-zone``
-    (404), ``rejected`` (422 and other 4xx), ``server`` (5xx), ``outside-zone``
-    (the name is not in the configured zone, nothing was sent);
-    ``http_status`` is PowerDNS's status code when it answered.
-    """
-
-    def __init__(self, reason: str, detail: str, http_status: int | None = None) -> None:
-        super().__init__(BACKEND, detail)
-        #: The detail without the backend prefix.
-        self.text = detail
-        self.reason = reason
-        self.http_status = http_status
-
-
-class _Transient(Exception):
-    """One attempt failed in a way worth retrying; ``error`` is what to raise at the deadline."""
-
-    def __init__(self, error: PowerDNSAPIError) -> None:
-        super().__init__(error.detail)
-        self.error = error
 
 
 @dataclass
@@ -71,23 +50,6 @@ class _NameState:
 def _quote_txt(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace('"', '\\"')
     return f'"{escaped}"'
-
-
-def _api_error_text(content: bytes) -> str:
-    """PowerDNS's ``{"error": ...}`` text, or the start of the body."""
-    try:
-        doc: Any = json.loads(content)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and isinstance(doc.get("error"), str):
-        text = str(doc["error"])
-    else:
-        text = content[:200].decode("utf-8", "replace")
-    return " ".join(text.split())[:300] or "no details"
-
-
-def _reason(e: Exception) -> str:
-    return (str(e) or type(e).__name__).strip().rstrip(".")
 
 
 class PowerDNSPublisher:
@@ -290,7 +252,7 @@ class PowerDNSPublisher:
             timeout = max(0.001, min(self.request_timeout, give_up - self.clock.seconds()))
             try:
                 status, content = await self._patch(body, timeout)
-            except _Transient as e:
+            except Transient as e:
                 error = e.error
                 status = 0
             else:
@@ -305,7 +267,7 @@ class PowerDNSPublisher:
                         attempt=attempt,
                     )
                     return
-                error = self._http_error(name, status, content)
+                error = http_error(name, status, content, self.config.server_id, self.zone)
                 if status < 500:
                     log.error(
                         "powerdns {changetype} {name}: HTTP {status}: {detail}",
@@ -345,7 +307,7 @@ class PowerDNSPublisher:
             await timer.sleep(delay)
 
     async def _patch(self, body: bytes, timeout: float) -> tuple[int, bytes]:
-        """One PATCH of the zone; raises :class:`_Transient` when PowerDNS cannot be reached."""
+        """One PATCH of the zone; raises :class:`Transient` when PowerDNS cannot be reached."""
         timed_out = False
 
         def expire() -> None:
@@ -358,8 +320,8 @@ class PowerDNSPublisher:
         try:
             return await call
         except (ConnectError, DNSLookupError, ResponseFailed, TimeoutError, CancelledError) as e:
-            why = f"no answer within {timeout:.1f}s" if timed_out else _reason(e)
-            raise _Transient(
+            why = f"no answer within {timeout:.1f}s" if timed_out else reason_of(e)
+            raise Transient(
                 PowerDNSAPIError(
                     "unreachable", f"PowerDNS API at {self.config.api_url} unreachable: {why}"
                 )
@@ -384,27 +346,3 @@ class PowerDNSPublisher:
         )
         content: bytes = await readBody(resp)
         return resp.code, content
-
-    def _http_error(self, name: str, status: int, content: bytes) -> PowerDNSAPIError:
-        text = _api_error_text(content)
-        if status in (401, 403):
-            return PowerDNSAPIError(
-                "bad-key",
-                f"PowerDNS API refused the API key (HTTP {status}: {text}); "
-                "check [dns.powerdns] api_key",
-                status,
-            )
-        if status == 404:
-            return PowerDNSAPIError(
-                "no-zone",
-                f"PowerDNS server {self.config.server_id!r} has no zone {self.zone}. "
-                f"(HTTP 404: {text})",
-                status,
-            )
-        if status >= 500:
-            return PowerDNSAPIError(
-                "server", f"PowerDNS API failed (HTTP {status}: {text})", status
-            )
-        return PowerDNSAPIError(
-            "rejected", f"PowerDNS rejected the TXT record {name}. (HTTP {status}: {text})", status
-        )

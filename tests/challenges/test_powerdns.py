@@ -18,7 +18,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.iweb import IAgent, IRequest
 from zope.interface import implementer
 
-from csrproxy.challenges.powerdns import PowerDNSAPIError, PowerDNSPublisher
+from csrproxy.challenges.powerdns import PowerDNSPublisher
+from csrproxy.challenges.powerdns_errors import PowerDNSAPIError
 from csrproxy.config import PowerDNSConfig
 from csrproxy.errors import PublishError
 from csrproxy.http import client_over

@@ -24,7 +24,8 @@ from twisted.internet.defer import DeferredList
 from twisted.trial.unittest import TestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from csrproxy.challenges.powerdns import PowerDNSAPIError, PowerDNSPublisher
+from csrproxy.challenges.powerdns import PowerDNSPublisher
+from csrproxy.challenges.powerdns_errors import PowerDNSAPIError
 from csrproxy.challenges.propagation import CheckedPublisher, PropagationChecker, udp_txt_query
 from csrproxy.config import PowerDNSConfig
 from csrproxy.errors import PublishError
