@@ -16,12 +16,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 from csrproxy.testing.pebble import Pebble
 from csrproxy.testing.ports import free_port
-from csrproxy.testing.processes import log_tail
+from csrproxy.testing.processes import log_tail, terminate
 
 
 def toml_value(value: Any) -> str:
@@ -83,20 +82,13 @@ class Csrproxy:
         return log_tail(str(self.log), lines)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        """SIGTERM, then SIGKILL after 10 s.  Idempotent."""
+        terminate(self.proc, grace=10)
 
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
