@@ -310,7 +310,7 @@ class FaultProxy(Resource):
                 {
                     "type": f"urn:ietf:params:acme:error:{kind}",
                     "status": code,
-                    "detail": f"injected by csrproxy.faultproxy ({rule.action})",
+                    "detail": f"injected by csrproxy.testing.faultproxy ({rule.action})",
                 }
             ).encode()
             ctype, retry = b"application/problem+json", rule.arg

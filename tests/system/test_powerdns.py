@@ -1,7 +1,7 @@
 """PowerDNSPublisher and PropagationChecker against a real pdns_server on loopback.
 
 The tests run in trial's reactor (like the DNS server's real-socket tests);
-PowerDNS is a child process started by ``csrproxy.testbed`` on free ports
+PowerDNS is a child process started by ``csrproxy.testing.powerdns`` on free ports
 with its caches off, and queried over UDP.
 """
 
