@@ -6,10 +6,7 @@ The documents themselves are parsed in :mod:`csrproxy.acme.messages`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from csrproxy.acme.messages import Subproblem
+from typing import Protocol
 
 ACME_ERROR = "urn:ietf:params:acme:error:"
 
@@ -20,6 +17,35 @@ RETRYABLE = frozenset({"rateLimited", "serverInternal", "badNonce"})
 def short_problem_type(type: str) -> str:
     """``badNonce`` for ``urn:ietf:params:acme:error:badNonce``, else the type unchanged."""
     return type[len(ACME_ERROR) :] if type.startswith(ACME_ERROR) else type
+
+
+class ProblemIdentifier(Protocol):
+    """What a subproblem names (``messages.Identifier`` matches)."""
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def value(self) -> str: ...
+
+
+class ProblemPart(Protocol):
+    """What an :class:`ACMEProblem` keeps of a subproblem (``messages.Subproblem`` matches).
+
+    Declared here, not imported, so this module stays below :mod:`csrproxy.acme.messages`.
+    """
+
+    @property
+    def type(self) -> str: ...
+
+    @property
+    def detail(self) -> str: ...
+
+    @property
+    def identifier(self) -> ProblemIdentifier | None: ...
+
+    @property
+    def short_type(self) -> str: ...
 
 
 class ACMEError(Exception):
@@ -37,7 +63,7 @@ class ACMEProblem(ACMEError):
         type: str,
         detail: str,
         status: int,
-        subproblems: Sequence[Subproblem] = (),
+        subproblems: Sequence[ProblemPart] = (),
         retry_after: float | None = None,
         nonce: str | None = None,
         url: str | None = None,
