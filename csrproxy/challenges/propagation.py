@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -19,7 +19,6 @@ from twisted.names import dns
 from twisted.names.client import Resolver
 from twisted.python.failure import Failure
 
-from csrproxy.acme.order import DNS01Responder
 from csrproxy.challenges.zone import challenge_name
 from csrproxy.errors import ConfigError, PublishError
 
@@ -314,10 +313,22 @@ def _show(server: Server) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class ChallengePublisher(Protocol):
+    """Publishes and removes the dns-01 TXT value for an identifier (a DNS name, no ``*.``).
+
+    What ``acme.order`` calls a ``DNS01Responder``, declared here so challenges/ needs
+    nothing of acme/.
+    """
+
+    def publish(self, identifier: str, value: str) -> Deferred[None]: ...
+
+    def unpublish(self, identifier: str, value: str) -> Deferred[None]: ...
+
+
 class CheckedPublisher:
     """A publisher whose ``publish`` fires only once the value is served over DNS."""
 
-    def __init__(self, inner: DNS01Responder, checker: PropagationChecker) -> None:
+    def __init__(self, inner: ChallengePublisher, checker: PropagationChecker) -> None:
         self.inner = inner
         self.checker = checker
         self.backend: str = getattr(inner, "backend", checker.backend)
@@ -334,6 +345,7 @@ class CheckedPublisher:
 
 
 __all__ = [
+    "ChallengePublisher",
     "CheckedPublisher",
     "PropagationChecker",
     "Server",
