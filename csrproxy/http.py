@@ -18,9 +18,12 @@ from treq.client import HTTPClient
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IConsumer, IOpenSSLClientConnectionCreator
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import optionsForClientTLS, platformTrust
-from twisted.web.client import Agent, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 #: Keep-alive connections kept per host (scheme, host, port): the CA's concurrency.
@@ -115,6 +118,60 @@ def make_pool(reactor: Any, max_per_host: int = MAX_PER_HOST) -> HTTPConnectionP
     pool.cachedConnectionTimeout = IDLE_TIMEOUT
     pool.retryAutomatically = True  # GET/HEAD on a kept-alive connection the server closed
     return pool
+
+
+#: The largest answer body read from any peer (the CA's chains are a few KiB).
+MAX_BODY = 16 * 1024 * 1024
+
+
+class BodyTooLarge(Exception):
+    """A peer sent more than the body limit; the connection was dropped."""
+
+
+class _BoundedBody(Protocol):
+    """Collects a response body up to ``limit`` bytes; drops the connection beyond it."""
+
+    def __init__(self, finished: Deferred[bytes], limit: int) -> None:
+        self.finished = finished
+        self.limit = limit
+        self.size = 0
+        self.parts: list[bytes] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.finished.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            cast(Any, self.transport).stopProducing()
+            self.finished.errback(BodyTooLarge(f"answer body over {self.limit} bytes"))
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.finished.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self.parts))
+        else:
+            self.finished.errback(reason)
+
+
+def read_body(response: IResponse, limit: int = MAX_BODY) -> Deferred[bytes]:
+    """The whole body of ``response``, at most ``limit`` bytes; cancelling drops the connection.
+
+    Raises :class:`BodyTooLarge` past the limit, twisted.web's ``ResponseFailed`` when the
+    connection broke before the end.
+    """
+    protocol: _BoundedBody
+
+    def cancel(_: Deferred[bytes]) -> None:
+        if protocol.transport is not None:
+            cast(Any, protocol.transport).stopProducing()
+
+    finished: Deferred[bytes] = Deferred(cancel)
+    protocol = _BoundedBody(finished, limit)
+    response.deliverBody(protocol)
+    return finished
 
 
 def make_http_client(

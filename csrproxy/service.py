@@ -74,10 +74,16 @@ class APIListener(StreamServerEndpointService):
             super().privilegedStartService()
         except Exception as e:
             raise ListenError(self.description, str(e)) from e
-        cast(Deferred[IListeningPort], self._waitingForPort).addCallback(self._bound)
+        bound: list[IListeningPort] = []
+        cast(Deferred[IListeningPort], self._waitingForPort).addCallback(self._bound, bound)
+        if not bound:
+            # Every endpoint the API can be given binds at once; one that does not would
+            # leave the daemon "ready" without a port.
+            raise ListenError(self.description, "the endpoint did not bind at once")
 
-    def _bound(self, port: IListeningPort) -> IListeningPort:
+    def _bound(self, port: IListeningPort, bound: list[IListeningPort]) -> IListeningPort:
         self.port = port
+        bound.append(port)
         log.info("API listening on {endpoint}", endpoint=self.description)
         return port
 

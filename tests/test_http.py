@@ -8,14 +8,13 @@ server that answers with hostile bytes.
 from __future__ import annotations
 
 import socket
-import tempfile
 from typing import Any, cast
 
-from twisted.internet import reactor as _global_reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import PrivateCertificate
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import TestCase
 from twisted.web.client import HTTPConnectionPool
@@ -24,23 +23,17 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMETransportError
-from csrproxy.acme.transport import ACMEResponse, ACMETransport
+from csrproxy.acme.transport import MAX_CONNECTIONS, ACMEResponse, ACMETransport
 from csrproxy.http import MAX_PER_HOST, VerifyingPolicy, make_http_client, make_pool
-from csrproxy.testing.tls import make_tls_files
+from tests.support.tls import CA, CERT, KEY, NAME_CA, NAME_CERT, NAME_KEY, OTHER_CERT, OTHER_KEY
 
-_TLS_DIR = tempfile.TemporaryDirectory(prefix="csrproxy-test-http-")
-# The server's CA and certificate for 127.0.0.1; another CA nobody trusts; a certificate
-# from the trusted CA for a name the client never asks for.
-CA, _, CERT, KEY = make_tls_files(f"{_TLS_DIR.name}/good")
-OTHER_CA, _, OTHER_CERT, OTHER_KEY = make_tls_files(f"{_TLS_DIR.name}/other")
-_, _, _, _ = make_tls_files(f"{_TLS_DIR.name}/name", hosts=("elsewhere.example",))
-NAME_CERT, NAME_KEY = f"{_TLS_DIR.name}/name/cert.pem", f"{_TLS_DIR.name}/name/key.pem"
-NAME_CA = f"{_TLS_DIR.name}/name/ca.pem"
 ACCOUNT_KEY = AccountKey.generate("ec256")
 
 
 def the_reactor() -> Any:
-    return _global_reactor
+    from twisted.internet import reactor
+
+    return reactor
 
 
 class Behaviour(Resource):
@@ -55,6 +48,7 @@ class Behaviour(Resource):
         self.hanging: list[Request] = []
         self.arrived: Deferred[None] | None = None
         self.drop = 0
+        self.huge = 0
 
     def connections(self) -> int:
         return len({id(c) for c in self.channels})
@@ -73,6 +67,21 @@ class Behaviour(Resource):
             request.finish()
             return NOT_DONE_YET
         if path == b"/hang":
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        if path == b"/stall":  # the head and part of the body, then nothing
+            request.setHeader(b"Content-Length", b"100")
+            request.write(b"x" * 10)
+            self.hanging.append(request)
+            return NOT_DONE_YET
+        if path == b"/huge":
+            request.setHeader(b"Content-Length", str(self.huge).encode())
+            request.write(b"x" * self.huge)
+            request.finish()
+            return NOT_DONE_YET
+        if path == b"/tls-break":  # the request arrived; now the TLS stream breaks
+            tls: Any = request.channel.transport
+            tls.transport.write(b"\x17\x03\x03\x00\x10" + b"x" * 16)
             self.hanging.append(request)
             return NOT_DONE_YET
         if path == b"/drop" and self.drop > 0:
@@ -220,6 +229,74 @@ class ClientTests(TestCase):
         self.assertIn("timed out", str(failure.value))
         self.assertTrue(cast(ACMETransportError, failure.value).sent)
         self.assertEqual((await self.get(t, base + "/after")).status, 200)
+
+    async def wait_for(self, condition: Any) -> None:
+        for _ in range(200):
+            if condition():
+                return
+            await deferLater(the_reactor(), 0.01, lambda: None)
+        self.fail("condition not reached")
+
+    async def test_a_body_that_stalls_times_out(self) -> None:
+        # treq's own timeout ends with the answer's head; ours covers the body too.
+        server, base = self.serve()
+        t, _ = self.transport(request_timeout=5.0)
+        d = Deferred.fromCoroutine(self.get(t, base + "/stall", "POST", b"{}"))
+        await self.wait_for(lambda: server.hanging)
+        await deferLater(the_reactor(), 0.1, lambda: None)  # the head reaches the client
+        self.assertNoResult(d)
+        self.clock.advance(5)
+        failure = self.failureResultOf(d, ACMETransportError)
+        self.assertIn("timed out", str(failure.value))
+        self.assertTrue(cast(ACMETransportError, failure.value).sent)
+
+    async def test_a_huge_body_is_refused(self) -> None:
+        server, base = self.serve()
+        server.huge = 200_000
+        t, _ = self.transport()
+        t.max_body = 100_000
+        with self.assertRaises(ACMETransportError) as cm:
+            await self.get(t, base + "/huge")
+        self.assertIn("over 100000 bytes", str(cm.exception))
+        server.huge = 50_000
+        self.assertEqual(len((await self.get(t, base + "/huge")).body), 50_000)
+
+    async def test_tls_broken_after_the_request_arrived_is_ambiguous(self) -> None:
+        server, base = self.serve()
+        t, _ = self.transport()
+        with self.assertRaises(ACMETransportError) as cm:
+            await self.get(t, base + "/tls-break", "POST", b"{}")
+        self.assertTrue(cm.exception.sent, str(cm.exception))
+        self.assertEqual([p for _, p, _ in server.seen], [b"/tls-break"])
+
+    def test_a_connection_that_never_completes_was_not_sent(self) -> None:
+        reactor = MemoryReactorClock()
+        pool = make_pool(reactor)
+        t = ACMETransport(
+            reactor, make_http_client(reactor, CA, pool), ACCOUNT_KEY, request_timeout=5.0
+        )
+        d = Deferred.fromCoroutine(t.send("POST", "https://127.0.0.1:1/order", b"{}"))
+        self.assertEqual(len(reactor.tcpClients), 1)
+        reactor.advance(5)
+        failure = self.failureResultOf(d, ACMETransportError)
+        self.assertFalse(cast(ACMETransportError, failure.value).sent)
+        self.assertIn("timed out connecting", str(failure.value))
+
+    async def test_requests_beyond_the_slots_wait(self) -> None:
+        server, base = self.serve()
+        t, _ = self.transport()
+        waiting = [
+            Deferred.fromCoroutine(self.get(t, f"{base}/hang", "POST", b"{}"))
+            for _ in range(MAX_CONNECTIONS + 3)
+        ]
+        await self.wait_for(lambda: len(server.hanging) == MAX_CONNECTIONS)
+        await deferLater(the_reactor(), 0.1, lambda: None)
+        self.assertEqual(len(server.hanging), MAX_CONNECTIONS)
+        self.clock.advance(10)  # every request times out, those that waited as not sent
+        failures = [self.failureResultOf(d, ACMETransportError).value for d in waiting]
+        sent = [cast(ACMETransportError, f).sent for f in failures]
+        self.assertEqual(sent.count(True), MAX_CONNECTIONS)
+        self.assertEqual(sent.count(False), 3)
 
     async def test_connection_refused_is_not_sent(self) -> None:
         s = socket.socket()

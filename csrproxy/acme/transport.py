@@ -18,24 +18,30 @@ from __future__ import annotations
 import json
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urljoin
 
 from OpenSSL import SSL
 from service_identity import VerificationError
 from treq.client import HTTPClient
-from treq.content import content as read_content
-from twisted.internet.defer import CancelledError
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.client import ResponseFailed
+from twisted.web._newclient import RequestNotSent  # not re-exported by twisted.web.client
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
+from csrproxy.http import MAX_BODY, BodyTooLarge, read_body
 from csrproxy.retry import RetryTimer, parse_retry_after
 
 log = Logger()
@@ -45,6 +51,8 @@ USER_AGENT = "csrproxy/0.1 (twisted; treq)"
 # pebble rejects up to half of all good nonces in tests (PEBBLE_WFE_NONCEREJECT=50); each
 # retry costs one request, so a generous bound still ends: 0.5**20 is one in a million.
 MAX_BAD_NONCE = 20
+#: Requests to the CA at once (more wait for a slot): the connections kept per host.
+MAX_CONNECTIONS = 20
 _USER_AGENT = [USER_AGENT.encode("ascii")]
 _JOSE = [JOSE.encode("ascii")]
 
@@ -117,6 +125,9 @@ class ACMETransport:
         self.account_url: str | None = None
         self.new_nonce_url: str | None = None
         self._nonces: deque[str] = deque(maxlen=64)
+        self._slots = DeferredSemaphore(MAX_CONNECTIONS)
+        #: The largest answer body read from the CA.
+        self.max_body = MAX_BODY
         #: Requests made, by (endpoint kind, HTTP status); status 0 is a transport failure.
         self.requests: Counter[tuple[str, int]] = Counter()
         self._on_request = on_request
@@ -131,43 +142,50 @@ class ACMETransport:
     ) -> ACMEResponse:
         """One HTTP exchange; keeps the answer's nonce; raises ACMETransportError.
 
-        ``sent`` on the error says whether the CA may have seen the request: a refused
-        connection or a failed TLS handshake did not reach it.
+        ``request_timeout`` covers the whole exchange: waiting for a connection slot,
+        connecting, the request, the answer's head and its body (at most ``MAX_BODY``).
+        ``sent`` on an error says whether the CA may have seen the request: a refused or
+        timed-out connection, or a certificate that failed verification, did not reach it.
         """
         headers = Headers({b"User-Agent": _USER_AGENT})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", _JOSE)
+        phase = ["waiting"]  # waiting for a slot -> requesting -> reading the body
+        exchange = Deferred.fromCoroutine(self._exchange(method, url, body, headers, phase))
+        expired = [False]
+
+        def expire() -> None:
+            expired[0] = True
+            exchange.cancel()
+
+        timer = self.clock.callLater(self.request_timeout, expire)
+        ambiguous = method == "POST"
         try:
-            resp: IResponse = await self.http.request(
-                method,
-                url,
-                data=body,
-                headers=headers,
-                timeout=self.request_timeout,
-                reactor=cast(Any, self.clock),
-                allow_redirects=False,
-            )
-            content: bytes = await read_content(resp)
-        except (ConnectError, DNSLookupError) as e:
+            resp, content = await exchange
+        except (ConnectError, DNSLookupError, ConnectingCancelledError, RequestNotSent) as e:
             self._count(kind, 0)
-            raise ACMETransportError(url, f"cannot connect: {e}", sent=False) from e
+            why = "timed out connecting" if expired[0] else f"cannot connect: {_text(e)}"
+            raise ACMETransportError(url, why, sent=False) from e
         except ResponseFailed as e:
             self._count(kind, 0)
-            if _handshake_failed(e):
+            if _verification_failed(e):
                 raise ACMETransportError(url, f"TLS failed: {_reasons(e)}", sent=False) from e
-            if any(reason.check(CancelledError) for reason in e.reasons):
-                raise ACMETransportError(url, "timed out", sent=method == "POST") from e
-            raise ACMETransportError(
-                url, f"connection failed: {_reasons(e)}", sent=method == "POST"
-            ) from e
+            why = "timed out" if expired[0] else f"connection failed: {_reasons(e)}"
+            raise ACMETransportError(url, why, sent=ambiguous) from e
+        except (RequestTransmissionFailed, BodyTooLarge) as e:
+            self._count(kind, 0)
+            raise ACMETransportError(url, f"connection failed: {_text(e)}", sent=ambiguous) from e
         except (TimeoutError, CancelledError) as e:
             self._count(kind, 0)
-            raise ACMETransportError(url, "timed out", sent=method == "POST") from e
+            raise ACMETransportError(
+                url, "timed out", sent=ambiguous and phase[0] != "waiting"
+            ) from e
+        finally:
+            if timer.active():
+                timer.cancel()
         if not 100 <= resp.code <= 599:  # twisted.web takes any integer (RFC 9110 15: 3 digits)
             self._count(kind, 0)
-            raise ACMETransportError(
-                url, f"connection failed: status {resp.code}", sent=method == "POST"
-            )
+            raise ACMETransportError(url, f"connection failed: status {resp.code}", sent=ambiguous)
         raw = resp.headers.getAllRawHeaders()
         headers_out = {
             k.decode("latin-1").lower(): [v.decode("latin-1") for v in vs] for k, vs in raw
@@ -177,6 +195,23 @@ class ACMETransport:
             self._nonces.append(nonce[0])
         self._count(kind, resp.code)
         return ACMEResponse(url, resp.code, headers_out, content)
+
+    async def _exchange(
+        self, method: str, url: str, body: bytes | None, headers: Headers, phase: list[str]
+    ) -> tuple[IResponse, bytes]:
+        """The request and its whole answer, within one of the CA's connection slots."""
+        await self._slots.acquire()
+        try:
+            phase[0] = "requesting"
+            resp: IResponse = await self.http.request(
+                method, url, data=body, headers=headers, allow_redirects=False
+            )
+            phase[0] = "reading"
+            # Read even an answer we refuse, so its connection goes back to the pool.
+            content = await read_body(resp, self.max_body)
+            return resp, content
+        finally:
+            self._slots.release()
 
     def problem(self, resp: ACMEResponse) -> ACMEProblem:
         try:
@@ -279,11 +314,21 @@ def _reasons(error: ResponseFailed) -> str:
     return "; ".join(reason.getErrorMessage() for reason in error.reasons) or repr(error)
 
 
-def _handshake_failed(error: ResponseFailed) -> bool:
-    """True when the connection failed in the TLS handshake (nothing reached the server).
+def _text(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+def _verification_failed(error: ResponseFailed) -> bool:
+    """True when the CA's certificate failed verification (nothing reached the server).
 
     twisted.web writes the request into the TLS layer, which holds it until the handshake
-    is done, so a handshake failure (an untrusted chain, a wrong host name) means no
-    request bytes left us.
+    is done; verification (the chain, the host name) is part of the handshake, so its
+    failure means no request bytes left us.  Other TLS errors may come after the request
+    was delivered, so they count as possibly sent.
     """
-    return any(reason.check(SSL.Error, VerificationError) for reason in error.reasons)
+    for reason in error.reasons:
+        if reason.check(VerificationError):
+            return True
+        if reason.check(SSL.Error) and "certificate verify failed" in str(reason.value):
+            return True
+    return False

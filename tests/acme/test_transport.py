@@ -23,7 +23,7 @@ from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMEProblem, ACMETransportError
 from csrproxy.acme.transport import ACMETransport
 from csrproxy.http import make_http_client, make_pool
-from tests.test_http import CA, CERT, KEY
+from tests.support.tls import CA, CERT, KEY
 
 ACCOUNT_KEY = AccountKey.generate("ec256")
 
