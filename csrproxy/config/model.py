@@ -8,6 +8,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from csrproxy.names import CSR_KEY_TYPES
+
 #: An entry of ``[api] allow_from`` or ``trusted_proxies``: an address is a /32 or /128.
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -93,7 +95,7 @@ class PolicyConfig:
     names: tuple[str, ...]
     #: Seed mode: the exact RFC 4514 subject every CSR must carry (names default to its CN).
     subject: str | None = None
-    key_types: tuple[str, ...] = ("rsa2048", "rsa3072", "rsa4096", "ec256", "ec384")
+    key_types: tuple[str, ...] = CSR_KEY_TYPES
     max_names: int = 100
     #: The registered domain the new-names budget is counted for (default: the last two
     #: labels of [dns] zone).

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from csrproxy.config.model import PolicyConfig
 from csrproxy.config.reader import Table
-from csrproxy.issuance.policy import NamePattern, subject_common_name
-
-KEY_TYPES = PolicyConfig.key_types
+from csrproxy.names import CSR_KEY_TYPES, NamePattern, subject_common_name
 
 
 def parse_policy(policy: Table, zone: str) -> PolicyConfig:
@@ -27,10 +25,10 @@ def parse_policy(policy: Table, zone: str) -> PolicyConfig:
             NamePattern.parse(n)
         except ValueError as e:
             raise policy.error("names", str(e)) from e
-    key_types = policy.strings("key_types", KEY_TYPES)
+    key_types = policy.strings("key_types", PolicyConfig.key_types)
     for kt in key_types:
-        if kt not in KEY_TYPES:
-            raise policy.error("key_types", f"{kt!r} is not one of {', '.join(KEY_TYPES)}")
+        if kt not in CSR_KEY_TYPES:
+            raise policy.error("key_types", f"{kt!r} is not one of {', '.join(CSR_KEY_TYPES)}")
     if not key_types:
         raise policy.error("key_types", "needs at least one key type")
     registered = policy.get("registered_domain", str, PolicyConfig.registered_domain)

@@ -21,10 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from csrproxy.errors import BadCSR, KeyNotAllowed
-from csrproxy.issuance.policy import is_ldh_label, key_label
+from csrproxy.names import CSR_KEY_TYPES, is_ldh_label, key_label
 
-#: What Let's Encrypt accepts.
-DEFAULT_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ec256", "ec384")
 DEFAULT_MAX_NAMES = 100
 
 _PEM_HEADERS = (b"-----BEGIN CERTIFICATE REQUEST-----", b"-----BEGIN NEW CERTIFICATE REQUEST-----")
@@ -167,7 +165,7 @@ def check_name(name: str) -> str | None:
 def check_csr(
     data: bytes,
     *,
-    key_types: Collection[str] = DEFAULT_KEY_TYPES,
+    key_types: Collection[str] = CSR_KEY_TYPES,
     max_names: int = DEFAULT_MAX_NAMES,
 ) -> CheckedCSR:
     """Parse ``data`` (PEM or DER) and check it; raise a typed error for the first failure."""

@@ -43,9 +43,10 @@ from csrproxy.acme.problems import (
 from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
 from csrproxy.issuance.admission import Admission
 from csrproxy.issuance.cache import CachedChain, IssuedCache
-from csrproxy.issuance.csr import DEFAULT_KEY_TYPES, CheckedCSR, check_csr
+from csrproxy.issuance.csr import CheckedCSR, check_csr
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.metrics import Metrics
+from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.retry import Backoff
 from csrproxy.state.database import OrderRow
 
@@ -236,7 +237,7 @@ class Issuer:
         row = self.ledger.latest.get(request_key)
         if row is None:
             return Issuance(None, fail(KeyError(request_key)))
-        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
         leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
         try:
             replaces: str | None = ari_cert_id(leaf)
@@ -249,7 +250,7 @@ class Issuer:
 
         Its budget was charged by the run that started it.
         """
-        csr = check_csr(row.csr, key_types=DEFAULT_KEY_TYPES, max_names=10_000)
+        csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
         return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False)
 
     def _join_or_start(

@@ -35,7 +35,6 @@ from csrproxy.errors import (
     RateLimited,
 )
 from csrproxy.issuance.csr import (
-    DEFAULT_KEY_TYPES,
     DEFAULT_MAX_NAMES,
     CheckedCSR,
     check_csr,
@@ -47,6 +46,7 @@ from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.renewal import Renewable, next_check_hint
 from csrproxy.metrics import Metrics
+from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.state.database import CertificateRow
 from csrproxy.web.auth import ClientGate, Token
 
@@ -135,7 +135,7 @@ class SigningAPI:
         clock: IReactorTime,
         ready: Callable[[], bool],
         max_body: int = 64 * 1024,
-        key_types: Collection[str] = DEFAULT_KEY_TYPES,
+        key_types: Collection[str] = CSR_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
         sync_timeout: float = 50.0,
     ) -> None:

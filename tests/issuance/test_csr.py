@@ -10,7 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.errors import BadCSR, KeyNotAllowed, NameNotAllowed
 from csrproxy.issuance.csr import check_csr, csr_bytes_from_body
-from csrproxy.issuance.policy import NamePattern, NamePolicy, key_label
+from csrproxy.issuance.policy import NamePolicy
+from csrproxy.names import CSR_KEY_TYPES, NamePattern, key_label
 from tests.support.keys import EC256, EC384, EC521, RSA1024, RSA2048, RSA2048_E3, make_csr, tamper
 
 
@@ -139,7 +140,7 @@ class MoreCheckTests(SynchronousTestCase):
     def test_key_label_from_body(self) -> None:
         from cryptography.hazmat.primitives import serialization
 
-        from csrproxy.issuance.csr import DEFAULT_KEY_TYPES, public_key_label
+        from csrproxy.issuance.csr import public_key_label
 
         label = check_csr(make_csr(["a.x.test"], EC256)).key_label
         pem = EC256.public_key().public_bytes(
@@ -150,9 +151,9 @@ class MoreCheckTests(SynchronousTestCase):
             pem,
             json.dumps({"public_key": pem.decode()}).encode(),
         ):
-            self.assertEqual(public_key_label(body, None, DEFAULT_KEY_TYPES), label)
+            self.assertEqual(public_key_label(body, None, CSR_KEY_TYPES), label)
         with self.assertRaises(KeyNotAllowed):
-            public_key_label(make_csr(["a.x.test"], RSA1024), None, DEFAULT_KEY_TYPES)
+            public_key_label(make_csr(["a.x.test"], RSA1024), None, CSR_KEY_TYPES)
         with self.assertRaises(BadCSR):
             public_key_label(
                 b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----", None, ()

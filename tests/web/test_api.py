@@ -20,8 +20,9 @@ from csrproxy.challenges.zone import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.orders import OrderBook
-from csrproxy.issuance.policy import NamePolicy, key_label
+from csrproxy.issuance.policy import NamePolicy
 from csrproxy.metrics import Metrics
+from csrproxy.names import key_label
 from csrproxy.web.api import SigningAPI, problem_document
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from tests.acme.test_client import ACCOUNT_KEY
