@@ -102,5 +102,5 @@ def start_faultproxy(
             fp.base_url = f"https://127.0.0.1:{port}"
         return isinstance(fp._call("GET", "/_faults/counts"), dict)
 
-    fp._start(proc, ready, "faultproxy", timeout)
+    fp.adopt(proc, ready, "faultproxy", timeout)
     return fp

@@ -111,7 +111,7 @@ def _start_pebble(
         config_path=config_path,
         dns_server=dns_server,
     )
-    peb._start(
+    peb.adopt(
         proc,
         lambda: "newNonce" in json.loads(https_get(peb.directory, ca_cert, 1)),
         "pebble",

@@ -142,7 +142,7 @@ def _start_powerdns(
         zone=zone,
         config_dir=config_dir,
     )
-    pdns._start(
+    pdns.adopt(
         proc,
         lambda: bool(pdns.rrsets()) and pdns.query(zone, "SOA")[0] == 0,
         "pdns_server",

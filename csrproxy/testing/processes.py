@@ -78,7 +78,7 @@ class Daemon:
     log_path: str
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
-    def _start(
+    def adopt(
         self, proc: subprocess.Popen[bytes], ready: Callable[[], bool], what: str, timeout: float
     ) -> None:
         """Adopt ``proc``, poll ``ready()`` every 50 ms; if ``proc`` exits or ``timeout`` runs
