@@ -170,3 +170,7 @@ class Ledger:
         if self.store is not None:
             d = self.store.run(self.store.db.touch_certificate, row.id, when)
             d.addErrback(lambda f: None)  # a missed touch only delays the activity clock
+
+
+# CertificateRow is re-exported: it is what ``Ledger.newest`` hands the web API.
+__all__ = ["CertificateRow", "Ledger", "RecordingResponder", "leaf_id"]

@@ -42,12 +42,12 @@ from csrproxy.issuance.csr import (
     public_key_label,
 )
 from csrproxy.issuance.issuer import Issuance
+from csrproxy.issuance.ledger import CertificateRow
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.renewal import Renewable, next_check_hint
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
-from csrproxy.state.database import CertificateRow
 from csrproxy.web.auth import ClientGate, Token
 
 log = Logger()
