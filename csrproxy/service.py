@@ -195,9 +195,9 @@ def make_publisher(
         return publisher, publisher
 
     def servers() -> Deferred[list[tuple[str, int]]]:
-        from twisted.names.client import createResolver
+        from csrproxy.challenges.propagation import system_resolver
 
-        return resolve_check_servers(pdns.check_servers, pdns.zone, createResolver())
+        return resolve_check_servers(pdns.check_servers, pdns.zone, system_resolver(reactor))
 
     checker = PropagationChecker(
         reactor, udp_txt_query(reactor), servers, timeout=pdns.check_timeout

@@ -134,10 +134,27 @@ def resolve_check_servers(
     names resolved, or, when empty, the addresses of ``zone``'s NS names on port 53.
 
     ``resolver`` is an ``twisted.internet.interfaces.IResolver`` (e.g.
-    ``twisted.names.client.createResolver(reactor=reactor)``); it is only
-    needed when a name must be looked up.  Fails with :class:`ConfigError`.
+    :func:`system_resolver`); it is only needed when a name must be looked up.
+    Fails with :class:`ConfigError`.
     """
     return Deferred.fromCoroutine(_resolve_servers(check_servers, zone, resolver))
+
+
+def system_resolver(reactor: Any) -> Any:
+    """The host's resolver (``/etc/hosts``, a cache, ``/etc/resolv.conf``'s servers), as
+    ``twisted.names.client.createResolver`` makes it on POSIX, but running on ``reactor``.
+
+    ``createResolver`` takes no reactor: its resolvers would use the global one.
+    """
+    from twisted.names import cache, hosts, resolve
+
+    return resolve.ResolverChain(
+        [
+            hosts.Resolver(b"/etc/hosts"),
+            cache.CacheResolver(reactor=reactor),
+            Resolver(b"/etc/resolv.conf", reactor=reactor),
+        ]
+    )
 
 
 class PropagationChecker:
@@ -352,5 +369,6 @@ __all__ = [
     "TXTQuery",
     "parse_server",
     "resolve_check_servers",
+    "system_resolver",
     "udp_txt_query",
 ]

@@ -8,6 +8,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import DNSLookupError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.names.error import DNSQueryTimeoutError
 from twisted.trial.unittest import SynchronousTestCase
@@ -19,6 +20,7 @@ from csrproxy.challenges.propagation import (
     _txt_values,
     parse_server,
     resolve_check_servers,
+    system_resolver,
 )
 from csrproxy.errors import ConfigError, PublishError
 
@@ -257,6 +259,14 @@ class ServersTests(SynchronousTestCase):
         )
         self.failureResultOf(resolve_check_servers([], "z.test"), ConfigError)
         self.failureResultOf(resolve_check_servers([], "empty.test", FakeResolver()), ConfigError)
+
+    def test_system_resolver_runs_on_the_given_reactor(self) -> None:
+        reactor = MemoryReactorClock()
+        chain = system_resolver(reactor)
+        # The resolv.conf re-read and the cache's clock are ours, not the global reactor's.
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        timed = [r for r in chain.resolvers if hasattr(r, "_reactor")]
+        self.assertEqual([r._reactor for r in timed], [reactor, reactor])
 
 
 class FakeResolver:
