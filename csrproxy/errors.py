@@ -132,13 +132,6 @@ class BodyTooLarge(CsrproxyError):
         self.limit = limit
 
 
-class RequestTimeout(CsrproxyError):
-    """The request's headers and body did not arrive within ``[api] read_timeout``."""
-
-    problem = "request-timeout"
-    status = 408
-
-
 class NotFound(CsrproxyError):
     """No such route, order or resource."""
 

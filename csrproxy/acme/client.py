@@ -195,9 +195,6 @@ class ACMEClient:
 
     # -- orders -----------------------------------------------------------
 
-    async def offers_profile(self, profile: str) -> bool:
-        return profile in (await self.directory()).profiles
-
     async def new_order(
         self,
         names: Sequence[str],

@@ -167,7 +167,6 @@ class Issuer:
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
         self._account: SharedResult | None = None
-        self.orders_started = 0
 
     @property
     def ready(self) -> bool:
@@ -282,7 +281,6 @@ class Issuer:
         renewal: bool,
     ) -> Issuance:
         """The one path every order takes: run, translate failures, cache, track."""
-        self.orders_started += 1
         run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
 
         def failed(failure: Failure) -> Failure:

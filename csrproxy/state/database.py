@@ -317,13 +317,6 @@ class StateDB:
         ).fetchone()
         return _cert(row) if row else None
 
-    def count_certificates(self, request_key: str) -> int:
-        return int(
-            self.conn.execute(
-                "SELECT COUNT(*) FROM certificates WHERE request_key = ?", (request_key,)
-            ).fetchone()[0]
-        )
-
     # -- challenge records ------------------------------------------------------------
 
     def add_challenge(self, order_id: str, name: str, value: str, backend: str) -> int:

@@ -41,9 +41,6 @@ class Pebble(Daemon):
     def intermediate_pem(self, chain: int = 0) -> bytes:
         return self._mgmt(f"/intermediates/{chain}")
 
-    def directory_json(self) -> dict[str, Any]:
-        return dict(json.loads(https_get(self.directory, self.ca_cert)))
-
 
 def start_pebble(
     workdir: str,
