@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from csrproxy.config import Network
 from csrproxy.errors import ClientNotAllowed, ConfigError, Unauthorized
 from csrproxy.issuance.policy import NamePolicy
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def token_hash(token: str) -> str:
