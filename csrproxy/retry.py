@@ -50,7 +50,11 @@ class RetryTimer:
 
     def next_delay(self, retry_after: float | None = None) -> float | None:
         """Seconds to wait before the next attempt, or None when it would end past the deadline."""
-        delay = self.backoff(retry_after)
+        return self.within(self.backoff(retry_after))
+
+    def within(self, delay: float) -> float | None:
+        """``delay``, or None when a wait that long would end past the deadline; a wait
+        outside the back-off (it does not advance it)."""
         return None if self.clock.seconds() + delay > self.give_up else delay
 
     def sleep(self, delay: float) -> Deferred[None]:

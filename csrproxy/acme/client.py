@@ -34,7 +34,7 @@ from csrproxy.acme.messages import (
 )
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, DeadlineExceeded
 from csrproxy.acme.transport import ACMEResponse, ACMETransport
-from csrproxy.retry import Backoff, parse_retry_after
+from csrproxy.retry import RetryTimer, parse_retry_after
 
 log = Logger()
 
@@ -267,13 +267,10 @@ class ACMEClient:
         validating): the first wait then ends by that time, and a poll that finds the
         CA not done yet is an extra one, leaving the schedule as it was.
         """
-        backoff = Backoff(schedule.first, schedule.cap)
-        delay = backoff()
-        while True:
-            now = self.clock.seconds()
-            if now + delay > schedule.deadline:
-                raise DeadlineExceeded(f"{url} not done before the order's deadline")
-            due = now + delay
+        timer = RetryTimer(self.clock, schedule.first, schedule.cap, schedule.deadline)
+        delay = timer.next_delay()
+        while delay is not None:
+            due = self.clock.seconds() + delay
             early = await self._sleep(delay, nudge)
             nudge = None
             resp = await self.post(url, None, kind, schedule.deadline)
@@ -282,9 +279,11 @@ class ACMEClient:
                 return message
             retry_after = parse_retry_after(resp.header("retry-after"), self.clock.seconds())
             if early and retry_after is None:
-                delay = max(0.0, due - self.clock.seconds())
+                # The nudged poll was an extra one: the scheduled wait resumes where it was.
+                delay = timer.within(max(0.0, due - self.clock.seconds()))
             else:
-                delay = backoff(retry_after)
+                delay = timer.next_delay(retry_after)
+        raise DeadlineExceeded(f"{url} not done before the order's deadline")
 
     def _sleep(self, delay: float, nudge: Deferred[float] | None) -> Deferred[bool]:
         """Wait ``delay`` seconds, or less if ``nudge`` names an earlier time; True if less."""

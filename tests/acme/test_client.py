@@ -17,7 +17,7 @@ from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.order import IssuedChain, OrderRun, PollSchedule, obtain_chain
 from csrproxy.acme.problems import ACMEProblem, AuthorizationFailed
-from csrproxy.retry import Backoff, parse_retry_after
+from csrproxy.retry import Backoff, RetryTimer, parse_retry_after
 from tests.support.fakeacme import BASE, FakeCA
 
 T = TypeVar("T")
@@ -194,6 +194,16 @@ class ScheduleTests(SynchronousTestCase):
         self.assertEqual([b(), b(), b(), b()], [0.5, 1.0, 2.0, 3.0])
         self.assertEqual(b(9.0), 9.0)
 
+    def test_retry_timer_never_waits_past_the_deadline(self) -> None:
+        clock = Clock()
+        timer = RetryTimer(clock, 1.0, 4.0, give_up=10.0)
+        self.assertEqual([timer.next_delay(), timer.next_delay()], [1.0, 2.0])
+        clock.advance(6.0)
+        # A wait outside the back-off is checked against the deadline but does not advance it.
+        self.assertEqual(timer.within(4.0), 4.0)
+        self.assertIsNone(timer.within(4.5))
+        self.assertEqual(timer.next_delay(), 4.0)
+        self.assertIsNone(timer.next_delay(5.0))
     def test_retry_after_forms(self) -> None:
         self.assertEqual(parse_retry_after("120", 0), 120.0)
         self.assertEqual(parse_retry_after("Thu, 01 Jan 1970 00:01:40 GMT", 40.0), 60.0)
