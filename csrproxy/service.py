@@ -302,7 +302,7 @@ def build_service(
         contact=config.acme.contact,
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
         on_account=remember_account,
-        lookups=zone.watch if pdns is None else None,
+        watch=zone.watch if pdns is None else None,
         checkpoint=checkpoint,
     )
     gate = ClientGate(

@@ -144,7 +144,7 @@ class Issuer:
         contact: tuple[str, ...] = (),
         order_options: OrderOptions | None = None,
         on_account: Callable[[str], None] | None = None,
-        lookups: Callable[[str], Deferred[None]] | None = None,
+        watch: Callable[[str], Deferred[None]] | None = None,
         checkpoint: Checkpoint | None = None,
     ) -> None:
         self.clock = clock
@@ -160,8 +160,9 @@ class Issuer:
         self.contact = contact
         self.order_options = order_options or OrderOptions()
         self._on_account = on_account
-        #: identifier -> fires when the CA looks up its challenge record (built-in DNS).
-        self._lookups = lookups
+        #: identifier -> fires when the CA looks up its challenge record (built-in DNS:
+        #: ``WatchedZone.watch``).
+        self._zone_watch = watch
         #: Called at each named point of every order run (crash tests); else a no-op.
         self.checkpoint: Checkpoint = checkpoint or no_checkpoint
         #: request key -> the order in flight for it, and that order's id.
@@ -326,7 +327,7 @@ class Issuer:
             replaces,
             on_order=self.ledger.order_created(order_id),
             csr_spki=csr.spki_der,
-            watch=self._watch if self._lookups is not None else None,
+            watch=self._watch if self._zone_watch is not None else None,
             checkpoint=self.checkpoint,
         )
         started = self.clock.seconds()
@@ -350,9 +351,9 @@ class Issuer:
         return CachedChain(chain.pem, row.not_before, row.not_after)
 
     def _watch(self, identifier: str) -> Deferred[float]:
-        assert self._lookups is not None
+        assert self._zone_watch is not None
         after = min(POLL_AFTER_LOOKUP, self.poll_interval)
-        return self._lookups(identifier).addCallback(lambda _: self.clock.seconds() + after)
+        return self._zone_watch(identifier).addCallback(lambda _: self.clock.seconds() + after)
 
     async def _resume_order(self, run: OrderRun, url: str) -> IssuedChain | None:
         """Finish an order a crashed run left; None when the CA no longer knows it."""

@@ -182,7 +182,7 @@ class FaultProxy(Resource):
 
     @classmethod
     def for_pebble(cls, reactor: Any, pebble: Pebble, rules: Sequence[str | Rule] = ()) -> Self:
-        """In front of a testbed pebble, serving with pebble's own HTTPS cert."""
+        """In front of a test kit pebble, serving with pebble's own HTTPS cert."""
         return cls(
             reactor,
             pebble.directory.rsplit("/", 1)[0],

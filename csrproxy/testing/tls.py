@@ -43,7 +43,7 @@ def make_tls_files(
     ``directory``; returns the paths ``(ca_cert, ca_key, cert, key)`` (``cert``: leaf only)."""
     os.makedirs(directory, exist_ok=True)
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_cn = "csrproxy testbed throwaway CA"
+    ca_cn = "csrproxy test kit throwaway CA"
     ca = make_cert(
         ca_cn,
         ca_cn,

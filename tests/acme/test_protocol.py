@@ -383,7 +383,7 @@ def stop_nowhere(point: str) -> None:
 
 
 class CrashCheckpointTests(SynchronousTestCase):
-    """csrproxy.crashpoints: the checkpoint that kills the process, built only when asked."""
+    """csrproxy.testing.crashpoints: the checkpoint that kills the process, made only when asked."""
 
     def test_not_asked(self) -> None:
         self.assertIsNone(crash_checkpoint_from_env({}))
