@@ -9,8 +9,12 @@ authoritative server, an override says so.
 Two caches keep the common case cheap; both are dropped whenever the zone's
 ``version`` changes, and each is cleared when it reaches ``CACHE_ENTRIES``:
 
-- the memo: the exact query bytes after the id (one table per transport) map to
-  the reply already sent for them; a hit parses nothing and patches only the id.
+- the memo: the query bytes after the id, lowercased (one table per transport),
+  map to the query twisted parsed and the reply sent for it. A hit parses nothing:
+  it is used only when the header and everything after the question name are
+  the stored query's byte for byte (so only the name's letter case may differ),
+  and gets the id and the question's letter case (0x20) patched in; any other
+  query with the same key is parsed as a miss.
 - the answer cache: (lowercase name, type, class, EDNS and DO) map to the reply
   encoded once by ``dns.Message`` with a lowercase question; the id, RD, CD and
   the question's letter case (0x20) of each query are patched in.
@@ -40,7 +44,7 @@ MAX_TCP_CONNECTIONS = 512
 # distinct queries costs a refill, never memory.
 CACHE_ENTRIES = 8192
 # Larger replies (TCP only) are encoded afresh each time; with CACHE_ENTRIES this bounds
-# each cache to about 20 MB.
+# the answer cache to about 20 MB and each memo (key, query, reply) to about 25 MB.
 CACHE_REPLY_BYTES = 2048
 MEMO_QUERY_BYTES = 512
 # Types that are never questions (RFC 6891, 2930, 8945).
@@ -48,6 +52,9 @@ META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
 
 # (rcode, the full reply, the reply when it does not fit: TC, question and OPT only)
 Entry = tuple[int, bytes, bytes]
+# (rcode, the offset after the question, the query's header after the id, its bytes from
+# the question's type on, the reply's header after the id, its bytes after the question)
+Memo = tuple[int, int, bytes, bytes, bytes, bytes]
 
 
 class ReplyWriter(Protocol):
@@ -87,8 +94,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.max_tcp_connections = max_tcp_connections
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
-        self._udp_memo: dict[bytes, tuple[int, bytes]] = {}
-        self._tcp_memo: dict[bytes, tuple[int, bytes]] = {}
+        self._udp_memo: dict[bytes, Memo] = {}
+        self._tcp_memo: dict[bytes, Memo] = {}
         self._answers: dict[AnswerKey, Entry] = {}
         self._crashes = 0
 
@@ -106,12 +113,16 @@ class ZoneServerFactory(server.DNSServerFactory):
         """Answer one query packet; ``address`` is the UDP peer, None over TCP."""
         if self._version != self.zone.version:
             self._forget()
-        hit = (self._udp_memo if address is not None else self._tcp_memo).get(packet[2:])
+        hit = (self._udp_memo if address is not None else self._tcp_memo).get(packet[2:].lower())
         if hit is not None:
-            if self.on_rcode is not None:
-                self.on_rcode(hit[0])
-            protocol.writeReply(packet[:2] + hit[1], address)
-            return
+            rcode, end, header, tail, reply_header, reply_rest = hit
+            # Equal header, type, class and records (the key makes the lengths equal): the
+            # same query up to the name's case, parsed alike. Else (a key collision) parse.
+            if packet.startswith(header, 2) and packet.endswith(tail):
+                if self.on_rcode is not None:
+                    self.on_rcode(rcode)
+                protocol.writeReply(_patched(packet, end, reply_header, reply_rest), address)
+                return
         if len(packet) < 12:
             return  # not even a header: nobody to answer
         message = QueryMessage()
@@ -324,24 +335,27 @@ class ZoneServerFactory(server.DNSServerFactory):
         ):
             return False
         flags = bytes((data[2] | packet[2] & 0x01, data[3] | packet[3] & 0x10))  # RD, CD
-        reply = b"".join((packet[:2], flags, data[4:12], packet[12:end], data[end:]))
+        reply = _patched(packet, end, flags + data[4:12], data[end:])
         self._send(request, protocol, address, rcode, reply)
         return True
 
     def _send(
         self, request: QueryMessage, protocol: Any, address: Any, rcode: int, data: bytes
     ) -> None:
-        packet = request.raw
-        # Only well-formed queries: garbage would churn the memo for nothing.
+        packet, end = request.raw, request.questionEnd
+        # Only well-formed queries (garbage would churn the memo for nothing) whose reply
+        # echoes the question at the same offset, where a hit patches in its letter case.
         if (
-            request.questionEnd
+            end
             and len(packet) <= MEMO_QUERY_BYTES
             and len(data) <= CACHE_REPLY_BYTES
+            and data[12:end] == packet[12:end]
         ):
             memo = self._udp_memo if address is not None else self._tcp_memo
             if len(memo) >= CACHE_ENTRIES:
                 memo.clear()
-            memo[packet[2:]] = (rcode, data[2:])
+            tail = packet[end - 4 :]
+            memo[packet[2:].lower()] = (rcode, end, packet[2:12], tail, data[2:12], data[end:])
         if self.on_rcode is not None:
             self.on_rcode(rcode)
         protocol.writeReply(data, address)
@@ -352,6 +366,13 @@ class ZoneServerFactory(server.DNSServerFactory):
             log.failure(
                 "answering a DNS query failed ({count} so far)", reason, count=self._crashes
             )
+
+
+def _patched(packet: bytes, end: int, header: bytes, rest: bytes) -> bytes:
+    # A reply to this query: its id, the reply's ``header`` (flags and counts), this query's
+    # question (packet[12:end]: its letter case), then ``rest``, what followed a question
+    # equal to this one up to case; owner names compressed against it take this case.
+    return b"".join((packet[:2], header, packet[12:end], rest))
 
 
 def _do_bit(opt: dns._OPTHeader | None) -> bool | None:

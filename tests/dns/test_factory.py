@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -15,7 +16,9 @@ from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
+from csrproxy.dns import factory as factory_module
 from csrproxy.dns.factory import CACHE_ENTRIES, ZoneServerFactory
+from csrproxy.dns.messages import QueryMessage
 from csrproxy.dns.zone import ChallengeZone, Result
 from csrproxy.testing.dns import reply_to
 
@@ -156,6 +159,121 @@ class CacheTests(SynchronousTestCase):
             self.assertEqual(len(response.answer[0]), 61)
         self.assertEqual(self.factory._tcp_memo, {})
         self.assertEqual(self.factory._answers, {})
+
+
+class MemoTests(SynchronousTestCase):
+    """The memo is keyed on the lowercased bytes and checked byte for byte before use."""
+
+    def setUp(self) -> None:
+        self.zone = make_zone()
+        self.rcodes: list[int] = []
+        self.factory = ZoneServerFactory(Clock(), self.zone, on_rcode=self.rcodes.append)
+        self.parses = 0
+        test = self
+
+        class CountingQueryMessage(QueryMessage):
+            def fromStr(self, str: bytes) -> None:
+                test.parses += 1
+                super().fromStr(str)
+
+        self.patch(factory_module, "QueryMessage", CountingQueryMessage)
+
+    def fresh_reply(self, packet: bytes, tcp: bool = False) -> bytes | None:
+        # What a server with empty caches answers: a memo hit must send the same bytes.
+        return reply_to(ZoneServerFactory(Clock(), self.zone), packet, tcp=tcp)
+
+    def test_letter_case_variants_hit_the_memo(self) -> None:
+        rng = random.Random(11)
+        for name, rdtype, kwargs in [
+            (CHALLENGE, "TXT", {"use_edns": 0}),
+            (CHALLENGE, "TXT", {}),
+            ("host7." + ORIGIN, "A", {"use_edns": 0, "want_dnssec": True}),
+            ("www." + ORIGIN, "A", {}),
+            ("nothing." + CHALLENGE, "A", {}),  # NXDOMAIN
+            ("host7." + ORIGIN, "MX", {}),  # NODATA
+            ("Example.ORG", "A", {}),  # REFUSED
+            (ORIGIN, "SOA", {}),
+        ]:
+            for tcp in (False, True):
+                lower = query(name.lower(), rdtype, **kwargs)
+                reply_to(self.factory, lower, tcp=tcp)
+                parsed, rcodes = self.parses, len(self.rcodes)
+                for index in range(20):
+                    asked = b"%c%c" % (index, 7) + mixed_case(lower, rng)[2:]
+                    wire = reply_to(self.factory, asked, tcp=tcp)
+                    self.assertEqual(wire, self.fresh_reply(asked, tcp), (name, rdtype, kwargs))
+                    assert wire is not None
+                    end = asked.index(b"\x00", 12) + 5
+                    self.assertEqual(wire[:2] + wire[12:end], asked[:2] + asked[12:end])
+                self.parses -= 20  # the fresh servers' parses
+                self.assertEqual(self.parses, parsed, (name, rdtype, tcp))
+                self.assertEqual(len(self.rcodes), rcodes + 20)
+
+    def test_owner_names_take_the_case_asked(self) -> None:
+        lower = query(CHALLENGE, "TXT", use_edns=0)
+        reply_to(self.factory, lower)
+        asked = mixed_case(lower, random.Random(1))
+        response = dns.message.from_wire(reply_to(self.factory, asked) or b"")
+        self.assertEqual(response.answer[0][0].strings, (b"token",))
+        name_end = asked.index(b"\x00", 12) + 1
+        self.assertEqual(response.answer[0].name.to_wire(), asked[12:name_end])
+        self.assertEqual(self.parses, 1)
+
+    def test_colliding_queries_are_each_parsed(self) -> None:
+        # Lowercased, each pair is the same bytes: qtype 0x0041 (HTTPS) and 0x0061; opcodes
+        # 8 and 12 (flags byte 0x41 and 0x61, both NOTIMP); an EDNS option's data.
+        https = query("host1." + ORIGIN, "HTTPS")
+        opcode = bytearray(query("host1." + ORIGIN, "A"))
+        opcode[2] = 0x41
+        option = dns.edns.GenericOption(dns.edns.OptionType.make(65001), b"A")
+        with_option = query("host1." + ORIGIN, "A", use_edns=0, options=[option])
+        pairs = [
+            (https, https[:-4] + b"\x00\x61" + https[-2:], True),
+            (bytes(opcode), bytes(opcode[:2]) + b"\x61" + bytes(opcode[3:]), True),
+            (with_option, with_option[:-1] + b"a", False),  # the same answer, parsed anyway
+        ]
+        for one, other, answers_differ in pairs:
+            self.assertNotEqual(one, other)
+            self.assertEqual(one[2:].lower(), other[2:].lower())
+            expected = {packet: self.fresh_reply(packet) for packet in (one, other)}
+            self.assertEqual(expected[one] != expected[other], answers_differ)
+            self.parses = 0
+            for packet in (one, other, one, one, other, other):
+                self.assertEqual(reply_to(self.factory, packet), expected[packet])
+            # Each switch is a miss; a repeat of the last query is a hit.
+            self.assertEqual(self.parses, 4)
+            self.assertLessEqual(len(self.factory._udp_memo), CACHE_ENTRIES)
+
+    def test_reply_without_the_question_never_memoized(self) -> None:
+        # Two OPT records: FORMERR with no question, which a hit could not patch.
+        packet = query(ORIGIN, "SOA", use_edns=0)
+        two_opts = packet[:10] + b"\x00\x02" + packet[12:] + packet[-11:]
+        for asked in (two_opts, mixed_case(two_opts, random.Random(2)), two_opts):
+            wire = reply_to(self.factory, asked)
+            assert wire is not None
+            self.assertEqual(wire[2:], b"\x81\x01" + bytes(8))  # RD, FORMERR, no records
+        self.assertEqual(self.factory._udp_memo, {})
+
+    def test_a_zone_change_drops_every_case(self) -> None:
+        lower = query(CHALLENGE, "TXT")
+        reply_to(self.factory, lower)
+        self.zone.add_txt(CHALLENGE, "second")
+        asked = mixed_case(lower, random.Random(4))
+        response = dns.message.from_wire(reply_to(self.factory, asked) or b"")
+        self.assertEqual(sorted(r.strings[0] for r in response.answer[0]), [b"second", b"token"])
+
+    def test_flood_of_names_in_random_case_stays_within_the_bound(self) -> None:
+        rng = random.Random(9)
+        for index in range(CACHE_ENTRIES + 500):
+            asked = mixed_case(query(f"h{index % (CACHE_ENTRIES + 7)}x.{ORIGIN}"), rng)
+            for tcp in (False, True):
+                wire = reply_to(self.factory, asked, tcp=tcp)
+                assert wire is not None
+                self.assertEqual(wire[12 : len(asked) - 11], asked[12 : len(asked) - 11])
+            self.assertLessEqual(len(self.factory._udp_memo), CACHE_ENTRIES)
+            self.assertLessEqual(len(self.factory._tcp_memo), CACHE_ENTRIES)
+        response = dns.message.from_wire(reply_to(self.factory, query(CHALLENGE, "TXT")) or b"")
+        self.assertEqual(response.answer[0][0].strings, (b"token",))
 
 
 class QuestionTests(SynchronousTestCase):
