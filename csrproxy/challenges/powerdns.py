@@ -18,11 +18,17 @@ from urllib.parse import quote
 
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, succeed
-from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    TimeoutError,
+)
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import ResponseFailed, readBody
+from twisted.web._newclient import RequestNotSent  # not re-exported by twisted.web.client
+from twisted.web.client import RequestTransmissionFailed, ResponseFailed, readBody
 from twisted.web.iweb import IResponse
 
 from csrproxy.challenges.powerdns_errors import (
@@ -37,6 +43,19 @@ from csrproxy.config import PowerDNSConfig
 from csrproxy.retry import RetryTimer
 
 log = Logger()
+
+#: How a request fails when PowerDNS cannot be reached or the exchange broke off, all worth
+#: a retry.  A connect cancelled by our timeout fails with ConnectingCancelledError.
+_UNREACHABLE = (
+    ConnectError,
+    ConnectingCancelledError,
+    DNSLookupError,
+    RequestNotSent,
+    RequestTransmissionFailed,
+    ResponseFailed,
+    TimeoutError,
+    CancelledError,
+)
 
 
 @dataclass
@@ -319,7 +338,7 @@ class PowerDNSPublisher:
         timer = self.clock.callLater(timeout, expire)
         try:
             return await call
-        except (ConnectError, DNSLookupError, ResponseFailed, TimeoutError, CancelledError) as e:
+        except _UNREACHABLE as e:
             why = f"no answer within {timeout:.1f}s" if timed_out else reason_of(e)
             raise Transient(
                 PowerDNSAPIError(

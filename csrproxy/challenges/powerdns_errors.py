@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.python.failure import Failure
+
 from csrproxy.errors import PublishError
 
 BACKEND = "powerdns"
@@ -49,7 +51,13 @@ def api_error_text(content: bytes) -> str:
 
 
 def reason_of(e: Exception) -> str:
-    return (str(e) or type(e).__name__).strip().rstrip(".")
+    """What went wrong, in words (for twisted.web's wrapper exceptions, their reasons')."""
+    reasons = getattr(e, "reasons", None)  # ResponseFailed, RequestTransmissionFailed
+    if isinstance(reasons, list) and reasons:
+        text = "; ".join(r.getErrorMessage() if isinstance(r, Failure) else str(r) for r in reasons)
+    else:
+        text = str(e) or type(e).__name__
+    return text.strip().rstrip(".")
 
 
 def http_error(

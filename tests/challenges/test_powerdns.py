@@ -10,11 +10,15 @@ from klein import Klein
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web._newclient import RequestNotSent  # not re-exported by twisted.web.client
+from twisted.web.client import Agent, RequestTransmissionFailed
 from twisted.web.iweb import IAgent, IRequest
 from zope.interface import implementer
 
@@ -149,10 +153,12 @@ class FakePowerDNS:
 
 @implementer(IAgent)
 class RefusingAgent:
-    """An agent for a PowerDNS that is not there (or never answers)."""
+    """An agent for a PowerDNS that is not there (or never answers); ``error`` is how each
+    request fails (connection refused unless given)."""
 
-    def __init__(self, hang: bool = False) -> None:
+    def __init__(self, hang: bool = False, error: Exception | None = None) -> None:
         self.hang = hang
+        self.error = error or ConnectionRefusedError("Connection refused")
         self.requests = 0
         self.cancelled = 0
 
@@ -166,7 +172,18 @@ class RefusingAgent:
                 self.cancelled += 1
 
             return Deferred(cancel)
-        return fail(ConnectionRefusedError("Connection refused"))
+        return fail(self.error)
+
+
+class NeverConnects:
+    """Endpoints on a MemoryReactorClock: each connect stays pending until cancelled, as
+    a TCP connect to a host that drops the SYN does."""
+
+    def __init__(self, reactor: MemoryReactorClock) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> TCP4ClientEndpoint:
+        return TCP4ClientEndpoint(self.reactor, "127.0.0.1", uri.port)
 
 
 def config(**kw: Any) -> PowerDNSConfig:
@@ -428,6 +445,37 @@ class ErrorTests(PowerDNSTestMixin, SynchronousTestCase):
         self.assertLessEqual(self.clock.seconds() - start, 6.0 + 0.05)  # one drive step
         self.assertEqual(agent.cancelled, agent.requests)
         self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_connect_that_never_completes_is_unreachable(self) -> None:
+        # twisted's Agent fails a request whose connect is cancelled (our request timeout)
+        # with ConnectingCancelledError, not CancelledError.
+        self.clock = reactor = MemoryReactorClock()
+        agent = Agent.usingEndpointFactory(reactor, NeverConnects(reactor))
+        publisher = PowerDNSPublisher(
+            reactor, client_over(agent), config(api_timeout=6.0), request_timeout=2.0
+        )
+        start = reactor.seconds()
+        error = self.failed(publisher.publish("a.go.example.test", V1))
+        self.assertEqual((error.reason, error.http_status), ("unreachable", None))
+        self.assertRegex(error.detail, r"no answer within [0-9.]+s")
+        self.assertIn("gave up after", error.detail)
+        self.assertLessEqual(reactor.seconds() - start, 6.0 + 0.05)  # one drive step
+        self.assertGreater(len(reactor.tcpClients), 1)
+        self.assertTrue(all(c.stoppedConnecting for c in reactor.connectors))
+
+    def test_request_not_sent_or_broken_off_is_unreachable(self) -> None:
+        for failure in (
+            ConnectingCancelledError(None),
+            RequestNotSent(),
+            RequestTransmissionFailed([Failure(ConnectionRefusedError())]),
+        ):
+            agent = RefusingAgent(error=failure)
+            publisher = self.make(client_over(agent), api_timeout=3.0)
+            error = self.failed(publisher.publish("a.go.example.test", V1))
+            self.assertEqual((error.reason, error.http_status), ("unreachable", None), failure)
+            self.assertIn(f"PowerDNS API at {API} unreachable", error.detail)
+            self.assertNotIn("<twisted.python.failure", error.detail)
+            self.assertGreater(agent.requests, 1, failure)
 
     def test_unpublish_failure_reported_and_name_stays_live(self) -> None:
         publisher = self.make(self.http, api_timeout=3.0)
