@@ -7,6 +7,7 @@ DNSServerFactory subclass.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -57,6 +58,7 @@ def walk(service: IService) -> Iterator[IService]:
 class WiringTests(SynchronousTestCase):
     def build(self) -> IService:
         work = tempfile.mkdtemp(prefix="csrproxy-test-wiring-")
+        self.addCleanup(shutil.rmtree, work, True)
         path = f"{work}/csrproxy.toml"
         with open(path, "w") as f:
             f.write(CONFIG.format(state=f"{work}/state"))
