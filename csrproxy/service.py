@@ -23,6 +23,7 @@ from csrproxy.challenges.propagation import (
     CheckedPublisher,
     PropagationChecker,
     resolve_check_servers,
+    system_resolver,
     udp_txt_query,
 )
 from csrproxy.challenges.watch import WatchedZone
@@ -194,10 +195,12 @@ def make_publisher(
     if not pdns.check_propagation:
         return publisher, publisher
 
-    def servers() -> Deferred[list[tuple[str, int]]]:
-        from csrproxy.challenges.propagation import system_resolver
+    resolvers: list[Any] = []  # one, made on first use (it re-reads resolv.conf while alive)
 
-        return resolve_check_servers(pdns.check_servers, pdns.zone, system_resolver(reactor))
+    def servers() -> Deferred[list[tuple[str, int]]]:
+        if not resolvers:
+            resolvers.append(system_resolver(reactor))
+        return resolve_check_servers(pdns.check_servers, pdns.zone, resolvers[0])
 
     checker = PropagationChecker(
         reactor, udp_txt_query(reactor), servers, timeout=pdns.check_timeout
