@@ -9,13 +9,16 @@ when a third of the lifetime is left.  The package imports nothing from the serv
 Modules, one job each: :mod:`~csrproxy.client.errors` (ClientError, exit codes),
 :mod:`~csrproxy.client.transport` (one HTTP exchange, urllib), :mod:`~csrproxy.client.api`
 (csrproxy's API: sign, names, certificates), :mod:`~csrproxy.client.keys` (key, CSR),
-:mod:`~csrproxy.client.chains` (chain checks), :mod:`~csrproxy.client.files` (atomic
-writes), :mod:`~csrproxy.client.directory` (the certificate directory, lock, state),
+:mod:`~csrproxy.client.chains` (chain checks), :mod:`~csrproxy.client.files` (the
+checked directory: no link followed, nobody else writing; atomic writes),
+:mod:`~csrproxy.client.directory` (the certificate directory, lock, state),
 :mod:`~csrproxy.client.obtain` (issue), :mod:`~csrproxy.client.renew` (renew, reload),
 :mod:`~csrproxy.client.terminal` (progress line) and :mod:`~csrproxy.client.cli`.
 
-Exit codes: 0 ok, 1 the server or the CA refused, 2 usage (or a local file problem),
-3 network (or no certificate before --timeout), 4 renewed but --reload-command failed.
+Exit codes: 0 ok, 1 the server or the CA refused (or redirected), 2 usage (or a local
+file problem: a directory, key or state others can write, a link in the directory, a
+token over http:// without --insecure), 3 network (or no certificate before --timeout),
+4 renewed but --reload-command failed.
 """
 
 from csrproxy.client.cli import describe, main

@@ -1,13 +1,16 @@
 """csrproxy's client-facing API as the installation calls it: :class:`Server` signs a CSR
 (synchronously, else by polling the order after a 202; 429s retried after
 ``Retry-After``), asks which names the policy gives a key, and fetches a certificate's
-newest chain.  Time (``now``/``sleep``) and HTTP (``transport``) are injected."""
+newest chain.  It talks to the origin of its URL only, follows no redirect and sends the
+token over plain http only when told to.  Time (``now``/``sleep``) and HTTP
+(``transport``) are injected."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import stat
 import time
 import urllib.parse
 from collections.abc import Callable
@@ -31,16 +34,33 @@ Progress = Callable[[str], None]
 
 
 def read_token(token_file: str | Path | None) -> str | None:
-    """The bearer token in ``token_file`` (stripped), or None without a file."""
+    """The bearer token in ``token_file`` (stripped), or None without a file; a file that
+    everyone can read is logged as a warning."""
     if token_file is None:
         return None
+    path = Path(token_file)
     try:
-        token = Path(token_file).read_text().strip()
+        token = path.read_text().strip()
+        mode = stat.S_IMODE(path.stat().st_mode)
     except OSError as e:
         raise ClientError(f"cannot read the token file: {e}", EXIT_USAGE) from e
     if not token:
         raise ClientError(f"the token file {token_file} is empty", EXIT_USAGE)
+    if mode & stat.S_IROTH:
+        log.warning("the token file %s is readable by everyone (mode %04o)", path, mode)
     return token
+
+
+Origin = tuple[str, str, int]
+
+
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) of an http(s) URL; ValueError for anything else."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return scheme, parts.hostname.lower(), parts.port or (443 if scheme == "https" else 80)
 
 
 def problem_text(resp: Response) -> str:
@@ -82,28 +102,67 @@ class Signed:
 
 @dataclass
 class Server:
-    """A csrproxy server as the client sees it."""
+    """A csrproxy server as the client sees it.
+
+    Every request goes to the origin (scheme, host, port) of ``url``: a URL the server
+    names elsewhere (a 202's ``Location``, an order's certificate) is refused, and so is
+    any 3xx answer, so the token never reaches another origin.  With a token, ``url``
+    must be https:// unless ``insecure``."""
 
     url: str
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
     transport: Transport = field(default_factory=UrllibTransport)
     now: Clock = time.time
     sleep: Callable[[float], None] = time.sleep
     progress: Progress | None = None
+    insecure: bool = False
+    origin: Origin = field(init=False)
 
     def __post_init__(self) -> None:
         self.url = self.url.rstrip("/").removesuffix("/v1/sign").rstrip("/")
+        try:
+            self.origin = origin_of(self.url)
+        except ValueError as e:
+            raise ClientError(str(e), EXIT_USAGE) from e
+        if self.token and self.origin[0] != "https" and not self.insecure:
+            raise ClientError(
+                f"refusing to send the bearer token in the clear to {self.url}: use an "
+                f"https:// URL, or --insecure (insecure=True) on a network you trust",
+                EXIT_USAGE,
+            )
 
     def call(
         self, method: str, url: str, body: bytes | None = None, timeout: float = 60
     ) -> Response:
+        """One request to ``url`` (relative to the server's URL, or absolute in its
+        origin); a 3xx answer is a :class:`ClientError` (exit 1) naming its Location."""
+        full = urllib.parse.urljoin(self.url + "/", url)
+        try:
+            same = origin_of(full) == self.origin
+        except ValueError:
+            same = False
+        if not same:
+            raise ClientError(
+                f"the server pointed the client at {full}, outside {self.url}: refused "
+                f"(csrproxy-client talks to the origin of --url only)",
+                EXIT_REFUSED,
+            )
         headers = {"Accept": "application/pem-certificate-chain, application/json"}
         if body is not None:
             headers["Content-Type"] = "application/pkcs10"
         if self.token:
             headers["Authorization"] = f"Bearer {self.token}"
-        full = urllib.parse.urljoin(self.url + "/", url)
-        return self.transport(Request(method, full, headers, body, timeout))
+        resp = self.transport(Request(method, full, headers, body, timeout))
+        if 300 <= resp.status < 400:
+            raise ClientError(
+                f"{method} {full} answered {resp.status}, a redirect to "
+                f"{resp.header('location') or '(no Location)'}: csrproxy-client follows no "
+                f"redirect, so that its token goes nowhere else; if it is csrproxy, give "
+                f"that URL to issue --url",
+                EXIT_REFUSED,
+                resp.status,
+            )
+        return resp
 
     def refused(self, what: str, resp: Response) -> ClientError:
         return ClientError(f"{what}: {resp.status} {problem_text(resp)}", EXIT_REFUSED, resp.status)
@@ -174,7 +233,9 @@ class Server:
             wait = min(30.0, self._left(deadline))
             try:
                 resp = self.call("GET", location, timeout=wait)
-            except ClientError as e:  # the order goes on without us: try again
+            except ClientError as e:  # the network failed; the order goes on: try again
+                if e.exit_code != EXIT_NETWORK:
+                    raise
                 log.warning("%s; trying again", e)
                 resp = Response(202, {"retry-after": "5"})
 

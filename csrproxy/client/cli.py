@@ -4,8 +4,10 @@
 ``csrproxy-client renew`` runs :func:`~csrproxy.client.renew.renew_if_due`.  This module
 is the command line: arguments, exit codes, what is printed and logged.
 
-Exit codes: 0 ok, 1 the server or the CA refused, 2 usage (or a local file problem),
-3 network (or no certificate before --timeout), 4 renewed but --reload-command failed.
+Exit codes: 0 ok, 1 the server or the CA refused (or redirected), 2 usage (or a local
+file problem: a directory, key or state others can write, a link in the directory, a
+token over http:// without --insecure), 3 network (or no certificate before --timeout),
+4 renewed but --reload-command failed.
 """
 
 from __future__ import annotations
@@ -60,6 +62,12 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--timeout", type=float, default=None, help="overall deadline, seconds")
     common.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    common.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow sending the token over plain http:// (a network you trust only; "
+        "issue remembers it for renew; https:// checks stay on)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     issue = sub.add_parser("issue", parents=[common], help="get a certificate now")
     issue.add_argument("--url", required=True, help="csrproxy's base URL")
@@ -132,6 +140,7 @@ def _run(
             cafile=args.cacert,
             root_pem=root,
             timeout=args.timeout or DEFAULT_TIMEOUT,
+            insecure=args.insecure,
             now=now,
             sleep=sleep,
             transport=transport,
@@ -150,6 +159,7 @@ def _run(
         reload_timeout=args.reload_timeout,
         force=args.force,
         timeout=args.timeout,
+        insecure=args.insecure,
         transport=transport,
         progress=progress,
     )

@@ -1,7 +1,9 @@
 """How the client fails: :class:`ClientError`, carrying the exit code it maps to.
 
-Exit codes: 0 ok, 1 the server or the CA refused, 2 usage (or a local file problem),
-3 network (or no certificate before --timeout), 4 renewed but --reload-command failed.
+Exit codes: 0 ok, 1 the server or the CA refused (or redirected), 2 usage (or a local
+file problem: a directory, key or state others can write, a link in the directory, a
+token over http:// without --insecure), 3 network (or no certificate before --timeout),
+4 renewed but --reload-command failed.
 """
 
 from __future__ import annotations

@@ -46,11 +46,21 @@ def key_pem(key: PrivateKey) -> bytes:
 def load_key(path: Path) -> PrivateKey:
     """The EC or RSA key in ``path``; anything else is a usage error."""
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError, TypeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise ClientError(f"cannot read the key {path}: {e}", EXIT_USAGE) from e
+    return parse_key(data, path)
+
+
+def parse_key(data: bytes, where: Path) -> PrivateKey:
+    """The EC or RSA key in the PEM ``data`` (read from ``where``); anything else is a
+    usage error."""
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ClientError(f"cannot read the key {where}: {e}", EXIT_USAGE) from e
     if not isinstance(key, PrivateKey):
-        raise ClientError(f"{path} holds an unsupported key type", EXIT_USAGE)
+        raise ClientError(f"{where} holds an unsupported key type", EXIT_USAGE)
     return key
 
 

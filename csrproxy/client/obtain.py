@@ -20,17 +20,16 @@ from csrproxy.client.directory import (
     KEY_FILE,
     install,
     locked,
+    read_key,
     record_signed,
 )
 from csrproxy.client.errors import EXIT_USAGE, ClientError
-from csrproxy.client.files import write_atomic
 from csrproxy.client.keys import (
     KEY_TYPES,
     PrivateKey,
     generate_key,
     key_pem,
     key_type_of,
-    load_key,
     make_csr,
     public_key_pem,
 )
@@ -66,6 +65,7 @@ def obtain_certificate(
     cafile: str | None = None,
     root_pem: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    insecure: bool = False,
     now: Clock | None = None,
     sleep: Callable[[float], None] | None = None,
     transport: Transport | None = None,
@@ -73,11 +73,13 @@ def obtain_certificate(
 ) -> Obtained:
     """Make (or reuse) the key in ``directory``, get a checked chain for ``names`` and store
     it with ``csrproxy.json`` (what ``renew`` needs).  Without ``names``, the server is asked
-    which names its policy gives this key (``{key}``), now and at every renewal."""
+    which names its policy gives this key (``{key}``), now and at every renewal.
+
+    The token goes over plain ``http://`` only with ``insecure`` (remembered for renew);
+    a ``directory`` (or key.pem, csrproxy.json) that others can write is refused, exit 2."""
     if key_type not in KEY_TYPES:
         raise ClientError(f"unknown key type {key_type!r}", EXIT_USAGE)
     path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
     clock = now or time.time
     server = Server(
         url,
@@ -86,18 +88,20 @@ def obtain_certificate(
         clock,
         sleep or time.sleep,
         progress,
+        insecure,
     )
-    with locked(path):
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with locked(path) as files:
         key_path = path / KEY_FILE
         pending: PrivateKey | None = None
-        if key_path.exists() and not new_key:
-            key = load_key(key_path)
+        if files.exists(KEY_FILE) and not new_key:
+            key = read_key(files)
         else:
             key = generate_key(key_type)
-            if key_path.exists() and (path / CERT_FILE).exists():
+            if files.exists(KEY_FILE) and files.exists(CERT_FILE):
                 pending = key  # rotation: key.pem changes with cert.pem, not before
             else:
-                write_atomic(key_path, key_pem(key), 0o600)
+                files.write(KEY_FILE, key_pem(key), 0o600)
             log.info("made a new %s key", key_type)
         discover = not names
         wanted = list(names or []) or server.names(public_key_pem(key))
@@ -117,9 +121,10 @@ def obtain_certificate(
             "cacert": str(Path(cafile).resolve()) if cafile else None,
             "root_pem": root_pem.decode("ascii") if root_pem else None,
             "timeout": timeout,
+            "insecure": insecure,
         }
         record_signed(state, wanted, signed)
-        install(path, chain, pending, state)
+        install(files, chain, pending, state)
     return Obtained(
         wanted,
         key_path,

@@ -15,20 +15,19 @@ from typing import Literal
 from cryptography import x509
 
 from csrproxy.client.api import DEFAULT_TIMEOUT, Clock, Progress, Server, read_token
-from csrproxy.client.chains import load_chain, verify_chain
+from csrproxy.client.chains import verify_chain
 from csrproxy.client.directory import (
-    CERT_FILE,
-    KEY_FILE,
     STATE_FILE,
     install,
     load_state,
     locked,
+    read_chain,
+    read_key,
     record_signed,
     state_bytes,
 )
 from csrproxy.client.errors import ClientError
-from csrproxy.client.files import write_atomic
-from csrproxy.client.keys import load_key, make_csr, public_key_pem, same_key
+from csrproxy.client.keys import make_csr, public_key_pem, same_key
 from csrproxy.client.transport import Transport, UrllibTransport
 
 # One logger for the whole client, as before the split: the CLI's handler attaches to it.
@@ -77,6 +76,7 @@ def renew_if_due(
     force: bool = False,
     token: str | None = None,
     timeout: float | None = None,
+    insecure: bool = False,
     transport: Transport | None = None,
     progress: Progress | None = None,
 ) -> RenewResult:
@@ -86,13 +86,14 @@ def renew_if_due(
     it is newer (same key, valid, later notAfter); else, when less than a third of the
     lifetime is left (or ``force``), posts a CSR from the same key and names again.  A
     failed look-up only matters when the certificate is due.  ``reload_command`` runs
-    (through the shell) only after the files changed.
+    (through the shell) only after the files changed.  The token goes over plain
+    ``http://`` only with ``insecure`` (here, or given to issue and kept in the state).
     """
     path = Path(directory)
     clock = now or time.time
-    with locked(path):
-        state = load_state(path)
-        key = load_key(path / KEY_FILE)
+    with locked(path) as files:
+        state = load_state(files)
+        key = read_key(files)
         names = [str(n) for n in state["names"]]
         root = str(state["root_pem"]).encode() if state.get("root_pem") else None
         server = Server(
@@ -102,8 +103,9 @@ def renew_if_due(
             clock,
             sleep or time.sleep,
             progress,
+            insecure or state.get("insecure") is True,
         )
-        chain = load_chain(path / CERT_FILE)
+        chain = read_chain(files)
         current = chain[0] if chain and same_key(chain[0], key) else None
         result = RenewResult("unchanged", "", current.not_valid_after_utc if current else None)
         result.certificate_id = state.get("certificate_id")
@@ -139,10 +141,10 @@ def renew_if_due(
             record_signed(state, names, signed)
             if current is not None and got[0] == current:
                 result.reason = f"{why}; the server answered the same certificate"
-                write_atomic(path / STATE_FILE, state_bytes(state), 0o600)
+                files.write(STATE_FILE, state_bytes(state), 0o600)
                 return result
             fresh, result.action, result.reason = got, "reissued", why
-        install(path, fresh, None, state)
+        install(files, fresh, None, state)
         result.not_after = fresh[0].not_valid_after_utc
         result.certificate_id = state.get("certificate_id")
     if reload_command:

@@ -1,5 +1,6 @@
 """One HTTP exchange with the server: :class:`Request`, :class:`Response`, and the
-stdlib (urllib) :class:`UrllibTransport`, so the client needs no HTTP library."""
+stdlib (urllib) :class:`UrllibTransport`, so the client needs no HTTP library.  No
+redirect is followed: a 3xx is an answer like any other."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from csrproxy.client.errors import EXIT_NETWORK, ClientError
+from csrproxy.client.errors import EXIT_NETWORK, EXIT_REFUSED, ClientError
+
+MAX_BODY = 1 << 20
+"""The longest answer read: a chain or a problem document is a few KiB."""
 
 
 @dataclass(frozen=True)
@@ -39,24 +43,52 @@ Transport = Callable[[Request], Response]
 raises :class:`ClientError` with ``EXIT_NETWORK``."""
 
 
+class RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib follows 301/302/303/307/308 (and turns a POST into a GET with the same
+    headers, the token among them): this handler follows none, so the 3xx is the answer."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class UrllibTransport:
-    """A :data:`Transport` over urllib; ``cafile`` is trusted for https:// URLs."""
+    """A :data:`Transport` over urllib that follows no redirect; ``cafile`` is trusted for
+    https:// URLs."""
 
     def __init__(self, cafile: str | None = None) -> None:
         self.cafile = cafile
+        self._openers: dict[bool, urllib.request.OpenerDirector] = {}
 
     def __call__(self, req: Request) -> Response:
         r = urllib.request.Request(req.url, req.body, dict(req.headers), method=req.method)
-        ctx = (
-            ssl.create_default_context(cafile=self.cafile) if req.url.startswith("https") else None
-        )
         try:
-            with urllib.request.urlopen(r, timeout=req.timeout, context=ctx) as resp:
-                return Response(resp.status, _lower(resp.headers.items()), resp.read())
+            opener = self._opener(req.url.lower().startswith("https:"))
+            with opener.open(r, timeout=req.timeout) as resp:
+                return Response(resp.status, _lower(resp.headers.items()), _body(resp, req))
         except urllib.error.HTTPError as e:
-            return Response(e.code, _lower(e.headers.items()), e.read())
+            try:
+                body = _body(e, req)
+            except (OSError, http.client.HTTPException):
+                body = b""  # the status is the answer; a body cut short is no detail
+            return Response(e.code, _lower(e.headers.items()), body)
         except (OSError, http.client.HTTPException) as e:
             raise ClientError(f"cannot reach {req.url}: {e}", EXIT_NETWORK) from e
+
+    def _opener(self, https: bool) -> urllib.request.OpenerDirector:
+        if https not in self._openers:
+            handlers: list[urllib.request.BaseHandler] = [RefuseRedirects()]
+            if https:
+                context = ssl.create_default_context(cafile=self.cafile)
+                handlers.append(urllib.request.HTTPSHandler(context=context))
+            self._openers[https] = urllib.request.build_opener(*handlers)
+        return self._openers[https]
+
+
+def _body(resp: Any, req: Request) -> bytes:
+    body = bytes(resp.read(MAX_BODY + 1))
+    if len(body) > MAX_BODY:
+        raise ClientError(f"{req.url} answered more than {MAX_BODY} bytes", EXIT_REFUSED)
+    return body
 
 
 def _lower(items: Iterable[tuple[Any, Any]]) -> dict[str, str]:

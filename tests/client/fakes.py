@@ -1,5 +1,6 @@
 """What the client tests run against: a throwaway CA, a fake clock, csrproxy's API as a
-fake transport (:class:`FakeServer`), and the calls that drive the client with them."""
+fake transport (:class:`FakeServer`), a real HTTP server on loopback
+(:class:`LoopbackHTTP`), and the calls that drive the client with them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ import hashlib
 import io
 import json
 import re
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ ZONE_T = "go.example.test"
 DAY = 86400.0
 T0 = 1_800_000_000.0  # 2027-01-15
 URL = "http://csrproxy.test"
+HTTPS_URL = "https://csrproxy.test"
 NAME = f"host1.{ZONE_T}"
 
 
@@ -118,11 +124,12 @@ class FakeServer:
         self.chains: dict[str, bytes] = {}  # certificate id -> newest chain
         self.ids: dict[bytes, str] = {}  # SPKI + names -> certificate id
         self.canned: dict[str, list[Response]] = {}  # "POST /v1/sign" -> answers, in turn
+        self.chain_headers: dict[str, str] = {}  # added to (or replacing) a chain's headers
         self.down = False
 
     def __call__(self, req: Request) -> Response:
         self.requests.append(req)
-        path = req.url.removeprefix("http://csrproxy.test")
+        path = req.url.removeprefix(URL).removeprefix(HTTPS_URL)
         if self.down:
             raise ClientError(f"cannot reach {req.url}: connection refused", 3)
         queue = self.canned.get(f"{req.method} {path}")
@@ -172,6 +179,7 @@ class FakeServer:
             "csrproxy-certificate-id": cid,
             "link": f'</v1/certificates/{cid}>; rel="csrproxy-certificate"',
             **(extra or {}),
+            **self.chain_headers,
         }
         return Response(200, headers, self.chains[cid])
 
@@ -250,3 +258,66 @@ def key_bytes(d: Path) -> bytes:
 class TTY(io.StringIO):
     def isatty(self) -> bool:
         return True
+
+
+@dataclass
+class Seen:
+    """One request a :class:`LoopbackHTTP` received."""
+
+    method: str
+    path: str
+    headers: dict[str, str]  # names lowercased
+
+
+Answer = tuple[int, dict[str, str], bytes]
+
+
+class LoopbackHTTP:
+    """A real HTTP server on 127.0.0.1 (a free port) that answers every request with
+    ``answer(method, path)`` and records what it was asked in :attr:`seen`."""
+
+    def __init__(self, answer: Callable[[str, str], Answer]) -> None:
+        self.seen: list[Seen] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def handle_one(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                if length:
+                    self.rfile.read(length)
+                outer.seen.append(
+                    Seen(self.command, self.path, {k.lower(): v for k, v in self.headers.items()})
+                )
+                status, headers, body = answer(self.command, self.path)
+                self.send_response(status)
+                for k, v in {**headers, "content-length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PUT = handle_one
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = HTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.thread.join(10)
+        self.httpd.server_close()
+
+
+@contextmanager
+def loopback_http(answer: Callable[[str, str], Answer]) -> Iterator[LoopbackHTTP]:
+    server = LoopbackHTTP(answer)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

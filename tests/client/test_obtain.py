@@ -20,6 +20,7 @@ from csrproxy.client.transport import Response
 from tests.client.fakes import (
     CA,
     DAY,
+    HTTPS_URL,
     NAME,
     T0,
     URL,
@@ -101,12 +102,12 @@ def test_a_crash_mid_write_leaves_the_old_files(
     real_replace, real_fsync = os.replace, os.fsync
     calls = {"fsync": 0}
 
-    def replace(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
         if fail == "replace-cert" and str(dst).endswith("cert.pem") and ".tmp" in str(src):
             raise OSError("disk on fire")
         if fail == "replace-state" and str(dst).endswith("csrproxy.json"):
             raise OSError("disk on fire")
-        real_replace(src, dst)
+        real_replace(src, dst, **kw)
 
     def fsync(fd: int) -> None:
         calls["fsync"] += 1
@@ -152,7 +153,8 @@ def test_token_file_is_sent_and_remembered(
     token = tmp_path / "token"
     token.write_text("s3cret\n")
     d = tmp_path / "tls"
-    args = ["issue", "--url", URL, "--dir", str(d), "--name", NAME, "--token-file", str(token)]
+    args = ["issue", "--url", HTTPS_URL, "--dir", str(d), "--name", NAME]
+    args += ["--token-file", str(token)]
     assert cli(server, clock, *args)[0] == 0
     assert all(r.headers["Authorization"] == "Bearer s3cret" for r in server.requests)
     assert json.loads((d / "csrproxy.json").read_text())["token_file"] == str(token.resolve())
