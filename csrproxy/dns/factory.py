@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
+from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
 from csrproxy.dns.zone import ChallengeZone, NameNotFound
@@ -38,8 +39,6 @@ log = Logger()
 UDP_DEFAULT = 512
 # The DNS flag day 2020 value: no IP fragmentation on common paths.
 UDP_MAX = 1232
-TCP_IDLE_TIMEOUT = 30.0
-MAX_TCP_CONNECTIONS = 512
 # Each cache holds at most this many entries and is cleared when full, so a flood of
 # distinct queries costs a refill, never memory.
 CACHE_ENTRIES = 8192
@@ -68,8 +67,8 @@ class ZoneServerFactory(server.DNSServerFactory):
 
     The protocols hand every packet to :meth:`packetReceived`; ``on_rcode`` sees
     the rcode of every reply sent. ``udp_max`` is our EDNS UDP payload size.
-    TCP connections are tracked in ``connections`` (at most
-    ``max_tcp_connections``), each closed after ``tcp_idle_timeout`` idle seconds.
+    TCP connections are tracked in ``connections`` and held to ``tcp``, their caps and
+    deadlines (a :class:`TCPLimits`, its defaults unless given).
     """
 
     protocol = DNSStreamProtocol
@@ -81,8 +80,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         on_rcode: Callable[[int], None] | None = None,
         *,
         udp_max: int = UDP_MAX,
-        tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
-        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+        tcp: TCPLimits | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
         self.canRecurse = False
@@ -90,8 +88,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.zone = zone
         self.on_rcode = on_rcode
         self.udp_max = udp_max
-        self.tcp_idle_timeout = tcp_idle_timeout
-        self.max_tcp_connections = max_tcp_connections
+        self.tcp = tcp if tcp is not None else TCPLimits(reactor)
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
         self._udp_memo: dict[bytes, Memo] = {}

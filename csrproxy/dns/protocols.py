@@ -15,10 +15,22 @@ from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.names import dns
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from csrproxy.dns.limits import (
+    MESSAGE_TIMEOUT,
+    OVERRUN,
+    TCP_BUFFER,
+    TCP_MAX_INPUT,
+    TCP_MAX_QUERY,
+    TOO_LONG,
+    UNREAD,
+    TCPLimits,
+)
 
 log = Logger()
 
@@ -31,8 +43,7 @@ class Controller(Protocol):
 
     reactor: Any
     connections: set[Any]
-    max_tcp_connections: int
-    tcp_idle_timeout: float
+    tcp: TCPLimits
 
     def packetReceived(self, data: bytes, protocol: Any, address: Any) -> None: ...
 
@@ -80,36 +91,72 @@ class DNSDatagramProtocol(dns.DNSDatagramProtocol):
         self.writeReply(message.toStr(), address)
 
 
-class DNSStreamProtocol(dns.DNSProtocol, TimeoutMixin):
-    """DNS over TCP (RFC 7766): length-prefixed queries, pipelined, with an idle timeout.
+@implementer(IPushProducer)
+class DNSStreamProtocol(dns.DNSProtocol):
+    """DNS over TCP (RFC 7766): length-prefixed queries, pipelined, within the
+    controller's ``tcp`` limits (:class:`csrproxy.dns.limits.TCPLimits`).
 
-    A connection beyond the factory's ``max_tcp_connections`` is aborted at once;
-    one idle for ``tcp_idle_timeout`` seconds is aborted. ``closed`` fires when
-    the connection is gone.
+    A connection the limits do not admit is aborted at once. It is the transport's
+    streaming producer: while more than ``TCP_BUFFER`` bytes of answers are unsent it
+    reads nothing (queries already read wait), and it is aborted if they stay unsent
+    for ``idle_timeout`` seconds. A query must arrive whole within ``message_timeout``
+    seconds of its first byte; a connection waiting for a query is aborted after
+    ``idle_timeout`` seconds (more bytes of an unfinished query reset neither). A
+    length prefix over ``TCP_MAX_QUERY`` aborts. ``closed`` fires when the
+    connection is gone.
     """
 
     controller: Controller
+    MAX_LENGTH = TCP_MAX_QUERY
 
     def __init__(self, controller: Controller, reactor: Any = None) -> None:
         super().__init__(controller, reactor=reactor or controller.reactor)
         self.closed: Deferred[None] = Deferred()
-        self._admitted = False
+        self.source: str | None = None
+        self._closing = False
+        self._completed = False
+        self._deadline: IDelayedCall | None = None
+        # What the deadline waits for: a query ("idle"), the rest of one ("message"),
+        # or the client to read our answers ("unread").
+        self._waiting = ""
 
     def connectionMade(self) -> None:
-        factory = self.controller
-        if len(factory.connections) >= factory.max_tcp_connections:
-            cast(Any, self.transport).abortConnection()  # keep file descriptors for others
+        transport = cast(Any, self.transport)
+        self.source = self.controller.tcp.admit(self, transport.getPeer())
+        if self.source is None:
+            transport.abortConnection()  # keep file descriptors for others
             return
-        self._admitted = True
         super().connectionMade()
-        self.setTimeout(factory.tcp_idle_timeout)
+        if hasattr(transport, "bufferSize"):
+            # FileDescriptor pauses its producer past bufferSize and reads that much.
+            transport.bufferSize = TCP_BUFFER
+        transport.registerProducer(self, True)
+        self._wait("idle")
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        if self._closing:
+            return
+        self._completed = False
         super().dataReceived(data)
+        if self._closing:
+            return
+        if self.paused:
+            if len(self._unprocessed) > TCP_MAX_INPUT:
+                self._abort(OVERRUN)
+            return
+        # A query read ends its deadline: the next one's first byte came with it.
+        waiting = "message" if self._unprocessed else "idle"
+        if self._completed or waiting != self._waiting:
+            self._wait(waiting)
 
     def stringReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._completed = True
         self.controller.packetReceived(data, self, None)
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self._abort(TOO_LONG)
 
     def writeReply(self, data: bytes, address: Any) -> None:
         """Send one length-prefixed reply."""
@@ -118,12 +165,64 @@ class DNSStreamProtocol(dns.DNSProtocol, TimeoutMixin):
     def writeMessage(self, message: dns.Message) -> None:
         self.writeReply(message.toStr(), None)
 
-    def timeoutConnection(self) -> None:
+    # -- IPushProducer: the transport's say on our reading ---------------------
+
+    def pauseProducing(self) -> None:
+        if self.paused or self._closing:
+            return
+        self.paused = True
+        cast(Any, self.transport).pauseProducing()
+        self._wait("unread")
+
+    def resumeProducing(self) -> None:
+        if not self.paused or self._closing:
+            return
+        self.paused = False
+        cast(Any, self.transport).resumeProducing()
+        self.dataReceived(b"")  # the queries read before the pause
+
+    def stopProducing(self) -> None:
+        self.paused = True
+
+    # -- closing -----------------------------------------------------------------
+
+    def evict(self) -> None:
+        """Abort: the limits gave this connection's slot to another source."""
+        self._abort(None)
+
+    def _wait(self, what: str) -> None:
+        self._cancel()
+        limits = self.controller.tcp
+        seconds = limits.message_timeout if what == "message" else limits.idle_timeout
+        self._waiting = what
+        self._deadline = self._reactor.callLater(seconds, self._expired)
+
+    def _cancel(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _expired(self) -> None:
+        self._deadline = None
+        reason = {"message": MESSAGE_TIMEOUT, "unread": UNREAD}.get(self._waiting)
+        self._abort(reason)
+
+    def _abort(self, reason: str | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._cancel()
+        self._unprocessed = b""
+        if reason is not None:
+            self.controller.tcp.refused(reason, self.source or "?")
         cast(Any, self.transport).abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        self.setTimeout(None)
-        if self._admitted:
+        self._closing = True
+        self._cancel()
+        self._unprocessed = b""
+        if self.source is not None:
+            self.controller.tcp.release(self)
             super().connectionLost(reason)
         if not self.closed.called:
             self.closed.callback(None)

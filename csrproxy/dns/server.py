@@ -17,7 +17,14 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
-from csrproxy.dns.factory import MAX_TCP_CONNECTIONS, TCP_IDLE_TIMEOUT, ZoneServerFactory
+from csrproxy.dns.factory import ZoneServerFactory
+from csrproxy.dns.limits import (
+    TCP_IDLE_TIMEOUT,
+    TCP_MAX_CONNECTIONS,
+    TCP_MAX_PER_SOURCE,
+    TCP_MESSAGE_TIMEOUT,
+    TCPLimits,
+)
 from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
@@ -58,6 +65,13 @@ class DNSServerService(Service):
     :class:`ZoneServerFactory` for every address and both transports) answers the
     queries. ``stopService`` closes them all and returns a Deferred that fires when
     they are closed.
+
+    TCP connections are held to ``max_tcp_connections`` in all, ``max_tcp_per_source``
+    per client address (IPv6: per /64), ``tcp_message_timeout`` seconds for a query to
+    arrive from its first byte and ``tcp_idle_timeout`` seconds between queries (see
+    ``csrproxy.dns.limits``, which states the memory this bounds). ``on_refusal(reason)``
+    is called for every connection refused or cut (reasons: the ``dns_tcp_*``
+    constants of ``csrproxy.dns.limits``); they are logged in one line a second at most.
     """
 
     def __init__(
@@ -67,19 +81,25 @@ class DNSServerService(Service):
         listen: Sequence[str],
         on_rcode: Callable[[int], None] | None = None,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
-        max_tcp_connections: int = MAX_TCP_CONNECTIONS,
+        max_tcp_connections: int = TCP_MAX_CONNECTIONS,
+        *,
+        max_tcp_per_source: int = TCP_MAX_PER_SOURCE,
+        tcp_message_timeout: float = TCP_MESSAGE_TIMEOUT,
+        on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.reactor = reactor
         self.zone = zone
         self.listen = list(listen)
         self._addresses = [parse_listen(spec) for spec in self.listen]
-        self.factory = ZoneServerFactory(
+        tcp = TCPLimits(
             reactor,
-            zone,
-            on_rcode,
-            tcp_idle_timeout=tcp_idle_timeout,
-            max_tcp_connections=max_tcp_connections,
+            max_connections=max_tcp_connections,
+            max_per_source=max_tcp_per_source,
+            idle_timeout=tcp_idle_timeout,
+            message_timeout=tcp_message_timeout,
+            on_refusal=on_refusal,
         )
+        self.factory = ZoneServerFactory(reactor, zone, on_rcode, tcp=tcp)
         self.ports: list[IListeningPort] = []
         self._bound = False
 
@@ -144,6 +164,7 @@ class DNSServerService(Service):
             closing.append(connection.closed)
             if connection.transport is not None:
                 cast(Any, connection.transport).abortConnection()
+        self.factory.tcp.stop()
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
         return done
 
