@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import (
     CollectorRegistry,
@@ -13,7 +13,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -86,6 +86,10 @@ class Metrics:
     def dns_answer(self, rcode: int) -> None:
         self.dns_rcodes[rcode] += 1
 
+    def watch_readiness(self, checks: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        """Export ``csrproxy_ready{check}`` (1 or 0) from ``checks()`` at every scrape."""
+        self.registry.register(_ReadinessCollector(checks))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -122,6 +126,19 @@ class _CountsCollector(Collector):
         family = CounterMetricFamily(self.name, self.documentation, labels=list(self.labels))
         for key, n in sorted(self.counts.items()):
             family.add_metric([str(v) for v in key], n)
+        yield family
+
+
+class _ReadinessCollector(Collector):
+    def __init__(self, checks: Callable[[], Iterable[tuple[str, bool]]]) -> None:
+        self.checks = checks
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "csrproxy_ready", "1 while a part of readiness passes, else 0", labels=["check"]
+        )
+        for name, ok in self.checks():
+            family.add_metric([name], 1.0 if ok else 0.0)
         yield family
 
 

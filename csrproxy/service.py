@@ -44,6 +44,7 @@ from csrproxy.metrics import Metrics
 from csrproxy.state.store import StateDir, Store
 from csrproxy.web.api import SigningAPI, problem_document
 from csrproxy.web.auth import ClientGate, load_tokens
+from csrproxy.web.health import Health, Probe, free_space_probe
 from csrproxy.web.limits import LimitedSite
 
 log = Logger()
@@ -237,6 +238,36 @@ def ari_fetcher(
     return lambda pem: Deferred.fromCoroutine(fetch(pem))
 
 
+def readiness(
+    issuer: Issuer,
+    listeners: list[APIListener],
+    dns_service: DNSServerService | None,
+    store: Store,
+    state_dir: str,
+) -> Health:
+    """The parts of readiness: the ACME account, the listeners, the state store."""
+
+    def account() -> tuple[bool, str]:
+        url = issuer.account_url
+        return (url is not None, url or "not found or registered yet")
+
+    def api() -> tuple[bool, str]:
+        down = [s.description for s in listeners if s.port is None]
+        return (not down, f"not listening: {', '.join(down)}" if down else "listening")
+
+    probes: list[tuple[str, Probe]] = [("account", account), ("api", api)]
+    if dns_service is not None:
+        service = dns_service
+
+        def dns() -> tuple[bool, str]:
+            ports = len(service.ports)
+            return (ports > 0, f"{ports} ports" if ports else "not listening")
+
+        probes.append(("dns", dns))
+    probes.append(("store", free_space_probe(state_dir, lambda: store.healthy)))
+    return Health(probes)
+
+
 def build_service(
     config: Config, reactor: Any, http: HTTPClient, checkpoint: Checkpoint | None = None
 ) -> MultiService:
@@ -314,6 +345,13 @@ def build_service(
         config.api.trusted_proxies,
     )
     listeners: list[APIListener] = []
+    dns_service = (
+        DNSServerService(reactor, zone, config.dns.listen, on_rcode=metrics.dns_answer)
+        if config.dns.listen
+        else None
+    )
+    health = readiness(issuer, listeners, dns_service, store, str(state.path))
+    metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value))
     load_order_records(ledger, book)
     api = SigningAPI(
@@ -324,8 +362,7 @@ def build_service(
         metrics,
         gate,
         clock=reactor,
-        # Ready once the account is known and every API listener is bound.
-        ready=lambda: issuer.ready and all(s.port is not None for s in listeners),
+        health=health,
         max_body=config.api.max_body,
         key_types=pol.key_types,
         max_names=pol.max_names,
@@ -334,10 +371,8 @@ def build_service(
 
     top = CsrproxyService()
     collection = IServiceCollection(top)
-    if config.dns.listen:
-        DNSServerService(
-            reactor, zone, config.dns.listen, on_rcode=metrics.dns_answer
-        ).setServiceParent(collection)
+    if dns_service is not None:
+        dns_service.setServiceParent(collection)
 
     def refused(path: bytes, status: int) -> None:
         metrics.http_request("refused", status)

@@ -16,3 +16,14 @@ def test_dict_counters_render_as_prometheus_counters() -> None:
     assert 'csrproxy_http_requests_total{route="/v1/sign",status="200"} 2.0' in text
     assert 'csrproxy_http_requests_total{route="refused",status="413"} 1.0' in text
     assert 'csrproxy_acme_requests_total{endpoint="newOrder",status="201"} 1.0' in text
+
+
+def test_readiness_gauges() -> None:
+    metrics = Metrics()
+    state = {"store": True}
+    metrics.watch_readiness(lambda: [("account", True), ("store", state["store"])])
+    text = metrics.render().decode()
+    assert 'csrproxy_ready{check="account"} 1.0' in text
+    assert 'csrproxy_ready{check="store"} 1.0' in text
+    state["store"] = False
+    assert 'csrproxy_ready{check="store"} 0.0' in metrics.render().decode()

@@ -10,7 +10,7 @@ client that goes away cancels only its own wait.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from typing import Any, Protocol, cast
 
 from klein import Klein
@@ -49,6 +49,7 @@ from csrproxy.issuance.renewal import Renewable, next_check_hint
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.web.auth import ClientGate, Token
+from csrproxy.web.health import Health
 
 log = Logger()
 
@@ -133,7 +134,7 @@ class SigningAPI:
         gate: ClientGate,
         *,
         clock: IReactorTime,
-        ready: Callable[[], bool],
+        health: Health,
         max_body: int = 64 * 1024,
         key_types: Collection[str] = CSR_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
@@ -146,7 +147,7 @@ class SigningAPI:
         self.metrics = metrics
         self.gate = gate
         self.clock = clock
-        self._ready = ready
+        self._health = health
         self.max_body = max_body
         self.key_types = key_types
         self.max_names = max_names
@@ -341,11 +342,19 @@ class SigningAPI:
         return _json(request, 200, {"names": names, "key_label": label})
 
     @app.route("/v1/health", methods=["GET"])
+    @app.route("/v1/health/ready", methods=["GET"])
     def health(self, request: IRequest) -> bytes:
+        """Readiness, each check reported; 503 while any fails."""
         self._count(request, "/v1/health")
-        ready = self._ready()
-        account = self.signer.account_url
-        return _json(request, 200 if ready else 503, {"ready": ready, "account": account})
+        doc = self._health.document()
+        doc["account"] = self.signer.account_url
+        return _json(request, 200 if doc["ready"] else 503, doc)
+
+    @app.route("/v1/health/live", methods=["GET"])
+    def live(self, request: IRequest) -> bytes:
+        """Liveness: the process answers (a supervisor restarts it when this fails)."""
+        self._count(request, "/v1/health/live")
+        return _json(request, 200, {"live": True})
 
     # -- errors ---------------------------------------------------------------
 

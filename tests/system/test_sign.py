@@ -158,9 +158,7 @@ def test_huge_content_length_refused_before_100_continue(signer: Csrproxy) -> No
     assert b"application/problem+json" in answer
 
 
-def test_bad_input_matrix_then_still_signs(
-    signer: Csrproxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_bad_input_matrix_then_still_signs(signer: Csrproxy, tmp_path: Path) -> None:
     bad: list[tuple[str, str, bytes | None, int]] = [
         ("POST", "/v1/sign", b"", 400),
         ("POST", "/v1/sign", b"not a csr", 400),
@@ -180,21 +178,14 @@ def test_bad_input_matrix_then_still_signs(
         assert code == status, (method, path, content)
         problem(code, headers, content)
     # Still signs, and the client finds its own name through GET /v1/name.
-    result = _obtain(signer, tmp_path, monkeypatch)
+    result = _obtain(signer, tmp_path)
     label = result.names[0].split(".")[0]
     assert len(label) == 32
 
 
-def _obtain(signer: Csrproxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The stock client (which sends no token) with the token added to every request."""
-    original = urllib.request.urlopen
-
-    def with_token(req: Any, *args: Any, **kwargs: Any) -> Any:
-        req.add_header("Authorization", f"Bearer {TOKEN}")
-        return original(req, *args, **kwargs)
-
-    monkeypatch.setattr(urllib.request, "urlopen", with_token)
-    return obtain_certificate(signer.url, tmp_path, [])
+def _obtain(signer: Csrproxy, tmp_path: Path) -> Any:
+    """The stock client with the token (the test daemon listens on plain http: --insecure)."""
+    return obtain_certificate(signer.url, tmp_path, [], token=TOKEN, insecure=True)
 
 
 def test_name_for_a_public_key(signer: Csrproxy) -> None:
@@ -211,8 +202,13 @@ def test_name_for_a_public_key(signer: Csrproxy) -> None:
 
 def test_health_and_metrics(signer: Csrproxy) -> None:
     code, _, body = call(signer, "GET", "/v1/health", token=None)
-    assert code == 200 and json.loads(body)["ready"]
+    doc = json.loads(body)
+    assert code == 200 and doc["ready"] and doc["live"]
+    assert set(doc["checks"]) >= {"account", "api", "dns", "store"}
+    assert all(part["ok"] for part in doc["checks"].values()), doc
+    assert call(signer, "GET", "/v1/health/live", token=None)[0] == 200
     text = call(signer, "GET", "/metrics")[2].decode()
+    assert 'csrproxy_ready{check="store"} 1.0' in text
     for family in (
         "csrproxy_http_requests_total",
         "csrproxy_orders_total",

@@ -25,6 +25,7 @@ from csrproxy.metrics import Metrics
 from csrproxy.names import key_label
 from csrproxy.web.api import SigningAPI, problem_document
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
+from csrproxy.web.health import Health, free_space_probe
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.support.fakeacme import BASE, FakeCA
 from tests.support.issuers import make_issuer
@@ -67,6 +68,7 @@ class APITestCase(SynchronousTestCase):
             self.clock, http, BASE + "/dir", ACCOUNT_KEY, on_request=self.metrics.acme_request
         )
         self.acme = acme
+        self.store_ok = True
         self.build()
 
     def build(
@@ -94,7 +96,12 @@ class APITestCase(SynchronousTestCase):
             self.metrics,
             gate or ClientGate(),
             clock=self.clock,
-            ready=lambda: self.issuer.ready,
+            health=Health(
+                [
+                    ("account", lambda: (self.issuer.ready, "account")),
+                    ("store", lambda: (self.store_ok, "store")),
+                ]
+            ),
             max_body=8192,
             sync_timeout=sync_timeout,
         )
@@ -450,11 +457,40 @@ class RouteTests(APITestCase):
         self.problem(code, headers, body)
 
     def test_health(self) -> None:
-        self.assertEqual(self.request("GET", "/v1/health")[0], 503)
+        code, _, body = self.request("GET", "/v1/health")
+        self.assertEqual(code, 503)
+        self.assertEqual(json.loads(body)["checks"]["account"]["ok"], False)
         self.drive(self.issuer.ensure_account())
         code, _, body = self.request("GET", "/v1/health")
         self.assertEqual(code, 200)
-        self.assertTrue(json.loads(body)["ready"])
+        doc = json.loads(body)
+        self.assertTrue(doc["ready"])
+        self.assertTrue(doc["live"])
+        self.assertEqual(set(doc["checks"]), {"account", "store"})
+
+    def test_health_parts_and_liveness(self) -> None:
+        self.drive(self.issuer.ensure_account())
+        self.store_ok = False  # e.g. the state directory is full
+        code, _, body = self.request("GET", "/v1/health/ready")
+        self.assertEqual(code, 503)
+        doc = json.loads(body)
+        self.assertEqual(doc["checks"]["store"], {"ok": False, "detail": "store"})
+        self.assertEqual(doc["checks"]["account"]["ok"], True)
+        code, _, body = self.request("GET", "/v1/health/live")
+        self.assertEqual((code, json.loads(body)), (200, {"live": True}))
+
+    def test_free_space_probe(self) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            self.assertTrue(free_space_probe(d, lambda: True, minimum=1)()[0])
+            ok, detail = free_space_probe(d, lambda: True, minimum=1 << 62)()
+            self.assertFalse(ok)
+            self.assertIn("free", detail)
+            ok, detail = free_space_probe(d, lambda: False, minimum=1)()
+            self.assertFalse(ok)
+            self.assertIn("last write", detail)
+            self.assertFalse(free_space_probe(d + "/gone", lambda: True)()[0])
 
     def test_metrics(self) -> None:
         self.post(make_csr([f"m.{ZONE}"]))
