@@ -346,7 +346,13 @@ def build_service(
     )
     listeners: list[APIListener] = []
     dns_service = (
-        DNSServerService(reactor, zone, config.dns.listen, on_rcode=metrics.dns_answer)
+        DNSServerService(
+            reactor,
+            zone,
+            config.dns.listen,
+            on_rcode=metrics.dns_answer,
+            on_refusal=metrics.refusal,
+        )
         if config.dns.listen
         else None
     )
