@@ -114,6 +114,14 @@ class IssuanceFailed(CsrproxyError):
         self.retry_after = retry_after
 
 
+class CAUnavailable(IssuanceFailed):
+    """The CA is known to be failing (csrproxy's circuit breaker is open): nothing was asked
+    of it; ``retry_after`` is the number of seconds until csrproxy tries it again."""
+
+    def __init__(self, detail: str, retry_after: float) -> None:
+        super().__init__(detail, None, 503, retry_after)
+
+
 class IssuanceTimeout(CsrproxyError):
     """The order did not finish before its deadline."""
 

@@ -2,7 +2,8 @@
 
 One :class:`ACMEClient` serves the whole process: the directory is fetched
 once, nonces are pooled, and the HTTP client's connection pool is shared by
-every order.  Signing, nonces and retries live in :mod:`csrproxy.acme.transport`.
+every order.  Signing, nonces and retries live in :mod:`csrproxy.acme.transport`;
+its circuit breaker (:mod:`csrproxy.acme.breaker`) is probed by this client.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from csrproxy.acme.breaker import CircuitBreaker
 from csrproxy.acme.certs import RenewalWindow, ari_cert_id, parse_window
 from csrproxy.acme.jws import AccountKey, eab_jws
 from csrproxy.acme.messages import (
@@ -82,11 +84,15 @@ class ACMEClient:
         retry_deadline: float = 120.0,
         on_request: Callable[[str, int], None] | None = None,
         eab: tuple[str, bytes] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.clock = clock
         self.directory_url = directory_url
         #: External Account Binding (key id, HMAC key) for newAccount, when the CA needs it.
         self.eab = eab
+        #: Every request to the CA passes it; its ``state`` and ``last_success`` are for
+        #: health and metrics.  This client probes for it.
+        self.breaker = breaker if breaker is not None else CircuitBreaker(clock)
         self.transport = ACMETransport(
             clock,
             http,
@@ -96,7 +102,15 @@ class ACMEClient:
             retry_cap=retry_cap,
             retry_deadline=retry_deadline,
             on_request=on_request,
+            breaker=self.breaker,
         )
+        self.breaker.probe = self._probe
+        self.transport.on_account_gone = self._account_gone
+        #: Called with the account URL the CA no longer knows; fires with the URL found or
+        #: registered again.  The issuer installs its own, shared by every order; without
+        #: one this client looks the account up again itself.
+        self.find_account_again: Callable[[str], Deferred[str]] | None = None
+        self._contact: Sequence[str] = ()
         self._directory: Directory | None = None
         self._warned_profile = False
 
@@ -113,12 +127,13 @@ class ACMEClient:
         """ACME requests made, by (endpoint kind, HTTP status)."""
         return self.transport.requests
 
-    async def directory(self) -> Directory:
-        """The CA's directory, fetched once per process."""
+    async def directory(self, deadline: float | None = None) -> Directory:
+        """The CA's directory, fetched once per process (retried until ``deadline``)."""
         if self._directory is None:
             t = self.transport
             resp = await t.retrying(
-                lambda: t.send("GET", self.directory_url, kind="directory"), None
+                lambda: t.send("GET", self.directory_url, kind="directory", deadline=deadline),
+                deadline,
             )
             if resp.status != 200:
                 raise t.problem(resp)
@@ -131,22 +146,33 @@ class ACMEClient:
     async def post(
         self, url: str, payload: Any, kind: str = "other", deadline: float | None = None
     ) -> ACMEResponse:
-        await self.directory()
+        await self.directory(deadline)
         return await self.transport.post(url, payload, kind, deadline=deadline)
+
+    def _probe(self) -> Deferred[ACMEResponse]:
+        """The breaker's probe: one unsigned request, newNonce (its nonce is kept) or, before
+        the directory was loaded, the directory."""
+        t = self.transport
+        if t.new_nonce_url is None:
+            return Deferred.fromCoroutine(t.send("GET", self.directory_url, kind="directory"))
+        return Deferred.fromCoroutine(t.send("HEAD", t.new_nonce_url, kind="newNonce"))
 
     # -- account ----------------------------------------------------------
 
-    async def account(self, contact: Sequence[str] = ()) -> str:
+    async def account(self, contact: Sequence[str] = (), deadline: float | None = None) -> str:
         """Find the account of our key, or register it; returns (and keeps) its URL.
 
         An existing account whose contacts differ from ``contact`` is updated.
         """
+        self._contact = tuple(contact)
         if self.account_url is not None:
             return self.account_url
-        url = (await self.directory()).new_account
+        url = (await self.directory(deadline)).new_account
         t = self.transport
         try:
-            resp = await t.post(url, {"onlyReturnExisting": True}, "newAccount", jwk=True)
+            resp = await t.post(
+                url, {"onlyReturnExisting": True}, "newAccount", jwk=True, deadline=deadline
+            )
             found = True
         except ACMEProblem as e:
             if e.short_type != "accountDoesNotExist":
@@ -156,7 +182,7 @@ class ACMEClient:
                 payload["contact"] = list(contact)
             if self.eab is not None:
                 payload["externalAccountBinding"] = eab_jws(self.key, *self.eab, url)
-            resp = await t.post(url, payload, "newAccount", jwk=True)
+            resp = await t.post(url, payload, "newAccount", jwk=True, deadline=deadline)
             found = False
         if not resp.location:
             raise ACMEProtocolError("newAccount gave no Location")
@@ -171,13 +197,27 @@ class ACMEClient:
         if found and contact:
             current = account.contact if account is not None else ()
             if sorted(current) != sorted(contact):
-                await self.update_contact(contact)
+                await self.update_contact(contact, deadline)
         return location
 
-    async def update_contact(self, contact: Sequence[str]) -> None:
+    def forget_account(self, stale: str) -> bool:
+        """Forget the account URL ``stale`` (the CA does not know it); False if it is not the
+        one kept (it was forgotten already, or replaced)."""
+        if self.transport.account_url != stale:
+            return False
+        self.transport.account_url = None
+        return True
+
+    def _account_gone(self, stale: str) -> Deferred[str]:
+        if self.find_account_again is not None:
+            return self.find_account_again(stale)
+        self.forget_account(stale)
+        return Deferred.fromCoroutine(self.account(self._contact))
+
+    async def update_contact(self, contact: Sequence[str], deadline: float | None = None) -> None:
         if self.account_url is None:
             raise ACMEProtocolError("no account yet")
-        await self.post(self.account_url, {"contact": list(contact)}, "account")
+        await self.post(self.account_url, {"contact": list(contact)}, "account", deadline)
         log.info("ACME account {account} contacts updated", account=self.account_url)
 
     async def key_change(self, new_key: AccountKey) -> None:
@@ -203,7 +243,7 @@ class ACMEClient:
         replaces: str | None = None,
         deadline: float | None = None,
     ) -> Order:
-        directory = await self.directory()
+        directory = await self.directory(deadline)
         payload: dict[str, Any] = {"identifiers": [{"type": "dns", "value": n} for n in names]}
         if profile is not None:
             if profile in directory.profiles:

@@ -8,6 +8,13 @@ nonce that came with the error, a bounded number of times.  ``rateLimited``,
 never past the caller's deadline.  A POST whose connection failed after it was
 sent is ambiguous: it is retried only when it is a POST-as-GET.
 
+The caller's deadline bounds every request made for it, newNonce included: no request
+starts after it, and none runs past it.  Every request passes the circuit breaker
+(:mod:`csrproxy.acme.breaker`) and reports to it; one refused while the breaker is open is
+retried like a connection failure, when the breaker says, within the deadline.  An
+``accountDoesNotExist`` answer to a request signed with our account (the CA forgot it)
+has the account found or registered again, then the request is sent once more.
+
 Every request goes through the treq ``HTTPClient`` it is given (in production the
 one of :mod:`csrproxy.http`: one Agent, one keep-alive pool, verified TLS); the tests
 hand it treq's in-memory client or one over loopback, the same code path.
@@ -38,9 +45,16 @@ from twisted.web.client import RequestTransmissionFailed, ResponseFailed
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from csrproxy.acme.breaker import CircuitBreaker
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.messages import problem_from_json
-from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
+from csrproxy.acme.problems import (
+    ACMEProblem,
+    ACMEProtocolError,
+    ACMETransportError,
+    DeadlineExceeded,
+)
+from csrproxy.errors import CAUnavailable
 from csrproxy.http import MAX_BODY, BodyTooLarge, read_body
 from csrproxy.retry import RetryTimer, parse_retry_after
 
@@ -55,6 +69,8 @@ MAX_BAD_NONCE = 20
 MAX_CONNECTIONS = 20
 _USER_AGENT = [USER_AGENT.encode("ascii")]
 _JOSE = [JOSE.encode("ascii")]
+#: What a cancelled exchange raises, whether our timeout or our caller cancelled it.
+_CANCELLED = (CancelledError, ConnectingCancelledError)
 
 
 class ACMEResponse:
@@ -113,6 +129,7 @@ class ACMETransport:
         retry_cap: float = 60.0,
         retry_deadline: float = 120.0,
         on_request: Callable[[str, int], None] | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.clock = clock
         self.http = http
@@ -131,6 +148,11 @@ class ACMETransport:
         #: Requests made, by (endpoint kind, HTTP status); status 0 is a transport failure.
         self.requests: Counter[tuple[str, int]] = Counter()
         self._on_request = on_request
+        #: Refuses requests while the CA is known to be failing; told how each one went.
+        self.breaker = breaker
+        #: Called with our account URL when the CA says it does not know it; fires with the
+        #: account's URL once it was found or registered again (None: the problem is raised).
+        self.on_account_gone: Callable[[str], Deferred[str]] | None = None
 
     def _count(self, kind: str, status: int) -> None:
         self.requests[(kind, status)] += 1
@@ -138,27 +160,72 @@ class ACMETransport:
             self._on_request(kind, status)
 
     async def send(
-        self, method: str, url: str, body: bytes | None = None, kind: str = "other"
+        self,
+        method: str,
+        url: str,
+        body: bytes | None = None,
+        kind: str = "other",
+        deadline: float | None = None,
     ) -> ACMEResponse:
         """One HTTP exchange; keeps the answer's nonce; raises ACMETransportError.
 
-        ``request_timeout`` covers the whole exchange: waiting for a connection slot,
-        connecting, the request, the answer's head and its body (at most ``MAX_BODY``).
-        ``sent`` on an error says whether the CA may have seen the request: a refused or
-        timed-out connection, or a certificate that failed verification, did not reach it.
+        ``request_timeout``, or the time left before ``deadline`` (clock time) if that is
+        less, covers the whole exchange: waiting for a connection slot, connecting, the
+        request, the answer's head and its body (at most ``MAX_BODY``).  Past the deadline
+        nothing is sent (DeadlineExceeded); while the circuit breaker is open neither
+        (CAUnavailable).  ``sent`` on an error says whether the CA may have seen the request:
+        a refused or timed-out connection, or a certificate that failed verification, did not
+        reach it.
         """
+        timeout = self.request_timeout
+        if deadline is not None:
+            left = deadline - self.clock.seconds()
+            if left <= 0:
+                raise DeadlineExceeded(f"{method} {url}: the deadline passed before it was sent")
+            timeout = min(timeout, left)
+        breaker = self.breaker
+        probe = breaker.admit() if breaker is not None else False
+        expired = [False]
+        try:
+            resp = await self._send(method, url, body, kind, timeout, expired)
+        except ACMETransportError as e:
+            if breaker is not None:
+                if not expired[0] and isinstance(e.__cause__, _CANCELLED):
+                    breaker.released(probe)  # our caller gave up: no news of the CA
+                else:
+                    breaker.failed(probe)
+            raise
+        except BaseException:
+            if breaker is not None:
+                breaker.released(probe)
+            raise
+        if breaker is not None:
+            if resp.status >= 500:
+                breaker.failed(probe)
+            else:
+                breaker.succeeded()
+        return resp
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        kind: str,
+        timeout: float,
+        expired: list[bool],
+    ) -> ACMEResponse:
         headers = Headers({b"User-Agent": _USER_AGENT})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", _JOSE)
         phase = ["waiting"]  # waiting for a slot -> requesting -> reading the body
         exchange = Deferred.fromCoroutine(self._exchange(method, url, body, headers, phase))
-        expired = [False]
 
         def expire() -> None:
             expired[0] = True
             exchange.cancel()
 
-        timer = self.clock.callLater(self.request_timeout, expire)
+        timer = self.clock.callLater(timeout, expire)
         ambiguous = method == "POST"
         try:
             resp, content = await exchange
@@ -226,13 +293,16 @@ class ACMETransport:
             url=resp.url,
         )
 
-    async def nonce(self) -> str:
+    async def nonce(self, deadline: float | None = None) -> str:
+        """A nonce from the pool, else from newNonce, retried until ``deadline`` (clock time)."""
         if self._nonces:
             return self._nonces.pop()  # newest first: the least likely to have expired
         if self.new_nonce_url is None:
             raise ACMEProtocolError("no newNonce URL: load the directory first")
         url = self.new_nonce_url
-        resp = await self.retrying(lambda: self.send("HEAD", url, kind="newNonce"), None)
+        resp = await self.retrying(
+            lambda: self.send("HEAD", url, kind="newNonce", deadline=deadline), deadline
+        )
         if not self._nonces:
             raise ACMEProtocolError(f"{url} gave no Replay-Nonce (HTTP {resp.status})")
         return self._nonces.pop()
@@ -246,7 +316,8 @@ class ACMETransport:
         """Run ``attempt`` again after transient failures until ``deadline`` (clock time).
 
         ``safe`` says a repeat cannot do anything twice (GET, HEAD, POST-as-GET), so an
-        ambiguous connection failure is retried too.
+        ambiguous connection failure is retried too.  A refusal by the circuit breaker is
+        retried when the breaker says.  Giving up on an unreachable CA trips the breaker.
         """
         give_up = deadline if deadline is not None else self.clock.seconds() + self.retry_deadline
         timer = RetryTimer(self.clock, self.retry_first, self.retry_cap, give_up)
@@ -258,6 +329,9 @@ class ACMETransport:
                     raise
                 await self._wait(timer, None, e)
                 continue
+            except CAUnavailable as e:
+                await self._wait(timer, e.retry_after, e)
+                continue
             if resp.status == 429 or resp.status >= 500:
                 problem = self.problem(resp)
                 if problem.retryable:
@@ -268,8 +342,13 @@ class ACMETransport:
     async def _wait(self, timer: RetryTimer, retry_after: float | None, cause: Exception) -> None:
         delay = timer.next_delay(retry_after)
         if delay is None:
+            if isinstance(cause, ACMETransportError) and self.breaker is not None:
+                self.breaker.trip()
             raise cause
-        log.info("ACME retry in {delay:.2f}s after {cause}", delay=delay, cause=str(cause))
+        if isinstance(cause, CAUnavailable):
+            log.debug("ACME request waits {delay:.2f}s for the CA circuit", delay=delay)
+        else:
+            log.info("ACME retry in {delay:.2f}s after {cause}", delay=delay, cause=str(cause))
         await timer.sleep(delay)
 
     async def post(
@@ -284,20 +363,24 @@ class ACMETransport:
     ) -> ACMEResponse:
         """A signed POST (``payload=None``: POST-as-GET); raises ACMEProblem on an error.
 
-        ``signer(nonce)`` builds the JWS itself (key rollover signs an inner JWS).
+        ``signer(nonce)`` builds the JWS itself (key rollover signs an inner JWS).  Every
+        request it makes, newNonce included, ends by ``deadline`` (clock time).
         """
         bad_nonces = 0
+        found_again = False
+        signed_by: list[str | None] = [None]  # the account URL (kid) of the last attempt
 
         async def attempt() -> ACMEResponse:
-            nonce = await self.nonce()
+            nonce = await self.nonce(deadline)
             if signer is not None:
                 body = signer(nonce)
             else:
                 kid = None if jwk else self.account_url
                 if kid is None and not jwk:
                     raise ACMEProtocolError("no account yet: look the account up first")
+                signed_by[0] = kid
                 body = self.key.sign(payload, url, nonce, kid)
-            return await self.send("POST", url, body, kind=kind)
+            return await self.send("POST", url, body, kind=kind, deadline=deadline)
 
         while True:
             resp = await self.retrying(attempt, deadline, safe=payload is None)
@@ -307,7 +390,48 @@ class ACMETransport:
             if problem.short_type == "badNonce" and bad_nonces < MAX_BAD_NONCE:
                 bad_nonces += 1
                 continue  # the problem's own Replay-Nonce is the newest in the pool
+            stale = signed_by[0]
+            if (
+                problem.short_type == "accountDoesNotExist"
+                and stale is not None
+                and self.on_account_gone is not None
+                and not found_again
+            ):
+                # The CA forgot our account (a restart, a purge): find or register it again,
+                # then send this request once more, signed for that account.
+                found_again = True
+                log.warn(
+                    "the CA does not know account {account}; finding or registering it again",
+                    account=stale,
+                )
+                await self._account_again(self.on_account_gone, stale, deadline)
+                continue
             raise problem
+
+    async def _account_again(
+        self, find: Callable[[str], Deferred[str]], stale: str, deadline: float | None
+    ) -> None:
+        """Wait for ``find(stale)``, no longer than ``deadline``; cancelling drops our wait."""
+        found = find(stale)
+        if deadline is None:
+            await found
+            return
+        late = [False]
+
+        def expire() -> None:
+            late[0] = True
+            found.cancel()
+
+        timer = self.clock.callLater(max(0.0, deadline - self.clock.seconds()), expire)
+        try:
+            await found
+        except CancelledError:
+            if late[0]:
+                raise DeadlineExceeded(f"account {stale} not found again by the deadline") from None
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
 
 def _reasons(error: ResponseFailed) -> str:

@@ -20,7 +20,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from csrproxy.acme.jws import AccountKey
-from csrproxy.acme.problems import ACMEProblem, ACMETransportError
+from csrproxy.acme.problems import ACMEProblem, ACMETransportError, DeadlineExceeded
 from csrproxy.acme.transport import ACMETransport
 from csrproxy.http import make_http_client, make_pool
 from tests.support.tls import CA, CERT, KEY
@@ -132,7 +132,9 @@ class TransportTests(TestCase):
     async def test_retry_after_reaches_the_problem(self) -> None:
         t = self.transport()
         with self.assertRaises(ACMEProblem) as cm:
-            await t.post(self.base + "/limited", {}, "newOrder", deadline=self.clock.seconds())
+            # One attempt: Retry-After (7 s) would end past the deadline.
+            deadline = self.clock.seconds() + 1
+            await t.post(self.base + "/limited", {}, "newOrder", deadline=deadline)
         self.assertEqual(cm.exception.short_type, "rateLimited")
         self.assertEqual(cm.exception.retry_after, 7.0)
         self.assertEqual(cm.exception.status, 429)
@@ -166,3 +168,25 @@ class TransportTests(TestCase):
         failure = self.failureResultOf(d, ACMETransportError)
         self.assertIn("timed out", str(failure.value))
         self.assertTrue(cast(ACMETransportError, failure.value).sent)
+
+    async def test_a_request_ends_by_the_deadline(self) -> None:
+        t = self.transport(request_timeout=30.0)
+        self.ca.arrived = Deferred()
+        d = Deferred.fromCoroutine(
+            t.send(
+                "POST", self.base + "/hang", b"{}", "finalize", deadline=self.clock.seconds() + 5
+            )
+        )
+        await self.ca.arrived
+        self.clock.advance(4.9)
+        self.assertNoResult(d)
+        self.clock.advance(0.1)  # the deadline, long before the request timeout
+        failure = self.failureResultOf(d, ACMETransportError)
+        self.assertIn("timed out", str(failure.value))
+
+    async def test_nothing_is_sent_past_the_deadline(self) -> None:
+        t = self.transport()
+        self.clock.advance(10)
+        with self.assertRaises(DeadlineExceeded):
+            await t.post(self.base + "/acct", None, "account", deadline=self.clock.seconds())
+        self.assertEqual(self.ca.seen, [])

@@ -1,7 +1,9 @@
 """A fake ACME CA as a Klein app, driven in memory through treq's RequestTraversalAgent.
 
 It verifies every JWS (signature, nonce, url, kid/jwk) like a real CA and
-keeps counters, and it has knobs for the failures a real CA produces.
+keeps counters, and it has knobs for the failures a real CA produces.  Like
+pebble and Boulder it answers ``accountDoesNotExist`` to a ``kid`` it does not
+know, and ``restart()`` forgets everything, as pebble does when it restarts.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from josepy.jwk import JWK
 from klein import Klein
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
+from twisted.internet.defer import Deferred
 from twisted.web.iweb import IRequest
 
 from csrproxy.http import client_over
@@ -110,6 +113,24 @@ class FakeCA:
         self.revoked: dict[int, int] = {}
         self.ari_queries: list[str] = []
         self.order_payloads: list[dict[str, Any]] = []
+        #: Bumped by forget_accounts(): an account registered again gets a new URL.
+        self._epoch = 0
+
+    # -- knobs ----------------------------------------------------------------
+
+    def forget_accounts(self) -> None:
+        """Forget every account: requests signed with their kid get accountDoesNotExist."""
+        self.accounts.clear()
+        self._epoch += 1
+
+    def restart(self) -> None:
+        """Forget everything, as pebble does at a restart: accounts, orders, authorizations,
+        certificates and nonces (the counters stay)."""
+        self.forget_accounts()
+        self.orders.clear()
+        self.authzs.clear()
+        self.certs.clear()
+        self.nonces.clear()
 
     # -- helpers ------------------------------------------------------------
 
@@ -157,11 +178,11 @@ class FakeCA:
         if new_account:
             assert "jwk" in protected and "kid" not in protected
             jwk = cast(JWK, JWK.from_json(protected["jwk"]))
-            kid = BASE + "/acct/" + b64encode(jwk.thumbprint()).decode()[:16]
+            kid = f"{BASE}/acct/{self._epoch}-{b64encode(jwk.thumbprint()).decode()[:16]}"
         else:
             kid = protected["kid"]
             if kid not in self.accounts:
-                raise _Unauthorized("no such account")
+                raise _NoAccount(kid)
             jwk = self.accounts[kid]["jwk"]
         sig = b64decode(jws["signature"])
         signed = f"{jws['protected']}.{jws['payload']}".encode()
@@ -175,8 +196,13 @@ class FakeCA:
             return self._verify(request, url, new_account)
         except _BadNonce:
             return self._problem(request, 400, "badNonce", "bad nonce")
+        except _NoAccount as e:
+            return self._problem(request, 400, "accountDoesNotExist", f"account {e} not found")
         except _Unauthorized as e:
             return self._problem(request, 403, "unauthorized", str(e))
+
+    def _missing(self, request: IRequest, what: str) -> bytes:
+        return self._problem(request, 404, "malformed", f"no such {what}")
 
     # -- routes ---------------------------------------------------------------
 
@@ -380,6 +406,8 @@ class FakeCA:
         got = self._guard(request, f"{BASE}/authz/{aid}")
         if isinstance(got, bytes):
             return got
+        if aid not in self.authzs:
+            return self._missing(request, "authorization")
         a = self.authzs[aid]
         if a.status == "processing":
             self._authz_polls[aid] += 1
@@ -421,6 +449,8 @@ class FakeCA:
         got = self._guard(request, f"{BASE}/chall/{aid}")
         if isinstance(got, bytes):
             return got
+        if aid not in self.authzs:
+            return self._missing(request, "challenge")
         a = self.authzs[aid]
         if a.challenge_status != "pending":
             return self._problem(request, 400, "malformed", "challenge not pending")
@@ -434,6 +464,8 @@ class FakeCA:
         got = self._guard(request, f"{BASE}/orders/{oid}")
         if isinstance(got, bytes):
             return got
+        if oid not in self.orders:
+            return self._missing(request, "order")
         o = self.orders[oid]
         if o.status == "processing":
             self._order_polls[oid] += 1
@@ -448,6 +480,8 @@ class FakeCA:
         if isinstance(got, bytes):
             return got
         payload, _ = got
+        if oid not in self.orders:
+            return self._missing(request, "order")
         o = self.orders[oid]
         if self._order_doc(o).get("status") != "ready":
             return self._problem(request, 403, "orderNotReady", f"order is {o.status}")
@@ -486,6 +520,8 @@ class FakeCA:
         got = self._guard(request, f"{BASE}/cert/{cid}")
         if isinstance(got, bytes):
             return got
+        if cid.partition("-alt")[0] not in self.certs:
+            return self._missing(request, "certificate")
         request.setHeader(b"Content-Type", b"application/pem-certificate-chain")
         self._nonce(request)
         if self.faults.cert_body is not None:
@@ -531,6 +567,10 @@ class _Unauthorized(Exception):
     pass
 
 
+class _NoAccount(Exception):
+    pass
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -540,9 +580,13 @@ class FlakyHTTP(HTTPClient):
 
     def __init__(self, inner: HTTPClient) -> None:
         self.inner = inner
-        #: [method, url substring, "refuse" | "drop-after", times left]
+        #: [method or "*", url substring, "refuse" | "drop-after" | "hold", times left];
+        #: a held request goes on when release() is called (or times out meanwhile).
         self.rules: list[list[Any]] = []
+        self.held: list[tuple[Any, str, Any, dict[str, Any]]] = []
         self.sent: Counter[str] = Counter()
+        #: Every request asked of this client, failed ones included.
+        self.tried = 0
 
     def request(self, method: str, url: Any, **kwargs: Any) -> Any:
         from twisted.internet.defer import fail
@@ -550,11 +594,17 @@ class FlakyHTTP(HTTPClient):
         from twisted.python.failure import Failure
         from twisted.web.client import ResponseFailed, readBody
 
+        self.tried += 1
+
         for rule in self.rules:
-            if rule[3] > 0 and rule[0] == method and rule[1] in str(url):
+            if rule[3] > 0 and rule[0] in (method, "*") and rule[1] in str(url):
                 rule[3] -= 1
                 if rule[2] == "refuse":
                     return fail(ConnectionRefusedError())
+                if rule[2] == "hold":
+                    held: Deferred[Any] = Deferred()
+                    self.held.append((held, method, url, kwargs))
+                    return held
                 d = self.inner.request(method, url, **kwargs)
                 d.addCallback(readBody)
 
@@ -564,3 +614,11 @@ class FlakyHTTP(HTTPClient):
                 return d.addCallback(lost)
         self.sent[f"{method} {url}"] += 1
         return self.inner.request(method, url, **kwargs)
+
+    def release(self) -> None:
+        """Send the held requests on (those not timed out meanwhile)."""
+        held, self.held = self.held, []
+        for d, method, url, kwargs in held:
+            if not d.called:
+                self.sent[f"{method} {url}"] += 1
+                self.inner.request(method, url, **kwargs).chainDeferred(d)
