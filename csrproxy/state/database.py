@@ -5,7 +5,9 @@ thread (see :class:`csrproxy.state.store.Store`); ``csrproxy-admin`` calls it
 directly.  WAL mode with ``synchronous=FULL``: a committed write survives a
 crash or a power cut.  Every write is one transaction: all of it or nothing.
 Challenge records that are no longer published are forgotten lazily, inside
-the next write's transaction (:meth:`StateDB.forget_challenge_later`).
+the next write's transaction (:meth:`StateDB.forget_challenge_later`).  The
+database also keeps the server-side secrets (:meth:`StateDB.secret`), so that
+every instance sharing it derives the same certificate ids.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -72,6 +75,15 @@ MIGRATIONS: Sequence[str] = (
         created REAL NOT NULL
     );
     """,
+    # 2: server-side secrets (the certificate ids' key), and who signed each certificate.
+    """
+    CREATE TABLE secrets (
+        name TEXT PRIMARY KEY,
+        value BLOB NOT NULL,
+        created REAL NOT NULL
+    );
+    ALTER TABLE certificates ADD COLUMN signed_by TEXT;
+    """,
 )
 
 #: A method of the database, its positional and keyword arguments.
@@ -111,6 +123,8 @@ class CertificateRow:
     created: float = field(default_factory=time.time)
     last_requested: float = field(default_factory=time.time)
     revoked: int | None = None
+    #: The token (client id) whose POST /v1/sign last asked for it; None without tokens.
+    signed_by: str | None = None
 
 
 @dataclass
@@ -296,6 +310,13 @@ class StateDB:
     def touch_certificate(self, cert_id: str, when: float) -> None:
         self._write("UPDATE certificates SET last_requested = ? WHERE id = ?", (when, cert_id))
 
+    def certificate_signed(self, cert_id: str, when: float, signed_by: str | None) -> None:
+        """A sign request for ``cert_id``'s CSR: when it came and from whom."""
+        self._write(
+            "UPDATE certificates SET last_requested = ?, signed_by = ? WHERE id = ?",
+            (when, signed_by, cert_id),
+        )
+
     def mark_revoked(self, cert_id: str, reason: int) -> None:
         self._write("UPDATE certificates SET revoked = ? WHERE id = ?", (reason, cert_id))
 
@@ -316,6 +337,29 @@ class StateDB:
             (request_key,),
         ).fetchone()
         return _cert(row) if row else None
+
+    # -- secrets ------------------------------------------------------------------
+
+    def secret(self, name: str, size: int = 32) -> bytes:
+        """The server-side secret ``name``: ``size`` random bytes made on first use, then kept.
+
+        Every instance sharing this database gets the same value (the first write wins).
+        """
+        found = self.existing_secret(name)
+        if found is not None:
+            return found
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO secrets (name, value, created) VALUES (?, ?, ?)",
+                (name, secrets.token_bytes(size), time.time()),
+            )
+            row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return bytes(row[0])
+
+    def existing_secret(self, name: str) -> bytes | None:
+        """The secret ``name`` if one was made, without writing anything."""
+        row = self.conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # -- challenge records ------------------------------------------------------------
 
@@ -350,9 +394,9 @@ class StateDB:
 
 _SAVE_CERTIFICATE = (
     "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
-    "not_before, not_after, order_id, acme_url, created, last_requested, revoked) VALUES "
-    "(:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
-    ":order_id, :acme_url, :created, :last_requested, :revoked)"
+    "not_before, not_after, order_id, acme_url, created, last_requested, revoked, signed_by) "
+    "VALUES (:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
+    ":order_id, :acme_url, :created, :last_requested, :revoked, :signed_by)"
 )
 _REMOVE_CHALLENGE = (
     "DELETE FROM challenges WHERE id IN "

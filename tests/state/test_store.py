@@ -120,6 +120,48 @@ class StateDBTests(SynchronousTestCase):
         with self.assertRaises(RuntimeError):
             self.db.migrate()
 
+    def test_secret_is_made_once_kept_and_shared(self) -> None:
+        self.assertIsNone(self.db.existing_secret("certificate-id"))
+        secret = self.db.secret("certificate-id")
+        self.assertEqual(len(secret), 32)
+        self.assertEqual(self.db.secret("certificate-id"), secret)
+        self.assertNotEqual(self.db.secret("other"), secret)
+        # Another instance on the same database, and a restart: the same secret.
+        other = self.state.open_db()
+        self.addCleanup(other.close)
+        self.assertEqual(other.secret("certificate-id"), secret)
+        self.db.close()
+        again = self.state.open_db()
+        self.addCleanup(again.close)
+        self.assertEqual(again.existing_secret("certificate-id"), secret)
+
+    def test_certificate_signed_records_when_and_by_whom(self) -> None:
+        self.db.save_certificate(cert())
+        self.assertIsNone(self.db.certificate("c1").signed_by)  # type: ignore[union-attr]
+        self.db.certificate_signed("c1", 5.0, "token:abc")
+        row = self.db.certificate("c1")
+        assert row is not None
+        self.assertEqual((row.last_requested, row.signed_by), (5.0, "token:abc"))
+
+    def test_version_1_database_is_migrated_in_place(self) -> None:
+        path = self.dir / "v1.sqlite3"
+        old = sqlite3.connect(path)
+        old.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
+        old.execute(
+            "INSERT INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
+            "not_before, not_after, created, last_requested) VALUES "
+            "('c1', 'rk', x'00', '[\"a.go.example.test\"]', 'ab', 'PEM', 1, 2, 3, 4)"
+        )
+        old.commit()
+        old.close()
+        db = StateDB(path)
+        self.addCleanup(db.close)
+        self.assertEqual(db.version, len(MIGRATIONS))
+        row = db.certificate("c1")
+        assert row is not None
+        self.assertEqual((row.request_key, row.last_requested, row.signed_by), ("rk", 4.0, None))
+        self.assertEqual(len(db.secret("certificate-id")), 32)
+
     def test_group_readable_account_key_is_refused(self) -> None:
         self.state.write_account_key(b"KEY")
         self.assertEqual(stat.S_IMODE(os.stat(self.state.path / "account.key").st_mode), 0o600)

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from csrproxy.issuance.csr import check_csr
 from csrproxy.testing.daemon import start_csrproxy
 from csrproxy.testing.pebble import start_pebble
 from csrproxy.testing.ports import free_udp_tcp_port
@@ -55,9 +56,11 @@ def test_active_installation_renewed_inactive_not(tmp_path: Path) -> None:
     ):
         active_key = ec.generate_private_key(ec.SECP256R1())
         idle_key = ec.generate_private_key(ec.SECP256R1())
-        chain, active_id = post(daemon.url, make_csr([f"active.{ZONE}"], active_key))
+        active_csr = make_csr([f"active.{ZONE}"], active_key)
+        idle_csr = make_csr([f"idle.{ZONE}"], idle_key)
+        chain, active_id = post(daemon.url, active_csr)
         first = x509.load_pem_x509_certificates(chain)[0]
-        _, idle_id = post(daemon.url, make_csr([f"idle.{ZONE}"], idle_key))
+        post(daemon.url, idle_csr)
         start = time.monotonic()
         pause = threading.Event()
         renewed = None
@@ -77,5 +80,5 @@ def test_active_installation_renewed_inactive_not(tmp_path: Path) -> None:
         counts = dict(
             db.execute("SELECT request_key, COUNT(*) FROM certificates GROUP BY request_key")
         )
-    assert counts[active_id] == 2
-    assert counts[idle_id] == 1, "an inactive installation was renewed"
+    assert counts[check_csr(active_csr).request_key] == 2
+    assert counts[check_csr(idle_csr).request_key] == 1, "an inactive installation was renewed"
