@@ -119,11 +119,24 @@ def key_type_of(csr: x509.CertificateSigningRequest) -> str:
     return _key_type(key)
 
 
+#: The one RSA public exponent accepted, as Let's Encrypt's Boulder does (goodkey:
+#: "key exponent must be 65537").  The Baseline Requirements (6.1.6) only ask for an odd
+#: e >= 3 and recommend 2^16+1 .. 2^256-1; one fixed value keeps the check cheap, since
+#: verifying a CSR's signature costs in proportion to the exponent's length.
+RSA_EXPONENT = 65537
+
+
+def check_rsa_exponent(e: int) -> None:
+    """Raise :class:`BadCSR` unless ``e`` is :data:`RSA_EXPONENT`."""
+    if e != RSA_EXPONENT:
+        shown = str(e) if e.bit_length() <= 64 else f"of {e.bit_length()} bits"
+        raise BadCSR(f"RSA public exponent {shown} refused: it must be {RSA_EXPONENT}")
+
+
 def _key_type(key: Any) -> str:
     if isinstance(key, rsa.RSAPublicKey):
-        e_ = key.public_numbers().e
-        if e_ < 65537 or e_ % 2 == 0:
-            raise KeyNotAllowed(f"RSA public exponent {e_} refused: it must be odd and >= 65537")
+        # Before anything computes with the key (the signature check does).
+        check_rsa_exponent(key.public_numbers().e)
         return f"rsa{key.key_size}"
     if isinstance(key, ec.EllipticCurvePublicKey):
         return {"secp256r1": "ec256", "secp384r1": "ec384", "secp521r1": "ec521"}.get(

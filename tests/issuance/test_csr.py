@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
+import math
+import time
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.errors import BadCSR, KeyNotAllowed, NameNotAllowed
@@ -51,7 +55,7 @@ class CheckTests(SynchronousTestCase):
     def test_key_types(self) -> None:
         self.assertEqual(check_csr(make_csr(["a.x.test"], EC384)).key_type, "ec384")
         self.assertEqual(check_csr(make_csr(["a.x.test"], RSA2048)).key_type, "rsa2048")
-        for key in (RSA1024, EC521, RSA2048_E3):
+        for key in (RSA1024, EC521):
             with self.assertRaises(KeyNotAllowed):
                 check_csr(make_csr(["a.x.test"], key))
 
@@ -176,3 +180,75 @@ class MoreCheckTests(SynchronousTestCase):
         policy.check_subject(checked.subject)
         with self.assertRaises(SubjectNotAllowed):
             policy.check_subject("O=x,CN=go.example.test")
+
+
+def rsa_key_with_exponent(e: int) -> rsa.RSAPrivateKey:
+    """An RSA 2048 key whose public exponent is ``e`` (cryptography makes only 3 and 65537).
+
+    Primes from keys made with e=3 are 2 mod 3, as they must be for an exponent like
+    2^2047+1 (a multiple of 3); another key is tried when ``e`` shares a factor with both.
+    """
+    for _ in range(5):
+        base = rsa.generate_private_key(3, 2048).private_numbers()
+        p, q = base.p, base.q
+        lam = math.lcm(p - 1, q - 1)
+        if math.gcd(e, lam) != 1:
+            continue
+        d = pow(e, -1, lam)
+        public = rsa.RSAPublicNumbers(e, p * q)
+        numbers = rsa.RSAPrivateNumbers(
+            p, q, d, d % (p - 1), d % (q - 1), rsa.rsa_crt_iqmp(p, q), public
+        )
+        return numbers.private_key()
+    raise AssertionError(f"no RSA key found for e={e}")
+
+
+HUGE_E = 2**2047 + 1
+RSA2048_HUGE_E = rsa_key_with_exponent(HUGE_E)
+RSA2048_E65539 = rsa_key_with_exponent(65539)
+
+
+class ExponentTests(SynchronousTestCase):
+    """The RSA public exponent must be exactly 65537 (Boulder's goodkey rule)."""
+
+    def test_65537_accepted(self) -> None:
+        self.assertEqual(check_csr(make_csr(["a.x.test"], RSA2048)).key_type, "rsa2048")
+
+    def test_3_refused(self) -> None:
+        with self.assertRaises(BadCSR) as e:
+            check_csr(make_csr(["a.x.test"], RSA2048_E3))
+        self.assertIn("exponent 3 refused: it must be 65537", e.exception.detail)
+
+    def test_odd_exponent_above_65537_refused(self) -> None:
+        with self.assertRaises(BadCSR) as e:
+            check_csr(make_csr(["a.x.test"], RSA2048_E65539))
+        self.assertIn("exponent 65539 refused", e.exception.detail)
+
+    def test_2047_bit_exponent_refused_before_the_signature_check(self) -> None:
+        csr = make_csr(["a.x.test"], RSA2048_HUGE_E)
+        # The CSR itself is sound: its signature verifies with the huge exponent.
+        self.assertTrue(x509.load_pem_x509_csr(csr).is_signature_valid)
+        with self.assertRaises(BadCSR) as e:
+            check_csr(csr)
+        # The detail names the exponent's size, not its 617 digits.
+        self.assertIn("exponent of 2048 bits refused", e.exception.detail)
+        self.assertLess(len(e.exception.detail), 100)
+
+    def test_refusal_costs_less_than_an_accepted_rsa_csr(self) -> None:
+        huge = make_csr(["a.x.test"], RSA2048_HUGE_E)
+        normal = make_csr(["a.x.test"], RSA2048)
+
+        def cost(body: bytes, rounds: int = 20) -> float:
+            start = time.process_time()
+            for _ in range(rounds):
+                with contextlib.suppress(BadCSR):
+                    check_csr(body)
+            return time.process_time() - start
+
+        self.assertLess(cost(huge), cost(normal) * 2)
+
+    def test_public_key_label_refuses_the_exponent_too(self) -> None:
+        from csrproxy.issuance.csr import public_key_label
+
+        with self.assertRaises(BadCSR):
+            public_key_label(make_csr(["a.x.test"], RSA2048_E3), None, CSR_KEY_TYPES)

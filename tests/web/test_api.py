@@ -170,7 +170,7 @@ class SignTests(APITestCase):
             ("garbage", b"this is not a csr", 400, "bad-csr"),
             ("tampered signature", tamper(make_csr([ok])), 400, "bad-csr"),
             ("RSA 1024", make_csr([ok], RSA1024), 403, "key-not-allowed"),
-            ("exponent 3", make_csr([ok], RSA2048_E3), 403, "key-not-allowed"),
+            ("exponent 3", make_csr([ok], RSA2048_E3), 400, "bad-csr"),
             ("P-521", make_csr([ok], EC521), 403, "key-not-allowed"),
             (
                 "IP SAN",
