@@ -58,6 +58,31 @@ log = Logger()
 POLL_AFTER_LOOKUP = 0.002
 
 
+#: ACME problem types a fresh order would meet again: a resumed order failing with one of
+#: them is not ordered afresh.
+NOT_FROM_A_CRASH = frozenset(
+    {
+        "badCSR",
+        "badPublicKey",
+        "badSignatureAlgorithm",
+        "caa",
+        "rateLimited",
+        "rejectedIdentifier",
+        "unsupportedIdentifier",
+        "userActionRequired",
+    }
+)
+
+
+def problem_type(e: ACMEError) -> str | None:
+    """The short ACME problem type behind ``e``, if the CA gave one."""
+    if isinstance(e, ACMEProblem):
+        return e.short_type
+    if isinstance(e, AuthorizationFailed | OrderFailed) and e.problem is not None:
+        return e.problem.short_type
+    return None
+
+
 class SharedResult:
     """One Deferred's result handed to many waiters; cancelling a waiter drops only it."""
 
@@ -245,13 +270,15 @@ class Issuer:
             replaces = None
         return self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
 
-    def resume(self, row: OrderRow) -> Issuance:
+    def resume(self, row: OrderRow, settle: Callable[[], Deferred[None]] | None = None) -> Issuance:
         """Finish (or redo) an order recorded by an earlier run; joins later identical requests.
 
-        Its budget was charged by the run that started it.
+        Its budget was charged by the run that started it.  ``settle`` is awaited when the
+        order ends, before anyone hears of it (recovery removes the records it published
+        again for the order).
         """
         csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
-        return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False)
+        return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False, settle)
 
     def _join_or_start(
         self,
@@ -280,9 +307,12 @@ class Issuer:
         replaces: str | None,
         resume_url: str | None,
         renewal: bool,
+        settle: Callable[[], Deferred[None]] | None = None,
     ) -> Issuance:
         """The one path every order takes: run, translate failures, cache, track."""
         run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+        if settle is not None:
+            run.addBoth(lambda result: settle().addCallback(lambda _: result))
 
         def failed(failure: Failure) -> Failure:
             if refund is not None:
@@ -336,6 +366,8 @@ class Issuer:
             chain = None
             if resume_url:  # "" is an order recorded before the CA had made it
                 chain = await self._resume_order(run, resume_url)
+                if chain is None:
+                    chain = await self._order_again(run, csr)
             if chain is None:
                 chain = await obtain_chain(run)
             row = await self.ledger.order_valid(order_id, csr, chain, renewal)
@@ -356,15 +388,31 @@ class Issuer:
         return self._zone_watch(identifier).addCallback(lambda _: self.clock.seconds() + after)
 
     async def _resume_order(self, run: OrderRun, url: str) -> IssuedChain | None:
-        """Finish an order a crashed run left; None when the CA no longer knows it."""
+        """Finish an order a crashed run left; None when it is to be ordered afresh.
+
+        That is when the CA no longer knows the order, or it (or one of its authorizations)
+        is or goes invalid for a reason the crash can explain: the CA looked up a
+        challenge record while csrproxy was down.  A problem a fresh order would meet
+        again (:data:`NOT_FROM_A_CRASH`) fails the order.
+        """
         log.info("resuming order {order} for {names}", order=url, names=",".join(run.names))
         try:
             return await complete_order(run, url)
-        except (OrderFailed, ACMEProblem) as e:
-            if isinstance(e, ACMEProblem) and e.short_type in ("rateLimited", "badCSR"):
+        except (OrderFailed, AuthorizationFailed, ACMEProblem) as e:
+            if problem_type(e) in NOT_FROM_A_CRASH:
                 raise
-            log.info("order {order} cannot be resumed ({err}); ordering afresh", order=url, err=e)
+            log.info("order {order} cannot be finished ({err}); ordering afresh", order=url, err=e)
             return None
+
+    async def _order_again(self, run: OrderRun, csr: CheckedCSR) -> IssuedChain:
+        """The one fresh order for a resumed order that failed: a new order at the CA,
+        charged to the order budgets like any (refused with :class:`RateLimited`)."""
+        refund = self.admission.admit_order(csr.names, not self.cache.issued_before(csr.names))
+        try:
+            return await obtain_chain(run)
+        except BaseException:
+            refund()
+            raise
 
     def _cached(self, csr: CheckedCSR, chain: CachedChain) -> str:
         self.cache.put(csr.request_key, csr.names, chain)

@@ -1,24 +1,69 @@
-"""Start-up after a crash: remove orphaned challenge records, finish orders in flight.
+"""Start-up after a crash: finish the orders in flight, remove what nobody needs.
 
-Challenge records an earlier run published are removed (the built-in zone
-starts empty, so only the rows go; PowerDNS records are deleted).  Every
-order that had not ended is resumed from its ACME order URL, and its async
-order id keeps answering ``GET /v1/orders/<id>``.
+Every order that had not ended is resumed from its ACME order URL, and its async
+order id keeps answering ``GET /v1/orders/<id>``.  The challenge records such an
+order had published are published again at once, before the reactor runs: the
+CA may still be about to look them up (the built-in zone starts empty; PowerDNS
+still has them and must keep them).  They are removed when that order ends.
+The records of every other order (finished, unknown, never at the CA, or on a
+backend no longer configured) are removed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from csrproxy.challenges.zone import CHALLENGE_LABEL
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.state.database import ChallengeRow, OrderRow
 
 log = Logger()
+
+
+@dataclass(frozen=True)
+class RecoveryPlan:
+    """What start-up does with what an earlier run left."""
+
+    #: Orders to finish, oldest first.
+    resume: tuple[OrderRow, ...]
+    #: Challenge records to publish again, by the id of the resumed order they answer.
+    republish: Mapping[str, tuple[ChallengeRow, ...]]
+    #: Challenge records nobody needs any more.
+    remove: tuple[ChallengeRow, ...]
+
+
+def plan_recovery(
+    leftovers: Sequence[ChallengeRow], unfinished: Sequence[OrderRow], backend: str
+) -> RecoveryPlan:
+    """Decide, from the rows alone, what to resume, what to publish again and what to remove.
+
+    An order whose certificate is on record has ended, whatever its status says.  A
+    record is kept for a resumed order that the CA already has (it has an order URL),
+    when it was published on ``backend`` (the one configured now).
+    """
+    resume = tuple(o for o in unfinished if o.certificate_id is None)
+    at_the_ca = {o.id for o in resume if o.acme_url}
+    republish: dict[str, list[ChallengeRow]] = {}
+    remove: list[ChallengeRow] = []
+    for row in leftovers:
+        if row.order_id in at_the_ca and row.backend == backend:
+            republish.setdefault(row.order_id, []).append(row)
+        else:
+            remove.append(row)
+    return RecoveryPlan(resume, {k: tuple(v) for k, v in republish.items()}, tuple(remove))
+
+
+def identifier_of(row: ChallengeRow) -> str:
+    """The identifier a challenge record answers (``_acme-challenge.x`` answers ``x``)."""
+    return row.name.removeprefix(CHALLENGE_LABEL + ".")
 
 
 def load_order_records(ledger: Ledger, book: OrderBook) -> None:
@@ -37,7 +82,7 @@ def load_order_records(ledger: Ledger, book: OrderBook) -> None:
 
 async def remove_orphans(
     ledger: Ledger,
-    rows: list[ChallengeRow],
+    rows: Sequence[ChallengeRow],
     remove_names: Callable[[Iterable[str]], Deferred[None]] | None,
 ) -> None:
     if not rows:
@@ -50,7 +95,33 @@ async def remove_orphans(
         except Exception as e:
             log.error("orphaned challenge records not removed ({err}); will retry", err=str(e))
             return
-    await ledger.forget_challenges(rows)
+    await ledger.forget_challenges(list(rows))
+
+
+def republish(issuer: Issuer, rows: Iterable[ChallengeRow]) -> None:
+    """Publish ``rows`` again through the issuer's responder (already on record).
+
+    The built-in zone takes them at once; a backend that fails is logged: the resumed
+    order publishes its pending values again itself.
+    """
+    for row in rows:
+        d = issuer.responder.publish(identifier_of(row), row.value)
+        d.addErrback(_warn, "challenge record {name} not published again: {err}", row.name)
+
+
+def unpublish(ledger: Ledger, issuer: Issuer, rows: Iterable[ChallengeRow]) -> Deferred[None]:
+    """Take back one publication of each of ``rows`` and forget one record of each; fires
+    when every removal is done or has failed (failures are logged)."""
+    removals = []
+    for row in rows:
+        responder = ledger.responder(issuer.responder, row.order_id)
+        d = responder.unpublish(identifier_of(row), row.value)
+        removals.append(d.addErrback(_warn, "challenge record {name} not removed: {err}", row.name))
+    return gatherResults(removals).addCallback(lambda _: None)
+
+
+def _warn(failure: Failure, message: str, name: str) -> None:
+    log.warn(message, name=name, err=failure.value)
 
 
 async def recover(
@@ -61,19 +132,32 @@ async def recover(
     unfinished: list[OrderRow],
     remove_names: Callable[[Iterable[str]], Deferred[None]] | None = None,
 ) -> None:
-    """Remove ``leftovers`` and resume ``unfinished`` (both read before the store's thread ran)."""
-    await remove_orphans(ledger, leftovers, remove_names)
-    for row in unfinished:
+    """Resume ``unfinished`` and settle ``leftovers`` (both read before the store's thread ran).
+
+    Everything up to the first resumed order's start happens before this returns
+    control, so records published again are served before the DNS server answers.
+    """
+    plan = plan_recovery(leftovers, unfinished, ledger.backend)
+    kept = [row for rows in plan.republish.values() for row in rows]
+    if kept:
+        log.info("publishing {n} challenge records of resumed orders again", n=len(kept))
+        republish(issuer, kept)
+    for row in plan.resume:
+        own = plan.republish.get(row.id, ())
         log.info(
             "resuming order {id} ({status}) for {names}",
             id=row.id,
             status=row.status,
             names=",".join(row.names),
         )
+        # Its records go when it ends, before anyone waiting hears of it, as its own do.
+        settle = functools.partial(unpublish, ledger, issuer, own) if own else None
         try:
-            d = issuer.resume(row).chain
+            d = issuer.resume(row, settle).chain
         except Exception as e:  # a row this version cannot use must not stop the others
             log.error("order {id} cannot be resumed: {err}", id=row.id, err=str(e))
             ledger.order_failed(row.id, f"not resumable: {e}")
+            unpublish(ledger, issuer, own)
             continue
         book.track(tuple(row.names), d, row.id, row.request_key)
+    await remove_orphans(ledger, plan.remove, remove_names)

@@ -3,7 +3,8 @@
 The daemon SIGKILLs itself at the point named by CSRPROXY_CRASH_AT (csrproxy.crashpoints).
 After a restart on the same state directory: one ACME account, the client's retry (sync)
 or poll (async) gets a valid certificate, no order is placed again, no challenge record
-is left, and the CSR has one certificate.
+is left, and the CSR has one certificate.  With a CA that looks records up seconds after
+the answer, several async orders killed in flight all end valid after an immediate restart.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from csrproxy.testing.crashpoints import POINTS
 from csrproxy.testing.daemon import Csrproxy, start_csrproxy
+from csrproxy.testing.faultprocess import FaultProxyProcess, start_faultproxy
 from csrproxy.testing.pebble import Pebble, start_pebble
 from csrproxy.testing.ports import free_udp_tcp_port
 from tests.conftest import ZONE
@@ -144,3 +148,96 @@ def test_crash_and_restart(
         assert len(serials) == 1, "the CSR has two certificates"
         statuses = [r[0] for r in db.execute("SELECT status FROM orders")]
         assert statuses == ["valid"], statuses
+
+
+@pytest.fixture(scope="module")
+def slow_dns_port() -> int:
+    return free_udp_tcp_port()
+
+
+@pytest.fixture(scope="module")
+def slow_pebble(tmp_path_factory: pytest.TempPathFactory, slow_dns_port: int) -> Iterator[Pebble]:
+    # Each of pebble's three look-ups waits 0, 1 or 2 s after the answer, as a real CA's
+    # may: most land after csrproxy is back.
+    env = {"PEBBLE_VA_NOSLEEP": "0", "PEBBLE_VA_SLEEPTIME": "3"}
+    with start_pebble(
+        str(tmp_path_factory.mktemp("slow-pebble")), f"127.0.0.1:{slow_dns_port}", env=env
+    ) as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def slow_ca(
+    tmp_path_factory: pytest.TempPathFactory, slow_pebble: Pebble
+) -> Iterator[FaultProxyProcess]:
+    proxy = start_faultproxy(str(tmp_path_factory.mktemp("slow-proxy")), slow_pebble)
+    yield proxy
+    proxy.stop()
+
+
+def kill_when_answered(daemon: Csrproxy, challenges: int) -> None:
+    """SIGKILL ``daemon`` as soon as its metrics count ``challenges`` answered challenges."""
+    pause = threading.Event()
+    for _ in range(1000):
+        if acme_count(daemon, "challenge") >= challenges:
+            break
+        pause.wait(0.01)
+    daemon.proc.kill()
+
+
+@pytest.mark.parametrize("kill", ["at-first-answer", "after-every-answer"])
+def test_immediate_restart_finishes_every_async_order(
+    tmp_path: Path,
+    slow_pebble: Pebble,
+    slow_ca: FaultProxyProcess,
+    slow_dns_port: int,
+    kill: str,
+) -> None:
+    """Async orders killed after their challenge was answered, the CA's look-ups still to
+    come and the CA slow to answer the first reads after the restart: every one ends valid,
+    each ordered afresh at most once, and no challenge record is left."""
+    n = 6
+    names = [f"inflight{i}-{kill}.{ZONE}" for i in range(n)]
+    csrs = [make_csr([name], ec.generate_private_key(ec.SECP256R1())) for name in names]
+    work = str(tmp_path / "csrproxy")
+    overrides = {"acme": {"directory": slow_ca.directory}}
+    env = {"CSRPROXY_CRASH_AT": "after-challenge"} if kill == "at-first-answer" else {}
+    slow_ca.clear_rules()
+    first = start_csrproxy(work, slow_pebble, slow_dns_port, ZONE, overrides=overrides, env=env)
+    together = threading.Barrier(n)
+
+    def submit(csr: bytes) -> str | None:
+        together.wait(10)
+        try:
+            code, _, headers = post(first.url, csr, prefer_async=True)
+        except OSError:  # the daemon died first
+            return None
+        return headers["Location"].rsplit("/", 1)[1] if code == 202 else None
+
+    with ThreadPoolExecutor(n) as pool:
+        accepted = [i for i in pool.map(submit, csrs) if i is not None]
+    if kill == "after-every-answer":
+        assert len(accepted) == n
+        kill_when_answered(first, n)
+    assert first.proc.wait(30) == -9, "did not die"
+    assert len(accepted) >= 2, accepted
+
+    # The resumed orders' first authorization reads take 1.5 s: the CA's look-ups come
+    # before the resumed orders could publish anything themselves.
+    slow_ca.add_rules([f"POST:/authZ/:delay:1.5:count={n}"])
+    try:
+        with start_csrproxy(work, slow_pebble, slow_dns_port, ZONE, overrides=overrides) as second:
+            docs = [wait_valid(second, order_id) for order_id in accepted]
+            assert [d["status"] for d in docs] == ["valid"] * len(accepted), docs
+            # At most one fresh order for each order the crash interrupted.
+            assert acme_count(second, "newOrder") <= len(accepted)
+            for name in names:
+                q = dns.message.make_query(f"_acme-challenge.{name}", "TXT")
+                answer = dns.query.udp(q, "127.0.0.1", port=slow_dns_port, timeout=5)
+                assert not answer.answer, f"a challenge record of {name} is still served"
+    finally:
+        slow_ca.clear_rules()
+    with sqlite3.connect(tmp_path / "csrproxy" / "state" / "csrproxy.sqlite3") as db:
+        assert db.execute("SELECT COUNT(*) FROM challenges").fetchone()[0] == 0
+        statuses = dict(db.execute("SELECT id, status FROM orders").fetchall())
+        assert all(statuses[i] == "valid" for i in accepted), statuses
