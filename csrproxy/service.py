@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, cast
@@ -43,7 +44,7 @@ from csrproxy.issuance.renewal import Renewable, RenewalScheduler, RenewalWindow
 from csrproxy.metrics import Metrics
 from csrproxy.state.store import StateDir, Store
 from csrproxy.web.api import SigningAPI, problem_document
-from csrproxy.web.auth import ClientGate, load_tokens
+from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
 from csrproxy.web.health import Health, Probe, free_space_probe
 from csrproxy.web.limits import LimitedSite
 
@@ -107,7 +108,14 @@ class AccountService(Service):
 
 
 class CsrproxyService(MultiService):
-    """The daemon; a listener that cannot bind ends start-up with one clear line."""
+    """The daemon; a listener that cannot bind ends start-up with one clear line.
+
+    ``reload_tokens`` reads ``[api] tokens_file`` again into the API's gate and returns the
+    number of tokens (raising ``ConfigError``, tokens unchanged, for a bad file); None
+    without a tokens file.  ``twistd csrproxy`` calls it on SIGHUP (:mod:`csrproxy.tap`).
+    """
+
+    reload_tokens: Callable[[], int] | None = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -270,7 +278,7 @@ def readiness(
 
 def build_service(
     config: Config, reactor: Any, http: HTTPClient, checkpoint: Checkpoint | None = None
-) -> MultiService:
+) -> CsrproxyService:
     """Everything the daemon runs, as one MultiService.
 
     ``checkpoint`` is called at named points of every order (crash tests install one).
@@ -376,6 +384,8 @@ def build_service(
     )
 
     top = CsrproxyService()
+    if config.api.tokens_file:
+        top.reload_tokens = functools.partial(reload_tokens, gate, config.api.tokens_file)
     collection = IServiceCollection(top)
     if dns_service is not None:
         dns_service.setServiceParent(collection)

@@ -1,5 +1,6 @@
 """Who may ask: bearer tokens (stored as hashes), client CIDRs, and the client address
-behind trusted reverse proxies.  Pure logic; the tokens file is read once at start-up.
+behind trusted reverse proxies.  Pure logic; the tokens file is read at start-up and
+again on SIGHUP (:func:`reload_tokens`).
 
 Tokens file (``[api] tokens_file``), one token per line, ``#`` starts a comment::
 
@@ -148,6 +149,28 @@ class ClientGate:
         if found is None:
             raise Unauthorized("the bearer token is not valid")
         return found
+
+    def replace_tokens(self, tokens: Sequence[Token]) -> None:
+        """Accept ``tokens`` instead of the current ones, all at once (one rebinding, on the
+        reactor thread: a request sees the old set or the new one, never a mix).
+
+        Raises ``ValueError`` for no tokens while tokens are in use: that would turn
+        authentication off.
+        """
+        if self.tokens and not tokens:
+            raise ValueError("no tokens: refusing to turn authentication off")
+        self.tokens = tuple(tokens)
+
+
+def reload_tokens(gate: ClientGate, path: str) -> int:
+    """Read the tokens file ``path`` again into ``gate`` (SIGHUP); the number of tokens.
+
+    Raises :class:`ConfigError` naming the problem, and ``gate`` keeps its tokens, when
+    the file cannot be read, has a bad line or holds no token.
+    """
+    tokens = load_tokens(path)
+    gate.replace_tokens(tokens)
+    return len(tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
