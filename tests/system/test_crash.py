@@ -214,12 +214,13 @@ def test_immediate_restart_finishes_every_async_order(
             return None
         return headers["Location"].rsplit("/", 1)[1] if code == 202 else None
 
-    with ThreadPoolExecutor(n) as pool:
-        accepted = [i for i in pool.map(submit, csrs) if i is not None]
-    if kill == "after-every-answer":
-        assert len(accepted) == n
-        kill_when_answered(first, n)
-    assert first.proc.wait(30) == -9, "did not die"
+    with first:  # stopped whatever happens
+        with ThreadPoolExecutor(n) as pool:
+            accepted = [i for i in pool.map(submit, csrs) if i is not None]
+        if kill == "after-every-answer":
+            assert len(accepted) == n
+            kill_when_answered(first, n)
+        assert first.proc.wait(30) == -9, "did not die"
     assert len(accepted) >= 2, accepted
 
     # The resumed orders' first authorization reads take 1.5 s: the CA's look-ups come
