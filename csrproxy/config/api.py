@@ -19,6 +19,10 @@ def parse_api(api: Table) -> APIConfig:
         sync_timeout=api.positive("sync_timeout", APIConfig.sync_timeout),
         read_timeout=api.positive("read_timeout", APIConfig.read_timeout),
         idle_timeout=api.positive("idle_timeout", APIConfig.idle_timeout),
+        max_connections=api.positive_int("max_connections", APIConfig.max_connections),
+        max_connections_per_address=api.positive_int(
+            "max_connections_per_address", APIConfig.max_connections_per_address
+        ),
         tokens_file=tokens_file,
         allow_from=_networks(api, "allow_from"),
         trusted_proxies=_networks(api, "trusted_proxies"),

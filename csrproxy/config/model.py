@@ -48,6 +48,12 @@ class APIConfig:
     read_timeout: float = 30.0
     #: Seconds an idle keep-alive connection stays open.
     idle_timeout: float = 60.0
+    #: API connections open at once; one more is closed as soon as it is accepted.
+    #: Keep it well below the unit's LimitNOFILE (65536) minus the DNS server's caps.
+    max_connections: int = 1000
+    #: API connections open at once from one client address (an IPv6 /64 counts as
+    #: one); trusted_proxies count only towards max_connections.
+    max_connections_per_address: int = 32
     #: File of accepted bearer token hashes (see csrproxy.web.auth); None: no tokens needed.
     tokens_file: str | None = None
     #: Client networks allowed to use the API; empty: everyone.

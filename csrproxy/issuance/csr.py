@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,28 @@ class CheckedCSR:
         ).hexdigest()
 
 
+#: Deepest nesting of JSON arrays and objects accepted in a body (``{"csr": ...}`` is 1).
+MAX_JSON_DEPTH = 32
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_body(body: bytes) -> Any:
+    """The JSON document in ``body``, or :class:`BadCSR`; nesting deeper than
+    :data:`MAX_JSON_DEPTH` is refused before decoding (``json.loads`` recurses once per
+    level, and ``[`` * 60,000 ends in ``RecursionError``)."""
+    depth = 0
+    for b in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if b in b"[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadCSR(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise BadCSR(f"the body is not valid JSON: {e}") from e
+
+
 def csr_bytes_from_body(body: bytes, content_type: str | None) -> bytes:
     """The PEM or DER CSR carried by an HTTP body (raw PEM, DER, or JSON ``{"csr": PEM}``)."""
     stripped = body.strip()
@@ -62,10 +85,7 @@ def csr_bytes_from_body(body: bytes, content_type: str | None) -> bytes:
         raise BadCSR('the request body is empty; send a PEM or DER CSR or JSON {"csr": "<PEM>"}')
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype == "application/json" or stripped[:1] == b"{":
-        try:
-            doc = json.loads(stripped)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadCSR(f"the body is not valid JSON: {e}") from e
+        doc = json_body(stripped)
         if not isinstance(doc, dict) or not isinstance(doc.get("csr"), str):
             raise BadCSR('the JSON body must be an object with a string field "csr"')
         return str(doc["csr"]).encode("utf-8", "replace")
@@ -77,10 +97,7 @@ def public_key_label(body: bytes, content_type: str | None, key_types: Collectio
     it), a PEM public key, or JSON ``{"public_key": "<PEM>"}``."""
     stripped = body.strip()
     if stripped[:1] == b"{":
-        try:
-            doc = json.loads(stripped)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BadCSR(f"the body is not valid JSON: {e}") from e
+        doc = json_body(stripped)
         if isinstance(doc, dict) and isinstance(doc.get("public_key"), str):
             stripped = str(doc["public_key"]).encode("utf-8", "replace").strip()
     if b"-----BEGIN PUBLIC KEY-----" in stripped:
@@ -185,7 +202,13 @@ def check_csr(
     csr = load_csr(data)
     try:
         return _check(csr, key_types, max_names)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as e:
+    except (
+        ValueError,
+        TypeError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ) as e:
         # Whatever odd structure got past the parser, it is the CSR's fault, not ours.
         raise BadCSR(f"the CSR cannot be used: {e}") from e
 

@@ -183,9 +183,10 @@ class SigningAPI:
 
     def _client(self, request: IRequest) -> tuple[str, Token | None]:
         """Who asks (token id, else address); raises 403 outside allow_from, 401 without
-        a valid token when tokens are configured."""
-        address = self._address(request)
+        a valid token when tokens are configured, 400 for an X-Forwarded-For that names
+        no client."""
         try:
+            address = self._address(request)
             self.gate.check_address(address)
             auth = request.getHeader(b"authorization")
             token = self.gate.check_token(auth.decode("latin-1") if auth else None)

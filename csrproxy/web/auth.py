@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csrproxy.config import Network
-from csrproxy.errors import ClientNotAllowed, ConfigError, Unauthorized
+from csrproxy.errors import BadRequest, ClientNotAllowed, ConfigError, Unauthorized
 from csrproxy.issuance.policy import NamePolicy
 
 
@@ -81,8 +81,12 @@ def load_tokens(path: str) -> list[Token]:
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A bare IPv4 or IPv6 address (``[v6]`` too), else None: no port, no name."""
+    text = text.strip()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
-        addr = ipaddress.ip_address(text.strip().strip("[]"))
+        addr = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
@@ -107,18 +111,31 @@ class ClientGate:
         self.allow_from = tuple(allow_from)
         self.trusted_proxies = tuple(trusted_proxies)
 
-    def client_address(self, peer: str, forwarded_for: Sequence[str] = ()) -> str:
-        """The client's address: the peer's, or from ``X-Forwarded-For`` when the peer (and
-        every proxy after the client in the header) is a trusted proxy."""
+    def client_address(self, peer: str, forwarded_for: Sequence[str] | None = None) -> str:
+        """The client's address: the peer's, or from ``X-Forwarded-For`` (all its header
+        lines, in order; None or empty when the request has none) when the peer is a
+        trusted proxy.
+
+        The hops are walked from the nearest back; the first one outside
+        ``trusted_proxies`` is the client (an all-trusted chain: the farthest hop).  A hop
+        the walk reaches that is not a bare address (``10.1.2.3:4444``, ``unknown``, an
+        empty entry, garbage) fails closed: :class:`BadRequest`, never the proxy's own
+        address, which would let the client escape ``allow_from`` and share the proxy's
+        rate bucket.  Hops beyond the client are the client's to write and never read.
+        """
         addr = _address(peer)
         if addr is None or not _within(addr, self.trusted_proxies):
             return str(addr) if addr is not None else peer
-        hops = [h for value in forwarded_for for h in value.split(",") if h.strip()]
-        # Walk from the nearest hop back; the first untrusted one is the client.
+        if not forwarded_for:
+            return str(addr)  # the proxy's own request
+        hops = ",".join(forwarded_for).split(",")
         for hop in reversed(hops):
             hop_addr = _address(hop)
             if hop_addr is None:
-                break
+                raise BadRequest(
+                    f"X-Forwarded-For from trusted proxy {addr} names no client address: "
+                    f"{hop.strip()[:64]!r} is not an IP address"
+                )
             addr = hop_addr
             if not _within(hop_addr, self.trusted_proxies):
                 break

@@ -1,36 +1,72 @@
-"""HTTP request limits that twisted.web lacks: a body limit enforced before the body is
-read, and a deadline for a request's headers and body to arrive.
+"""HTTP limits that twisted.web lacks: connection caps, a body limit enforced before the
+body is read, a deadline for each request to arrive, bounded read-ahead of pipelined
+requests, and a problem document for a path that is not UTF-8.
 
-twisted.web buffers any body and answers ``100 Continue`` to any ``Content-Length``.
-Here a too-large ``Content-Length`` is refused with 413 as soon as the headers are in
-(no ``100 Continue`` is sent), a chunked body is counted as it arrives and refused the
-moment it passes the limit, and a request whose headers and body have not arrived
-within ``read_timeout`` gets 408.  Each refusal closes the connection.  Idle
-keep-alive connections are cut by the Site's ``timeout``.
+Connections.  At most ``max_connections`` are open at once, and at most
+``max_connections_per_address`` from one client address (an IPv4 address, or an IPv6
+/64, which one host usually holds whole; trusted proxies, whose address every client
+behind them shares, count only towards the total; UNIX-socket peers likewise).  One
+more is closed as soon as it is accepted, before a byte is read or written.
+
+Requests.  A too-large ``Content-Length`` is refused with 413 as soon as the headers are
+in (no ``100 Continue`` is sent), a chunked body is counted as it arrives and refused
+the moment it passes the limit, and a request whose headers and body have not all
+arrived within ``read_timeout`` of its first byte gets 408, however the bytes trickle.
+Each of these refusals closes the connection.  A path or ``Host`` that does not decode
+as UTF-8 gets a 400 problem document (the connection stays usable).  Idle keep-alive
+connections are cut after ``idle_timeout``.
+
+Buffers, per connection.  While a request is being answered at most
+:data:`PIPELINE_BUFFER` bytes of the requests pipelined after it are read ahead (plus
+the one read that crossed it, at most 64 KiB); then reading stops until the answer is
+sent.  When the transport cannot send (a client that does not read its answers),
+reading stops and no further pipelined request is answered until the transport has
+drained: unsent output stays within the transport's buffer (64 KiB) plus one answer.
+With a request's body (``max_body``) and header lines (16 KiB), one connection holds
+under 256 KiB with the defaults: ``max_connections_per_address`` of them 8 MiB, and
+``max_connections`` (1,000) under 256 MiB.
+
+Refusals are passed to ``on_refused`` (per request) and ``on_connection_refused`` (per
+connection, with a reason) for the metrics, and logged in one summary line a second at
+most, never a line per connection.
 """
 
 from __future__ import annotations
 
+import collections
 import io
+import ipaddress
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IAddress, IDelayedCall, IReactorTime
 from twisted.internet.protocol import connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import IResource
 from twisted.web.server import Request, Site
 
+from csrproxy.config import APIConfig, Network
 from csrproxy.errors import PROBLEM_NAMESPACE
+
+log = Logger()
 
 _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 413: b"Content Too Large"}
 
+#: Bytes of pipelined requests read ahead while an earlier request is being answered.
+PIPELINE_BUFFER = 16 * 1024
 
-def raw_problem(status: int, problem: str, detail: str) -> bytes:
-    """A complete HTTP/1.1 response carrying a problem document, ending the connection."""
-    body = json.dumps(
+#: ``on_connection_refused`` reasons.
+TOO_MANY_CONNECTIONS = "http-connections"
+TOO_MANY_FROM_ADDRESS = "http-connections-per-address"
+
+
+def problem_body(status: int, problem: str, detail: str) -> bytes:
+    """An RFC 9457 problem document."""
+    return json.dumps(
         {
             "type": PROBLEM_NAMESPACE + problem,
             "title": _REASONS.get(status, b"Error").decode(),
@@ -38,12 +74,70 @@ def raw_problem(status: int, problem: str, detail: str) -> bytes:
             "detail": detail,
         }
     ).encode()
+
+
+def raw_problem(status: int, problem: str, detail: str) -> bytes:
+    """A complete HTTP/1.1 response carrying a problem document, ending the connection."""
+    body = problem_body(status, problem, detail)
     head = (
         b"HTTP/1.1 %d %s\r\nContent-Type: application/problem+json\r\n"
         b"Content-Length: %d\r\nConnection: close\r\n\r\n"
         % (status, _REASONS.get(status, b"Error"), len(body))
     )
     return head + body
+
+
+def source_of(
+    addr: IAddress | None,
+) -> tuple[str | None, ipaddress.IPv4Address | ipaddress.IPv6Address | None]:
+    """The key a peer's connections are counted under (an IPv4 address, or an IPv6 /64)
+    and its address; ``(None, None)`` for a peer without an IP address."""
+    host = getattr(addr, "host", None)
+    if not isinstance(host, str):
+        return None, None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None, None
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        else:
+            return str(ipaddress.IPv6Network((ip, 64), strict=False)), ip
+    return str(ip), ip
+
+
+class RefusalTally:
+    """Counts refusals by reason and logs them as one summary line, at most one line
+    every ``interval`` seconds however many there are."""
+
+    def __init__(self, clock: IReactorTime, interval: float = 1.0) -> None:
+        self.clock = clock
+        self.interval = interval
+        self.counts: collections.Counter[str] = collections.Counter()
+        self._flush: IDelayedCall | None = None
+
+    def add(self, reason: str) -> None:
+        self.counts[reason] += 1
+        if self._flush is None:
+            self._flush = self.clock.callLater(self.interval, self.flush)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line (nothing when nothing was)."""
+        if self._flush is not None and self._flush.active():
+            self._flush.cancel()
+        self._flush = None
+        if not self.counts:
+            return
+        counts = dict(self.counts)
+        self.counts.clear()
+        log.warn(
+            "HTTP API refused {total} connections or requests in {interval:g}s: {summary}",
+            total=sum(counts.values()),
+            interval=self.interval,
+            summary=", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())),
+            counts=counts,
+        )
 
 
 class LimitedRequest(Request):
@@ -64,19 +158,59 @@ class LimitedRequest(Request):
         assert self.content is not None
         self.content.write(data)
 
+    def process(self) -> None:
+        # Klein answers a non-UTF-8 path or Host in plain text and logs a traceback for
+        # every such request; answer here, before any resource sees it.
+        what = self._undecodable()
+        if what is None:
+            super().process()  # type: ignore[no-untyped-call]
+            return
+        site = self.site = self.channel.site  # type: ignore[attr-defined]
+        if isinstance(site, LimitedSite):
+            site.refused(self.path, 400, "bad-request")
+        body = problem_body(400, "bad-request", f"the request's {what} is not UTF-8")
+        self.setResponseCode(400)
+        self.setHeader(b"Content-Type", b"application/problem+json")  # type: ignore[no-untyped-call]
+        self.setHeader(b"Content-Length", b"%d" % len(body))  # type: ignore[no-untyped-call]
+        self.write(body)  # type: ignore[no-untyped-call]
+        self.finish()  # type: ignore[no-untyped-call]
+
+    def _undecodable(self) -> str | None:
+        """``"path"`` or ``"Host header"`` when it does not decode as UTF-8, else None."""
+        try:
+            unquote_to_bytes(self.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return "path"
+        host = self.getHeader(b"host")
+        if host is not None:
+            try:
+                host.decode("utf-8")
+            except UnicodeDecodeError:
+                return "Host header"
+        return None
+
 
 class LimitedChannel(HTTPChannel):
-    """An HTTPChannel that refuses an over-long ``Content-Length`` before ``100 Continue``."""
+    """An HTTPChannel with the limits of this module."""
 
     site: LimitedSite
     _refused = False
     _deadline: IDelayedCall | None = None
+    #: The source this connection is counted under, once counted.
+    _source: str | None = None
+    _counted = False
+    #: A request was answered while the transport could not send: the requests
+    #: pipelined after it wait for the transport to drain.
+    _held = False
 
     def dataReceived(self, data: bytes) -> None:
         # The deadline starts with the first byte of a request, not while idle.
+        self._start_deadline()
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
+
+    def _start_deadline(self) -> None:
         if self._deadline is None and not self._handlingRequest and self.site.read_timeout:
             self._deadline = self.callLater(self.site.read_timeout, self._too_slow)  # type: ignore[no-untyped-call]
-        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def allContentReceived(self) -> None:
         self._cancel_deadline()
@@ -84,6 +218,9 @@ class LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        if self._counted:
+            self._counted = False
+            self.site.connection_closed(self._source)
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _cancel_deadline(self) -> None:
@@ -112,7 +249,7 @@ class LimitedChannel(HTTPChannel):
         self._refused = True
         self._cancel_deadline()
         path = getattr(self, "_path", b"")
-        self.site.refused(path, status)
+        self.site.refused(path, status, problem)
         assert self.transport is not None
         self.transport.write(raw_problem(status, problem, detail))
         self.loseConnection()  # type: ignore[no-untyped-call]
@@ -130,13 +267,69 @@ class LimitedChannel(HTTPChannel):
             super().lineReceived(line)  # type: ignore[no-untyped-call]
 
     def rawDataReceived(self, data: bytes) -> None:
-        if not self._refused:
-            super().rawDataReceived(data)
+        if self._refused:
+            return
+        super().rawDataReceived(data)
+        if self._handlingRequest and self._buffered() > self.site.pipeline_buffer:
+            self._networkProducer.pauseProducing()
+
+    def _buffered(self) -> int:
+        return sum(map(len, self._dataBuffer))
+
+    def timeoutConnection(self) -> None:
+        # As twisted.web's, without its log line per idle connection.
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[no-untyped-call]
+        self.loseConnection()  # type: ignore[no-untyped-call]
+
+    # -- back-pressure ------------------------------------------------------------
+    # twisted.web stops reading when the transport cannot send only between requests;
+    # a client pipelining small requests and never reading kept it answering (and
+    # buffering answers) without end.
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()  # type: ignore[no-untyped-call]
+        if self._handlingRequest:
+            self._networkProducer.pauseProducing()
+
+    def requestDone(self, request: Request) -> None:
+        if not (self.persistent and self._waitingForTransport):
+            super().requestDone(request)  # type: ignore[no-untyped-call]
+            # A request pipelined in the same read as this one is parsed from the line
+            # buffer, never through dataReceived: its deadline starts now.
+            if self.persistent and self._buffer:
+                self._start_deadline()
+            return
+        # Hold the pipelined requests (still buffered, still not read) until the transport
+        # drains; the idle timer runs meanwhile, so a client that never reads is cut.
+        if request is not self.requests[0]:
+            raise TypeError(request)
+        del self.requests[0]
+        self._held = True
+        if self._savedTimeOut:
+            self.setTimeout(self._savedTimeOut)  # type: ignore[no-untyped-call]
+
+    def resumeProducing(self) -> None:
+        super().resumeProducing()  # type: ignore[no-untyped-call]
+        if self._held and not self._refused:
+            self._held = False
+            self._handlingRequest = False
+            self._networkProducer.resumeProducing()
+            data = b"".join(self._dataBuffer)
+            self._dataBuffer = []
+            self.setLineMode(data)  # type: ignore[no-untyped-call]
 
 
 class LimitedSite(Site):
     """A Site whose connections are :class:`LimitedChannel` and requests
-    :class:`LimitedRequest`; ``timeout`` cuts idle connections."""
+    :class:`LimitedRequest`; ``timeout`` cuts idle connections.
+
+    ``max_connections`` open at once and ``max_connections_per_address`` from one
+    client address (``proxies``, the trusted reverse proxies, count only towards the
+    total); a connection over either is closed at once and passed to
+    ``on_connection_refused`` with :data:`TOO_MANY_CONNECTIONS` or
+    :data:`TOO_MANY_FROM_ADDRESS`.
+    """
 
     protocol = LimitedChannel  # type: ignore[assignment]
 
@@ -150,6 +343,11 @@ class LimitedSite(Site):
         reactor: Any = None,
         on_refused: Callable[[bytes, int], None] | None = None,
         access_log: bool = False,
+        max_connections: int = APIConfig.max_connections,
+        max_connections_per_address: int = APIConfig.max_connections_per_address,
+        proxies: Sequence[Network] = (),
+        on_connection_refused: Callable[[str], None] | None = None,
+        pipeline_buffer: int = PIPELINE_BUFFER,
     ) -> None:
         kwargs: dict[str, Any] = {"timeout": idle_timeout}
         if reactor is not None:
@@ -159,14 +357,58 @@ class LimitedSite(Site):
         super().__init__(resource, requestFactory=LimitedRequest, **kwargs)  # type: ignore[no-untyped-call]
         self.max_body = max_body
         self.read_timeout = read_timeout
+        self.max_connections = max_connections
+        self.max_connections_per_address = max_connections_per_address
+        self.proxies = tuple(proxies)
+        self.pipeline_buffer = pipeline_buffer
         self.displayTracebacks = False
         self._on_refused = on_refused
+        self._on_connection_refused = on_connection_refused
         self._access_log = access_log
+        self.tally = RefusalTally(self.reactor)
+        #: Open connections, in all and by source.
+        self.open_connections = 0
+        self.open_by_source: collections.Counter[str] = collections.Counter()
+
+    def buildProtocol(self, addr: IAddress) -> LimitedChannel | None:  # type: ignore[override]
+        source, ip = source_of(addr)
+        if source is not None and ip is not None and _within(ip, self.proxies):
+            source = None
+        if self.open_connections >= self.max_connections:
+            self._refuse_connection(TOO_MANY_CONNECTIONS)
+            return None  # the listening port closes the socket at once
+        if source is not None and self.open_by_source[source] >= self.max_connections_per_address:
+            self._refuse_connection(TOO_MANY_FROM_ADDRESS)
+            return None
+        channel: LimitedChannel = super().buildProtocol(addr)  # type: ignore[no-untyped-call]
+        channel._source = source
+        channel._counted = True
+        self.open_connections += 1
+        if source is not None:
+            self.open_by_source[source] += 1
+        return channel
+
+    def _refuse_connection(self, reason: str) -> None:
+        self.tally.add(reason)
+        if self._on_connection_refused is not None:
+            self._on_connection_refused(reason)
+
+    def connection_closed(self, source: str | None) -> None:
+        self.open_connections -= 1
+        if source is not None:
+            self.open_by_source[source] -= 1
+            if self.open_by_source[source] <= 0:
+                del self.open_by_source[source]
+
+    def stopFactory(self) -> None:
+        self.tally.flush()
+        super().stopFactory()
 
     def too_large_detail(self) -> str:
         return f"the request body is larger than {self.max_body} bytes"
 
-    def refused(self, path: bytes, status: int) -> None:
+    def refused(self, path: bytes, status: int, problem: str = "") -> None:
+        self.tally.add(problem or str(status))
         if self._on_refused is not None:
             self._on_refused(path, status)
 
@@ -174,3 +416,7 @@ class LimitedSite(Site):
         # One access-log line per request costs more than the rest of a cache hit.
         if self._access_log:
             super().log(request)
+
+
+def _within(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, nets: Sequence[Network]) -> bool:
+    return any(ip.version == n.version and ip in n for n in nets)

@@ -8,7 +8,7 @@ from ipaddress import ip_network
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.errors import ClientNotAllowed, ConfigError, Unauthorized
+from csrproxy.errors import BadRequest, ClientNotAllowed, ConfigError, Unauthorized
 from csrproxy.web.auth import ClientGate, main, parse_tokens, token_hash
 
 
@@ -73,5 +73,37 @@ class AddressTests(SynchronousTestCase):
             gate.client_address("127.0.0.1", ["1.2.3.4, 203.0.113.9", "10.0.0.2"]),
             "203.0.113.9",
         )
-        self.assertEqual(gate.client_address("127.0.0.1", ["garbage"]), "127.0.0.1")
         self.assertEqual(gate.client_address("127.0.0.1", []), "127.0.0.1")
+        self.assertEqual(gate.client_address("127.0.0.1", None), "127.0.0.1")
+        # Every hop trusted: the farthest one sent it.
+        self.assertEqual(gate.client_address("127.0.0.1", ["10.0.0.3, 10.0.0.2"]), "10.0.0.3")
+        self.assertEqual(gate.client_address("127.0.0.1", ["2001:db8::1"]), "2001:db8::1")
+        self.assertEqual(gate.client_address("127.0.0.1", ["[2001:db8::1]"]), "2001:db8::1")
+        self.assertEqual(gate.client_address("127.0.0.1", ["::ffff:192.0.2.1"]), "192.0.2.1")
+
+    def test_unparsable_hop_fails_closed(self) -> None:
+        gate = ClientGate(trusted_proxies=[ip_network("127.0.0.1"), ip_network("10.0.0.0/8")])
+        shapes = [
+            ["10.1.2.3:4444"],  # a port
+            ["203.0.113.9:4444"],
+            ["[2001:db8::1]:443"],
+            ["unknown"],
+            [""],  # the header present but empty
+            ["   "],
+            ["203.0.113.9, "],  # an empty nearest entry
+            ["203.0.113.9", ""],  # an empty last header line
+            ["garbage"],
+            ["\xff\x00"],
+            ["203.0.113.9 10.0.0.2"],
+            ["_hidden"],  # RFC 7239 obfuscated identifier
+            ["unknown, 10.0.0.2"],  # behind a trusted hop: the proxy would be the client
+            ["[203.0.113.9"],
+        ]
+        for forwarded in shapes:
+            with self.assertRaises(BadRequest, msg=forwarded):
+                gate.client_address("127.0.0.1", forwarded)
+        # Hops beyond the client (its own to write) are never read.
+        self.assertEqual(gate.client_address("127.0.0.1", ["unknown, 203.0.113.9"]), "203.0.113.9")
+        self.assertEqual(gate.client_address("127.0.0.1", ["1:2:3, 203.0.113.9"]), "203.0.113.9")
+        # From an untrusted peer the header is not read at all.
+        self.assertEqual(gate.client_address("198.51.100.1", ["unknown"]), "198.51.100.1")

@@ -40,6 +40,7 @@ class LimitTests(SynchronousTestCase):
     def connect(self) -> tuple[Any, StringTransport]:
         addr = IPv4Address("TCP", "127.0.0.1", 4321)
         proto = self.site.buildProtocol(addr)
+        assert proto is not None
         transport = StringTransport(peerAddress=addr)
         proto.makeConnection(transport)
         return proto, transport
@@ -138,3 +139,21 @@ class LimitTests(SynchronousTestCase):
             proto, transport = self.connect()
             proto.dataReceived(raw)
             self.assertProblem(transport, 400, "bad-request")
+
+    def test_path_or_host_not_utf8_is_a_problem_and_the_connection_lives(self) -> None:
+        for raw in (
+            b"GET /%FF%FE HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /v1/orders/%C0%AF HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nHost: \xff\r\n\r\n",
+        ):
+            proto, transport = self.connect()
+            proto.dataReceived(raw)
+            head, _, body = transport.value().partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 400 "), head)
+            self.assertIn(b"Content-Type: application/problem+json", head)
+            self.assertIn("not UTF-8", json.loads(body)["detail"])
+            self.assertFalse(transport.disconnecting)
+            transport.clear()
+            proto.dataReceived(b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nok")
+            self.assertIn(b"got 2", transport.value())
+        self.assertEqual([status for _, status in self.refused], [400, 400, 400])
