@@ -6,7 +6,9 @@
     csrproxy-admin --config FILE revoke ID [--reason R]   revoke a certificate at the CA
     csrproxy-admin --config FILE account                  account URL and public key (for CAA)
 
-The private key is never printed.  Exit codes: 0 ok, 1 failed, 2 usage.
+``ID`` is a certificate's row id (as listed), an order id, or the certificate id an
+installation was given (``CSRProxy-Certificate-Id``: its newest certificate).  The
+private key is never printed.  Exit codes: 0 ok, 1 failed, 2 usage.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from csrproxy.acme.client import REVOCATION_REASONS
 from csrproxy.acme.jws import AccountKey
 from csrproxy.config import Config, load_config
 from csrproxy.errors import ConfigError
+from csrproxy.issuance.ledger import CERTIFICATE_ID_SECRET, CertificateIds
 from csrproxy.state.database import UNFINISHED, CertificateRow, OrderRow, StateDB
 from csrproxy.state.store import StateDir
 
@@ -33,9 +36,16 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def _cert_doc(c: CertificateRow) -> dict[str, Any]:
+def _ids(db: StateDB) -> CertificateIds | None:
+    """The daemon's certificate ids (None before its first start made the secret)."""
+    secret = db.existing_secret(CERTIFICATE_ID_SECRET)
+    return CertificateIds(secret) if secret is not None else None
+
+
+def _cert_doc(c: CertificateRow, ids: CertificateIds | None = None) -> dict[str, Any]:
     return {
         "id": c.id,
+        "certificate_id": ids.of(c.request_key) if ids is not None else None,
         "names": c.names,
         "not_before": _when(c.not_before),
         "not_after": _when(c.not_after),
@@ -44,6 +54,7 @@ def _cert_doc(c: CertificateRow) -> dict[str, Any]:
         "spki_sha256": c.spki_sha256,
         "last_requested": _when(c.last_requested),
         "revoked": c.revoked,
+        "signed_by": c.signed_by,
         "chain": c.chain,
     }
 
@@ -77,12 +88,17 @@ def list_orders(db: StateDB, unfinished: bool) -> str:
 
 
 def show(db: StateDB, item: str) -> dict[str, Any] | None:
+    ids = _ids(db)
     cert = db.certificate(item)
     if cert is not None:
-        return {"certificate": _cert_doc(cert)}
+        return {"certificate": _cert_doc(cert, ids)}
     order = db.order(item)
     if order is not None:
         return {"order": _order_doc(order)}
+    if ids is not None:
+        for key in {c.request_key for c in db.certificates()}:
+            if ids.of(key) == item and (cert := db.newest_certificate(key)) is not None:
+                return {"certificate": _cert_doc(cert, ids)}
     return None
 
 

@@ -253,7 +253,8 @@ def readiness(
     store: Store,
     state_dir: str,
 ) -> Health:
-    """The parts of readiness: the ACME account, the listeners, the state store."""
+    """The parts of readiness: the ACME account, the CA (its circuit breaker is closed), the
+    listeners, the state store."""
 
     def account() -> tuple[bool, str]:
         url = issuer.account_url
@@ -263,7 +264,16 @@ def readiness(
         down = [s.description for s in listeners if s.port is None]
         return (not down, f"not listening: {', '.join(down)}" if down else "listening")
 
-    probes: list[tuple[str, Probe]] = [("account", account), ("api", api)]
+    def ca() -> tuple[bool, str]:
+        breaker = issuer.breaker
+        seen = breaker.last_success
+        now = issuer.clock.seconds()
+        ago = "never answered" if seen is None else f"last answered {now - seen:.0f}s ago"
+        if breaker.state == "closed":
+            return True, f"reachable ({ago})"
+        return False, f"failing ({breaker.state}, {breaker.failures} failures in a row; {ago})"
+
+    probes: list[tuple[str, Probe]] = [("account", account), ("ca", ca), ("api", api)]
     if dns_service is not None:
         service = dns_service
 
@@ -400,6 +410,10 @@ def build_service(
         idle_timeout=config.api.idle_timeout,
         reactor=reactor,
         on_refused=refused,
+        max_connections=config.api.max_connections,
+        max_connections_per_address=config.api.max_connections_per_address,
+        proxies=config.api.trusted_proxies,
+        on_connection_refused=metrics.refusal,
         access_log=config.api.access_log,
     )
     for description in config.api.listen:

@@ -40,7 +40,13 @@ from csrproxy.acme.problems import (
     DeadlineExceeded,
     OrderFailed,
 )
-from csrproxy.errors import CsrproxyError, IssuanceFailed, IssuanceTimeout, RateLimited
+from csrproxy.errors import (
+    CAUnavailable,
+    CsrproxyError,
+    IssuanceFailed,
+    IssuanceTimeout,
+    RateLimited,
+)
 from csrproxy.issuance.admission import Admission
 from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import CheckedCSR, check_csr
@@ -193,6 +199,11 @@ class Issuer:
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
         self._account: SharedResult | None = None
+        self._account_loop: SharedResult | None = None  # keep_trying_account's loop
+        #: The ACME client's circuit breaker: new orders fail fast while it is not closed.
+        self.breaker = acme.breaker
+        # The CA forgot the account: every order that meets it shares one look-up.
+        acme.find_account_again = self.ensure_account
 
     @property
     def ready(self) -> bool:
@@ -203,21 +214,40 @@ class Issuer:
         """The ACME account's URL once it is known (for health and CAA ``accounturi``)."""
         return self.acme.account_url
 
-    def ensure_account(self) -> Deferred[str]:
-        """Find or register the account once, however many callers ask."""
+    def ensure_account(self, stale: str | None = None) -> Deferred[str]:
+        """Find or register the account once, however many callers ask.
+
+        ``stale`` is an account URL the CA said it does not know: it is forgotten and the
+        account looked up again, once for all the callers that met it (those that come
+        while that look-up runs, or after it found the account again, share its result).
+        """
+        if stale is not None and self.acme.forget_account(stale):
+            self._account = None
         if self._account is None or self._account.failed:
-            d = Deferred.fromCoroutine(self._find_account())
+            d = Deferred.fromCoroutine(self._find_account(again=stale is not None))
             self._account = SharedResult(d)
         return self._account.wait()
 
-    async def _find_account(self) -> str:
-        url = await self.acme.account(self.contact)
+    async def _find_account(self, again: bool = False) -> str:
+        try:
+            url = await self.acme.account(
+                self.contact, deadline=self.clock.seconds() + self.order_timeout
+            )
+        except Exception:
+            if again:
+                # The account is gone and the CA did not answer: keep looking in the
+                # background, so the daemon gets it back without waiting for an order.
+                self.keep_trying_account()
+            raise
         if self._on_account is not None:
             self._on_account(url)
         return url
 
     def keep_trying_account(self) -> Deferred[None]:
-        """At start-up: look the account up, retrying with back-off while the CA is away."""
+        """Look the account up, retrying with back-off while the CA is away (at start-up, and
+        when the CA forgot the account); one loop at a time."""
+        if self._account_loop is not None:
+            return self._account_loop.wait()
         backoff = Backoff(1.0, 60.0)
 
         async def loop() -> None:
@@ -237,20 +267,35 @@ class Issuer:
                     )
                     await deferLater(self.clock, delay, lambda: None)
 
-        return Deferred.fromCoroutine(loop())
+        def done(result: object) -> object:
+            self._account_loop = None
+            return result
+
+        d = Deferred.fromCoroutine(loop())
+        shared = self._account_loop = SharedResult(d)
+        d.addBoth(done)
+        return shared.wait()
 
     def issue(self, csr: CheckedCSR, client: str) -> Issuance:
         """The chain for ``csr``, asked for by ``client`` (token id or address).
 
         In order: a stored chain with most of its life left; else, once the client's
         budget lets it in, the identical order in flight; else, if the order budgets
-        allow, a new order.  A refusal is a failed ``chain`` of :class:`RateLimited`.
+        allow, a new order.  A refusal is a failed ``chain`` of :class:`RateLimited`, or of
+        :class:`CAUnavailable` while the CA is known to be failing.
         """
         key = csr.request_key
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
             return Issuance(None, succeed(cached.pem))
+        if key not in self._inflight:
+            try:
+                # Before the client's budget: a client retrying after Retry-After while
+                # the CA is down must not use it up.
+                self.breaker.check()
+            except CAUnavailable as e:
+                return Issuance(None, fail(e))
         try:
             self.admission.admit_client(client)
         except RateLimited as e:
@@ -288,14 +333,20 @@ class Issuer:
         replaces: str | None = None,
         renewal: bool = False,
     ) -> Issuance:
-        """Wait on the identical order in flight, or charge the order budgets and start one."""
+        """Wait on the identical order in flight, or charge the order budgets and start one.
+
+        While the CA is known to be failing (the breaker is open, or its probe is out) no
+        order starts: the chain fails at once with :class:`CAUnavailable` and its
+        ``retry_after``, nothing charged, nothing asked of the CA.
+        """
         inflight = self._inflight.get(csr.request_key)
         if inflight is not None:
             order_id, shared = inflight
             return Issuance(order_id, shared.wait())
         try:
+            self.breaker.check()
             refund = self.admission.admit_order(csr.names, new_names)
-        except RateLimited as e:
+        except (CAUnavailable, RateLimited) as e:
             return Issuance(None, fail(e))
         return self._start(csr, secrets.token_urlsafe(16), refund, replaces, None, renewal)
 

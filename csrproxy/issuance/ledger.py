@@ -6,15 +6,23 @@ it is published and forgotten after it is removed (lazily, with the next
 write: a leftover record only costs a harmless removal at the next start); the
 chain is recorded, together with the order's end, before any client sees it.
 Without a store (unit tests) every step is a no-op.
+
+The ledger also keeps each installation's activity clock (``last_requested``,
+renewal's ``active_days``), moved only by requests that prove they come from that
+installation: see :meth:`Ledger.signed` and :meth:`Ledger.read`.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import secrets
 from collections.abc import Callable
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
@@ -22,10 +30,57 @@ from twisted.logger import Logger
 from csrproxy.acme.order import DNS01Responder, IssuedChain
 from csrproxy.challenges.zone import challenge_name
 from csrproxy.issuance.csr import CheckedCSR
+from csrproxy.names import key_label
 from csrproxy.state.database import UNFINISHED, CertificateRow, ChallengeRow, OrderRow
 from csrproxy.state.store import Store
 
 log = Logger()
+
+#: The name of the certificate ids' secret in the state database.
+CERTIFICATE_ID_SECRET = "certificate-id"
+
+
+class CertificateIds:
+    """Certificate ids (``GET /v1/certificates/<id>``): HMAC-SHA256 of the request key
+    under a server-side secret, its first 128 bits in base64url (22 characters).
+
+    The request key (SHA-256 of public key and names) can be computed from any public
+    certificate (CT logs); the id cannot without the secret, and is only ever told to
+    the installation that signed the CSR.  Pure logic.
+    """
+
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) < 16:
+            raise ValueError("the certificate id secret needs at least 16 bytes")
+        self._secret = secret
+
+    @classmethod
+    def ephemeral(cls) -> CertificateIds:
+        """Ids good for this process only (a ledger without a store)."""
+        return cls(secrets.token_bytes(32))
+
+    def of(self, request_key: str) -> str:
+        mac = hmac.new(self._secret, request_key.encode("ascii"), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac[:16]).rstrip(b"=").decode("ascii")
+
+
+def certificate_key_label(row: CertificateRow) -> str:
+    """The ``{key}`` label of ``row``'s public key (:func:`csrproxy.names.key_label`),
+    from the SPKI digest on record."""
+    digest = bytes.fromhex(row.spki_sha256)[:20]
+    return base64.b32encode(digest).decode("ascii").lower()
+
+
+def order_key_label(row: OrderRow) -> str | None:
+    """The ``{key}`` label of the public key in an order's CSR; None when it does not parse."""
+    try:
+        key = x509.load_der_x509_csr(row.csr).public_key()
+        spki = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return None
+    return key_label(spki)
 
 
 def leaf_id(leaf: x509.Certificate) -> str:
@@ -69,16 +124,24 @@ class Ledger:
         self.backend = backend
         #: request key -> the newest certificate issued for it (what GET /v1/certificates serves).
         self.latest: dict[str, CertificateRow] = {}
+        #: The state database's ids once :meth:`load` read its secret.
+        self.ids = CertificateIds.ephemeral()
+        #: certificate id -> request key, one entry per entry of ``latest``.
+        self._by_id: dict[str, str] = {}
 
     # -- start-up (synchronous: before the reactor runs and the store's thread starts) ----
 
     def load(self) -> None:
+        """Read the certificate ids' secret (made on the first start) and the newest
+        certificate of each CSR."""
         if self.store is None:
             return
+        self.ids = CertificateIds(self.store.db.secret(CERTIFICATE_ID_SECRET))
         for row in reversed(self.store.db.certificates()):
             current = self.latest.get(row.request_key)
             if row.revoked is None and (current is None or row.not_after >= current.not_after):
                 self.latest[row.request_key] = row
+        self._by_id = {self.ids.of(key): key for key in self.latest}
 
     def unfinished_orders(self) -> list[OrderRow]:
         return [] if self.store is None else self.store.db.orders(UNFINISHED)
@@ -139,13 +202,16 @@ class Ledger:
             acme_url=chain.certificate_url,
         )
         current = self.latest.get(row.request_key)
-        if renewal and current is not None:
-            # csrproxy renewed it on its own: the installation has not asked since.
-            row.last_requested = current.last_requested
+        if current is not None:
+            row.signed_by = current.signed_by  # the same installation (key and names)
+            if renewal:
+                # csrproxy renewed it on its own: the installation has not asked since.
+                row.last_requested = current.last_requested
         if self.store is not None:
             await self.store.run(self.store.db.certificate_issued, row, order_id)
         if current is None or row.not_after >= current.not_after:
             self.latest[row.request_key] = row
+            self._by_id[self.ids.of(row.request_key)] = row.request_key
         return row
 
     def order_failed(self, order_id: str, error: str) -> None:
@@ -157,20 +223,64 @@ class Ledger:
             lambda f: log.warn("order {id} not marked failed: {e}", id=order_id, e=f.value)
         )
 
-    def newest(self, request_key: str) -> CertificateRow | None:
-        """The newest certificate issued for ``request_key`` (its certificate id)."""
-        return self.latest.get(request_key)
+    # -- what the web API reads ------------------------------------------------------
 
-    def requested(self, request_key: str, when: float) -> None:
-        """An installation asked for its certificate: it is alive (renewal's active_days)."""
+    def certificate_id(self, request_key: str) -> str:
+        """The id the installation of ``request_key`` is told (:class:`CertificateIds`)."""
+        return self.ids.of(request_key)
+
+    def newest(self, certificate_id: str) -> CertificateRow | None:
+        """The newest certificate of the CSR whose id is ``certificate_id``."""
+        key = self._by_id.get(certificate_id)
+        return None if key is None else self.latest.get(key)
+
+    # -- the installation's activity (renewal's active_days) ------------------------
+
+    def signed(self, request_key: str, when: float, signer: str | None) -> None:
+        """A ``POST /v1/sign`` for the CSR behind ``request_key``: always the
+        installation's activity (its key signed the CSR).
+
+        ``signer`` (the token's client id; None without tokens) becomes the client whose
+        reads of the certificate count as activity (:meth:`read`).
+        """
         row = self.latest.get(request_key)
         if row is None:
             return
+        row.last_requested, row.signed_by = when, signer
+        if self.store is not None:
+            _best_effort(self.store.run(self.store.db.certificate_signed, row.id, when, signer))
+
+    def read(self, request_key: str, when: float, reader: str | None) -> bool:
+        """A ``GET /v1/certificates/<id>``: the installation's activity only when it comes
+        from the installation itself; True when it counted.
+
+        With tokens that is the token on record as the last to sign it (:meth:`signed`);
+        a read by any other token never counts, nor one of a certificate with no signer
+        on record (signed while no tokens were configured: it counts again once its
+        installation signs with its token).  Without tokens (``reader`` None) any caller
+        counts: it knows the unguessable id, which only the installation is told.
+        """
+        row = self.latest.get(request_key)
+        if row is None or (reader is not None and reader != row.signed_by):
+            return False
         row.last_requested = when
         if self.store is not None:
-            d = self.store.run(self.store.db.touch_certificate, row.id, when)
-            d.addErrback(lambda f: None)  # a missed touch only delays the activity clock
+            _best_effort(self.store.run(self.store.db.touch_certificate, row.id, when))
+        return True
+
+
+def _best_effort(d: Deferred[Any]) -> None:
+    d.addErrback(lambda f: None)  # a missed touch only delays the activity clock
 
 
 # CertificateRow is re-exported: it is what ``Ledger.newest`` hands the web API.
-__all__ = ["CertificateRow", "Ledger", "RecordingResponder", "leaf_id"]
+__all__ = [
+    "CERTIFICATE_ID_SECRET",
+    "CertificateIds",
+    "CertificateRow",
+    "Ledger",
+    "RecordingResponder",
+    "certificate_key_label",
+    "leaf_id",
+    "order_key_label",
+]

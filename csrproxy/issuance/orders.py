@@ -1,7 +1,8 @@
 """Asynchronous orders: an unguessable id per accepted request, its status, and its chain.
 
 Records are kept for ``retention`` seconds after the order ends, and at most
-``max_records`` at a time (the oldest go first).
+``max_records`` at a time (the oldest go first).  Each record knows its CSR's names
+and key label, so that a token reads only the records its name patterns allow.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ class OrderRecord:
     status: str = "processing"
     chain: str | None = None
     error: dict[str, Any] | None = field(default=None)
-    #: The CSR's certificate id (GET /v1/certificates/<id>).
-    certificate_id: str | None = None
+    #: The CSR's request key (the ledger turns it into its certificate id).
+    request_key: str | None = None
+    #: The ``{key}`` label of the CSR's public key (None: not known, see ``track``).
+    key_label: str | None = None
 
     def document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"id": self.id, "status": self.status, "names": list(self.names)}
@@ -59,16 +62,23 @@ class OrderBook:
         names: tuple[str, ...],
         waiter: Deferred[str],
         order_id: str | None = None,
-        certificate_id: str | None = None,
+        request_key: str | None = None,
+        key_label: str | None = None,
     ) -> OrderRecord:
         """A record following ``waiter`` (its result is consumed); ``order_id`` is the
-        issuer's id of the order, so the record can be found again after a restart."""
+        issuer's id of the order, so the record can be found again after a restart.
+
+        Without ``key_label`` only tokens whose patterns need no key label can read it.
+        """
         existing = self._records.get(order_id) if order_id else None
         if existing is not None and existing.status == "processing":
             waiter.addErrback(lambda _: None)
             return existing
         record = OrderRecord(
-            order_id or secrets.token_urlsafe(16), tuple(names), certificate_id=certificate_id
+            order_id or secrets.token_urlsafe(16),
+            tuple(names),
+            request_key=request_key,
+            key_label=key_label,
         )
         self.add(record)
 

@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from csrproxy.challenges.zone import CHALLENGE_LABEL
 from csrproxy.issuance.issuer import Issuer
-from csrproxy.issuance.ledger import Ledger
+from csrproxy.issuance.ledger import Ledger, certificate_key_label, order_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.state.database import ChallengeRow, OrderRow
 
@@ -67,17 +67,29 @@ def identifier_of(row: ChallengeRow) -> str:
 
 
 def load_order_records(ledger: Ledger, book: OrderBook) -> None:
-    """Finished orders of earlier runs, so their async ids still answer."""
+    """Finished orders of earlier runs, so their async ids still answer (to the tokens
+    whose patterns allow the names and key label)."""
     by_id = {c.id: c for c in ledger.latest.values()}
     for row in reversed(ledger.recent_orders()):
+        names = tuple(row.names)
         if row.status == "valid":
             cert = by_id.get(row.certificate_id) if row.certificate_id else None
             chain = cert.chain if cert is not None else None
-            status = "valid" if chain else "invalid"
-            book.add(OrderRecord(row.id, tuple(row.names), status, chain, None, row.request_key))
+            label = certificate_key_label(cert) if cert is not None else order_key_label(row)
+            book.add(
+                OrderRecord(
+                    row.id,
+                    names,
+                    "valid" if chain else "invalid",
+                    chain,
+                    request_key=row.request_key,
+                    key_label=label,
+                )
+            )
         elif row.status == "invalid":
             error = {"type": "about:blank", "title": "Order failed", "detail": row.error or ""}
-            book.add(OrderRecord(row.id, tuple(row.names), "invalid", None, error))
+            label = order_key_label(row)
+            book.add(OrderRecord(row.id, names, "invalid", None, error, key_label=label))
 
 
 async def remove_orphans(
@@ -159,5 +171,5 @@ async def recover(
             ledger.order_failed(row.id, f"not resumable: {e}")
             unpublish(ledger, issuer, own)
             continue
-        book.track(tuple(row.names), d, row.id, row.request_key)
+        book.track(tuple(row.names), d, row.id, row.request_key, key_label=order_key_label(row))
     await remove_orphans(ledger, plan.remove, remove_names)

@@ -10,7 +10,7 @@ client that goes away cancels only its own wait.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from typing import Any, Protocol, cast
 
 from klein import Klein
@@ -42,7 +42,7 @@ from csrproxy.issuance.csr import (
     public_key_label,
 )
 from csrproxy.issuance.issuer import Issuance
-from csrproxy.issuance.ledger import CertificateRow
+from csrproxy.issuance.ledger import CertificateRow, certificate_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.renewal import Renewable, next_check_hint
@@ -50,6 +50,7 @@ from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.web.auth import ClientGate, Token
 from csrproxy.web.health import Health
+from csrproxy.web.limits import RefusalTally
 
 log = Logger()
 
@@ -102,6 +103,13 @@ def wants_async(request: IRequest) -> bool:
     return False
 
 
+def _readable(token: Token | None, names: Sequence[str], key_label: str | None) -> bool:
+    """Whether ``token`` may read what was issued for ``names`` and ``key_label``."""
+    if token is None or token.policy is None:
+        return True
+    return all(token.policy.allowed(n, key_label) for n in names)
+
+
 class Signer(Protocol):
     """What the routes ask of the issuer."""
 
@@ -112,11 +120,16 @@ class Signer(Protocol):
 
 
 class CertificateView(Protocol):
-    """The newest certificate of each CSR, read-only but for the installation's activity."""
+    """The newest certificate of each CSR by its certificate id (unguessable: made with a
+    server-side secret), read-only but for the installation's activity."""
 
-    def newest(self, request_key: str) -> CertificateRow | None: ...
+    def certificate_id(self, request_key: str) -> str: ...
 
-    def requested(self, request_key: str, when: float) -> None: ...
+    def newest(self, certificate_id: str) -> CertificateRow | None: ...
+
+    def signed(self, request_key: str, when: float, signer: str | None) -> None: ...
+
+    def read(self, request_key: str, when: float, reader: str | None) -> bool: ...
 
 
 class SigningAPI:
@@ -148,6 +161,7 @@ class SigningAPI:
         self.gate = gate
         self.clock = clock
         self._health = health
+        self._failures = RefusalTally(clock, what="{total} API requests failed (5xx)")
         self.max_body = max_body
         self.key_types = key_types
         self.max_names = max_names
@@ -222,20 +236,31 @@ class SigningAPI:
         if token is not None and token.policy is not None:
             token.policy.check(csr.names, csr.key_label)
         issuance = self.signer.issue(csr, client)
-        self.certificates.requested(csr.request_key, self.clock.seconds())
-        certificate_id = csr.request_key
+        # A sign request always counts as the installation's activity; its token becomes
+        # the one whose reads count too (CertificateView.signed).
+        key, now = csr.request_key, self.clock.seconds()
+        signer = token.client_id if token is not None else None
+        self.certificates.signed(key, now, signer)
         d = issuance.chain
         if d.called:  # a stored chain, or a refusal before any order
-            return d.addCallback(self._chain, request, certificate_id)
-        if wants_async(request):
-            record = self.book.track(csr.names, d, issuance.order_id, certificate_id)
-            return self._accepted(request, record)
-        return self._wait(request, csr.names, d, issuance.order_id, certificate_id)
+            return d.addCallback(self._chain, request, key)
 
-    def _chain(self, pem: str, request: IRequest, certificate_id: str | None = None) -> bytes:
+        def issued(pem: str) -> str:
+            # A new certificate is on record once its chain is: it was signed for too.
+            self.certificates.signed(key, now, signer)
+            return pem
+
+        d.addCallback(issued)
+        if wants_async(request):
+            record = self.book.track(csr.names, d, issuance.order_id, key, csr.key_label)
+            return self._accepted(request, record)
+        return self._wait(request, csr.names, d, issuance.order_id, key, csr.key_label)
+
+    def _chain(self, pem: str, request: IRequest, request_key: str | None = None) -> bytes:
         request.setHeader(b"Content-Type", PEM_CHAIN)
-        if certificate_id is not None:
+        if request_key is not None:
             # Where to look for this CSR's newest chain later (renewals included).
+            certificate_id = self.certificates.certificate_id(request_key)
             request.setHeader(CERTIFICATE_ID, certificate_id.encode())
             request.setHeader(
                 b"Link", f'</v1/certificates/{certificate_id}>; rel="csrproxy-certificate"'.encode()
@@ -253,7 +278,8 @@ class SigningAPI:
         names: tuple[str, ...],
         d: Deferred[str],
         order_id: str | None = None,
-        certificate_id: str | None = None,
+        request_key: str | None = None,
+        key_label: str | None = None,
     ) -> Deferred[bytes]:
         """The chain, or a 202 for an async order once ``sync_timeout`` has passed."""
         tracked = [False]
@@ -272,12 +298,12 @@ class SigningAPI:
                 if isinstance(result, Failure):
                     out.errback(result)
                 else:
-                    out.callback(self._chain(result, request, certificate_id))
+                    out.callback(self._chain(result, request, request_key))
             return result if tracked[0] else None
 
         def too_long() -> None:
             tracked[0] = True
-            record = self.book.track(names, d, order_id, certificate_id)
+            record = self.book.track(names, d, order_id, request_key, key_label)
             out.callback(self._accepted(request, record))
 
         timer = self.clock.callLater(self.sync_timeout, too_long)
@@ -287,8 +313,8 @@ class SigningAPI:
     @app.route("/v1/orders/<string:order_id>", methods=["GET"])
     def order(self, request: IRequest, order_id: str) -> bytes:
         self._count(request, "/v1/orders/{id}")
-        self._client(request)
-        record = self._record(order_id)
+        _, token = self._client(request)
+        record = self._record(order_id, token)
         if record.status == "processing":
             request.setHeader(b"Retry-After", b"1")
         return _json(request, 200, record.document())
@@ -296,35 +322,41 @@ class SigningAPI:
     @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
     def order_certificate(self, request: IRequest, order_id: str) -> bytes:
         self._count(request, "/v1/orders/{id}/certificate")
-        self._client(request)
-        record = self._record(order_id)
+        _, token = self._client(request)
+        record = self._record(order_id, token)
         if record.chain is None:
             if record.status == "processing":
                 request.setHeader(b"Retry-After", b"1")
             raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
-        return self._chain(record.chain, request, record.certificate_id)
+        return self._chain(record.chain, request, record.request_key)
 
-    def _record(self, order_id: str) -> OrderRecord:
+    def _record(self, order_id: str, token: Token | None) -> OrderRecord:
         record = self.book.get(order_id)
-        if record is None:
+        # Outside the token's patterns an order does not exist: 404, not 403.
+        if record is None or not _readable(token, record.names, record.key_label):
             raise NotFound(f"no order {order_id!r} (unknown, or finished over an hour ago)")
         return record
 
     @app.route("/v1/certificates/<string:certificate_id>", methods=["GET"])
     def certificate(self, request: IRequest, certificate_id: str) -> bytes:
-        """The newest chain for a CSR (renewals included), and when to look again."""
+        """The newest chain for a CSR (renewals included), and when to look again.
+
+        A token reads only certificates whose names its patterns allow (404 for others,
+        as for unknown ids); whether the read counts as the installation's activity is
+        :meth:`CertificateView.read`'s rule.
+        """
         self._count(request, "/v1/certificates/{id}")
-        self._client(request)
+        _, token = self._client(request)
         row = self.certificates.newest(certificate_id)
-        if row is None:
+        if row is None or not _readable(token, row.names, certificate_key_label(row)):
             raise NotFound(f"no certificate {certificate_id!r}")
         now = self.clock.seconds()
-        self.certificates.requested(certificate_id, now)
+        self.certificates.read(row.request_key, now, token.client_id if token else None)
         hint = next_check_hint(
             Renewable(row.id, row.not_before, row.not_after, row.last_requested), now
         )
         request.setHeader(b"Retry-After", str(int(hint)).encode())
-        return self._chain(row.chain, request, certificate_id)
+        return self._chain(row.chain, request, row.request_key)
 
     @app.route("/v1/name", methods=["GET", "POST"])
     def name(self, request: IRequest) -> bytes:
@@ -371,7 +403,8 @@ class SigningAPI:
         if isinstance(e, MethodNotAllowed) and e.allowed:
             request.setHeader(b"Allow", ", ".join(e.allowed).encode())
         if e.status >= 500:
-            log.warn("request failed: {err}", err=e.detail)
+            # One summary line a second, however many requests fail (a CA outage).
+            self._failures.add(e.detail[:160])
         return _json(request, e.status, problem_document(e), PROBLEM_JSON)
 
     @app.handle_errors(HTTPException)

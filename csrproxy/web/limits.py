@@ -111,9 +111,15 @@ class RefusalTally:
     """Counts refusals by reason and logs them as one summary line, at most one line
     every ``interval`` seconds however many there are."""
 
-    def __init__(self, clock: IReactorTime, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        interval: float = 1.0,
+        what: str = "HTTP API refused {total} connections or requests",
+    ) -> None:
         self.clock = clock
         self.interval = interval
+        self.what = what
         self.counts: collections.Counter[str] = collections.Counter()
         self._flush: IDelayedCall | None = None
 
@@ -132,7 +138,7 @@ class RefusalTally:
         counts = dict(self.counts)
         self.counts.clear()
         log.warn(
-            "HTTP API refused {total} connections or requests in {interval:g}s: {summary}",
+            self.what + " in {interval:g}s: {summary}",
             total=sum(counts.values()),
             interval=self.interval,
             summary=", ".join(f"{n} {reason}" for reason, n in sorted(counts.items())),

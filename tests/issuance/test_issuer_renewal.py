@@ -49,6 +49,8 @@ class IssuerRenewalTests(SynchronousTestCase):
         old_leaf = x509.load_pem_x509_certificates(first.encode())[0]
         row = self.issuer.ledger.latest[csr.request_key]
         row.last_requested = 1234.0  # the installation last asked long ago
+        row.signed_by = "token:a"
+        cid = self.issuer.ledger.certificate_id(csr.request_key)
         second = self.drive(self.issuer.renew(csr.request_key).chain)
         self.assertIsInstance(second, str, second)
         self.assertNotEqual(second, first)
@@ -56,6 +58,8 @@ class IssuerRenewalTests(SynchronousTestCase):
         newest = self.issuer.ledger.latest[csr.request_key]
         self.assertEqual(newest.chain, second)
         self.assertEqual(newest.last_requested, 1234.0, "a renewal counted as activity")
+        self.assertEqual(newest.signed_by, "token:a", "the installation's token is kept")
+        self.assertIs(self.issuer.ledger.newest(cid), newest, "the same id serves the renewal")
         # The same CSR posted again gets the renewed chain from the cache, no order.
         orders = self.ca.requests["newOrder"]
         self.assertEqual(self.drive(self.issuer.issue(csr, "client").chain), second)

@@ -40,6 +40,10 @@ def test_list_show_account_and_revoke(
     assert shown["names"] == [name]
     leaf = x509.load_pem_x509_certificates(shown["chain"].encode())[0]
     assert leaf.serial_number == got.leaf.serial_number
+    # The id the installation was given (not the row id) finds the same certificate.
+    assert got.certificate_id and shown["certificate_id"] == got.certificate_id != cert_id
+    assert main([*config, "show", got.certificate_id]) == 0
+    assert json.loads(capsys.readouterr().out)["certificate"]["id"] == cert_id
 
     assert main([*config, "account"]) == 0
     account = json.loads(capsys.readouterr().out)

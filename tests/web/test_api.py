@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import time
 from ipaddress import ip_network
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http_headers import Headers
 
@@ -19,6 +20,8 @@ from csrproxy.acme.client import ACMEClient
 from csrproxy.challenges.zone import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.csr import check_csr
+from csrproxy.issuance.ledger import CertificateIds, Ledger
 from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.metrics import Metrics
@@ -27,6 +30,7 @@ from csrproxy.web.api import SigningAPI, problem_document
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from csrproxy.web.health import Health, free_space_probe
 from tests.acme.test_client import ACCOUNT_KEY
+from tests.issuance.test_ledger import InlineStore
 from tests.support.fakeacme import BASE, FakeCA
 from tests.support.issuers import make_issuer
 from tests.support.keys import (
@@ -538,6 +542,23 @@ class StoreFailureTests(APITestCase):
         code, _, _ = self.request("GET", "/v1/health")
         self.assertIn(code, (200, 503))
 
+    def test_failures_are_logged_once_a_second_in_summary(self) -> None:
+        from csrproxy.issuance.ledger import Ledger
+
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.issuer.ledger = Ledger(FailingStore())  # type: ignore[arg-type]
+        for i in range(20):
+            self.assertEqual(self.post(make_csr([f"full{i}.{ZONE}"]))[0], 503)
+        lines = [e for e in events if e.get("log_namespace") == "csrproxy.web.api"]
+        self.assertEqual(lines, [])
+        self.clock.advance(1)
+        lines = [e for e in events if e.get("log_namespace") == "csrproxy.web.limits"]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["total"], 20)
+
     def test_certificate_id_and_newest_chain(self) -> None:
         code, headers, body = self.post(make_csr([f"cid.{ZONE}"]))
         self.assertEqual(code, 200, body)
@@ -548,3 +569,199 @@ class StoreFailureTests(APITestCase):
         self.assertGreater(int(headers.getRawHeaders("retry-after", ["0"])[0]), 0)
         code, _, _ = self.request("GET", "/v1/certificates/unknown")
         self.assertEqual(code, 404)
+
+
+class ScopedReadTests(APITestCase):
+    """Reads scoped like writes (issue 13): unguessable certificate ids, 404 outside a
+    token's patterns, and only the installation's own requests move its activity clock.
+
+    A read is in scope when the token's patterns allow the names with the certificate's
+    own key label: tokens with the same patterns share a scope.
+    """
+
+    A = "token-a"  # {key}.ZONE: the installation of EC256
+    B = "token-b"  # {key}.b.ZONE: another tenant
+    ANY = "token-any"  # no patterns: any name
+    NAMED = "token-named"  # only named.ZONE
+
+    def tokens_gate(self) -> ClientGate:
+        text = "\n".join(
+            [
+                f"{token_hash(self.A)} {{key}}.{ZONE}",
+                f"{token_hash(self.B)} {{key}}.b.{ZONE}",
+                token_hash(self.ANY),
+                f"{token_hash(self.NAMED)} named.{ZONE}",
+            ]
+        )
+        return ClientGate(parse_tokens(text))
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.build(gate=self.tokens_gate())
+        self.name = f"{key_label(spki(EC256))}.{ZONE}"
+        self.csr = make_csr([self.name])
+        self.key = check_csr(self.csr).request_key
+
+    def auth(self, token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def get(self, path: str, token: str) -> tuple[int, Headers, bytes]:
+        return self.request("GET", path, None, Authorization=f"Bearer {token}")
+
+    def use_ledger(self, ledger: Ledger) -> None:
+        self.issuer.ledger = ledger
+        self.api.certificates = ledger
+
+    def sign_as_a(self) -> tuple[str, bytes]:
+        code, headers, body = self.post(self.csr, **self.auth(self.A))
+        self.assertEqual(code, 200, body)
+        [cid] = headers.getRawHeaders("csrproxy-certificate-id")
+        return cid, body
+
+    def assert_about(self, when: float, expected: float) -> None:
+        # Driving a request advances the clock by a little.
+        self.assertTrue(expected <= when < expected + 1, (when, expected))
+
+    def last_requested(self) -> float:
+        return self.issuer.ledger.latest[self.key].last_requested
+
+    def test_certificate_id_is_keyed_with_the_servers_secret(self) -> None:
+        cid, _ = self.sign_as_a()
+        self.assertNotEqual(cid, self.key)
+        self.assertNotIn(cid, self.key)
+        self.assertGreaterEqual(len(cid), 22)
+        self.assertRegex(cid, r"^[A-Za-z0-9_-]+$")
+        self.assertEqual(cid, self.issuer.ledger.ids.of(self.key))
+        # Another secret, another id: nobody without this server's secret computes it.
+        self.assertNotEqual(cid, CertificateIds.ephemeral().of(self.key))
+        # The request key (computable from the certificate) is no longer an id.
+        code, _, _ = self.get(f"/v1/certificates/{self.key}", self.A)
+        self.assertEqual(code, 404)
+
+    def test_other_token_gets_404_and_does_not_move_the_activity_clock(self) -> None:
+        cid, body = self.sign_as_a()
+        before = self.last_requested()
+        self.clock.advance(3600)
+        for token in (self.B, self.NAMED):
+            code, headers, got = self.get(f"/v1/certificates/{cid}", token)
+            self.assertEqual(code, 404, token)
+            doc = self.problem(code, headers, got)
+            self.assertTrue(doc["type"].endswith("/not-found"))
+            unknown = self.get("/v1/certificates/" + "x" * 22, token)
+            self.assertEqual(
+                json.loads(unknown[2])["detail"].split()[:2], doc["detail"].split()[:2]
+            )
+        self.assertEqual(self.last_requested(), before)
+        # A token whose patterns allow the names reads it; that is not the installation.
+        code, _, got = self.get(f"/v1/certificates/{cid}", self.ANY)
+        self.assertEqual((code, got), (200, body))
+        self.assertEqual(self.last_requested(), before)
+
+    def test_the_installations_own_read_moves_the_activity_clock(self) -> None:
+        cid, body = self.sign_as_a()
+        self.clock.advance(3600)
+        code, _, got = self.get(f"/v1/certificates/{cid}", self.A)
+        self.assertEqual((code, got), (200, body))
+        self.assert_about(self.last_requested(), 3600)
+
+    def test_a_sign_always_counts_and_makes_its_token_the_installations(self) -> None:
+        cid, _ = self.sign_as_a()
+        self.clock.advance(100)
+        # Another token in scope posting the same CSR: the CSR's signature is the proof.
+        self.assertEqual(self.post(self.csr, **self.auth(self.ANY))[0], 200)
+        signed = self.last_requested()
+        self.assert_about(signed, 100)
+        self.assertEqual(self.issuer.ledger.latest[self.key].signed_by, token_client(self.ANY))
+        self.clock.advance(100)
+        self.assertEqual(self.get(f"/v1/certificates/{cid}", self.A)[0], 200)
+        self.assertEqual(self.last_requested(), signed, "A is no longer the one who signed")
+        self.sign_as_a()
+        self.clock.advance(100)
+        self.get(f"/v1/certificates/{cid}", self.A)
+        self.assert_about(self.last_requested(), 300)
+
+    def test_without_tokens_a_read_with_the_id_counts(self) -> None:
+        self.build()
+        code, headers, _ = self.post(self.csr)
+        self.assertEqual(code, 200)
+        [cid] = headers.getRawHeaders("csrproxy-certificate-id")
+        self.clock.advance(50)
+        self.assertEqual(self.request("GET", f"/v1/certificates/{cid}")[0], 200)
+        self.assert_about(self.last_requested(), 50)
+
+    def wait_for(self, location: str, token: str) -> None:
+        for _ in range(3000):
+            self.clock.advance(0.01)
+            self.agent.flush()
+            if json.loads(self.get(location, token)[2])["status"] != ("processing"):
+                return
+        self.fail("the order did not end")
+
+    def test_an_order_outside_the_tokens_scope_is_404(self) -> None:
+        self.ca.faults.pending_polls = 3
+        code, headers, _ = self.post(self.csr, Prefer="respond-async", **self.auth(self.A))
+        self.assertEqual(code, 202)
+        location = headers.getRawHeaders("location")[0]
+        for token in (self.B, self.NAMED):
+            for path in (location, location + "/certificate"):
+                code, hdrs, body = self.get(path, token)
+                self.assertEqual(code, 404, (token, path))
+                self.assertTrue(self.problem(code, hdrs, body)["type"].endswith("/not-found"))
+        self.wait_for(location, self.A)
+        code, headers, body = self.get(location + "/certificate", self.A)
+        self.assertEqual(code, 200)
+        [cid] = headers.getRawHeaders("csrproxy-certificate-id", [])
+        self.assertEqual(cid, self.issuer.ledger.ids.of(self.key))
+        self.assertEqual(self.get(location, self.B)[0], 404)
+        self.assertEqual(self.get(location, self.ANY)[0], 200)
+        # The order's chain was signed for: A's token is the installation's.
+        self.assertEqual(self.issuer.ledger.latest[self.key].signed_by, token_client(self.A))
+
+    def test_a_sync_request_turned_async_is_readable_by_its_keyed_token(self) -> None:
+        self.build(gate=self.tokens_gate(), sync_timeout=0.5)
+        self.ca.faults.pending_polls = 5
+        code, headers, body = self.post(self.csr, **self.auth(self.A))
+        self.assertEqual(code, 202, body)
+        location = headers.getRawHeaders("location")[0]
+        self.assertEqual(self.get(location, self.B)[0], 404)
+        self.wait_for(location, self.A)
+        self.assertEqual(self.get(location + "/certificate", self.A)[0], 200)
+
+    def test_ids_signers_and_scope_survive_a_restart(self) -> None:
+        import shutil
+        import tempfile
+
+        from csrproxy.state.database import StateDB
+
+        path = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, path)
+        db = StateDB(f"{path}/state.sqlite3")
+        ledger = Ledger(InlineStore(db))  # type: ignore[arg-type]
+        ledger.load()
+        self.use_ledger(ledger)
+        cid, body = self.sign_as_a()
+        db.close()
+        # A restart, and a second instance sharing the database: the same ids.
+        for _ in range(2):
+            again = StateDB(f"{path}/state.sqlite3")
+            self.addCleanup(again.close)
+            restarted = Ledger(InlineStore(again))  # type: ignore[arg-type]
+            restarted.load()
+            self.assertEqual(restarted.certificate_id(self.key), cid)
+        self.use_ledger(restarted)
+        self.assertEqual(restarted.latest[self.key].signed_by, token_client(self.A))
+        before = self.last_requested()
+        self.clock.advance(7200)
+        self.assertEqual(self.get(f"/v1/certificates/{cid}", self.B)[0], 404)
+        self.assertEqual(self.last_requested(), before)
+        code, _, got = self.get(f"/v1/certificates/{cid}", self.A)
+        self.assertEqual((code, got), (200, body))
+        stored = again.newest_certificate(self.key)
+        assert stored is not None
+        self.assert_about(stored.last_requested, 7200)
+
+
+def token_client(token: str) -> str:
+    """The client id of ``token`` (what the ledger records as a certificate's signer)."""
+    [parsed] = parse_tokens(token_hash(token))
+    return parsed.client_id
