@@ -23,7 +23,8 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.problems import ACMETransportError
-from csrproxy.acme.transport import MAX_CONNECTIONS, ACMEResponse, ACMETransport
+from csrproxy.acme.response import ACMEResponse
+from csrproxy.acme.transport import MAX_CONNECTIONS, ACMETransport
 from csrproxy.http import MAX_PER_HOST, VerifyingPolicy, make_http_client, make_pool
 from tests.support.tls import CA, CERT, KEY, NAME_CA, NAME_CERT, NAME_KEY, OTHER_CERT, OTHER_KEY
 

@@ -35,7 +35,8 @@ from csrproxy.acme.messages import (
     checked_url,
 )
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, DeadlineExceeded
-from csrproxy.acme.transport import ACMEResponse, ACMETransport
+from csrproxy.acme.response import ACMEResponse
+from csrproxy.acme.transport import ACMETransport
 from csrproxy.retry import RetryTimer, parse_retry_after
 
 log = Logger()

@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urljoin
 
-from OpenSSL import SSL
-from service_identity import VerificationError
 from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, DeferredSemaphore
 from twisted.internet.error import (
@@ -46,6 +43,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from csrproxy.acme.breaker import CircuitBreaker
+from csrproxy.acme.failures import error_text, failure_reasons, verification_failed
 from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.messages import problem_from_json
 from csrproxy.acme.problems import (
@@ -54,6 +52,7 @@ from csrproxy.acme.problems import (
     ACMETransportError,
     DeadlineExceeded,
 )
+from csrproxy.acme.response import ACMEResponse
 from csrproxy.errors import CAUnavailable
 from csrproxy.http import MAX_BODY, BodyTooLarge, read_body
 from csrproxy.retry import RetryTimer, parse_retry_after
@@ -71,48 +70,6 @@ _USER_AGENT = [USER_AGENT.encode("ascii")]
 _JOSE = [JOSE.encode("ascii")]
 #: What a cancelled exchange raises, whether our timeout or our caller cancelled it.
 _CANCELLED = (CancelledError, ConnectingCancelledError)
-
-
-class ACMEResponse:
-    """What the client keeps of one CA answer."""
-
-    def __init__(
-        self, url: str, status: int, headers: Mapping[str, list[str]], body: bytes
-    ) -> None:
-        self.url = url
-        self.status = status
-        self.headers = headers
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        values = self.headers.get(name.lower())
-        return values[0] if values else None
-
-    @property
-    def location(self) -> str | None:
-        """The ``Location`` header, a relative reference resolved against the request URL."""
-        value = self.header("location")
-        return urljoin(self.url, value) if value else value
-
-    def json(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.body)
-        except ValueError as e:
-            raise ACMEProtocolError(f"{self.url}: answer is not JSON: {e}") from e
-        if not isinstance(doc, dict):
-            raise ACMEProtocolError(f"{self.url}: answer is not a JSON object")
-        return doc
-
-    def links(self, rel: str) -> list[str]:
-        """URLs of ``Link: <url>;rel="rel"`` headers."""
-        out = []
-        for value in self.headers.get("link", []):
-            for part in value.split(","):
-                url, _, params = part.partition(";")
-                flat = params.replace(" ", "")
-                if f'rel="{rel}"' in flat or f"rel={rel}" in flat.split(";"):
-                    out.append(url.strip().strip("<>"))
-        return out
 
 
 class ACMETransport:
@@ -231,17 +188,19 @@ class ACMETransport:
             resp, content = await exchange
         except (ConnectError, DNSLookupError, ConnectingCancelledError, RequestNotSent) as e:
             self._count(kind, 0)
-            why = "timed out connecting" if expired[0] else f"cannot connect: {_text(e)}"
+            why = "timed out connecting" if expired[0] else f"cannot connect: {error_text(e)}"
             raise ACMETransportError(url, why, sent=False) from e
         except ResponseFailed as e:
             self._count(kind, 0)
-            if _verification_failed(e):
-                raise ACMETransportError(url, f"TLS failed: {_reasons(e)}", sent=False) from e
-            why = "timed out" if expired[0] else f"connection failed: {_reasons(e)}"
+            if verification_failed(e):
+                why = f"TLS failed: {failure_reasons(e)}"
+                raise ACMETransportError(url, why, sent=False) from e
+            why = "timed out" if expired[0] else f"connection failed: {failure_reasons(e)}"
             raise ACMETransportError(url, why, sent=ambiguous) from e
         except (RequestTransmissionFailed, BodyTooLarge) as e:
             self._count(kind, 0)
-            raise ACMETransportError(url, f"connection failed: {_text(e)}", sent=ambiguous) from e
+            why = f"connection failed: {error_text(e)}"
+            raise ACMETransportError(url, why, sent=ambiguous) from e
         except (TimeoutError, CancelledError) as e:
             self._count(kind, 0)
             raise ACMETransportError(
@@ -432,27 +391,3 @@ class ACMETransport:
         finally:
             if timer.active():
                 timer.cancel()
-
-
-def _reasons(error: ResponseFailed) -> str:
-    return "; ".join(reason.getErrorMessage() for reason in error.reasons) or repr(error)
-
-
-def _text(e: BaseException) -> str:
-    return str(e) or type(e).__name__
-
-
-def _verification_failed(error: ResponseFailed) -> bool:
-    """True when the CA's certificate failed verification (nothing reached the server).
-
-    twisted.web writes the request into the TLS layer, which holds it until the handshake
-    is done; verification (the chain, the host name) is part of the handshake, so its
-    failure means no request bytes left us.  Other TLS errors may come after the request
-    was delivered, so they count as possibly sent.
-    """
-    for reason in error.reasons:
-        if reason.check(VerificationError):
-            return True
-        if reason.check(SSL.Error) and "certificate verify failed" in str(reason.value):
-            return True
-    return False

@@ -3,18 +3,16 @@
 The issuer runs each order detached from whoever asked for it: a caller gets
 its own Deferred, and cancelling that (an HTTP client that went away) leaves
 the order running.  Identical requests in flight share one order.  ACME
-failures are translated here into csrproxy's typed errors.
+failures become csrproxy's typed errors in :mod:`csrproxy.issuance.results`.
 """
 
 from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from cryptography import x509
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -33,24 +31,25 @@ from csrproxy.acme.order import (
     obtain_chain,
 )
 from csrproxy.acme.problems import (
-    ACMEError,
     ACMEProblem,
-    ACMETransportError,
     AuthorizationFailed,
-    DeadlineExceeded,
     OrderFailed,
 )
 from csrproxy.errors import (
     CAUnavailable,
-    CsrproxyError,
-    IssuanceFailed,
-    IssuanceTimeout,
     RateLimited,
 )
 from csrproxy.issuance.admission import Admission
 from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import CheckedCSR, check_csr
 from csrproxy.issuance.ledger import Ledger
+from csrproxy.issuance.results import (
+    NOT_FROM_A_CRASH,
+    Issuance,
+    SharedResult,
+    problem_type,
+    translate,
+)
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.retry import Backoff
@@ -62,98 +61,6 @@ log = Logger()
 #: (when that is sooner than the poll schedule): the CA asks from several places, then
 #: decides; a poll that comes too early is one extra request.
 POLL_AFTER_LOOKUP = 0.002
-
-
-#: ACME problem types a fresh order would meet again: a resumed order failing with one of
-#: them is not ordered afresh.
-NOT_FROM_A_CRASH = frozenset(
-    {
-        "badCSR",
-        "badPublicKey",
-        "badSignatureAlgorithm",
-        "caa",
-        "rateLimited",
-        "rejectedIdentifier",
-        "unsupportedIdentifier",
-        "userActionRequired",
-    }
-)
-
-
-def problem_type(e: ACMEError) -> str | None:
-    """The short ACME problem type behind ``e``, if the CA gave one."""
-    if isinstance(e, ACMEProblem):
-        return e.short_type
-    if isinstance(e, AuthorizationFailed | OrderFailed) and e.problem is not None:
-        return e.problem.short_type
-    return None
-
-
-class SharedResult:
-    """One Deferred's result handed to many waiters; cancelling a waiter drops only it."""
-
-    def __init__(self, source: Deferred[Any]) -> None:
-        self._waiters: list[Deferred[Any]] = []
-        self._result: Any = None
-        self._done = False
-        source.addBoth(self._fire)
-
-    def _fire(self, result: Any) -> None:
-        self._done, self._result = True, result
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(result) if not isinstance(result, Failure) else d.errback(result)
-        return None
-
-    @property
-    def failed(self) -> bool:
-        """True once the source has failed (a later caller may want to start afresh)."""
-        return self._done and isinstance(self._result, Failure)
-
-    def wait(self) -> Deferred[Any]:
-        if self._done:
-            d: Deferred[Any] = Deferred()
-            if isinstance(self._result, Failure):
-                d.errback(self._result)
-            else:
-                d.callback(self._result)
-            return d
-        d = Deferred(lambda waiter: self._waiters.remove(waiter))
-        self._waiters.append(d)
-        return d
-
-
-@dataclass(frozen=True)
-class Issuance:
-    """What :meth:`Issuer.issue` hands back.
-
-    ``chain`` fires with the PEM chain (leaf first) or fails with a csrproxy error;
-    cancelling it drops only this waiter, never the order.  ``order_id`` is the id of the
-    order it waits on (the async order id), ``None`` when no order runs (a stored chain,
-    or a refusal).
-    """
-
-    order_id: str | None
-    chain: Deferred[str]
-
-
-def translate(failure: Failure) -> Failure:
-    """ACME exceptions to csrproxy errors the API can show."""
-    e = failure.value
-    if isinstance(e, CsrproxyError | CancelledError):
-        return failure
-    if isinstance(e, DeadlineExceeded):
-        return Failure(IssuanceTimeout(f"the CA did not finish the order in time: {e}"))
-    if isinstance(e, ACMEProblem):
-        status = 429 if e.short_type == "rateLimited" else 502
-        return Failure(IssuanceFailed(f"the CA refused: {e.detail}", e.type, status, e.retry_after))
-    if isinstance(e, AuthorizationFailed | OrderFailed):
-        return Failure(IssuanceFailed(str(e), e.problem.type if e.problem else None, 502))
-    if isinstance(e, ACMETransportError):
-        return Failure(IssuanceFailed(f"the CA is unreachable: {e}", None, 503))
-    if isinstance(e, ACMEError):
-        return Failure(IssuanceFailed(f"ACME error: {e}", None, 502))
-    return failure
 
 
 class Issuer:

@@ -41,11 +41,11 @@ from csrproxy.issuance.csr import (
     csr_bytes_from_body,
     public_key_label,
 )
-from csrproxy.issuance.issuer import Issuance
 from csrproxy.issuance.ledger import CertificateRow, certificate_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.renewal import Renewable, next_check_hint
+from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.web.auth import ClientGate, Token

@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.order import OrderRun, PollSchedule, obtain_chain
-from csrproxy.acme.transport import ACMEResponse
+from csrproxy.acme.response import ACMEResponse
 from csrproxy.challenges.watch import WatchedZone
 from csrproxy.dns.factory import ZoneServerFactory
 from csrproxy.testing.dns import reply_to
