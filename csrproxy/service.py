@@ -5,15 +5,12 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from treq.client import HTTPClient
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
 from csrproxy.acme.client import ACMEClient
@@ -40,60 +37,22 @@ from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.recovery import load_order_records, recover
-from csrproxy.issuance.renewal import Renewable, RenewalScheduler, RenewalWindows
+from csrproxy.issuance.renewal import (
+    Renewable,
+    RenewalScheduler,
+    RenewalService,
+    RenewalWindows,
+)
 from csrproxy.metrics import Metrics
 from csrproxy.state.store import StateDir, Store
-from csrproxy.web.api import SigningAPI, problem_document
+from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
 from csrproxy.web.health import Health, Probe, free_space_probe
 from csrproxy.web.limits import LimitedSite
+from csrproxy.web.listener import APIListener
+from csrproxy.web.problems import problem_document
 
 log = Logger()
-
-
-class APIListener(StreamServerEndpointService):
-    """Twisted's endpoint service for one API endpoint string, failing with one clear line.
-
-    It binds in privilegedStartService (Twisted's behaviour); a bad string or a port that
-    cannot bind raises :class:`ListenError` naming the endpoint. ``port`` is the listening
-    port once bound (readiness).
-    """
-
-    def __init__(self, reactor: Any, description: str, factory: Any) -> None:
-        super().__init__(None, factory)
-        self.reactor = reactor
-        self.description = description
-        self.port: IListeningPort | None = None
-
-    def privilegedStartService(self) -> None:
-        if self._waitingForPort is not None:
-            return
-        try:
-            self.endpoint = serverFromString(self.reactor, self.description)
-        except (ValueError, TypeError, KeyError) as e:
-            raise ListenError(self.description, f"bad endpoint string ({e})") from e
-        self._raiseSynchronously = True
-        try:
-            super().privilegedStartService()
-        except Exception as e:
-            raise ListenError(self.description, str(e)) from e
-        bound: list[IListeningPort] = []
-        cast(Deferred[IListeningPort], self._waitingForPort).addCallback(self._bound, bound)
-        if not bound:
-            # Every endpoint the API can be given binds at once; one that does not would
-            # leave the daemon "ready" without a port.
-            raise ListenError(self.description, "the endpoint did not bind at once")
-
-    def _bound(self, port: IListeningPort, bound: list[IListeningPort]) -> IListeningPort:
-        self.port = port
-        bound.append(port)
-        log.info("API listening on {endpoint}", endpoint=self.description)
-        return port
-
-    def stopService(self) -> Deferred[None] | None:
-        self.port = None
-        d: Deferred[None] | None = super().stopService()
-        return d
 
 
 class AccountService(Service):
@@ -178,19 +137,6 @@ class StateService(Service):
     def stopService(self) -> None:
         super().stopService()
         self.store.stop()
-
-
-class RenewalService(Service):
-    def __init__(self, scheduler: RenewalScheduler) -> None:
-        self.scheduler = scheduler
-
-    def startService(self) -> None:
-        super().startService()
-        self.scheduler.start()
-
-    def stopService(self) -> None:
-        super().stopService()
-        self.scheduler.stop()
 
 
 def make_publisher(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
@@ -175,3 +176,18 @@ class RenewalWindows:
     def forget(self, key: str) -> None:
         self._windows.pop(key, None)
         self._next_look.pop(key, None)
+
+
+class RenewalService(Service):
+    """Runs the renewal scheduler while the daemon runs."""
+
+    def __init__(self, scheduler: RenewalScheduler) -> None:
+        self.scheduler = scheduler
+
+    def startService(self) -> None:
+        super().startService()
+        self.scheduler.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.scheduler.stop()

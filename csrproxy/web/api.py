@@ -9,9 +9,8 @@ client that goes away cancels only its own wait.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection, Sequence
-from typing import Any, Protocol, cast
+from typing import Protocol, cast
 
 from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred
@@ -24,15 +23,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.exceptions import MethodNotAllowed as WerkzeugMethodNotAllowed
 
 from csrproxy.errors import (
-    PROBLEM_NAMESPACE,
     BadRequest,
     BodyTooLarge,
     CsrproxyError,
-    IssuanceFailed,
     MethodNotAllowed,
     NotFound,
     OrderNotReady,
-    RateLimited,
 )
 from csrproxy.issuance.csr import (
     DEFAULT_MAX_NAMES,
@@ -49,51 +45,14 @@ from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.web.auth import ClientGate, Token
+from csrproxy.web.connections import RefusalTally
 from csrproxy.web.health import Health
-from csrproxy.web.limits import RefusalTally
+from csrproxy.web.problems import PROBLEM_JSON, json_answer, problem_document, retry_after_of
 
 log = Logger()
 
 CERTIFICATE_ID = b"CSRProxy-Certificate-Id"
 PEM_CHAIN = b"application/pem-certificate-chain"
-PROBLEM_JSON = b"application/problem+json"
-JSON = b"application/json"
-
-
-def problem_document(e: BaseException) -> dict[str, Any]:
-    """The RFC 9457 document for an exception (``internal`` for anything unexpected)."""
-    if not isinstance(e, CsrproxyError):
-        return {
-            "type": PROBLEM_NAMESPACE + "internal",
-            "title": "Internal error",
-            "status": 500,
-            "detail": "an unexpected error occurred; it has been logged",
-        }
-    doc: dict[str, Any] = {
-        "type": e.problem_type,
-        "title": type(e).__name__,
-        "status": e.status,
-        "detail": e.detail,
-    }
-    for field in ("names", "acme_type", "reason", "allowed", "order_status"):
-        value = getattr(e, field, None)
-        if value:
-            doc[field] = value
-    return doc
-
-
-def retry_after_of(e: BaseException) -> float | None:
-    if isinstance(e, IssuanceFailed | RateLimited):
-        return e.retry_after
-    return None
-
-
-def _json(request: IRequest, status: int, doc: dict[str, Any], ctype: bytes = JSON) -> bytes:
-    request.setResponseCode(status)
-    request.setHeader(b"Content-Type", ctype)
-    return json.dumps(doc).encode() + b"\n"
-
-
 def wants_async(request: IRequest) -> bool:
     """``Prefer: respond-async`` (RFC 7240), among other preferences or not."""
     for value in request.requestHeaders.getRawHeaders(b"prefer", []):
@@ -270,7 +229,7 @@ class SigningAPI:
     def _accepted(self, request: IRequest, record: OrderRecord) -> bytes:
         request.setHeader(b"Location", f"/v1/orders/{record.id}".encode())
         request.setHeader(b"Retry-After", b"1")
-        return _json(request, 202, record.document())
+        return json_answer(request, 202, record.document())
 
     def _wait(
         self,
@@ -317,7 +276,7 @@ class SigningAPI:
         record = self._record(order_id, token)
         if record.status == "processing":
             request.setHeader(b"Retry-After", b"1")
-        return _json(request, 200, record.document())
+        return json_answer(request, 200, record.document())
 
     @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
     def order_certificate(self, request: IRequest, order_id: str) -> bytes:
@@ -372,7 +331,7 @@ class SigningAPI:
         if token is not None and token.policy is not None:
             allowed = token.policy
             names = [n for n in names if "{label}" in n or allowed.allowed(n, label)]
-        return _json(request, 200, {"names": names, "key_label": label})
+        return json_answer(request, 200, {"names": names, "key_label": label})
 
     @app.route("/v1/health", methods=["GET"])
     @app.route("/v1/health/ready", methods=["GET"])
@@ -381,13 +340,13 @@ class SigningAPI:
         self._count(request, "/v1/health")
         doc = self._health.document()
         doc["account"] = self.signer.account_url
-        return _json(request, 200 if doc["ready"] else 503, doc)
+        return json_answer(request, 200 if doc["ready"] else 503, doc)
 
     @app.route("/v1/health/live", methods=["GET"])
     def live(self, request: IRequest) -> bytes:
         """Liveness: the process answers (a supervisor restarts it when this fails)."""
         self._count(request, "/v1/health/live")
-        return _json(request, 200, {"live": True})
+        return json_answer(request, 200, {"live": True})
 
     # -- errors ---------------------------------------------------------------
 
@@ -405,7 +364,7 @@ class SigningAPI:
         if e.status >= 500:
             # One summary line a second, however many requests fail (a CA outage).
             self._failures.add(e.detail[:160])
-        return _json(request, e.status, problem_document(e), PROBLEM_JSON)
+        return json_answer(request, e.status, problem_document(e), PROBLEM_JSON)
 
     @app.handle_errors(HTTPException)
     def routing_error(self, request: IRequest, failure: Failure) -> bytes:
@@ -429,4 +388,4 @@ class SigningAPI:
         if failure.check(CancelledError):
             return b""  # the client went away; the order goes on in the issuer
         log.failure("unexpected error serving {uri}", failure, uri=request.uri)
-        return _json(request, 500, problem_document(Exception()), PROBLEM_JSON)
+        return json_answer(request, 500, problem_document(Exception()), PROBLEM_JSON)

@@ -15,7 +15,8 @@ from twisted.internet import defer
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from csrproxy.errors import ConfigError
-from csrproxy.state.database import MIGRATIONS, CertificateRow, OrderRow, StateDB
+from csrproxy.state.database import CertificateRow, OrderRow, StateDB
+from csrproxy.state.schema import MIGRATIONS
 from csrproxy.state.store import StateDir, Store, StoreUnavailable
 
 

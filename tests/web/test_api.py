@@ -26,9 +26,10 @@ from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.metrics import Metrics
 from csrproxy.names import key_label
-from csrproxy.web.api import SigningAPI, problem_document
+from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from csrproxy.web.health import Health, free_space_probe
+from csrproxy.web.problems import problem_document
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.issuance.test_ledger import InlineStore
 from tests.support.fakeacme import BASE, FakeCA
@@ -555,7 +556,7 @@ class StoreFailureTests(APITestCase):
         lines = [e for e in events if e.get("log_namespace") == "csrproxy.web.api"]
         self.assertEqual(lines, [])
         self.clock.advance(1)
-        lines = [e for e in events if e.get("log_namespace") == "csrproxy.web.limits"]
+        lines = [e for e in events if e.get("log_namespace") == "csrproxy.web.connections"]
         self.assertEqual(len(lines), 1)
         self.assertEqual(lines[0]["total"], 20)
 

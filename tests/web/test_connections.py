@@ -20,12 +20,12 @@ from csrproxy.config.api import parse_api
 from csrproxy.config.model import APIConfig
 from csrproxy.config.reader import Table
 from csrproxy.errors import ConfigError
+from csrproxy.web.connections import source_of
 from csrproxy.web.limits import (
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_ADDRESS,
     LimitedChannel,
     LimitedSite,
-    source_of,
 )
 
 ANSWER = b"a" * 1000
