@@ -42,7 +42,8 @@ CERTIFICATE_ID_SECRET = "certificate-id"
 
 class CertificateIds:
     """Certificate ids (``GET /v1/certificates/<id>``): HMAC-SHA256 of the request key
-    under a server-side secret, its first 128 bits in base64url (22 characters).
+    under a server-side secret, its first 128 bits in hex (32 characters: never a leading
+    ``-`` that a command line would take for an option, as base64url could give).
 
     The request key (SHA-256 of public key and names) can be computed from any public
     certificate (CT logs); the id cannot without the secret, and is only ever told to
@@ -61,7 +62,7 @@ class CertificateIds:
 
     def of(self, request_key: str) -> str:
         mac = hmac.new(self._secret, request_key.encode("ascii"), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(mac[:16]).rstrip(b"=").decode("ascii")
+        return mac[:16].hex()
 
 
 def certificate_key_label(row: CertificateRow) -> str:

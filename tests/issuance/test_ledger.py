@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import shutil
@@ -54,13 +53,13 @@ def row_for(request_key: str, csr_der: bytes, spki_sha256: str) -> CertificateRo
 
 
 class CertificateIdTests(SynchronousTestCase):
-    def test_hmac_of_the_request_key_in_22_base64url_characters(self) -> None:
+    def test_hmac_of_the_request_key_in_32_hex_characters(self) -> None:
         secret = bytes(range(32))
         cid = CertificateIds(secret).of("rk")
-        self.assertEqual(len(cid), 22)
-        self.assertRegex(cid, r"^[A-Za-z0-9_-]{22}$")
+        self.assertEqual(len(cid), 32)
+        self.assertRegex(cid, r"^[0-9a-f]{32}$")
         mac = hmac.new(secret, b"rk", hashlib.sha256).digest()[:16]
-        self.assertEqual(cid, base64.urlsafe_b64encode(mac).decode().rstrip("="))
+        self.assertEqual(cid, mac.hex())
         self.assertEqual(CertificateIds(secret).of("rk"), cid, "stable")
         self.assertNotEqual(CertificateIds(bytes(32)).of("rk"), cid, "keyed")
         self.assertNotEqual(CertificateIds(secret).of("rk2"), cid)
