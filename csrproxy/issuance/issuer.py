@@ -255,7 +255,7 @@ class Issuer:
             refund = self.admission.admit_order(csr.names, new_names)
         except (CAUnavailable, RateLimited) as e:
             return Issuance(None, fail(e))
-        return self._start(csr, secrets.token_urlsafe(16), refund, replaces, None, renewal)
+        return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
 
     def _start(
         self,

@@ -75,7 +75,7 @@ class OrderBook:
             waiter.addErrback(lambda _: None)
             return existing
         record = OrderRecord(
-            order_id or secrets.token_urlsafe(16),
+            order_id or secrets.token_hex(16),
             tuple(names),
             request_key=request_key,
             key_label=key_label,
