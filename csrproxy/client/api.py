@@ -183,8 +183,9 @@ class Server:
 
     def sign(self, csr_pem: bytes, timeout: float = DEFAULT_TIMEOUT) -> Signed:
         """POST the CSR and wait for its chain: synchronously, then by polling the order
-        when the server answers 202; 429s are retried after ``Retry-After`` when that fits
-        in ``timeout`` (the whole wait's deadline)."""
+        when the server answers 202; 429s, and 503s with ``Retry-After`` (the CA is known to
+        be failing), are retried after ``Retry-After`` when that fits in ``timeout`` (the
+        whole wait's deadline)."""
         deadline = self.now() + timeout
         self._progress("waiting for the CA")
         try:
@@ -193,6 +194,13 @@ class Server:
                 if resp.status == 202:
                     return self._poll(resp, deadline)
                 if resp.status == 429 and self._pause(resp, deadline, "rate-limited"):
+                    continue
+                # The server knows the CA is failing (its circuit breaker): wait as it says.
+                if (
+                    resp.status == 503
+                    and resp.header("retry-after")
+                    and self._pause(resp, deadline, "the CA is unavailable")
+                ):
                     continue
                 return self._chain(resp, "POST /v1/sign")
         finally:
@@ -244,7 +252,7 @@ class Server:
         else raise (the deadline is EXIT_NETWORK, a 429 is EXIT_REFUSED)."""
         delay = max(floor, retry_after(resp, self.now()) or 1.0)
         if self.now() + delay > deadline:
-            if resp.status == 429:
+            if resp.status in (429, 503):
                 raise self.refused(f"{why}, retry after {delay:.0f}s", resp)
             raise ClientError("no certificate before the deadline (--timeout)", EXIT_NETWORK)
         log.debug("%s; waiting %.1fs", why, delay)

@@ -78,6 +78,22 @@ def test_rate_limited_past_the_deadline_is_refused(
     assert code == 1 and "retry after" in err and clock.sleeps == []
 
 
+def test_ca_unavailable_is_retried_after_retry_after(
+    server: FakeServer, clock: FakeClock, tmp_path: Path
+) -> None:
+    server.canned["POST /v1/sign"] = [problem(503, "ca-error", {"retry-after": "10"})]
+    obtain(server, clock, tmp_path)
+    assert clock.sleeps == [10.0] and server.posts() == 2
+
+
+def test_ca_unavailable_past_the_deadline_is_refused(
+    server: FakeServer, clock: FakeClock, tmp_path: Path
+) -> None:
+    server.canned["POST /v1/sign"] = [problem(503, "ca-error", {"retry-after": "3600"})]
+    code, err = cli(server, clock, "issue", "--url", URL, "--dir", str(tmp_path), "--name", NAME)
+    assert code == 1 and "retry after" in err and clock.sleeps == []
+
+
 def test_link_header_alone_gives_the_certificate_id() -> None:
     resp = Response(
         200, {"link": '<https://x.test/v1/certificates/abc>; rel="csrproxy-certificate"'}
