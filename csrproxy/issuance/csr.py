@@ -59,19 +59,34 @@ class CheckedCSR:
 #: Deepest nesting of JSON arrays and objects accepted in a body (``{"csr": ...}`` is 1).
 MAX_JSON_DEPTH = 32
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+#: A JSON string, or an unterminated one up to the end (so that no quote inside it starts
+#: another match: one pass, linear; possessive, so nothing is tried twice).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.|\\\Z)*+(?:"|\Z)', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_exceeds(body: bytes, limit: int) -> bool:
+    """True when ``body``'s arrays and objects nest deeper than ``limit`` (strings skipped).
+
+    Linear in the body: strings are dropped in one regex pass, then the brackets are
+    counted; a body with no more than ``limit`` brackets in all is not scanned.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return False
+    depth = 0
+    for b in _STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
+        depth += 1 if b in b"[{" else -1
+        if depth > limit:
+            return True
+    return False
 
 
 def json_body(body: bytes) -> Any:
     """The JSON document in ``body``, or :class:`BadCSR`; nesting deeper than
     :data:`MAX_JSON_DEPTH` is refused before decoding (``json.loads`` recurses once per
     level, and ``[`` * 60,000 ends in ``RecursionError``)."""
-    depth = 0
-    for b in _JSON_STRING.sub(b"", body).translate(None, _NOT_BRACKETS):
-        depth += 1 if b in b"[{" else -1
-        if depth > MAX_JSON_DEPTH:
-            raise BadCSR(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise BadCSR(f"the JSON body is nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError

@@ -93,3 +93,18 @@ class OddStructureTests(SynchronousTestCase):
         with self.assertRaises(BadCSR) as caught:
             check_csr(twice)
         self.assertIn("Duplicate", caught.exception.detail)
+
+
+def test_json_depth_is_counted_outside_strings_only() -> None:
+    from csrproxy.issuance.csr import json_depth_exceeds
+
+    assert not json_depth_exceeds(b"[" * 32 + b"]" * 32, 32)
+    assert json_depth_exceeds(b"[" * 33 + b"]" * 33, 32)
+    assert not json_depth_exceeds(b'{"csr": "' + b"[" * 60_000 + b'"}', 32)
+    assert not json_depth_exceeds(b'{"a": "' + b"[" * 50 + b'\\"' + b"[" * 50 + b'"}', 32)
+    assert json_depth_exceeds(b'{"a": "\\\\"' + b", [" * 40, 32)  # the escape ends there
+    # Unterminated strings full of escaped quotes: one pass (this took 19 s with a
+    # backtracking pattern, at 64 KiB), and the answer is still right.
+    assert not json_depth_exceeds(b'{"' + b'\\"' * 32_768, 32)
+    assert not json_depth_exceeds(b'{"' + b'\\"' * 32_767 + b"\\", 32)
+    assert json_depth_exceeds(b'"a",' * 16_000 + b"[" * 40, 32)
