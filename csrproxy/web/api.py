@@ -363,7 +363,7 @@ class SigningAPI:
             request.setHeader(b"Allow", ", ".join(e.allowed).encode())
         if e.status >= 500:
             # One summary line a second, however many requests fail (a CA outage).
-            self._failures.add(e.detail[:160])
+            self._failures.add(e.problem)
         return json_answer(request, e.status, problem_document(e), PROBLEM_JSON)
 
     @app.handle_errors(HTTPException)

@@ -38,7 +38,7 @@ import io
 import ipaddress
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote_to_bytes
 
 from twisted.internet.interfaces import IAddress, IDelayedCall
@@ -229,6 +229,13 @@ class LimitedChannel(HTTPChannel):
         if self.abortTimeout is not None:
             self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)  # type: ignore[no-untyped-call]
         self.loseConnection()  # type: ignore[no-untyped-call]
+
+    def forceAbortClient(self) -> None:
+        # As twisted.web's (a client that did not take its last answer in abortTimeout),
+        # counted in the summary instead of a log line each.
+        self._abortingCall = None
+        cast(Any, self.site).tally.add("http-forced-close")
+        cast(Any, self.transport).abortConnection()
 
     # -- back-pressure ------------------------------------------------------------
     # twisted.web stops reading when the transport cannot send only between requests;

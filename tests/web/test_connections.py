@@ -192,6 +192,20 @@ class ConnectionCapTests(SiteCase):
         self.assertTrue(all(t.disconnecting for t in transports))
         self.assertEqual([e for e in self.events if "Timing out" in str(e)], [])
 
+    def test_a_client_that_will_not_close_is_aborted_without_a_line_each(self) -> None:
+        transports = []
+        for port in range(50):
+            proto, transport = self.connect(IPv4Address("TCP", f"192.0.2.{port}", 1))
+            assert proto is not None
+            transport.loseConnection = lambda: None  # type: ignore[method-assign]
+            transports.append(transport)
+        self.clock.advance(30)  # idle timeout: close asked, the peer ignores it
+        self.clock.advance(15)  # abortTimeout: forced
+        self.assertTrue(all(t.disconnecting or t.disconnected for t in transports))
+        self.assertEqual([e for e in self.events if "Forcibly" in str(e.get("log_format"))], [])
+        self.clock.advance(1)
+        self.assertEqual(len(self.warnings()), 1, self.warnings())
+
     def test_config_keys(self) -> None:
         self.assertEqual(
             (APIConfig.max_connections, APIConfig.max_connections_per_address), (1000, 32)
