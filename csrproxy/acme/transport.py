@@ -143,12 +143,19 @@ class ACMETransport:
         breaker = self.breaker
         probe = breaker.admit() if breaker is not None else False
         expired = [False]
+        phase = ["waiting"]  # waiting for a slot -> requesting -> reading the body
         try:
-            resp = await self._send(method, url, body, kind, timeout, expired)
+            resp = await self._send(method, url, body, kind, timeout, expired, phase)
         except ACMETransportError as e:
             if breaker is not None:
-                if not expired[0] and isinstance(e.__cause__, _CANCELLED):
-                    breaker.released(probe)  # our caller gave up: no news of the CA
+                # No news of the CA: our caller gave up, or the time that ran out was the
+                # caller's deadline (not a whole request_timeout), or the request never
+                # got a connection slot.
+                ours = (not expired[0] and isinstance(e.__cause__, _CANCELLED)) or (
+                    expired[0] and (timeout < self.request_timeout or phase[0] == "waiting")
+                )
+                if ours:
+                    breaker.released(probe)
                 else:
                     breaker.failed(probe)
             raise
@@ -171,11 +178,11 @@ class ACMETransport:
         kind: str,
         timeout: float,
         expired: list[bool],
+        phase: list[str],
     ) -> ACMEResponse:
         headers = Headers({b"User-Agent": _USER_AGENT})
         if body is not None:
             headers.setRawHeaders(b"Content-Type", _JOSE)
-        phase = ["waiting"]  # waiting for a slot -> requesting -> reading the body
         exchange = Deferred.fromCoroutine(self._exchange(method, url, body, headers, phase))
 
         def expire() -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.breaker import COOLDOWN, PROBE_RETRY_AFTER, THRESHOLD, CircuitBreaker
+from csrproxy.acme.transport import ACMETransport
 from csrproxy.errors import CAUnavailable, IssuanceFailed
 
 
@@ -180,3 +181,43 @@ class BreakerTests(SynchronousTestCase):
             CircuitBreaker(self.clock, threshold=0)
         with self.assertRaises(ValueError):
             CircuitBreaker(self.clock, cooldown=0)
+
+
+class HangingAgent:
+    """An agent whose requests never get an answer (cancelling them is all they do)."""
+
+    def request(
+        self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None
+    ) -> Deferred[Any]:
+        return Deferred()
+
+
+class OwnDeadlineTests(SynchronousTestCase):
+    def transport(self) -> tuple[Clock, ACMETransport, CircuitBreaker]:
+        from csrproxy.acme.jws import AccountKey
+        from csrproxy.http import client_over
+
+        clock = Clock()
+        breaker = CircuitBreaker(clock, threshold=1, cooldown=10)
+        t = ACMETransport(
+            clock,
+            client_over(cast(Any, HangingAgent())),
+            AccountKey.generate("ec256"),
+            request_timeout=30,
+            breaker=breaker,
+        )
+        return clock, t, breaker
+
+    def test_a_request_cut_by_the_callers_deadline_is_no_news_of_the_ca(self) -> None:
+        clock, t, breaker = self.transport()
+        d = Deferred.fromCoroutine(t.send("GET", "https://ca.test/dir", deadline=1.0))
+        clock.advance(1)
+        self.failureResultOf(d)
+        self.assertEqual((breaker.state, breaker.failures), ("closed", 0))
+
+    def test_a_whole_request_timeout_is_a_failure_of_the_ca(self) -> None:
+        clock, t, breaker = self.transport()
+        d = Deferred.fromCoroutine(t.send("GET", "https://ca.test/dir"))
+        clock.advance(30)
+        self.failureResultOf(d)
+        self.assertEqual(breaker.state, "open")
