@@ -9,10 +9,13 @@ from typing import Any
 
 from cryptography import x509
 from treq.client import HTTPClient
+from twisted.application.internet import TimerService
 from twisted.application.service import IServiceCollection, MultiService, Service
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from csrproxy.acme.breaker import QUIET as CA_QUIET
+from csrproxy.acme.breaker import STALE as CA_STALE
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
 from csrproxy.acme.order import Checkpoint, DNS01Responder, OrderOptions
@@ -215,8 +218,10 @@ def readiness(
         seen = breaker.last_success
         now = issuer.clock.seconds()
         ago = "never answered" if seen is None else f"last answered {now - seen:.0f}s ago"
-        if breaker.state == "closed":
+        if breaker.state == "closed" and seen is not None and now - seen <= CA_STALE:
             return True, f"reachable ({ago})"
+        if breaker.state == "closed":
+            return False, f"not answered recently ({ago})"
         return False, f"failing ({breaker.state}, {breaker.failures} failures in a row; {ago})"
 
     probes: list[tuple[str, Probe]] = [("account", account), ("ca", ca), ("api", api)]
@@ -367,6 +372,9 @@ def build_service(
         listener.setServiceParent(collection)
         listeners.append(listener)
     AccountService(issuer).setServiceParent(collection)
+    ca_watch = TimerService(CA_QUIET, issuer.breaker.look_if_quiet, CA_QUIET)
+    ca_watch.clock = reactor
+    ca_watch.setServiceParent(collection)
     StateService(
         store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
     ).setServiceParent(collection)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import tempfile
 from typing import Any, cast
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.acme.breaker import CircuitBreaker
+from csrproxy.acme.breaker import QUIET, STALE, CircuitBreaker
 from csrproxy.service import readiness
 
 
@@ -47,8 +48,9 @@ class ReadinessTests(SynchronousTestCase):
                 return {c.name: c.ok for c in health.checks()}
 
             self.assertEqual(
-                parts(), {"account": False, "ca": True, "api": False, "dns": False, "store": True}
+                parts(), {"account": False, "ca": False, "api": False, "dns": False, "store": True}
             )
+            issuer.breaker.succeeded()  # the CA answered
             issuer.account_url = "https://ca.test/acct/1"
             listener.port = object()
             dns.ports = [object(), object()]
@@ -61,5 +63,31 @@ class ReadinessTests(SynchronousTestCase):
             self.assertFalse(health.ready())
             issuer.breaker.succeeded()
             self.assertTrue(parts()["ca"])
+            # Quiet for longer than STALE: not known to answer any more.
+            clock.advance(STALE + 1)
+            self.assertFalse(parts()["ca"])
+            issuer.breaker.succeeded()
             store.healthy = False
             self.assertFalse(parts()["store"])
+
+
+class QuietProbeTests(SynchronousTestCase):
+    def test_a_quiet_ca_is_asked_once_a_quiet_period(self) -> None:
+        clock = Clock()
+        breaker = CircuitBreaker(clock)
+        asked: list[float] = []
+
+        def probe() -> Deferred[None]:
+            asked.append(clock.seconds())
+            breaker.succeeded()
+            return succeed(None)
+
+        breaker.probe = probe
+        breaker.look_if_quiet(QUIET)
+        self.assertEqual(asked, [], "never answered yet: the account look-up is asking")
+        breaker.succeeded()
+        breaker.look_if_quiet(QUIET)
+        self.assertEqual(asked, [], "answered just now")
+        clock.advance(QUIET)
+        breaker.look_if_quiet(QUIET)
+        self.assertEqual(asked, [QUIET])

@@ -36,6 +36,10 @@ log = Logger()
 THRESHOLD = 5
 #: Seconds the breaker stays open before it lets a probe through.
 COOLDOWN = 10.0
+#: With no requests for this long, the CA is asked once (HEAD newNonce) to know it answers.
+QUIET = 60.0
+#: Readiness says the CA is not reachable when it has not answered for this long.
+STALE = 3 * QUIET
 #: Retry-After of a request refused while the probe is out (it ends within a request timeout,
 #: and in milliseconds when the CA answers or refuses connections).
 PROBE_RETRY_AFTER = 1.0
@@ -172,3 +176,17 @@ class CircuitBreaker:
             log.info("CA probe failed: {err}", err=str(e))
             return
         d.addErrback(lambda f: log.info("CA probe failed: {err}", err=str(f.value)))
+
+    # -- while nothing is asked ---------------------------------------------------------
+
+    def look_if_quiet(self, quiet: float) -> None:
+        """Probe the CA when it has not answered for ``quiet`` seconds and the breaker is
+        closed, so that "the CA answered recently" stays true or becomes false without
+        traffic (a timer calls this; a failing probe counts like any failed request)."""
+        seen = self.last_success
+        if self.state != "closed" or self.probe is None or self._probing:
+            return
+        # Before the CA ever answered, the account look-up is asking it: no extra request.
+        if seen is None or self.clock.seconds() - seen < quiet:
+            return
+        self.probe().addErrback(lambda _: None)
