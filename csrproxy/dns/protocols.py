@@ -63,6 +63,8 @@ class DNSDatagramProtocol(dns.DNSDatagramProtocol):
     def __init__(self, controller: Controller) -> None:
         super().__init__(controller, reactor=controller.reactor)
         self._sendto: Callable[[bytes, Any], object] | None = None
+        #: errno values already logged (a handful at most: the kernel's send errors).
+        self._logged_errors: set[int | None] = set()
 
     def startProtocol(self) -> None:
         super().startProtocol()
@@ -84,8 +86,16 @@ class DNSDatagramProtocol(dns.DNSDatagramProtocol):
             else:
                 cast(Any, self.transport).write(data, address)
         except OSError as e:
-            if e.errno not in _DROPPED_SEND_ERRORS:
-                log.warn("DNS reply to {addr} failed: {error}", addr=address, error=e)
+            # Dropped, as UDP may.  A kind of failure is logged once per listener, not once
+            # per datagram (a spoofed flood can make every send fail the same way).
+            if e.errno not in _DROPPED_SEND_ERRORS and e.errno not in self._logged_errors:
+                self._logged_errors.add(e.errno)
+                log.warn(
+                    "DNS replies failing ({error}); further replies failing so are dropped"
+                    " without a line",
+                    addr=address,
+                    error=e,
+                )
 
     def writeMessage(self, message: dns.Message, address: Any) -> None:
         self.writeReply(message.toStr(), address)

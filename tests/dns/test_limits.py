@@ -4,7 +4,7 @@ source and in total, and the refusal summary (``csrproxy.dns.limits``)."""
 from __future__ import annotations
 
 import struct
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import address
 from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
@@ -438,3 +438,31 @@ class RealSocketBackPressureTests(TestCase):
         self.assertEqual(message.answers[0].type, tdns.SOA)
         for connection in resolver.connections:
             connection.transport.loseConnection()
+
+
+class UDPSendErrorTests(SynchronousTestCase):
+    def test_a_failing_send_is_logged_once_not_per_datagram(self) -> None:
+        import errno as errnos
+
+        from twisted.logger import ILogObserver, globalLogPublisher
+
+        from csrproxy.dns.protocols import DNSDatagramProtocol
+
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+        class Controller:
+            reactor = Clock()
+
+        proto = DNSDatagramProtocol(cast(Any, Controller()))
+
+        def refuse(data: bytes, addr: Any) -> None:
+            raise OSError(errnos.EPERM, "Operation not permitted")
+
+        proto._sendto = refuse
+        for port in range(1, 101):
+            proto.writeReply(b"reply", ("192.0.2.1", port))
+        failing = [e for e in events if "DNS replies failing" in str(e.get("log_format"))]
+        self.assertEqual(len(failing), 1)
