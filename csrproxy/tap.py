@@ -129,6 +129,9 @@ class HangupService(Service):
 
 
 def makeService(options: Options) -> IService:
+    # A SIGHUP while the state loads would end the process unlogged (its default action):
+    # ignore it until HangupService takes it over.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     from twisted.internet import reactor
 
     from csrproxy.http import make_http_client

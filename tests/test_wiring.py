@@ -8,6 +8,7 @@ DNSServerFactory subclass.
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -62,6 +63,8 @@ class WiringTests(SynchronousTestCase):
         path = f"{work}/csrproxy.toml"
         with open(path, "w") as f:
             f.write(CONFIG.format(state=f"{work}/state"))
+        # makeService takes SIGHUP over (ignored until the daemon's handler runs).
+        self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
         options = tap.Options()
         options.parseOptions(["--config", path])
         return tap.makeService(options)
