@@ -387,6 +387,7 @@ def build_service(
             active_days=config.renewal.active_days,
             interval=config.renewal.interval,
             max_parallel=config.renewal.max_parallel,
+            paused=lambda: issuer.breaker.state != "closed",
         )
         RenewalService(scheduler).setServiceParent(collection)
     return top

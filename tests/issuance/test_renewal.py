@@ -79,6 +79,17 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(self.calls, ["a"])
         self.assertEqual(s.renewed, 1)
 
+    def test_no_pass_while_paused(self) -> None:
+        self.certs = [Renewable("a", 0, 90 * DAY, last_requested=59 * DAY)]
+        s = self.scheduler()
+        paused = [True]
+        s.paused = lambda: paused[0]
+        self.clock.pump([3600] * 24 * 70)  # past its due time, the CA failing all along
+        self.assertEqual(self.calls, [])
+        paused[0] = False
+        self.clock.advance(3600)
+        self.assertEqual(self.calls, ["a"])
+
     def test_inactive_installation_is_not_renewed(self) -> None:
         self.certs = [Renewable("dead", 0, 90 * DAY, last_requested=0)]
         s = self.scheduler(active_days=30)
