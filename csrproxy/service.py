@@ -233,7 +233,12 @@ def readiness(
             return (ports > 0, f"{ports} ports" if ports else "not listening")
 
         probes.append(("dns", dns))
-    probes.append(("store", free_space_probe(state_dir, lambda: store.healthy)))
+    def retry_write() -> None:
+        store.run(store.db.probe_write).addErrback(lambda _: None)  # the store logs it
+
+    probes.append(
+        ("store", free_space_probe(state_dir, lambda: store.healthy, retry_write=retry_write))
+    )
     return Health(probes)
 
 

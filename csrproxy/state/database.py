@@ -112,6 +112,11 @@ class StateDB:
     def version(self) -> int:
         return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
 
+    def probe_write(self) -> None:
+        """One small write (the schema version, unchanged): can the database be written?"""
+        with self.transaction() as c:
+            c.execute(f"PRAGMA user_version = {int(self.version)}")
+
     def migrate(self) -> None:
         """Bring the schema to the newest version, one transaction per step."""
         while self.version < len(MIGRATIONS):

@@ -8,6 +8,7 @@ listeners, the store, the CA) report on themselves without this module knowing t
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -70,10 +71,24 @@ class Health:
         }
 
 
+#: While the store is not healthy and has room again, a test write is tried this often
+#: (health checks come from load balancers; a drained daemon makes no writes of its own).
+RETRY_WRITE_EVERY = 10.0
+
+
 def free_space_probe(
-    path: str, healthy: Callable[[], bool], minimum: int = MIN_FREE_BYTES
+    path: str,
+    healthy: Callable[[], bool],
+    minimum: int = MIN_FREE_BYTES,
+    retry_write: Callable[[], object] | None = None,
+    now: Callable[[], float] = time.monotonic,
 ) -> Probe:
-    """The store is ready while its last write succeeded and its directory has room."""
+    """The store is ready while its last write succeeded and its directory has room.
+
+    ``retry_write`` starts a test write in the background (it makes the store healthy
+    again when it succeeds); it is asked for at most every ``RETRY_WRITE_EVERY`` seconds.
+    """
+    last_try = [-RETRY_WRITE_EVERY]
 
     def probe() -> tuple[bool, str]:
         try:
@@ -82,6 +97,10 @@ def free_space_probe(
             return False, f"{path}: {e.strerror}"
         free = st.f_bavail * st.f_frsize
         if not healthy():
+            due = now() - last_try[0] >= RETRY_WRITE_EVERY
+            if retry_write is not None and free >= minimum and due:
+                last_try[0] = now()
+                retry_write()
             return False, f"the last write to the state database failed ({free >> 20} MiB free)"
         if free < minimum:
             return False, f"{path} has {free >> 10} KiB free (needs {minimum >> 20} MiB)"

@@ -316,3 +316,11 @@ def test_read_only_database_is_store_unavailable(tmp_path: Path) -> None:
     with pytest.raises(sqlite3.OperationalError):
         ro.save_order(OrderRow("o1", "rk", b"c", []))
     ro.conn.close()
+
+
+def test_probe_write_is_a_write_and_keeps_the_schema(tmp_path: Path) -> None:
+    db = StateDB(tmp_path / "s.sqlite3")
+    version = db.version
+    db.probe_write()
+    assert db.version == version
+    db.close()

@@ -496,6 +496,21 @@ class RouteTests(APITestCase):
             self.assertFalse(ok)
             self.assertIn("last write", detail)
             self.assertFalse(free_space_probe(d + "/gone", lambda: True)()[0])
+            # Unhealthy with room again: a test write is asked for, at most every 10 s.
+            tries: list[float] = []
+            t = [100.0]
+            probe = free_space_probe(
+                d,
+                lambda: False,
+                minimum=1,
+                retry_write=lambda: tries.append(t[0]),
+                now=lambda: t[0],
+            )
+            probe()
+            probe()
+            t[0] += 10
+            probe()
+            self.assertEqual(tries, [100.0, 110.0])
 
     def test_metrics(self) -> None:
         self.post(make_csr([f"m.{ZONE}"]))
