@@ -63,6 +63,8 @@ PIPELINE_BUFFER = 16 * 1024
 #: ``on_connection_refused`` reasons.
 TOO_MANY_CONNECTIONS = "http-connections"
 TOO_MANY_FROM_ADDRESS = "http-connections-per-address"
+#: A connection of the heaviest source closed to let a new source in.
+EVICTED = "http-connections-evicted"
 
 
 def problem_body(status: int, problem: str, detail: str) -> bytes:
@@ -168,7 +170,7 @@ class LimitedChannel(HTTPChannel):
         self._cancel_deadline()
         if self._counted:
             self._counted = False
-            self.site.connection_closed(self._source)
+            self.site.connection_closed(self._source, self)
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _cancel_deadline(self) -> None:
@@ -321,15 +323,16 @@ class LimitedSite(Site):
         self._on_connection_refused = on_connection_refused
         self._access_log = access_log
         self.tally = RefusalTally(self.reactor)
-        #: Open connections, in all and by source.
+        #: Open connections, in all and by source (oldest first; dicts keep their order).
         self.open_connections = 0
         self.open_by_source: collections.Counter[str] = collections.Counter()
+        self._by_source: dict[str, dict[LimitedChannel, None]] = {}
 
     def buildProtocol(self, addr: IAddress) -> LimitedChannel | None:  # type: ignore[override]
         source, ip = source_of(addr)
         if source is not None and ip is not None and _within(ip, self.proxies):
             source = None
-        if self.open_connections >= self.max_connections:
+        if self.open_connections >= self.max_connections and not self._evict_for(source):
             self._refuse_connection(TOO_MANY_CONNECTIONS)
             return None  # the listening port closes the socket at once
         if source is not None and self.open_by_source[source] >= self.max_connections_per_address:
@@ -341,19 +344,41 @@ class LimitedSite(Site):
         self.open_connections += 1
         if source is not None:
             self.open_by_source[source] += 1
+            self._by_source.setdefault(source, {})[channel] = None
         return channel
+
+    def _evict_for(self, source: str | None) -> bool:
+        """When full, a source holding fewer connections than the heaviest one takes that
+        one's oldest (so that a few sources cannot keep every other client out); the
+        newcomer is refused when it is among the heaviest itself."""
+        if source is None or not self.open_by_source:
+            return False
+        heaviest, held = self.open_by_source.most_common(1)[0]
+        if held <= self.open_by_source[source] + 1:
+            return False
+        oldest = next(iter(self._by_source[heaviest]))
+        oldest._counted = False
+        self.connection_closed(heaviest, oldest)
+        self._refuse_connection(EVICTED)
+        if oldest.transport is not None:
+            cast(Any, oldest.transport).abortConnection()
+        return True
 
     def _refuse_connection(self, reason: str) -> None:
         self.tally.add(reason)
         if self._on_connection_refused is not None:
             self._on_connection_refused(reason)
 
-    def connection_closed(self, source: str | None) -> None:
+    def connection_closed(self, source: str | None, channel: LimitedChannel | None = None) -> None:
         self.open_connections -= 1
         if source is not None:
             self.open_by_source[source] -= 1
+            channels = self._by_source.get(source)
+            if channels is not None and channel is not None:
+                channels.pop(channel, None)
             if self.open_by_source[source] <= 0:
                 del self.open_by_source[source]
+                self._by_source.pop(source, None)
 
     def stopFactory(self) -> None:
         self.tally.flush()

@@ -22,6 +22,7 @@ from csrproxy.config.reader import Table
 from csrproxy.errors import ConfigError
 from csrproxy.web.connections import source_of
 from csrproxy.web.limits import (
+    EVICTED,
     TOO_MANY_CONNECTIONS,
     TOO_MANY_FROM_ADDRESS,
     LimitedChannel,
@@ -134,6 +135,32 @@ class ConnectionCapTests(SiteCase):
         self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "198.51.100.1", 1)))
         self.assertEqual(self.connection_refusals, [TOO_MANY_CONNECTIONS])
         self.assertEqual(self.site.open_connections, 5)
+
+    def test_a_full_site_takes_a_new_source_from_the_heaviest(self) -> None:
+        # A few sources holding every slot cannot keep everyone else out.
+        self.site = self.make_site(max_connections=6, max_connections_per_address=4)
+        heavy = [self.connect(IPv4Address("TCP", "192.0.2.1", 1)) for _ in range(4)]
+        light = [self.connect(IPv4Address("TCP", "192.0.2.2", 1)) for _ in range(2)]
+        self.assertEqual(self.site.open_connections, 6)
+        proto, _ = self.connect(IPv4Address("TCP", "198.51.100.1", 1))
+        self.assertIsNotNone(proto)
+        self.assertTrue(heavy[0][1].disconnected or heavy[0][1].disconnecting)
+        self.assertFalse(any(t.disconnected for _, t in heavy[1:] + light))
+        self.assertEqual(self.site.open_connections, 6)
+        self.assertEqual(self.site.open_by_source["192.0.2.1"], 3)
+        self.assertEqual(self.connection_refusals, [EVICTED])
+        # A source already among the heaviest is refused, not served by evicting.
+        self.connect(IPv4Address("TCP", "198.51.100.1", 1))
+        self.connect(IPv4Address("TCP", "198.51.100.1", 1))
+        self.assertIsNone(self.site.buildProtocol(IPv4Address("TCP", "192.0.2.1", 1)))
+        self.assertEqual(self.connection_refusals[-1], TOO_MANY_CONNECTIONS)
+        self.assertLessEqual(self.site.open_connections, 6)
+        # The evicted connection's own close does not count twice.
+        evicted = heavy[0][0]
+        assert evicted is not None
+        before = self.site.open_connections
+        evicted.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.site.open_connections, before)
 
     def test_ipv6_counts_per_slash_64_and_mapped_ipv4_as_ipv4(self) -> None:
         self.site = self.make_site(max_connections_per_address=2)
