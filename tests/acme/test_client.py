@@ -18,6 +18,7 @@ from csrproxy.acme.jws import AccountKey
 from csrproxy.acme.order import IssuedChain, OrderRun, PollSchedule, obtain_chain
 from csrproxy.acme.problems import ACMEProblem, AuthorizationFailed
 from csrproxy.retry import Backoff, RetryTimer, parse_retry_after
+from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, FakeCA
 
 T = TypeVar("T")
@@ -71,14 +72,7 @@ class ACMETestMixin:
 
     def drive(self, d: Deferred[T], step: float = 0.01, limit: float = 600) -> list[Any]:
         """Advance the clock until ``d`` fires; return [result] or [Failure]."""
-        out: list[Any] = []
-        d.addBoth(out.append)
-        elapsed = 0.0
-        while not out and elapsed < limit:
-            self.agent.flush()
-            self.clock.advance(step)
-            elapsed += step
-        return out
+        return run_until_fired(d, self.agent.flush, self.clock, step, limit)
 
     def obtain(self, client: ACMEClient, names: list[str], deadline: float = 300) -> list[Any]:
         schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + deadline)

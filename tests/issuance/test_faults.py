@@ -19,6 +19,7 @@ from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.csr import CheckedCSR, check_csr
 from csrproxy.issuance.issuer import Issuer
 from tests.acme.test_client import ACCOUNT_KEY
+from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, FakeCA, FlakyHTTP
 from tests.support.issuers import make_issuer
 from tests.support.keys import make_csr
@@ -63,12 +64,7 @@ class IssuerFaultTestCase(SynchronousTestCase):
         self.clock.advance(STEP)
 
     def drive(self, d: Deferred[Any], limit: float = 600) -> Any:
-        out: list[Any] = []
-        d.addBoth(out.append)
-        elapsed = 0.0
-        while not out and elapsed < limit:
-            self.step()
-            elapsed += STEP
+        out = run_until_fired(d, self.agent.flush, self.clock, STEP, limit)
         self.assertTrue(out, "no result")
         return out[0]
 

@@ -15,6 +15,7 @@ from csrproxy.challenges.zone import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.issuance.csr import check_csr
 from tests.acme.test_client import ACCOUNT_KEY
+from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, FakeCA
 from tests.support.issuers import make_issuer
 from tests.support.keys import make_csr
@@ -34,14 +35,7 @@ class IssuerRenewalTests(SynchronousTestCase):
         self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone))
 
     def drive(self, d: Deferred[Any]) -> Any:
-        out: list[Any] = []
-        d.addBoth(out.append)
-        for _ in range(10000):
-            if out:
-                break
-            self.agent.flush()
-            self.clock.advance(0.01)
-        return out[0]
+        return run_until_fired(d, self.agent.flush, self.clock)[0]
 
     def test_renewal_replaces_the_old_certificate(self) -> None:
         csr = check_csr(make_csr([f"r.{ZONE}"]))

@@ -20,6 +20,7 @@ from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.recovery import identifier_of, plan_recovery, recover
 from csrproxy.state.database import ChallengeRow, OrderRow
 from tests.acme.test_client import ACCOUNT_KEY
+from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, ERR, Authz, FakeCA, Order
 from tests.support.issuers import make_issuer
 from tests.support.keys import make_csr
@@ -109,14 +110,7 @@ class ResumeTests(SynchronousTestCase):
         return issuer
 
     def drive(self, d: Deferred[Any]) -> Any:
-        out: list[Any] = []
-        d.addBoth(out.append)
-        for _ in range(10000):
-            if out:
-                break
-            self.agent.flush()
-            self.clock.advance(0.01)
-        return out[0]
+        return run_until_fired(d, self.agent.flush, self.clock)[0]
 
     def crashed_order(self, **authz: Any) -> tuple[OrderRow, ChallengeRow]:
         """The CA's order and authorization as the crash left them, and their rows."""
