@@ -115,6 +115,9 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class StateConfig:
     dir: str
+    #: Days a superseded or expired certificate is kept after it expired, and a finished
+    #: order after it ended (then pruned).
+    retention_days: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,13 @@ class RenewalConfig:
     interval: float = 300.0
     #: Renewals running at once.
     max_parallel: int = 4
+    #: ARI (RFC 9773) look-ups running at once.
+    ari_parallel: int = 4
+    #: ARI look-ups started per second at most (a million certificates never ask at once).
+    ari_per_second: float = 20.0
+    #: Seconds between two ARI look-ups of one certificate at least (longer when the CA's
+    #: Retry-After says so).
+    ari_recheck: float = 6 * 3600.0
 
 
 @dataclass(frozen=True)

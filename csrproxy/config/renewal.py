@@ -12,6 +12,9 @@ def parse_renewal(renewal: Table) -> RenewalConfig:
         active_days=renewal.positive("active_days", RenewalConfig.active_days),
         interval=renewal.positive("interval", RenewalConfig.interval),
         max_parallel=renewal.positive_int("max_parallel", RenewalConfig.max_parallel),
+        ari_parallel=renewal.positive_int("ari_parallel", RenewalConfig.ari_parallel),
+        ari_per_second=renewal.positive("ari_per_second", RenewalConfig.ari_per_second),
+        ari_recheck=renewal.positive("ari_recheck", RenewalConfig.ari_recheck),
     )
     renewal.done()
     return config

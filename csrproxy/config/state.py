@@ -7,6 +7,9 @@ from csrproxy.config.reader import Table
 
 
 def parse_state(state: Table) -> StateConfig:
-    config = StateConfig(dir=state.get("dir", str))
+    config = StateConfig(
+        dir=state.get("dir", str),
+        retention_days=state.positive("retention_days", StateConfig.retention_days),
+    )
     state.done()
     return config

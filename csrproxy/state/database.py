@@ -67,6 +67,19 @@ class CertificateRow:
     revoked: int | None = None
     #: The token (client id) whose POST /v1/sign last asked for it; None without tokens.
     signed_by: str | None = None
+    #: Its names sorted and joined by "," (which sets of names were issued before).
+    names_key: str | None = None
+    #: When a newer certificate for the same request key was recorded; None: current.
+    superseded: float | None = None
+    #: When to renew it (None: not computed yet).
+    renew_at: float | None = None
+    #: 1 once a renewal pass found it due and its installation inactive, until it asks again.
+    dormant: int = 0
+    #: The CA's ARI window (RFC 9773), when it gave one.
+    ari_start: float | None = None
+    ari_end: float | None = None
+    #: When to ask the CA's ARI endpoint for its window again (None: when convenient).
+    ari_next: float | None = None
 
 
 @dataclass
@@ -341,9 +354,11 @@ class StateDB:
 
 _SAVE_CERTIFICATE = (
     "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
-    "not_before, not_after, order_id, acme_url, created, last_requested, revoked, signed_by) "
+    "not_before, not_after, order_id, acme_url, created, last_requested, revoked, signed_by, "
+    "names_key, superseded, renew_at, dormant, ari_start, ari_end, ari_next) "
     "VALUES (:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
-    ":order_id, :acme_url, :created, :last_requested, :revoked, :signed_by)"
+    ":order_id, :acme_url, :created, :last_requested, :revoked, :signed_by, "
+    ":names_key, :superseded, :renew_at, :dormant, :ari_start, :ari_end, :ari_next)"
 )
 _REMOVE_CHALLENGE = (
     "DELETE FROM challenges WHERE id IN "

@@ -63,4 +63,50 @@ MIGRATIONS: Sequence[str] = (
     );
     ALTER TABLE certificates ADD COLUMN signed_by TEXT;
     """,
+    # 3: a million installations. Each certificate knows whether it is current (not
+    # superseded), when to renew it, its ARI window and when to ask for it again, its sorted
+    # names (the new-names budget); finished orders have their own status; admission
+    # budgets survive restarts. Every per-pass query runs on a partial index.
+    """
+    ALTER TABLE certificates ADD COLUMN names_key TEXT;
+    ALTER TABLE certificates ADD COLUMN superseded REAL;
+    ALTER TABLE certificates ADD COLUMN renew_at REAL;
+    ALTER TABLE certificates ADD COLUMN dormant INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE certificates ADD COLUMN ari_start REAL;
+    ALTER TABLE certificates ADD COLUMN ari_end REAL;
+    ALTER TABLE certificates ADD COLUMN ari_next REAL;
+    UPDATE certificates SET names_key = (
+        SELECT group_concat(value, ',') FROM (SELECT value FROM json_each(certificates.names)
+        ORDER BY value)
+    );
+    UPDATE certificates SET superseded = created WHERE EXISTS (
+        SELECT 1 FROM certificates AS newer
+        WHERE newer.request_key = certificates.request_key
+        AND (newer.not_after > certificates.not_after
+             OR (newer.not_after = certificates.not_after AND newer.rowid > certificates.rowid))
+    );
+    UPDATE certificates SET
+        renew_at = not_before + (not_after - not_before)
+            * (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0),
+        ari_next = unixepoch() + abs(random()) % 21600
+        WHERE superseded IS NULL;
+    CREATE INDEX certificates_by_names ON certificates(names_key);
+    CREATE INDEX certificates_due ON certificates(renew_at)
+        WHERE superseded IS NULL AND revoked IS NULL AND dormant = 0;
+    CREATE INDEX certificates_ari_due ON certificates(ari_next)
+        WHERE superseded IS NULL AND revoked IS NULL AND dormant = 0;
+    CREATE INDEX certificates_superseded ON certificates(superseded)
+        WHERE superseded IS NOT NULL;
+    CREATE INDEX certificates_expiry ON certificates(not_after) WHERE superseded IS NULL;
+    UPDATE orders SET status = 'issued' WHERE status = 'valid' AND certificate_id IS NOT NULL;
+    DROP INDEX orders_by_status;
+    CREATE INDEX orders_unfinished ON orders(created)
+        WHERE status IN ('new', 'pending', 'ready', 'processing', 'valid');
+    CREATE INDEX orders_finished ON orders(updated) WHERE status IN ('issued', 'invalid');
+    CREATE TABLE budgets (
+        name TEXT PRIMARY KEY,
+        tokens REAL NOT NULL,
+        stamp REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )

@@ -165,7 +165,9 @@ class ReaderTests(ConfigTestCase):
             parse_config(data)
         self.assertEqual(e.exception.key, "renewal.intervall")
         self.assertIn(
-            "unknown key (known: active_days, enabled, interval, max_parallel)", str(e.exception)
+            "unknown key (known: active_days, ari_parallel, ari_per_second, ari_recheck, "
+            "enabled, interval, max_parallel)",
+            str(e.exception),
         )
 
     def test_nested_table(self) -> None:
