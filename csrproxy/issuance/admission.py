@@ -4,10 +4,16 @@ Pure logic with an injected clock.  Every budget is a token bucket that holds
 ``capacity`` tokens and refills them evenly over ``period`` seconds, so a full
 bucket allows a burst of ``capacity`` and then ``capacity`` per ``period``.
 A refusal names its budget and says when the bucket has room again.
+
+Every bucket has a persistent name (``orders``, ``same-names:<names>``,
+``new-names:<domain>``, ``client:<id>``): each change is handed to ``persist`` as
+``(name, tokens, stamp)`` rows and :meth:`Admission.restore` rebuilds the buckets
+from them, so a restart does not refill a spent budget.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +23,14 @@ from csrproxy.errors import RateLimited
 WEEK = 7 * 24 * 3600.0
 THREE_HOURS = 3 * 3600.0
 HOUR = 3600.0
+
+#: A bucket as stored: its persistent name, its tokens and when they were counted.
+BudgetRow = tuple[str, float, float]
+#: The persistent names of buckets: ``orders``, then ``<prefix>:<key>`` per keyed budget.
+ORDERS = "orders"
+SAME_NAMES = "same-names"  # key: the sorted names joined by ","
+NEW_NAMES = "new-names"  # key: the registered domain
+CLIENT = "client"  # key: the client id (its token's id, else its address)
 
 
 class TokenBucket:
@@ -29,6 +43,20 @@ class TokenBucket:
         self.rate = capacity / period
         self.tokens = capacity
         self.stamp = now
+
+    @classmethod
+    def restored(
+        cls, capacity: float, period: float, tokens: float, stamp: float, now: float
+    ) -> TokenBucket:
+        """The bucket that held ``tokens`` at ``stamp``, refilled since then at today's rate.
+
+        At most ``capacity`` tokens (a budget lowered since keeps no more than its new
+        size); a stamp later than ``now`` (the clock went back) counts from ``now``.
+        """
+        bucket = cls(capacity, period, now)
+        bucket.tokens = min(capacity, tokens)
+        bucket.stamp = min(stamp, now)
+        return bucket
 
     def _refill(self, now: float) -> None:
         if now > self.stamp:
@@ -76,6 +104,13 @@ class BucketMap:
             self._buckets.move_to_end(key)
         return bucket
 
+    def put(self, key: str, bucket: TokenBucket, now: float) -> None:
+        """Hold ``bucket`` for ``key`` as its most recently used (within ``max_keys``)."""
+        if key not in self._buckets and len(self._buckets) >= self.max_keys:
+            self._evict(now)
+        self._buckets[key] = bucket
+        self._buckets.move_to_end(key)
+
     def _evict(self, now: float) -> None:
         # A full bucket carries no state: forget those first (down to 90%), oldest first;
         # scanning once per tenth of max_keys insertions keeps this amortised O(1).
@@ -115,7 +150,11 @@ def registered_domain_of(name: str, registered: str) -> str:
 
 
 class Admission:
-    """Decides, before any order is made, whether it fits every budget."""
+    """Decides, before any order is made, whether it fits every budget.
+
+    ``persist``, when given, is called once after each change (a charge, a refund)
+    with the rows of exactly the buckets that change touched; it must not raise.
+    """
 
     def __init__(
         self,
@@ -123,11 +162,13 @@ class Admission:
         budgets: Budgets = Budgets(),
         registered_domain: str = "",
         on_refusal: Callable[[str], None] | None = None,
+        persist: Callable[[list[BudgetRow]], object] | None = None,
     ) -> None:
         self.now = now
         self.budgets = budgets
         self.registered_domain = registered_domain.lower().rstrip(".")
         self._on_refusal = on_refusal
+        self._persist = persist
         b = budgets
         self._orders = TokenBucket(b.orders_per_3h, THREE_HOURS, now()) if b.orders_per_3h else None
         self._domains = BucketMap(b.new_names_per_week, WEEK) if b.new_names_per_week else None
@@ -135,6 +176,64 @@ class Admission:
         self._clients = (
             BucketMap(b.client_requests_per_hour, HOUR) if b.client_requests_per_hour else None
         )
+
+    def _maps(self) -> dict[str, BucketMap]:
+        """The keyed budgets turned on, by the prefix of their buckets' names."""
+        maps = {NEW_NAMES: self._domains, SAME_NAMES: self._name_sets, CLIENT: self._clients}
+        return {prefix: m for prefix, m in maps.items() if m is not None}
+
+    def _changed(self, buckets: list[tuple[str, TokenBucket]]) -> None:
+        if self._persist is not None and buckets:
+            self._persist([(name, b.tokens, b.stamp) for name, b in buckets])
+
+    def restore_queries(self) -> list[tuple[str, float, int]]:
+        """``(name prefix, since, limit)`` per budget turned on: the rows :meth:`restore` uses.
+
+        A bucket untouched for its whole period is full again and needs no row; of the
+        rest, a budget holds at most its ``max_keys`` newest.
+        """
+        now = self.now()
+        queries = [(ORDERS, now - THREE_HOURS, 1)] if self._orders is not None else []
+        for prefix, m in self._maps().items():
+            queries.append((prefix + ":", now - m.period, m.max_keys))
+        return queries
+
+    def restore(self, rows: Iterable[BudgetRow]) -> int:
+        """Rebuild the buckets stored as ``rows`` (at start-up); returns how many were kept.
+
+        Each refills from its stamp to now at today's rate, holding at most today's
+        capacity.  Rows of unknown names, of budgets turned off and of buckets full by
+        now are ignored; per budget only the newest ``max_keys`` rows are kept.
+        """
+        now = self.now()
+        maps = self._maps()
+        found: dict[str, list[tuple[float, str, TokenBucket]]] = {}
+        for name, tokens, stamp in rows:
+            prefix, colon, key = name.partition(":")
+            if name == ORDERS and self._orders is not None:
+                capacity, period = self._orders.capacity, THREE_HOURS
+            elif colon and prefix in maps:
+                capacity, period = maps[prefix].capacity, maps[prefix].period
+            else:
+                continue
+            if not (math.isfinite(tokens) and math.isfinite(stamp)):
+                continue
+            bucket = TokenBucket.restored(capacity, period, tokens, stamp, now)
+            if not bucket.full(now):  # a full bucket is what no row means
+                found.setdefault(prefix, []).append((stamp, key, bucket))
+        kept = 0
+        for prefix, buckets in found.items():
+            buckets.sort(key=lambda found_bucket: found_bucket[0])
+            if prefix == ORDERS:
+                self._orders = buckets[-1][2]
+                kept += 1
+                continue
+            m = maps[prefix]
+            # Oldest first, so that the map forgets the oldest first, as it would have.
+            for _, key, bucket in buckets[max(0, len(buckets) - m.max_keys) :]:
+                m.put(key, bucket, now)
+                kept += 1
+        return kept
 
     def _refuse(self, reason: str, wait: float, detail: str) -> RateLimited:
         if self._on_refusal is not None:
@@ -156,6 +255,7 @@ class Admission:
                 "sign requests in the last hour",
             )
         bucket.take(1, now)
+        self._changed([(f"{CLIENT}:{client}", bucket)])
 
     def domains(self, names: Iterable[str]) -> list[str]:
         return sorted({registered_domain_of(n, self.registered_domain) for n in names})
@@ -169,15 +269,23 @@ class Admission:
         """
         now = self.now()
         names = sorted(names)
-        charges: list[tuple[TokenBucket, str, str]] = []
+        # (bucket, its persistent name, the reason a refusal gives, its detail)
+        charges: list[tuple[TokenBucket, str, str, str]] = []
         if self._orders is not None:
             charges.append(
-                (self._orders, "orders", f"more than {self.budgets.orders_per_3h} orders in 3 h")
+                (
+                    self._orders,
+                    ORDERS,
+                    "orders",
+                    f"more than {self.budgets.orders_per_3h} orders in 3 h",
+                )
             )
         if self._name_sets is not None:
+            name_set = ",".join(names)
             charges.append(
                 (
-                    self._name_sets.get(",".join(names), now),
+                    self._name_sets.get(name_set, now),
+                    f"{SAME_NAMES}:{name_set}",
                     "same-names",
                     f"more than {self.budgets.same_names_per_week} certificates for "
                     "this exact set of names in a week",
@@ -188,22 +296,26 @@ class Admission:
                 charges.append(
                     (
                         self._domains.get(domain, now),
+                        f"{NEW_NAMES}:{domain}",
                         "new-names",
                         f"more than {self.budgets.new_names_per_week} new certificates "
                         f"for {domain} in a week",
                     )
                 )
-        for bucket, reason, detail in charges:
+        for bucket, _, reason, detail in charges:
             wait = bucket.wait_for(1, now)
             if wait > 0:
                 raise self._refuse(reason, wait, detail)
-        for bucket, _, _ in charges:
+        for bucket, _, _, _ in charges:
             bucket.take(1, now)
+        self._changed([(name, bucket) for bucket, name, _, _ in charges])
         # Failed orders still count against the CA's order limit, not against certificates.
-        refundable = [b for b, reason, _ in charges if reason != "orders"]
+        refundable = [(name, b) for b, name, reason, _ in charges if reason != "orders"]
 
         def refund() -> None:
-            for bucket in refundable:
-                bucket.give_back(1, self.now())
+            now = self.now()
+            for _, bucket in refundable:
+                bucket.give_back(1, now)
+            self._changed(refundable)
 
         return refund
