@@ -5,10 +5,13 @@
     csrproxy-admin --config FILE show ID                  one certificate or order, as JSON
     csrproxy-admin --config FILE revoke ID [--reason R]   revoke a certificate at the CA
     csrproxy-admin --config FILE account                  account URL and public key (for CAA)
+    csrproxy-admin --config FILE backup FILE              copy the state database, live
+    csrproxy-admin --config FILE restore FILE             put a backup in place (daemon stopped)
 
 ``ID`` is a certificate's row id (as listed), an order id, or the certificate id an
 installation was given (``CSRProxy-Certificate-Id``: its newest certificate).  The
-private key is never printed.  Exit codes: 0 ok, 1 failed, 2 usage.
+private key is never printed.  ``backup`` copies the database only: keep ``account.key``
+(written once, never changed) once, apart from it.  Exit codes: 0 ok, 1 failed, 2 usage.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
+import sqlite3
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -26,10 +33,15 @@ from cryptography.hazmat.primitives import serialization
 from csrproxy.acme.client import REVOCATION_REASONS
 from csrproxy.acme.jws import AccountKey
 from csrproxy.config import Config, load_config
-from csrproxy.errors import ConfigError
+from csrproxy.errors import ConfigError, CsrproxyError
 from csrproxy.issuance.ledger import CERTIFICATE_ID_SECRET, CertificateIds
-from csrproxy.state.database import UNFINISHED, CertificateRow, OrderRow, StateDB
-from csrproxy.state.store import StateDir
+from csrproxy.state.database import DB_NAME, UNFINISHED, CertificateRow, OrderRow, StateDB
+from csrproxy.state.lock import StateInUse, StateLock, in_use
+from csrproxy.state.schema import MIGRATIONS
+from csrproxy.state.store import ACCOUNT_KEY, StateDir
+
+#: Pages SQLite's online backup copies per step (16 MiB of 4 KiB pages).
+BACKUP_STEP = 4096
 
 
 def _when(ts: float) -> str:
@@ -154,6 +166,159 @@ def revoke(config: Config, state: StateDir, db: StateDB, cert_id: str, reason: s
     return "unreachable"
 
 
+class NotAStateDatabase(CsrproxyError):
+    """``path`` is not a state database this csrproxy can use; ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is not a usable csrproxy state database: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    """A connection that never writes ``path`` (no migration, no checkpoint)."""
+    uri = f"file:{quote(str(path.absolute()))}?mode=ro"
+    return sqlite3.connect(uri, uri=True, isolation_level=None)
+
+
+def _fsync(path: Path, flags: int = os.O_RDONLY) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def copy_database(
+    source: Path,
+    target: Path,
+    step: int = BACKUP_STEP,
+    progress: Callable[[int, int, int], object] | None = None,
+) -> None:
+    """Copy the SQLite database ``source`` into the new file ``target`` (0600, fsynced) with
+    the online backup API: one snapshot of ``source``, even while others write it."""
+    src = _read_only(source)
+    try:
+        # One read transaction across all steps: the copy is one snapshot, writers go on
+        # (WAL), and another connection's commit does not restart the copy.
+        src.execute("BEGIN")
+        src.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        os.close(os.open(target, flags, 0o600))
+        dst = sqlite3.connect(target, isolation_level=None)
+        try:
+            src.backup(dst, pages=step, progress=progress)
+            # One self-contained file: reading it needs no -wal or -shm beside it.
+            dst.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dst.close()
+        src.execute("COMMIT")
+    finally:
+        src.close()
+    _fsync(target)
+
+
+def inspect_database(path: Path, thorough: bool = False) -> int:
+    """The schema version of the state database ``path``, once it passed SQLite's
+    ``quick_check`` (``integrity_check`` when ``thorough``) and has csrproxy's tables."""
+    conn = _read_only(path)
+    try:
+        check = "integrity_check" if thorough else "quick_check"
+        problems = [r[0] for r in conn.execute(f"PRAGMA {check}")]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    except sqlite3.DatabaseError as e:
+        raise NotAStateDatabase(path, str(e)) from e
+    finally:
+        conn.close()
+    if problems != ["ok"]:
+        raise NotAStateDatabase(path, f"{check} failed: {'; '.join(problems[:3])}")
+    if missing := {"certificates", "orders"} - tables:
+        raise NotAStateDatabase(path, f"no {' or '.join(sorted(missing))} table")
+    return version
+
+
+def _drop(*paths: Path) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+def backup(state: StateDir, target: Path) -> str:
+    """Copy the state database to ``target`` (written beside it, checked, then renamed)."""
+    source = state.path / DB_NAME
+    if not source.is_file():
+        raise LookupError(f"no state database {source}")
+    if target.exists() and os.path.samefile(target, source):
+        raise ValueError(f"{target} is the state database itself")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        copy_database(source, tmp)
+        version = inspect_database(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        _drop(tmp, Path(f"{tmp}-journal"))
+        raise
+    _fsync(target.parent)
+    return (
+        f"{source} backed up to {target} ({target.stat().st_size} bytes, schema version "
+        f"{version}); keep {state.path / ACCOUNT_KEY} too: it is not in the backup"
+    )
+
+
+def restore(state: StateDir, source: Path) -> str:
+    """Replace the state database with the backup ``source``, holding the state lock."""
+    state.prepare()
+    db = state.path / DB_NAME
+    if not source.is_file():
+        raise LookupError(f"no file {source}")
+    if db.exists() and os.path.samefile(source, db):
+        raise ValueError(f"{source} is the state database itself")
+    pid = in_use(state.path)
+    if pid is not None:
+        raise StateInUse(state.path, pid)
+    lock = StateLock(state.path)
+    lock.acquire()  # a daemon starting now waits for nothing: it is refused
+    try:
+        tmp = state.path / f".{DB_NAME}.restore{os.getpid()}"
+        try:
+            copy_database(source, tmp)
+            version = inspect_database(tmp, thorough=True)
+            if version > len(MIGRATIONS):
+                raise NotAStateDatabase(
+                    source,
+                    f"schema version {version} is newer than this csrproxy's "
+                    f"({len(MIGRATIONS)}): upgrade csrproxy",
+                )
+            if os.geteuid() == 0:  # the daemon's user must own it, not root
+                owner = os.stat(state.path)
+                os.chown(tmp, owner.st_uid, owner.st_gid)
+            # The old database's WAL would be replayed onto the new file: away first.
+            _drop(*(Path(f"{db}{suffix}") for suffix in ("-wal", "-shm", "-journal")))
+            os.replace(tmp, db)
+        except BaseException:
+            _drop(tmp, Path(f"{tmp}-journal"))
+            raise
+        _fsync(state.path)
+    finally:
+        lock.release()
+    done = f"{source} restored to {db} (schema version {version})"
+    if not (state.path / ACCOUNT_KEY).exists():
+        done += f"; put the original {ACCOUNT_KEY} back before starting csrproxy"
+    return done
+
+
+def _backup_or_restore(state: StateDir, command: str, file: str) -> int:
+    try:
+        if command == "backup":
+            print(backup(state, Path(file)))
+        else:
+            print(restore(state, Path(file)))
+        return 0
+    except (CsrproxyError, LookupError, ValueError, sqlite3.Error, OSError) as e:
+        print(f"csrproxy-admin: {command}: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csrproxy-admin", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", default="/etc/csrproxy/csrproxy.toml")
@@ -167,6 +332,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     rev.add_argument("id")
     rev.add_argument("--reason", default="unspecified", choices=sorted(REVOCATION_REASONS))
     sub.add_parser("account", help="the ACME account URL and public key (never the private key)")
+    back = sub.add_parser(
+        "backup",
+        help="copy the state database to FILE, consistent while csrproxy runs "
+        f"(not {ACCOUNT_KEY}: keep that file once, it never changes)",
+    )
+    back.add_argument("file", metavar="FILE")
+    res = sub.add_parser(
+        "restore", help="replace the state database with the backup FILE (csrproxy stopped)"
+    )
+    res.add_argument("file", metavar="FILE")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -174,6 +349,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
         state = StateDir(config.state.dir)
+        if args.command in ("backup", "restore"):
+            # Neither opens the database as StateDB does: no migration, no lock waits.
+            return _backup_or_restore(state, args.command, args.file)
         db = state.open_db()
     except ConfigError as e:
         print(f"csrproxy-admin: {e}", file=sys.stderr)
