@@ -50,6 +50,24 @@ class Metrics:
             "Sign requests answered from the issued-certificate cache (no new order)",
             registry=r,
         )
+        self.renewal_pass_seconds = Histogram(
+            "csrproxy_renewal_pass_seconds",
+            "Wall time of one renewal pass (the database queries for what is due included)",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.renewals = Counter(
+            "csrproxy_renewals",
+            "Renewals by outcome (started, renewed, failed; parked: due, installation inactive)",
+            ["outcome"],
+            registry=r,
+        )
+        self.ari_lookups = Counter(
+            "csrproxy_ari_lookups",
+            "ARI renewal-window look-ups by outcome (window, none: the CA has no ARI, failed)",
+            ["outcome"],
+            registry=r,
+        )
         # Hot paths bump plain dicts; the collectors turn them into metrics on scrape.
         self.dns_rcodes: collections.Counter[int] = collections.Counter()
         r.register(_DNSCollector(self.dns_rcodes))
@@ -74,6 +92,17 @@ class Metrics:
             )
         )
 
+    def renewal_pass(self, seconds: float, started: int, parked: int) -> None:
+        self.renewal_pass_seconds.observe(seconds)
+        if parked:
+            self.renewals.labels("parked").inc(parked)
+
+    def renewal(self, outcome: str) -> None:
+        self.renewals.labels(outcome).inc()
+
+    def ari_lookup(self, outcome: str) -> None:
+        self.ari_lookups.labels(outcome).inc()
+
     def http_request(self, route: str, status: int) -> None:
         self.http_counts[route, status] += 1
 
@@ -89,6 +118,10 @@ class Metrics:
     def watch_readiness(self, checks: Callable[[], Iterable[tuple[str, bool]]]) -> None:
         """Export ``csrproxy_ready{check}`` (1 or 0) from ``checks()`` at every scrape."""
         self.registry.register(_ReadinessCollector(checks))
+
+    def watch_pruning(self, pruned: Callable[[], collections.Counter[str]]) -> None:
+        """Export ``csrproxy_state_pruned_total{kind}`` from the pruner's counts."""
+        self.registry.register(_PrunedCollector(pruned))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -139,6 +172,21 @@ class _ReadinessCollector(Collector):
         )
         for name, ok in self.checks():
             family.add_metric([name], 1.0 if ok else 0.0)
+        yield family
+
+
+class _PrunedCollector(Collector):
+    def __init__(self, pruned: Callable[[], collections.Counter[str]]) -> None:
+        self.pruned = pruned
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "csrproxy_state_pruned",
+            "Rows pruned from the state database after [state] retention_days, by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(self.pruned().items()):
+            family.add_metric([kind], n)
         yield family
 
 

@@ -34,19 +34,19 @@ from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuance.admission import Admission, Budgets
-from csrproxy.issuance.cache import CachedChain, MemoryIssuedCache
+from csrproxy.issuance.ari import AriPoller, Window
+from csrproxy.issuance.cache import MemoryIssuedCache
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
-from csrproxy.issuance.recovery import load_order_records, recover
-from csrproxy.issuance.renewal import (
-    Renewable,
-    RenewalScheduler,
-    RenewalService,
-    RenewalWindows,
-)
+from csrproxy.issuance.recovery import earlier_orders, recover
+from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
+from csrproxy.issuance.renewals import StoredRenewals
 from csrproxy.metrics import Metrics
+from csrproxy.state.budgets import budget_recorder, load_budgets
+from csrproxy.state.lock import StateLock, StateLockService
+from csrproxy.state.prune import Pruner, PrunerService
 from csrproxy.state.store import StateDir, Store
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
@@ -166,26 +166,12 @@ def make_publisher(
     return CheckedPublisher(publisher, checker), publisher
 
 
-def renewables(ledger: Ledger, windows: RenewalWindows | None = None) -> list[Renewable]:
-    return [
-        Renewable(
-            row.id,
-            row.not_before,
-            row.not_after,
-            row.last_requested,
-            windows.lookup(key, row.chain) if windows is not None else None,
-            key,
-        )
-        for key, row in ledger.latest.items()
-    ]
-
-
 def ari_fetcher(
     acme: ACMEClient,
-) -> Callable[[str], Deferred[tuple[float, float, float | None] | None]]:
-    """RenewalWindows' fetch: the ARI window of a chain's leaf, None without ARI."""
+) -> Callable[[str], Deferred[Window | None]]:
+    """The ARI poller's fetch: the ARI window of a chain's leaf, None without ARI."""
 
-    async def fetch(chain_pem: str) -> tuple[float, float, float | None] | None:
+    async def fetch(chain_pem: str) -> Window | None:
         leaf = x509.load_pem_x509_certificate(chain_pem.encode("ascii"))
         window = await acme.renewal_info(leaf)
         if window is None:
@@ -251,9 +237,13 @@ def build_service(
     """
     state = StateDir(config.state.dir)
     state.prepare()
+    # Before the account key and the database: a second daemon on this directory neither
+    # migrates it nor resumes the first one's orders (StateInUse is a ConfigError).
+    lock = StateLock(state.path)
+    lock.acquire()
     key = load_account_key(state, config.acme.account_key_type)
     store = Store(reactor, state.open_db())
-    ledger = Ledger(store, config.dns.backend)
+    ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
     zone = WatchedZone(
@@ -280,10 +270,6 @@ def build_service(
 
     publisher, pdns = make_publisher(config, reactor, http, zone)
     cache = MemoryIssuedCache(reactor.seconds)
-    for row in ledger.latest.values():
-        cache.put(
-            row.request_key, tuple(row.names), CachedChain(row.chain, row.not_before, row.not_after)
-        )
     pol = config.policy
     admission = Admission(
         reactor.seconds,
@@ -295,7 +281,11 @@ def build_service(
         ),
         registered_domain=pol.registered_domain,
         on_refusal=metrics.refusal,
+        persist=budget_recorder(store),
     )
+    # Before the store's thread starts: what an earlier run spent is still spent.
+    for prefix, since, limit in admission.restore_queries():
+        admission.restore(load_budgets(store.db, since, limit, prefix=prefix))
     issuer = Issuer(
         reactor,
         acme,
@@ -332,8 +322,7 @@ def build_service(
     )
     health = readiness(issuer, listeners, dns_service, store, str(state.path))
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
-    book = OrderBook(reactor, lambda f: problem_document(f.value))
-    load_order_records(ledger, book)
+    book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
     api = SigningAPI(
         issuer,
         ledger,
@@ -353,6 +342,7 @@ def build_service(
     if config.api.tokens_file:
         top.reload_tokens = functools.partial(reload_tokens, gate, config.api.tokens_file)
     collection = IServiceCollection(top)
+    StateLockService(lock).setServiceParent(collection)  # first child: stopped last
     if dns_service is not None:
         dns_service.setServiceParent(collection)
 
@@ -383,16 +373,35 @@ def build_service(
     StateService(
         store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
     ).setServiceParent(collection)
+    # After the store's service, so it stops before the store does.
+    pruner = Pruner(store, reactor, config.state.retention_days)
+    metrics.watch_pruning(lambda: pruner.pruned)
+    PrunerService(pruner).setServiceParent(collection)
     if config.renewal.enabled:
-        windows = RenewalWindows(reactor, ari_fetcher(acme))
+        ren = config.renewal
+        renewals = StoredRenewals(store, ren.ari_recheck)
+        ca_failing = lambda: issuer.breaker.state != "closed"  # noqa: E731
         scheduler = RenewalScheduler(
             reactor,
-            lambda: renewables(ledger, windows),
-            lambda r: issuer.renew(r.key or r.id).chain,
-            active_days=config.renewal.active_days,
-            interval=config.renewal.interval,
-            max_parallel=config.renewal.max_parallel,
-            paused=lambda: issuer.breaker.state != "closed",
+            renewals,
+            lambda row: issuer.renew(row).chain,
+            active_days=ren.active_days,
+            interval=ren.interval,
+            max_parallel=ren.max_parallel,
+            paused=ca_failing,
+            on_pass=metrics.renewal_pass,
+            on_outcome=metrics.renewal,
         )
-        RenewalService(scheduler).setServiceParent(collection)
+        ari = AriPoller(
+            reactor,
+            renewals,
+            ari_fetcher(acme),
+            parallel=ren.ari_parallel,
+            per_second=ren.ari_per_second,
+            recheck=ren.ari_recheck,
+            idle=min(60.0, ren.interval),
+            paused=lambda: ca_failing() or not issuer.ready,
+            on_lookup=metrics.ari_lookup,
+        )
+        RenewalService(scheduler, ari).setServiceParent(collection)
     return top

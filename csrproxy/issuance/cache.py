@@ -1,9 +1,9 @@
 """The issued-certificate cache: the same CSR sent again while its certificate has most
 of its life left gets the stored chain and no new order.
 
-:class:`IssuedCache` is the interface the issuer uses; :class:`MemoryIssuedCache` keeps
-entries in memory (bounded, least recently used first out).  A durable backend can
-implement the same three methods.
+The state database is the cache (the issuer asks it through the ledger, by the request
+key's index); :class:`MemoryIssuedCache` is a small bounded front of it (least recently
+used first out) for installations that send the same CSR again and again.
 """
 
 from __future__ import annotations
@@ -36,26 +36,23 @@ class CachedChain:
 
 
 class IssuedCache(Protocol):
-    """Chains by request key (public key + names), and which name sets were issued."""
+    """Chains by request key (public key + names)."""
 
     def get(self, request_key: str) -> CachedChain | None: ...
 
-    def put(self, request_key: str, names: tuple[str, ...], chain: CachedChain) -> None: ...
-
-    def issued_before(self, names: tuple[str, ...]) -> bool: ...
+    def put(self, request_key: str, chain: CachedChain) -> None: ...
 
 
 class MemoryIssuedCache:
     """An in-memory :class:`IssuedCache` of at most ``max_entries`` chains."""
 
     def __init__(
-        self, now: Callable[[], float], max_entries: int = 50_000, min_fraction: float = 0.5
+        self, now: Callable[[], float], max_entries: int = 1000, min_fraction: float = 0.5
     ) -> None:
         self.now = now
         self.max_entries = max_entries
         self.min_fraction = min_fraction
         self._chains: OrderedDict[str, CachedChain] = OrderedDict()
-        self._name_sets: OrderedDict[str, None] = OrderedDict()
 
     def get(self, request_key: str) -> CachedChain | None:
         chain = self._chains.get(request_key)
@@ -67,19 +64,14 @@ class MemoryIssuedCache:
         self._chains.move_to_end(request_key)
         return chain
 
-    def put(self, request_key: str, names: tuple[str, ...], chain: CachedChain) -> None:
+    def put(self, request_key: str, chain: CachedChain) -> None:
         self._chains[request_key] = chain
         self._chains.move_to_end(request_key)
         while len(self._chains) > self.max_entries:
             self._chains.popitem(last=False)
-        key = ",".join(sorted(names))
-        self._name_sets[key] = None
-        self._name_sets.move_to_end(key)
-        while len(self._name_sets) > self.max_entries * 4:
-            self._name_sets.popitem(last=False)
 
-    def issued_before(self, names: tuple[str, ...]) -> bool:
-        return ",".join(sorted(names)) in self._name_sets
+    def forget(self, request_key: str) -> None:
+        self._chains.pop(request_key, None)
 
     def __len__(self) -> int:
         return len(self._chains)

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,7 +53,7 @@ from csrproxy.issuance.results import (
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.retry import Backoff
-from csrproxy.state.database import OrderRow
+from csrproxy.state.database import CertificateRow, OrderRow
 
 log = Logger()
 
@@ -61,6 +61,9 @@ log = Logger()
 #: (when that is sooner than the poll schedule): the CA asks from several places, then
 #: decides; a poll that comes too early is one extra request.
 POLL_AFTER_LOOKUP = 0.002
+
+#: Orders of an earlier run resumed at once.
+RESUMING = 50
 
 
 class Issuer:
@@ -105,6 +108,8 @@ class Issuer:
         self.checkpoint: Checkpoint = checkpoint or no_checkpoint
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
+        #: Resumed orders running at once (the others wait their turn, in order).
+        self._resumes = DeferredSemaphore(RESUMING)
         self._account: SharedResult | None = None
         self._account_loop: SharedResult | None = None  # keep_trying_account's loop
         #: The ACME client's circuit breaker: new orders fail fast while it is not closed.
@@ -183,37 +188,53 @@ class Issuer:
         d.addBoth(done)
         return shared.wait()
 
-    def issue(self, csr: CheckedCSR, client: str) -> Issuance:
-        """The chain for ``csr``, asked for by ``client`` (token id or address).
+    def issue(self, csr: CheckedCSR, client: str) -> Deferred[Issuance]:
+        """The chain for ``csr``, asked for by ``client`` (token id or address), once it is
+        decided where it comes from.
 
-        In order: a stored chain with most of its life left; else, once the client's
-        budget lets it in, the identical order in flight; else, if the order budgets
-        allow, a new order.  A refusal is a failed ``chain`` of :class:`RateLimited`, or of
+        In order: a stored chain with most of its life left (the small memory cache, else
+        the state database by the request key's index); else, once the client's budget
+        lets it in, the identical order in flight; else, if the order budgets allow, a new
+        order.  A refusal is a failed ``chain`` of :class:`RateLimited`, or of
         :class:`CAUnavailable` while the CA is known to be failing.
         """
         key = csr.request_key
         cached = self.cache.get(key)
         if cached is not None:
             self.metrics.cache_hits.inc()
-            return Issuance(None, succeed(cached.pem))
-        if key not in self._inflight:
+            return succeed(Issuance(None, succeed(cached.pem)))
+        if key in self._inflight:
+            return succeed(self._admitted(csr, client, new_names=False))
+        return self.ledger.sign_lookup(key, csr.names).addCallback(self._looked_up, csr, client)
+
+    def _looked_up(
+        self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
+    ) -> Issuance:
+        current, issued_before = found
+        if current is not None:
+            stored = CachedChain(current.chain, current.not_before, current.not_after)
+            if stored.fresh(self.clock.seconds()):
+                self.metrics.cache_hits.inc()
+                self.cache.put(csr.request_key, stored)
+                return Issuance(None, succeed(stored.pem))
+        if csr.request_key not in self._inflight:
             try:
                 # Before the client's budget: a client retrying after Retry-After while
                 # the CA is down must not use it up.
                 self.breaker.check()
             except CAUnavailable as e:
                 return Issuance(None, fail(e))
+        return self._admitted(csr, client, new_names=not issued_before)
+
+    def _admitted(self, csr: CheckedCSR, client: str, new_names: bool) -> Issuance:
         try:
             self.admission.admit_client(client)
         except RateLimited as e:
             return Issuance(None, fail(e))
-        return self._join_or_start(csr, new_names=not self.cache.issued_before(csr.names))
+        return self._join_or_start(csr, new_names=new_names)
 
-    def renew(self, request_key: str) -> Issuance:
-        """A new certificate for the CSR behind ``request_key``, with ARI ``replaces``."""
-        row = self.ledger.latest.get(request_key)
-        if row is None:
-            return Issuance(None, fail(KeyError(request_key)))
+    def renew(self, row: CertificateRow) -> Issuance:
+        """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``."""
         csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
         leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
         try:
@@ -227,10 +248,12 @@ class Issuer:
 
         Its budget was charged by the run that started it.  ``settle`` is awaited when the
         order ends, before anyone hears of it (recovery removes the records it published
-        again for the order).
+        again for the order).  At most :data:`RESUMING` resumed orders run at once (the CSR
+        is checked when its turn comes: a start-up with many orders in flight stays quick).
         """
-        csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
-        return self._start(csr, row.id, None, row.replaces, row.acme_url or "", False, settle)
+        return self._start(
+            row.csr, row.id, None, row.replaces, row.acme_url or "", False, settle, row.request_key
+        )
 
     def _join_or_start(
         self,
@@ -259,16 +282,27 @@ class Issuer:
 
     def _start(
         self,
-        csr: CheckedCSR,
+        csr: CheckedCSR | bytes,
         order_id: str,
         refund: Callable[[], None] | None,
         replaces: str | None,
         resume_url: str | None,
         renewal: bool,
         settle: Callable[[], Deferred[None]] | None = None,
+        request_key: str | None = None,
     ) -> Issuance:
-        """The one path every order takes: run, translate failures, cache, track."""
-        run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+        """The one path every order takes: run, translate failures, cache, track.
+
+        ``csr`` is checked already, or (a resumed order) the DER to check when its turn
+        comes, with its ``request_key`` on record.
+        """
+        if isinstance(csr, CheckedCSR):
+            run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+            key = csr.request_key
+        else:
+            assert request_key is not None
+            run = self._resumes.run(self._resumed, csr, order_id, replaces, resume_url or "")
+            key = request_key
         if settle is not None:
             run.addBoth(lambda result: settle().addCallback(lambda _: result))
 
@@ -277,8 +311,7 @@ class Issuer:
                 refund()
             return translate(failure)
 
-        d = run.addCallbacks(lambda chain: self._cached(csr, chain), failed)
-        key = csr.request_key
+        d = run.addCallbacks(lambda chain: self._cached(key, chain), failed)
         shared = SharedResult(d)
         entry = (order_id, shared)
         self._inflight[key] = entry
@@ -365,13 +398,25 @@ class Issuer:
     async def _order_again(self, run: OrderRun, csr: CheckedCSR) -> IssuedChain:
         """The one fresh order for a resumed order that failed: a new order at the CA,
         charged to the order budgets like any (refused with :class:`RateLimited`)."""
-        refund = self.admission.admit_order(csr.names, not self.cache.issued_before(csr.names))
+        issued_before = await self.ledger.names_issued(csr.names)
+        refund = self.admission.admit_order(csr.names, not issued_before)
         try:
             return await obtain_chain(run)
         except BaseException:
             refund()
             raise
 
-    def _cached(self, csr: CheckedCSR, chain: CachedChain) -> str:
-        self.cache.put(csr.request_key, csr.names, chain)
+    def _resumed(
+        self, der: bytes, order_id: str, replaces: str | None, resume_url: str
+    ) -> Deferred[CachedChain]:
+        try:
+            csr = check_csr(der, key_types=CSR_KEY_TYPES, max_names=10_000)
+        except Exception as e:  # a row this version cannot use must not come back each start
+            log.error("order {id} cannot be resumed: {err}", id=order_id, err=str(e))
+            self.ledger.order_failed(order_id, f"not resumable: {e}")
+            return fail(e)
+        return Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, False))
+
+    def _cached(self, request_key: str, chain: CachedChain) -> str:
+        self.cache.put(request_key, chain)
         return chain.pem

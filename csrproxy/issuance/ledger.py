@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
+import random
+import re
 import secrets
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
@@ -31,7 +34,7 @@ from csrproxy.acme.order import DNS01Responder, IssuedChain
 from csrproxy.challenges.zone import challenge_name
 from csrproxy.issuance.csr import CheckedCSR
 from csrproxy.names import key_label
-from csrproxy.state.database import UNFINISHED, CertificateRow, ChallengeRow, OrderRow
+from csrproxy.state.database import CertificateRow, ChallengeRow, OrderRow
 from csrproxy.state.store import Store
 
 log = Logger()
@@ -41,19 +44,24 @@ CERTIFICATE_ID_SECRET = "certificate-id"
 
 
 class CertificateIds:
-    """Certificate ids (``GET /v1/certificates/<id>``): HMAC-SHA256 of the request key
-    under a server-side secret, its first 128 bits in hex (32 characters: never a leading
-    ``-`` that a command line would take for an option, as base64url could give).
+    """Certificate ids (``GET /v1/certificates/<id>``): the first 128 bits of the request
+    key enciphered with AES-256 under a server-side secret, in hex (32 characters: never a
+    leading ``-`` that a command line would take for an option).
 
     The request key (SHA-256 of public key and names) can be computed from any public
     certificate (CT logs); the id cannot without the secret, and is only ever told to
-    the installation that signed the CSR.  Pure logic.
+    the installation that signed the CSR.  Deciphering an id gives back the key's prefix,
+    so the certificate is found through the request key's index: no id is stored, and a
+    row copied or restored elsewhere keeps answering to its id.  One block of a block
+    cipher is a pseudo-random permutation: as unguessable as a MAC of the same length.
+    Pure logic.
     """
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) < 16:
             raise ValueError("the certificate id secret needs at least 16 bytes")
-        self._secret = secret
+        key = hashlib.sha256(b"csrproxy certificate ids\0" + secret).digest()
+        self._cipher = Cipher(algorithms.AES(key), modes.ECB())
 
     @classmethod
     def ephemeral(cls) -> CertificateIds:
@@ -61,8 +69,20 @@ class CertificateIds:
         return cls(secrets.token_bytes(32))
 
     def of(self, request_key: str) -> str:
-        mac = hmac.new(self._secret, request_key.encode("ascii"), hashlib.sha256).digest()
-        return mac[:16].hex()
+        block = bytes.fromhex(request_key[:32])
+        encryptor = self._cipher.encryptor()
+        return (encryptor.update(block) + encryptor.finalize()).hex()
+
+    def key_prefix(self, certificate_id: str) -> str | None:
+        """The first 32 hex digits of the request key behind ``certificate_id``; None when
+        it is not an id at all (not 32 lowercase hex digits)."""
+        if len(certificate_id) != 32 or not _HEX.fullmatch(certificate_id):
+            return None
+        decryptor = self._cipher.decryptor()
+        return (decryptor.update(bytes.fromhex(certificate_id)) + decryptor.finalize()).hex()
+
+
+_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 def certificate_key_label(row: CertificateRow) -> str:
@@ -118,37 +138,37 @@ class RecordingResponder:
 
 
 class Ledger:
-    """The durable side of orders; ``latest`` is the newest certificate of each CSR."""
+    """The durable side of orders and certificates.  Nothing is held in memory: every
+    look-up is one indexed query on the store's thread."""
 
-    def __init__(self, store: Store | None, backend: str = "builtin") -> None:
+    def __init__(
+        self,
+        store: Store | None,
+        backend: str = "builtin",
+        *,
+        ari_recheck: float = 6 * 3600.0,
+        rng: random.Random | None = None,
+    ) -> None:
         self.store = store
         self.backend = backend
-        #: request key -> the newest certificate issued for it (what GET /v1/certificates serves).
-        self.latest: dict[str, CertificateRow] = {}
+        #: Seconds over which a new certificate's first ARI look-up is spread.
+        self.ari_recheck = ari_recheck
+        self.rng = rng or random.Random()
         #: The state database's ids once :meth:`load` read its secret.
         self.ids = CertificateIds.ephemeral()
-        #: certificate id -> request key, one entry per entry of ``latest``.
-        self._by_id: dict[str, str] = {}
+        #: Without a store (unit tests): what would be on record, by request key.
+        self._memory: dict[str, CertificateRow] = {}
 
     # -- start-up (synchronous: before the reactor runs and the store's thread starts) ----
 
     def load(self) -> None:
-        """Read the certificate ids' secret (made on the first start) and the newest
-        certificate of each CSR."""
+        """Read the certificate ids' secret (made on the first start)."""
         if self.store is None:
             return
         self.ids = CertificateIds(self.store.db.secret(CERTIFICATE_ID_SECRET))
-        for row in reversed(self.store.db.certificates()):
-            current = self.latest.get(row.request_key)
-            if row.revoked is None and (current is None or row.not_after >= current.not_after):
-                self.latest[row.request_key] = row
-        self._by_id = {self.ids.of(key): key for key in self.latest}
 
     def unfinished_orders(self) -> list[OrderRow]:
-        return [] if self.store is None else self.store.db.orders(UNFINISHED)
-
-    def recent_orders(self, limit: int = 10_000) -> list[OrderRow]:
-        return [] if self.store is None else self.store.db.orders(None, limit)
+        return [] if self.store is None else self.store.db.unfinished_orders()
 
     def leftover_challenges(self) -> list[ChallengeRow]:
         return [] if self.store is None else self.store.db.challenges()
@@ -190,6 +210,9 @@ class Ledger:
         self, order_id: str, csr: CheckedCSR, chain: IssuedChain, renewal: bool = False
     ) -> CertificateRow:
         leaf = x509.load_pem_x509_certificate(chain.pem.encode("ascii"))
+        not_before = leaf.not_valid_before_utc.timestamp()
+        not_after = leaf.not_valid_after_utc.timestamp()
+        now = time.time()
         row = CertificateRow(
             id=leaf_id(leaf),
             request_key=csr.request_key,
@@ -197,22 +220,25 @@ class Ledger:
             names=list(csr.names),
             spki_sha256=csr.spki_sha256,
             chain=chain.pem,
-            not_before=leaf.not_valid_before_utc.timestamp(),
-            not_after=leaf.not_valid_after_utc.timestamp(),
+            not_before=not_before,
+            not_after=not_after,
             order_id=order_id,
             acme_url=chain.certificate_url,
+            renew_at=lifetime_due(not_before, not_after, self.rng),
+            ari_next=now + self.rng.random() * self.ari_recheck,
         )
-        current = self.latest.get(row.request_key)
-        if current is not None:
-            row.signed_by = current.signed_by  # the same installation (key and names)
-            if renewal:
-                # csrproxy renewed it on its own: the installation has not asked since.
-                row.last_requested = current.last_requested
         if self.store is not None:
-            await self.store.run(self.store.db.certificate_issued, row, order_id)
+            recorded: CertificateRow = await self.store.run(
+                self.store.db.certificate_issued, row, order_id, renewal
+            )
+            return recorded
+        current = self._memory.get(row.request_key)
+        if current is not None:
+            row.signed_by = current.signed_by
+            if renewal:
+                row.last_requested = current.last_requested
         if current is None or row.not_after >= current.not_after:
-            self.latest[row.request_key] = row
-            self._by_id[self.ids.of(row.request_key)] = row.request_key
+            self._memory[row.request_key] = row
         return row
 
     def order_failed(self, order_id: str, error: str) -> None:
@@ -224,16 +250,49 @@ class Ledger:
             lambda f: log.warn("order {id} not marked failed: {e}", id=order_id, e=f.value)
         )
 
-    # -- what the web API reads ------------------------------------------------------
+    def order_with_chain(
+        self, order_id: str
+    ) -> Deferred[tuple[OrderRow, CertificateRow | None] | None]:
+        """An order on record and its certificate (an async order id of an earlier run)."""
+        if self.store is None:
+            return succeed(None)
+        return self.store.run(self.store.db.order_with_chain, order_id)
+
+    # -- what the issuer and the web API read ------------------------------------------
+
+    def sign_lookup(
+        self, request_key: str, names: Sequence[str]
+    ) -> Deferred[tuple[CertificateRow | None, bool]]:
+        """The current certificate of ``request_key`` and whether ``names`` were issued
+        before (the new-names budget)."""
+        if self.store is None:
+            current = self._memory.get(request_key)
+            wanted = sorted(names)
+            before = any(sorted(r.names) == wanted for r in self._memory.values())
+            return succeed((current, before))
+        return self.store.run(self.store.db.sign_lookup, request_key, list(names))
+
+    def names_issued(self, names: Sequence[str]) -> Deferred[bool]:
+        return self.sign_lookup("", names).addCallback(lambda found: found[1])
+
+    def current(self, request_key: str) -> Deferred[CertificateRow | None]:
+        if self.store is None:
+            return succeed(self._memory.get(request_key))
+        return self.store.run(self.store.db.current_certificate, request_key)
 
     def certificate_id(self, request_key: str) -> str:
         """The id the installation of ``request_key`` is told (:class:`CertificateIds`)."""
         return self.ids.of(request_key)
 
-    def newest(self, certificate_id: str) -> CertificateRow | None:
-        """The newest certificate of the CSR whose id is ``certificate_id``."""
-        key = self._by_id.get(certificate_id)
-        return None if key is None else self.latest.get(key)
+    def newest(self, certificate_id: str) -> Deferred[CertificateRow | None]:
+        """The current certificate of the CSR whose id is ``certificate_id``."""
+        prefix = self.ids.key_prefix(certificate_id)
+        if prefix is None:
+            return succeed(None)
+        if self.store is None:
+            found = [r for k, r in self._memory.items() if k.startswith(prefix)]
+            return succeed(found[0] if found else None)
+        return self.store.run(self.store.db.current_by_key_prefix, prefix)
 
     # -- the installation's activity (renewal's active_days) ------------------------
 
@@ -244,16 +303,16 @@ class Ledger:
         ``signer`` (the token's client id; None without tokens) becomes the client whose
         reads of the certificate count as activity (:meth:`read`).
         """
-        row = self.latest.get(request_key)
-        if row is None:
+        if self.store is None:
+            row = self._memory.get(request_key)
+            if row is not None:
+                row.last_requested, row.signed_by = when, signer
             return
-        row.last_requested, row.signed_by = when, signer
-        if self.store is not None:
-            _best_effort(self.store.run(self.store.db.certificate_signed, row.id, when, signer))
+        _best_effort(self.store.run(self.store.db.certificate_signed, request_key, when, signer))
 
-    def read(self, request_key: str, when: float, reader: str | None) -> bool:
-        """A ``GET /v1/certificates/<id>``: the installation's activity only when it comes
-        from the installation itself; True when it counted.
+    def read(self, row: CertificateRow, when: float, reader: str | None) -> bool:
+        """A ``GET /v1/certificates/<id>`` of ``row``: the installation's activity only when
+        it comes from the installation itself; True when it counted.
 
         With tokens that is the token on record as the last to sign it (:meth:`signed`);
         a read by any other token never counts, nor one of a certificate with no signer
@@ -261,13 +320,17 @@ class Ledger:
         installation signs with its token).  Without tokens (``reader`` None) any caller
         counts: it knows the unguessable id, which only the installation is told.
         """
-        row = self.latest.get(request_key)
-        if row is None or (reader is not None and reader != row.signed_by):
+        if reader is not None and reader != row.signed_by:
             return False
         row.last_requested = when
         if self.store is not None:
             _best_effort(self.store.run(self.store.db.touch_certificate, row.id, when))
         return True
+
+
+def lifetime_due(not_before: float, not_after: float, rng: random.Random) -> float:
+    """A random point between 2/3 and 3/4 of a certificate's lifetime (renewal without ARI)."""
+    return not_before + (not_after - not_before) * (2 / 3 + rng.random() / 12)
 
 
 def _best_effort(d: Deferred[Any]) -> None:
@@ -283,5 +346,6 @@ __all__ = [
     "RecordingResponder",
     "certificate_key_label",
     "leaf_id",
+    "lifetime_due",
     "order_key_label",
 ]

@@ -1,7 +1,8 @@
 """Asynchronous orders: an unguessable id per accepted request, its status, and its chain.
 
-Records are kept for ``retention`` seconds after the order ends, and at most
-``max_records`` at a time (the oldest go first).  Each record knows its CSR's names
+Records are kept in memory for ``retention`` seconds after the order ends, and at most
+``max_records`` at a time (the oldest go first); after that (or a restart) an order is
+found in the state database (``earlier``).  Each record knows its CSR's names
 and key label, so that a token reads only the records its name patterns allow.
 """
 
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import secrets
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -49,6 +51,7 @@ class OrderBook:
         problem_of: Any,
         retention: float = 3600.0,
         max_records: int = 50_000,
+        earlier: Callable[[str], Deferred[OrderRecord | None]] | None = None,
     ) -> None:
         self.clock = clock
         #: Turns a Failure into the problem document (dict) shown as the order's error.
@@ -56,6 +59,8 @@ class OrderBook:
         self.retention = retention
         self.max_records = max_records
         self._records: OrderedDict[str, OrderRecord] = OrderedDict()
+        #: Finds an order no longer (or never) in memory: the state database.
+        self.earlier = earlier
 
     def track(
         self,
@@ -100,6 +105,13 @@ class OrderBook:
 
     def get(self, order_id: str) -> OrderRecord | None:
         return self._records.get(order_id)
+
+    def find(self, order_id: str) -> Deferred[OrderRecord | None]:
+        """The record in memory, else the one on record (an order of an earlier run)."""
+        record = self._records.get(order_id)
+        if record is not None or self.earlier is None:
+            return succeed(record)
+        return self.earlier(order_id)
 
     def __len__(self) -> int:
         return len(self._records)

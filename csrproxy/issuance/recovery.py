@@ -20,12 +20,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.challenges.zone import CHALLENGE_LABEL
-from csrproxy.issuance.issuer import Issuer
+from csrproxy.issuance.issuer import RESUMING, Issuer
 from csrproxy.issuance.ledger import Ledger, certificate_key_label, order_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
-from csrproxy.state.database import ChallengeRow, OrderRow
+from csrproxy.state.database import CertificateRow, ChallengeRow, OrderRow
 
 log = Logger()
+
+#: Resumed orders logged one by one at most (the rest in one line).
+RESUME_LOG_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,8 @@ def plan_recovery(
 ) -> RecoveryPlan:
     """Decide, from the rows alone, what to resume, what to publish again and what to remove.
 
-    An order whose certificate is on record has ended, whatever its status says.  A
+    An order whose certificate is on record has ended, whatever its status says (a
+    database of schema 2 marked finished orders ``valid``).  A
     record is kept for a resumed order that the CA already has (it has an order URL),
     when it was published on ``backend`` (the one configured now).
     """
@@ -66,30 +70,34 @@ def identifier_of(row: ChallengeRow) -> str:
     return row.name.removeprefix(CHALLENGE_LABEL + ".")
 
 
-def load_order_records(ledger: Ledger, book: OrderBook) -> None:
-    """Finished orders of earlier runs, so their async ids still answer (to the tokens
-    whose patterns allow the names and key label)."""
-    by_id = {c.id: c for c in ledger.latest.values()}
-    for row in reversed(ledger.recent_orders()):
-        names = tuple(row.names)
-        if row.status == "valid":
-            cert = by_id.get(row.certificate_id) if row.certificate_id else None
-            chain = cert.chain if cert is not None else None
-            label = certificate_key_label(cert) if cert is not None else order_key_label(row)
-            book.add(
-                OrderRecord(
-                    row.id,
-                    names,
-                    "valid" if chain else "invalid",
-                    chain,
-                    request_key=row.request_key,
-                    key_label=label,
-                )
-            )
-        elif row.status == "invalid":
-            error = {"type": "about:blank", "title": "Order failed", "detail": row.error or ""}
-            label = order_key_label(row)
-            book.add(OrderRecord(row.id, names, "invalid", None, error, key_label=label))
+def order_record(found: tuple[OrderRow, CertificateRow | None] | None) -> OrderRecord | None:
+    """The async order record of an order on record (an earlier run's, or one forgotten
+    from memory), for ``GET /v1/orders/<id>`` — to the tokens whose patterns allow its
+    names and key label.  None for an order in flight (its record is in memory) or none."""
+    if found is None:
+        return None
+    row, cert = found
+    names = tuple(row.names)
+    if row.status == "issued":
+        label = certificate_key_label(cert) if cert is not None else order_key_label(row)
+        chain = cert.chain if cert is not None else None
+        return OrderRecord(
+            row.id,
+            names,
+            "valid" if chain else "invalid",
+            chain,
+            request_key=row.request_key,
+            key_label=label,
+        )
+    if row.status == "invalid":
+        error = {"type": "about:blank", "title": "Order failed", "detail": row.error or ""}
+        return OrderRecord(row.id, names, "invalid", None, error, key_label=order_key_label(row))
+    return None
+
+
+def earlier_orders(ledger: Ledger) -> Callable[[str], Deferred[OrderRecord | None]]:
+    """:class:`OrderBook`'s look-up of orders not in memory: the state database, by id."""
+    return lambda order_id: ledger.order_with_chain(order_id).addCallback(order_record)
 
 
 async def remove_orphans(
@@ -154,14 +162,21 @@ async def recover(
     if kept:
         log.info("publishing {n} challenge records of resumed orders again", n=len(kept))
         republish(issuer, kept)
-    for row in plan.resume:
-        own = plan.republish.get(row.id, ())
+    if len(plan.resume) > RESUME_LOG_LINES:
         log.info(
-            "resuming order {id} ({status}) for {names}",
-            id=row.id,
-            status=row.status,
-            names=",".join(row.names),
+            "resuming {n} orders of an earlier run, {at_once} at once",
+            n=len(plan.resume),
+            at_once=RESUMING,
         )
+    for i, row in enumerate(plan.resume):
+        own = plan.republish.get(row.id, ())
+        if i < RESUME_LOG_LINES:
+            log.info(
+                "resuming order {id} ({status}) for {names}",
+                id=row.id,
+                status=row.status,
+                names=",".join(row.names),
+            )
         # Its records go when it ends, before anyone waiting hears of it, as its own do.
         settle = functools.partial(unpublish, ledger, issuer, own) if own else None
         try:

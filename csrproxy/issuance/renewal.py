@@ -1,64 +1,67 @@
-"""When to renew a certificate, and the loop that does it for active installations.
+"""When to renew a certificate, and the loop that renews the due ones of active installations.
 
-A certificate is renewed inside the CA's ARI window (RFC 9773) at a random
-point, or, without ARI, at a random point between two thirds and three
-quarters of its lifetime.  Only installations that asked for their
-certificate within ``active_days`` are renewed: dead installations cost the
-CA nothing.  Renewals are spread out by the random point and by running at
-most ``max_parallel`` at a time.
+Each certificate's renewal time is stored with it (:func:`csrproxy.issuance.ledger.lifetime_due`
+when it is recorded: a random point between two thirds and three quarters of its lifetime;
+a random point inside the CA's ARI window once :mod:`csrproxy.issuance.ari` learned one).
+A pass asks the database for what is due now, soonest first, in batches, and starts at most
+``max_parallel`` renewals at a time.  Only installations that asked for their certificate
+within ``active_days`` are renewed: a due certificate of an inactive installation is parked
+(it leaves the due index) until the installation asks again.  Nothing is held in memory but
+the renewals running.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import Any
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from csrproxy.state.database import CertificateRow
 
 log = Logger()
 
 DAY = 86400.0
+#: Rows read per query of a pass.
+BATCH = 200
+#: Queries per pass at most (a pass parks at most BATCH * ROUNDS inactive certificates).
+ROUNDS = 50
+#: Certificates without a renewal time given one per pass at most.
+SCHEDULE_CHUNK = 2000
 
 
-@dataclass(frozen=True)
-class Renewable:
-    """What the scheduler needs to know about one issued certificate."""
-
-    id: str
-    not_before: float
-    not_after: float
-    last_requested: float
-    #: The CA's suggested window (start, end) in POSIX seconds, when it offers ARI.
-    window: tuple[float, float] | None = None
-    #: What to renew: the CSR the certificate was issued for (default: ``id``).
-    key: str = ""
-
-
-def due_at(cert: Renewable, rng: random.Random) -> float:
-    """The moment to renew ``cert``: random inside the ARI window, else at 2/3..3/4 of life."""
-    if cert.window is not None:
-        start, end = cert.window
-        return start + rng.random() * max(0.0, end - start)
-    life = cert.not_after - cert.not_before
-    return cert.not_before + life * (2 / 3 + rng.random() / 12)
-
-
-def is_active(cert: Renewable, now: float, active_days: float) -> bool:
-    return now - cert.last_requested <= active_days * DAY
-
-
-def next_check_hint(cert: Renewable, now: float) -> float:
+def next_check_hint(row: CertificateRow, now: float) -> float:
     """Seconds until a client should look for a newer chain (a Retry-After hint)."""
-    if cert.window is not None:
-        return max(60.0, cert.window[0] - now)
-    life = cert.not_after - cert.not_before
-    return max(60.0, cert.not_before + life * 2 / 3 - now)
+    if row.renew_at is not None:
+        return max(60.0, row.renew_at - now)
+    life = row.not_after - row.not_before
+    return max(60.0, row.not_before + life * 2 / 3 - now)
+
+
+def is_active(row: CertificateRow, now: float, active_days: float) -> bool:
+    return now - row.last_requested <= active_days * DAY
+
+
+class RenewalSource(Protocol):
+    """The database side of renewal (:class:`csrproxy.issuance.renewals.StoredRenewals`)."""
+
+    def due(self, now: float, limit: int) -> Deferred[list[CertificateRow]]: ...
+
+    def park(self, cert_ids: Sequence[str]) -> Deferred[Any]: ...
+
+    def renew_later(self, cert_id: str, when: float) -> Deferred[Any]: ...
+
+    def schedule_unscheduled(self, limit: int) -> Deferred[int]: ...
+
+
+class PassObserver(Protocol):
+    def __call__(self, seconds: float, started: int, parked: int) -> None: ...
 
 
 class RenewalScheduler:
@@ -67,33 +70,34 @@ class RenewalScheduler:
     def __init__(
         self,
         clock: IReactorTime,
-        certificates: Callable[[], Iterable[Renewable]],
-        renew: Callable[[Renewable], Deferred[Any]],
+        source: RenewalSource,
+        renew: Callable[[CertificateRow], Deferred[Any]],
         *,
         active_days: float = 30.0,
         interval: float = 60.0,
         max_parallel: int = 4,
-        rng: random.Random | None = None,
         paused: Callable[[], bool] = lambda: False,
+        on_pass: PassObserver | None = None,
+        on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.clock = clock
         #: True while renewals would only fail (the CA is known to be failing): a pass is
         #: skipped whole rather than failing (and logging) once per due certificate.
         self.paused = paused
-        self.certificates = certificates
+        self.source = source
         self.renew = renew
         self.active_days = active_days
         self.interval = interval
-        self.rng = rng or random.Random()
-        #: certificate id -> (the window it was computed for, the moment to renew)
-        self._due: dict[str, tuple[tuple[float, float] | None, float]] = {}
+        self.max_parallel = max_parallel
+        self._on_pass = on_pass
+        self._on_outcome = on_outcome
+        #: Ids of the certificates being renewed (at most ``max_parallel``).
         self._running: set[str] = set()
-        #: Certificates already replaced by a renewal (the source may list them a while longer).
-        self._replaced: set[str] = set()
-        self._limit = DeferredSemaphore(max_parallel)
+        self._passing = False
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         self.renewed = 0
+        self.failed = 0
         self.skipped_inactive = 0
 
     def start(self) -> None:
@@ -103,97 +107,105 @@ class RenewalScheduler:
         if self._loop.running:
             self._loop.stop()
 
-    def forget(self, cert_id: str) -> None:
-        """``cert_id`` was replaced: stop tracking it."""
-        self._due.pop(cert_id, None)
+    @property
+    def running(self) -> int:
+        return len(self._running)
 
-    def tick(self) -> None:
-        if self.paused():
-            return
-        now = self.clock.seconds()
-        for cert in self.certificates():
-            known = self._due.get(cert.id)
-            if known is None or known[0] != cert.window:  # new, or the CA's window changed
-                known = self._due[cert.id] = (cert.window, due_at(cert, self.rng))
-            when = known[1]
-            if when > now or cert.id in self._running or cert.id in self._replaced:
-                continue
-            if not is_active(cert, now, self.active_days):
-                self.skipped_inactive += 1
-                continue
-            self._start(cert)
-
-    def _start(self, cert: Renewable) -> None:
-        self._running.add(cert.id)
-        log.info("renewing certificate {id}", id=cert.id)
+    def tick(self) -> Deferred[None] | None:
+        """One pass, unless one is still running or renewals are paused."""
+        if self._passing or self.paused():
+            return None
+        self._passing = True
+        d = Deferred.fromCoroutine(self._pass())
 
         def done(result: object) -> None:
-            self._running.discard(cert.id)
-            if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
-                log.warn("renewal of {id} failed: {err}", id=cert.id, err=str(result))
-                # Try again later, not at once.
+            self._passing = False
+            if isinstance(result, Failure):
+                log.warn("renewal pass failed: {err}", err=result.getErrorMessage())
+
+        d.addBoth(done)
+        return d
+
+    async def _pass(self) -> None:
+        t0 = time.perf_counter()
+        now = self.clock.seconds()
+        started = parked = 0
+        await self.source.schedule_unscheduled(SCHEDULE_CHUNK)
+        for _ in range(ROUNDS):
+            free = self.max_parallel - len(self._running)
+            if free <= 0:
+                break
+            rows = await self.source.due(now, BATCH)
+            idle: list[str] = []
+            for row in rows:
+                if row.id in self._running:
+                    continue
+                if not is_active(row, now, self.active_days):
+                    idle.append(row.id)
+                elif free > 0:
+                    self._start(row)
+                    started += 1
+                    free -= 1
+            if idle:
+                await self.source.park(idle)
+                parked += len(idle)
+                self.skipped_inactive += len(idle)
+            if len(rows) < BATCH or not idle:
+                break  # nothing more is due, or what is left waits for a free slot
+        if parked:
+            log.info(
+                "{n} certificates due but their installations inactive: not renewed", n=parked
+            )
+        if self._on_pass is not None:
+            self._on_pass(time.perf_counter() - t0, started, parked)
+
+    def _outcome(self, what: str) -> None:
+        if self._on_outcome is not None:
+            self._on_outcome(what)
+
+    def _start(self, row: CertificateRow) -> None:
+        self._running.add(row.id)
+        self._outcome("started")
+        log.info("renewing certificate {id}", id=row.id)
+
+        def done(result: object) -> None:
+            self._running.discard(row.id)
+            if isinstance(result, Failure):
+                self.failed += 1
+                self._outcome("failed")
+                log.warn("renewal of {id} failed: {err}", id=row.id, err=result.getErrorMessage())
+                # Try again later, not at once (and not at once after a restart either).
                 retry = self.clock.seconds() + max(self.interval * 10, 600.0)
-                self._due[cert.id] = (cert.window, retry)
+                self.source.renew_later(row.id, retry).addErrback(lambda _: None)
             else:
                 self.renewed += 1
-                self._due.pop(cert.id, None)
-                self._replaced.add(cert.id)
+                self._outcome("renewed")
 
-        self._limit.run(self.renew, cert).addBoth(done)
-
-
-class RenewalWindows:
-    """The CA's ARI windows of certificates, fetched in the background and kept until the
-    CA's ``Retry-After`` says to look again; ``None`` until known (or without ARI)."""
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        fetch: Callable[[str], Deferred[tuple[float, float, float | None] | None]],
-        default_recheck: float = 6 * 3600.0,
-    ) -> None:
-        self.clock = clock
-        #: fetch(chain PEM) -> (start, end, retry_after seconds) or None when there is no ARI.
-        self.fetch = fetch
-        self.default_recheck = default_recheck
-        self._windows: dict[str, tuple[float, float]] = {}
-        self._next_look: dict[str, float] = {}
-        self._busy: set[str] = set()
-
-    def lookup(self, key: str, chain_pem: str) -> tuple[float, float] | None:
-        now = self.clock.seconds()
-        if key not in self._busy and now >= self._next_look.get(key, 0.0):
-            self._busy.add(key)
-            self.fetch(chain_pem).addBoth(self._store, key)
-        return self._windows.get(key)
-
-    def _store(self, result: object, key: str) -> None:
-        self._busy.discard(key)
-        recheck = self.default_recheck
-        if isinstance(result, tuple):
-            start, end, retry_after = result
-            self._windows[key] = (start, end)
-            if retry_after:
-                recheck = retry_after
-        elif result is not None:  # a failure: keep what we had, look again later
-            log.warn("renewal window of {key} unknown: {err}", key=key, err=str(result))
-        self._next_look[key] = self.clock.seconds() + recheck
-
-    def forget(self, key: str) -> None:
-        self._windows.pop(key, None)
-        self._next_look.pop(key, None)
+        try:
+            d = self.renew(row)
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        d.addBoth(done)
 
 
 class RenewalService(Service):
-    """Runs the renewal scheduler while the daemon runs."""
+    """Runs the renewal scheduler (and the ARI poller, when there is one) while the daemon
+    runs."""
 
-    def __init__(self, scheduler: RenewalScheduler) -> None:
+    def __init__(self, scheduler: RenewalScheduler, *others: Any) -> None:
         self.scheduler = scheduler
+        #: Anything else with start()/stop() (the ARI poller).
+        self.others = others
 
     def startService(self) -> None:
         super().startService()
         self.scheduler.start()
+        for other in self.others:
+            other.start()
 
     def stopService(self) -> None:
         super().stopService()
         self.scheduler.stop()
+        for other in self.others:
+            other.stop()

@@ -31,8 +31,15 @@ DB_NAME = "csrproxy.sqlite3"
 #: A method of the database, its positional and keyword arguments.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-#: Statuses of an order that has not ended.
+#: Statuses of an order that has not ended (``valid``: the CA issued, the chain is not
+#: on record yet).
 UNFINISHED = ("new", "pending", "ready", "processing", "valid")
+#: Statuses of an order that has ended: its chain is on record, or it failed.
+FINISHED = ("issued", "invalid")
+
+#: The columns a renewal or ARI pass reads (never ``csr``: the renewal reads it by id).
+_CURRENT = "superseded IS NULL AND revoked IS NULL"
+_RENEWABLE = f"{_CURRENT} AND dormant = 0"
 
 
 @dataclass
@@ -111,6 +118,9 @@ class StateDB:
         self._removals: collections.deque[tuple[str, str]] = collections.deque()
         self._in_batch = False
         self.conn.row_factory = sqlite3.Row
+        if created:
+            # Pruning gives pages back to the file system (before any table exists).
+            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.execute("PRAGMA foreign_keys=ON")
@@ -251,30 +261,172 @@ class StateDB:
             )
         return [_order(r) for r in rows]
 
+    def unfinished_orders(self, limit: int = 100_000) -> list[OrderRow]:
+        """Orders that had not ended, oldest first (by the partial index of unfinished ones)."""
+        marks = ",".join("?" * len(UNFINISHED))
+        rows = self.conn.execute(
+            f"SELECT * FROM orders WHERE status IN ({marks}) AND created > -1 "
+            "ORDER BY created LIMIT ?",
+            (*UNFINISHED, limit),
+        )
+        return [_order(r) for r in rows]
+
+    def order_with_chain(self, order_id: str) -> tuple[OrderRow, CertificateRow | None] | None:
+        """An order and, once it has ended with one, its certificate."""
+        order = self.order(order_id)
+        if order is None:
+            return None
+        cert = self.certificate(order.certificate_id) if order.certificate_id else None
+        return order, cert
+
     # -- certificates -------------------------------------------------------------
 
     def save_certificate(self, cert: CertificateRow) -> None:
         d = cert.__dict__ | {"names": json.dumps(cert.names)}
         self._write(_SAVE_CERTIFICATE, d)
 
-    def certificate_issued(self, cert: CertificateRow, order_id: str) -> None:
-        """Record ``cert`` and mark its order valid, in one transaction."""
-        d = cert.__dict__ | {"names": json.dumps(cert.names)}
+    def certificate_issued(
+        self, cert: CertificateRow, order_id: str, renewal: bool = False
+    ) -> CertificateRow:
+        """Record ``cert`` as its request key's current certificate and end its order, in
+        one transaction; returns the row as recorded.
+
+        It keeps the installation's signer from the certificate it supersedes (the same key
+        and names), and, for a renewal csrproxy made on its own, its activity clock.
+        """
+        now = time.time()
         with self.transaction() as conn:
-            conn.execute(_SAVE_CERTIFICATE, d)
+            current = self.current_certificate(cert.request_key)
+            if current is not None:
+                cert.signed_by = current.signed_by
+                if renewal:
+                    cert.last_requested = current.last_requested
+                if current.not_after > cert.not_after:  # odd, but the newest stays current
+                    cert.superseded = now
+            cert.names_key = names_key(cert.names)
+            conn.execute(_SAVE_CERTIFICATE, cert.__dict__ | {"names": json.dumps(cert.names)})
+            if cert.superseded is None:
+                conn.execute(
+                    f"UPDATE certificates SET superseded = ? WHERE request_key = ? AND id != ? "
+                    f"AND {_CURRENT}",
+                    (now, cert.request_key, cert.id),
+                )
             conn.execute(
-                "UPDATE orders SET status = 'valid', certificate_id = ?, updated = ? WHERE id = ?",
-                (cert.id, time.time(), order_id),
+                "UPDATE orders SET status = 'issued', certificate_id = ?, updated = ? WHERE id = ?",
+                (cert.id, now, order_id),
             )
+        return cert
 
     def touch_certificate(self, cert_id: str, when: float) -> None:
-        self._write("UPDATE certificates SET last_requested = ? WHERE id = ?", (when, cert_id))
-
-    def certificate_signed(self, cert_id: str, when: float, signed_by: str | None) -> None:
-        """A sign request for ``cert_id``'s CSR: when it came and from whom."""
+        """A read that counts as its installation's activity (it is renewed again)."""
         self._write(
-            "UPDATE certificates SET last_requested = ?, signed_by = ? WHERE id = ?",
-            (when, signed_by, cert_id),
+            "UPDATE certificates SET last_requested = ?, dormant = 0 WHERE id = ?", (when, cert_id)
+        )
+
+    def certificate_signed(self, request_key: str, when: float, signed_by: str | None) -> None:
+        """A sign request for the CSR behind ``request_key``: when it came and from whom."""
+        self._write(
+            "UPDATE certificates SET last_requested = ?, signed_by = ?, dormant = 0 "
+            f"WHERE request_key = ? AND {_CURRENT}",
+            (when, signed_by, request_key),
+        )
+
+    def current_certificate(self, request_key: str) -> CertificateRow | None:
+        """The certificate a sign request for ``request_key`` is served (index: request key)."""
+        row = self.conn.execute(
+            f"SELECT * FROM certificates WHERE request_key = ? AND {_CURRENT} "
+            "ORDER BY not_after DESC LIMIT 1",
+            (request_key,),
+        ).fetchone()
+        return _cert(row) if row else None
+
+    def current_by_key_prefix(self, prefix: str) -> CertificateRow | None:
+        """The current certificate whose request key starts with ``prefix`` (lowercase hex)."""
+        row = self.conn.execute(
+            f"SELECT * FROM certificates WHERE request_key >= ? AND request_key < ? "
+            f"AND {_CURRENT} ORDER BY not_after DESC LIMIT 1",
+            (prefix, prefix + "~"),
+        ).fetchone()
+        return _cert(row) if row else None
+
+    def names_issued(self, names: Iterable[str]) -> bool:
+        """Was a certificate for exactly this set of names ever recorded (index: names)?"""
+        row = self.conn.execute(
+            "SELECT 1 FROM certificates WHERE names_key = ? LIMIT 1", (names_key(names),)
+        ).fetchone()
+        return row is not None
+
+    def sign_lookup(
+        self, request_key: str, names: Iterable[str]
+    ) -> tuple[CertificateRow | None, bool]:
+        """What a sign request needs: the current certificate of its request key, and whether
+        its set of names was issued before."""
+        current = self.current_certificate(request_key)
+        return current, current is not None or self.names_issued(names)
+
+    # -- renewal ------------------------------------------------------------------
+
+    def due_certificates(self, now: float, limit: int) -> list[CertificateRow]:
+        """Current certificates not parked whose renewal time has come, soonest first."""
+        rows = self.conn.execute(
+            f"SELECT * FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
+            "ORDER BY renew_at LIMIT ?",
+            (now, limit),
+        )
+        return [_cert(r) for r in rows]
+
+    def schedule_unscheduled(self, recheck: float, limit: int) -> int:
+        """Give up to ``limit`` current certificates without a renewal time one (a random
+        point between 2/3 and 3/4 of their lifetime) and an ARI look-up time; the count."""
+        cur = self._write(
+            "UPDATE certificates SET "
+            "renew_at = not_before + (not_after - not_before) "
+            "* (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0), "
+            "ari_next = coalesce(ari_next, unixepoch() + (abs(random()) % 1000000) / 1e6 * ?) "
+            f"WHERE rowid IN (SELECT rowid FROM certificates WHERE renew_at IS NULL "
+            f"AND {_RENEWABLE} LIMIT ?)",
+            (recheck, limit),
+        )
+        return int(cur.rowcount)
+
+    def park(self, cert_ids: Sequence[str]) -> None:
+        """Renewal found these due and their installations inactive: leave them until they
+        ask again (:meth:`touch_certificate`, :meth:`certificate_signed`)."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE certificates SET dormant = 1 WHERE id = ?", [(i,) for i in cert_ids]
+            )
+
+    def renew_later(self, cert_id: str, when: float) -> None:
+        self._write("UPDATE certificates SET renew_at = ? WHERE id = ?", (when, cert_id))
+
+    def ari_due(self, now: float, limit: int) -> list[tuple[str, str, float | None, float | None]]:
+        """(id, chain, ari_start, ari_end) of renewable certificates whose ARI look-up is due."""
+        rows = self.conn.execute(
+            f"SELECT id, chain, ari_start, ari_end FROM certificates WHERE ari_next <= ? "
+            f"AND {_RENEWABLE} ORDER BY ari_next LIMIT ?",
+            (now, limit),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def ari_looked(
+        self,
+        cert_id: str,
+        window: tuple[float, float] | None,
+        next_look: float,
+        renew_at: float | None,
+    ) -> None:
+        """Record an ARI look-up: the window (None: unchanged), when to look again, and the
+        renewal time the window gives (None: unchanged)."""
+        if window is None:
+            self._write(
+                "UPDATE certificates SET ari_next = ? WHERE id = ?", (next_look, cert_id)
+            )
+            return
+        self._write(
+            "UPDATE certificates SET ari_start = ?, ari_end = ?, ari_next = ?, "
+            "renew_at = coalesce(?, renew_at) WHERE id = ?",
+            (window[0], window[1], next_look, renew_at, cert_id),
         )
 
     def mark_revoked(self, cert_id: str, reason: int) -> None:
@@ -364,6 +516,11 @@ _REMOVE_CHALLENGE = (
     "DELETE FROM challenges WHERE id IN "
     "(SELECT id FROM challenges WHERE name = ? AND value = ? LIMIT 1)"
 )
+
+
+def names_key(names: Iterable[str]) -> str:
+    """A set of names as one string: sorted, lowercase, joined by ","."""
+    return ",".join(sorted({n.lower() for n in names}))
 
 
 def _order(row: sqlite3.Row) -> OrderRow:

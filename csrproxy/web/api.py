@@ -40,7 +40,7 @@ from csrproxy.issuance.csr import (
 from csrproxy.issuance.ledger import CertificateRow, certificate_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
 from csrproxy.issuance.policy import NamePolicy
-from csrproxy.issuance.renewal import Renewable, next_check_hint
+from csrproxy.issuance.renewal import next_check_hint
 from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
@@ -75,7 +75,7 @@ class Signer(Protocol):
     @property
     def account_url(self) -> str | None: ...
 
-    def issue(self, csr: CheckedCSR, client: str) -> Issuance: ...
+    def issue(self, csr: CheckedCSR, client: str) -> Deferred[Issuance]: ...
 
 
 class CertificateView(Protocol):
@@ -84,11 +84,11 @@ class CertificateView(Protocol):
 
     def certificate_id(self, request_key: str) -> str: ...
 
-    def newest(self, certificate_id: str) -> CertificateRow | None: ...
+    def newest(self, certificate_id: str) -> Deferred[CertificateRow | None]: ...
 
     def signed(self, request_key: str, when: float, signer: str | None) -> None: ...
 
-    def read(self, request_key: str, when: float, reader: str | None) -> bool: ...
+    def read(self, row: CertificateRow, when: float, reader: str | None) -> bool: ...
 
 
 class SigningAPI:
@@ -186,7 +186,7 @@ class SigningAPI:
         return bytes(self.metrics.render())
 
     @app.route("/v1/sign", methods=["POST"])
-    def sign(self, request: IRequest) -> Deferred[bytes] | bytes:
+    def sign(self, request: IRequest) -> Deferred[bytes]:
         self._count(request, "/v1/sign")
         client, token = self._client(request)
         csr = self._csr_from(request)
@@ -194,12 +194,24 @@ class SigningAPI:
         self.policy.check(csr.names, csr.key_label)
         if token is not None and token.policy is not None:
             token.policy.check(csr.names, csr.key_label)
-        issuance = self.signer.issue(csr, client)
         # A sign request always counts as the installation's activity; its token becomes
         # the one whose reads count too (CertificateView.signed).
         key, now = csr.request_key, self.clock.seconds()
         signer = token.client_id if token is not None else None
         self.certificates.signed(key, now, signer)
+        return self.signer.issue(csr, client).addCallback(
+            self._issuance, request, csr, now, signer
+        )
+
+    def _issuance(
+        self,
+        issuance: Issuance,
+        request: IRequest,
+        csr: CheckedCSR,
+        now: float,
+        signer: str | None,
+    ) -> Deferred[bytes] | bytes:
+        key = csr.request_key
         d = issuance.chain
         if d.called:  # a stored chain, or a refusal before any order
             return d.addCallback(self._chain, request, key)
@@ -270,34 +282,42 @@ class SigningAPI:
         return out
 
     @app.route("/v1/orders/<string:order_id>", methods=["GET"])
-    def order(self, request: IRequest, order_id: str) -> bytes:
+    def order(self, request: IRequest, order_id: str) -> Deferred[bytes]:
         self._count(request, "/v1/orders/{id}")
         _, token = self._client(request)
-        record = self._record(order_id, token)
-        if record.status == "processing":
-            request.setHeader(b"Retry-After", b"1")
-        return json_answer(request, 200, record.document())
 
-    @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
-    def order_certificate(self, request: IRequest, order_id: str) -> bytes:
-        self._count(request, "/v1/orders/{id}/certificate")
-        _, token = self._client(request)
-        record = self._record(order_id, token)
-        if record.chain is None:
+        def answer(record: OrderRecord) -> bytes:
             if record.status == "processing":
                 request.setHeader(b"Retry-After", b"1")
-            raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
-        return self._chain(record.chain, request, record.request_key)
+            return json_answer(request, 200, record.document())
 
-    def _record(self, order_id: str, token: Token | None) -> OrderRecord:
-        record = self.book.get(order_id)
-        # Outside the token's patterns an order does not exist: 404, not 403.
-        if record is None or not _readable(token, record.names, record.key_label):
-            raise NotFound(f"no order {order_id!r} (unknown, or finished over an hour ago)")
-        return record
+        return self._record(order_id, token).addCallback(answer)
+
+    @app.route("/v1/orders/<string:order_id>/certificate", methods=["GET"])
+    def order_certificate(self, request: IRequest, order_id: str) -> Deferred[bytes]:
+        self._count(request, "/v1/orders/{id}/certificate")
+        _, token = self._client(request)
+
+        def answer(record: OrderRecord) -> bytes:
+            if record.chain is None:
+                if record.status == "processing":
+                    request.setHeader(b"Retry-After", b"1")
+                raise OrderNotReady(f"order {order_id} is {record.status}", record.status)
+            return self._chain(record.chain, request, record.request_key)
+
+        return self._record(order_id, token).addCallback(answer)
+
+    def _record(self, order_id: str, token: Token | None) -> Deferred[OrderRecord]:
+        def found(record: OrderRecord | None) -> OrderRecord:
+            # Outside the token's patterns an order does not exist: 404, not 403.
+            if record is None or not _readable(token, record.names, record.key_label):
+                raise NotFound(f"no order {order_id!r}")
+            return record
+
+        return self.book.find(order_id).addCallback(found)
 
     @app.route("/v1/certificates/<string:certificate_id>", methods=["GET"])
-    def certificate(self, request: IRequest, certificate_id: str) -> bytes:
+    def certificate(self, request: IRequest, certificate_id: str) -> Deferred[bytes]:
         """The newest chain for a CSR (renewals included), and when to look again.
 
         A token reads only certificates whose names its patterns allow (404 for others,
@@ -306,16 +326,17 @@ class SigningAPI:
         """
         self._count(request, "/v1/certificates/{id}")
         _, token = self._client(request)
-        row = self.certificates.newest(certificate_id)
-        if row is None or not _readable(token, row.names, certificate_key_label(row)):
-            raise NotFound(f"no certificate {certificate_id!r}")
-        now = self.clock.seconds()
-        self.certificates.read(row.request_key, now, token.client_id if token else None)
-        hint = next_check_hint(
-            Renewable(row.id, row.not_before, row.not_after, row.last_requested), now
-        )
-        request.setHeader(b"Retry-After", str(int(hint)).encode())
-        return self._chain(row.chain, request, row.request_key)
+
+        def answer(row: CertificateRow | None) -> bytes:
+            if row is None or not _readable(token, row.names, certificate_key_label(row)):
+                raise NotFound(f"no certificate {certificate_id!r}")
+            now = self.clock.seconds()
+            self.certificates.read(row, now, token.client_id if token else None)
+            hint = next_check_hint(row, now)
+            request.setHeader(b"Retry-After", str(int(hint)).encode())
+            return self._chain(row.chain, request, row.request_key)
+
+        return self.certificates.newest(certificate_id).addCallback(answer)
 
     @app.route("/v1/name", methods=["GET", "POST"])
     def name(self, request: IRequest) -> bytes:

@@ -12,23 +12,21 @@ class CacheTests(SynchronousTestCase):
     def test_fresh_while_more_than_half_the_life_is_left(self) -> None:
         clock = Clock()
         cache = MemoryIssuedCache(clock.seconds)
-        cache.put("k", ("a.test",), CachedChain("PEM", 0.0, 100.0))
+        cache.put("k", CachedChain("PEM", 0.0, 100.0))
         self.assertEqual(cache.get("k"), CachedChain("PEM", 0.0, 100.0))
         clock.advance(49)
         self.assertIsNotNone(cache.get("k"))
         clock.advance(2)
         self.assertIsNone(cache.get("k"))
         self.assertIsNone(cache.get("k"))
-        self.assertTrue(cache.issued_before(("a.test",)))
-        self.assertFalse(cache.issued_before(("b.test",)))
 
     def test_bounded_least_recently_used_first_out(self) -> None:
         clock = Clock()
         cache = MemoryIssuedCache(clock.seconds, max_entries=2)
         for k in ("a", "b"):
-            cache.put(k, (k,), CachedChain(k, 0.0, 100.0))
+            cache.put(k, CachedChain(k, 0.0, 100.0))
         cache.get("a")
-        cache.put("c", ("c",), CachedChain("c", 0.0, 100.0))
+        cache.put("c", CachedChain("c", 0.0, 100.0))
         self.assertIsNone(cache.get("b"))
         self.assertIsNotNone(cache.get("a"))
         self.assertEqual(len(cache), 2)

@@ -21,7 +21,7 @@ from csrproxy.issuance.issuer import Issuer
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, FakeCA, FlakyHTTP
-from tests.support.issuers import make_issuer
+from tests.support.issuers import issue_now, make_issuer
 from tests.support.keys import make_csr
 
 ZONE = "go.example.test"
@@ -89,7 +89,7 @@ class DeadlineTests(IssuerFaultTestCase):
         self.acme.transport._nonces.clear()  # spent by failed POSTs, as when the CA is away
         self.flaky.rules.append(["HEAD", "/nonce", "refuse", FOREVER])
         start = self.clock.seconds()
-        failure = self.drive(self.issuer.issue(csr("a"), "client").chain)
+        failure = self.drive(issue_now(self.issuer, csr("a"), "client").chain)
         self.assertLessEqual(self.clock.seconds() - start, self.order_timeout + STEP)
         failure.trap(IssuanceFailed)
         self.assertEqual(failure.value.status, 503)
@@ -100,7 +100,7 @@ class FailFastTests(IssuerFaultTestCase):
     def open_breaker(self) -> Any:
         """The CA goes down under one order; returns that order's chain Deferred."""
         self.ca_down()
-        first = self.issuer.issue(csr("first"), "client").chain
+        first = issue_now(self.issuer, csr("first"), "client").chain
         self.until(lambda: self.breaker.state == "open")
         return first
 
@@ -108,7 +108,7 @@ class FailFastTests(IssuerFaultTestCase):
         first = self.open_breaker()
         self.clock.advance(2)
         tried, orders = self.flaky.tried, self.issuer.metrics.orders_in_flight._value.get()
-        issuance = self.issuer.issue(csr("second"), "client")
+        issuance = issue_now(self.issuer, csr("second"), "client")
         e = self.failureResultOf(issuance.chain, CAUnavailable).value
         self.assertIsNone(issuance.order_id)
         self.assertEqual(e.status, 503)
@@ -129,11 +129,13 @@ class FailFastTests(IssuerFaultTestCase):
         self.ca_down()
         self.breaker.trip()
         for i in range(10):
-            self.failureResultOf(self.issuer.issue(csr(f"r{i}"), "client").chain, CAUnavailable)
+            self.failureResultOf(
+                issue_now(self.issuer, csr(f"r{i}"), "client").chain, CAUnavailable
+            )
         self.ca_back()
         self.clock.advance(self.breaker.cooldown)
         self.agent.flush()
-        chain = self.drive(self.issuer.issue(csr("after"), "client").chain)
+        chain = self.drive(issue_now(self.issuer, csr("after"), "client").chain)
         self.assertIsInstance(chain, str, chain)
 
     def test_recovers_on_its_own_when_the_ca_answers_again(self) -> None:
@@ -144,7 +146,7 @@ class FailFastTests(IssuerFaultTestCase):
         self.assertEqual(self.breaker.state, "closed")
         self.assertEqual(self.flaky.sent[f"HEAD {BASE}/nonce"], 1)
         self.assertEqual(self.breaker.last_success, self.clock.seconds())
-        chain = self.drive(self.issuer.issue(csr("second"), "client").chain)
+        chain = self.drive(issue_now(self.issuer, csr("second"), "client").chain)
         self.assertIsInstance(chain, str, chain)
         # The order in flight while the CA was away finishes too.
         self.assertIsInstance(self.drive(first), str)
@@ -156,7 +158,9 @@ class FailFastTests(IssuerFaultTestCase):
             self.clock.advance(self.breaker.cooldown)
             self.assertEqual(self.flaky.tried, tried + n)
             self.assertEqual(self.breaker.state, "open")
-            self.failureResultOf(self.issuer.issue(csr(f"x{n}"), "client").chain, CAUnavailable)
+            self.failureResultOf(
+                issue_now(self.issuer, csr(f"x{n}"), "client").chain, CAUnavailable
+            )
         self.drive(first)
 
     def test_half_open_lets_one_probe_out_and_refuses_the_rest_briefly(self) -> None:
@@ -167,21 +171,21 @@ class FailFastTests(IssuerFaultTestCase):
         self.assertEqual(len(self.flaky.held), 1)
         self.assertEqual(self.breaker.state, "half-open")
         tried = self.flaky.tried
-        e = self.failureResultOf(self.issuer.issue(csr("b"), "client").chain, CAUnavailable)
+        e = self.failureResultOf(issue_now(self.issuer, csr("b"), "client").chain, CAUnavailable)
         self.assertEqual(e.value.retry_after, PROBE_RETRY_AFTER)
         self.clock.advance(0.5)  # the order in flight tries again: refused, not sent
         self.assertEqual(self.flaky.tried, tried)
         self.flaky.release()
         self.agent.flush()
         self.assertEqual(self.breaker.state, "closed")
-        self.assertIsInstance(self.drive(self.issuer.issue(csr("b"), "client").chain), str)
+        self.assertIsInstance(self.drive(issue_now(self.issuer, csr("b"), "client").chain), str)
         self.drive(first)
 
     def test_an_identical_order_in_flight_is_joined_not_refused(self) -> None:
-        first = self.issuer.issue(csr("same"), "client")
+        first = issue_now(self.issuer, csr("same"), "client")
         self.ca_down()
         self.until(lambda: self.breaker.state == "open")
-        again = self.issuer.issue(csr("same"), "client")
+        again = issue_now(self.issuer, csr("same"), "client")
         self.assertEqual(again.order_id, first.order_id)
         self.assertNoResult(again.chain)
         self.ca_back()
@@ -190,11 +194,13 @@ class FailFastTests(IssuerFaultTestCase):
 
 class AccountGoneTests(IssuerFaultTestCase):
     def test_every_order_shares_one_registration(self) -> None:
-        self.assertIsInstance(self.drive(self.issuer.issue(csr("before"), "client").chain), str)
+        self.assertIsInstance(
+            self.drive(issue_now(self.issuer, csr("before"), "client").chain), str
+        )
         old = self.issuer.account_url
         self.ca.forget_accounts()
         before = self.ca.requests["newAccount"]
-        chains = [self.issuer.issue(csr(f"c{i}"), "client").chain for i in range(4)]
+        chains = [issue_now(self.issuer, csr(f"c{i}"), "client").chain for i in range(4)]
         results = [self.drive(d) for d in chains]
         self.assertEqual([type(r) for r in results], [str] * 4, results)
         self.assertEqual(self.ca.requests["newAccount"] - before, 2)  # lookup, register
@@ -205,9 +211,11 @@ class AccountGoneTests(IssuerFaultTestCase):
         self.assertTrue(self.issuer.ready)
 
     def test_after_a_ca_restart_an_order_succeeds(self) -> None:
-        self.assertIsInstance(self.drive(self.issuer.issue(csr("before"), "client").chain), str)
+        self.assertIsInstance(
+            self.drive(issue_now(self.issuer, csr("before"), "client").chain), str
+        )
         self.ca.restart()
-        self.assertIsInstance(self.drive(self.issuer.issue(csr("after"), "client").chain), str)
+        self.assertIsInstance(self.drive(issue_now(self.issuer, csr("after"), "client").chain), str)
         self.assertEqual(len(self.accounts), 2)
 
     def test_a_late_answer_for_the_old_account_does_not_register_again(self) -> None:
@@ -225,7 +233,7 @@ class AccountGoneTests(IssuerFaultTestCase):
         old = self.issuer.account_url
         self.ca.forget_accounts()
         self.flaky.rules.append(["POST", "/account", "refuse", FOREVER])
-        failure = self.drive(self.issuer.issue(csr("a"), "client").chain)
+        failure = self.drive(issue_now(self.issuer, csr("a"), "client").chain)
         failure.trap(IssuanceFailed)
         self.assertFalse(self.issuer.ready)
         self.ca_back()

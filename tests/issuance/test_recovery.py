@@ -22,7 +22,7 @@ from csrproxy.state.database import ChallengeRow, OrderRow
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.support.driving import run_until_fired
 from tests.support.fakeacme import BASE, ERR, Authz, FakeCA, Order
-from tests.support.issuers import make_issuer
+from tests.support.issuers import issue_now, make_issuer
 from tests.support.keys import make_csr
 
 ZONE = "go.example.test"
@@ -171,7 +171,7 @@ class ResumeTests(SynchronousTestCase):
         # The CA validated before the crash: the resumed run publishes nothing itself.
         row, leftover = self.crashed_order(status="valid", challenge_status="valid")
         self.recover(issuer, [leftover], [row])
-        joined = issuer.issue(self.csr, "client")
+        joined = issue_now(issuer, self.csr, "client")
         self.assertEqual(joined.order_id, row.id)
         for _ in range(100):
             self.agent.flush()
@@ -233,4 +233,6 @@ class ResumeTests(SynchronousTestCase):
         row.csr = b"not a csr"
         self.recover(issuer, [leftover], [row])
         self.assertEqual(self.zone.challenge_names(), ())
-        self.assertIsNone(self.book.get(row.id))
+        record = self.book.get(row.id)
+        assert record is not None
+        self.assertEqual(record.status, "invalid", "its id answers: the order failed")

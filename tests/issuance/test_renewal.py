@@ -1,67 +1,80 @@
-"""Renewal timing and the scheduler, driven by a Clock."""
+"""Renewal timing and the scheduler, on a Clock, over a real state database."""
 
 from __future__ import annotations
 
 import random
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from csrproxy.issuance.ledger import lifetime_due
 from csrproxy.issuance.renewal import (
+    BATCH,
     DAY,
-    Renewable,
     RenewalScheduler,
-    due_at,
     is_active,
     next_check_hint,
 )
+from csrproxy.state.database import CertificateRow, StateDB
+from tests.support.renewals import SyncRenewals, add_certificates
 
 
-def cert(
-    cid: str = "c1", last: float = 0.0, window: tuple[float, float] | None = None
-) -> Renewable:
-    return Renewable(cid, not_before=0.0, not_after=90 * DAY, last_requested=last, window=window)
+def row(renew_at: float | None = None, last: float = 0.0) -> CertificateRow:
+    return CertificateRow(
+        "c", "k", b"", [], "", "", 0.0, 90 * DAY, last_requested=last, renew_at=renew_at
+    )
+
+
+def temp_db(case: SynchronousTestCase) -> StateDB:
+    tmp = tempfile.TemporaryDirectory()
+    case.addCleanup(tmp.cleanup)
+    db = StateDB(Path(tmp.name) / "state.sqlite3")
+    case.addCleanup(db.close)
+    return db
 
 
 class TimingTests(SynchronousTestCase):
     def test_without_ari_between_two_thirds_and_three_quarters(self) -> None:
         rng = random.Random(7)
-        for _ in range(200):
-            t = due_at(cert(), rng)
-            self.assertTrue(60 * DAY <= t <= 67.5 * DAY, t / DAY)
-
-    def test_ari_window_wins_and_is_spread(self) -> None:
-        rng = random.Random(7)
-        times = [due_at(cert(window=(10 * DAY, 11 * DAY)), rng) for _ in range(200)]
-        self.assertTrue(all(10 * DAY <= t <= 11 * DAY for t in times))
-        self.assertGreater(max(times) - min(times), 0.8 * DAY, "not spread over the window")
+        times = [lifetime_due(0.0, 90 * DAY, rng) for _ in range(500)]
+        self.assertTrue(all(60 * DAY <= t <= 67.5 * DAY for t in times))
+        self.assertGreater(max(times) - min(times), 6 * DAY, "not spread")
 
     def test_active_and_hint(self) -> None:
-        self.assertTrue(is_active(cert(last=0), 30 * DAY, 30))
-        self.assertFalse(is_active(cert(last=0), 31 * DAY, 30))
-        self.assertEqual(next_check_hint(cert(window=(10 * DAY, 11 * DAY)), 9 * DAY), DAY)
-        self.assertEqual(next_check_hint(cert(), 70 * DAY), 60.0)
+        self.assertTrue(is_active(row(last=0), 30 * DAY, 30))
+        self.assertFalse(is_active(row(last=0), 31 * DAY, 30))
+        self.assertEqual(next_check_hint(row(renew_at=10 * DAY), 9 * DAY), DAY)
+        self.assertEqual(next_check_hint(row(), 70 * DAY), 60.0)
+        self.assertEqual(next_check_hint(row(), 50 * DAY), 10 * DAY)
 
 
 class SchedulerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
-        self.certs: list[Renewable] = []
+        self.db = temp_db(self)
+        self.source = SyncRenewals(self.db)
         self.calls: list[str] = []
         self.result: Deferred[None] | None = None
 
-    def renew(self, c: Renewable) -> Deferred[None]:
+    def renew(self, c: CertificateRow) -> Deferred[None]:
         self.calls.append(c.id)
-        return self.result if self.result is not None else succeed(None)
+        if self.result is not None:
+            return self.result
+        # A renewal that worked supersedes the row, as certificate_issued does.
+        with self.db.transaction() as conn:
+            conn.execute("UPDATE certificates SET superseded = 1 WHERE id = ?", (c.id,))
+        return succeed(None)
 
     def scheduler(self, active_days: float = 30.0, max_parallel: int = 4) -> RenewalScheduler:
         s = RenewalScheduler(
             self.clock,
-            lambda: self.certs,
+            self.source,
             self.renew,
             interval=3600,
-            rng=random.Random(1),
             active_days=active_days,
             max_parallel=max_parallel,
         )
@@ -70,100 +83,121 @@ class SchedulerTests(SynchronousTestCase):
         return s
 
     def test_renews_when_due_and_not_before(self) -> None:
-        self.certs = [Renewable("a", 0, 90 * DAY, last_requested=59 * DAY)]
+        add_certificates(self.db, 1, renew_at=60 * DAY, last_requested=59 * DAY)
         s = self.scheduler()
-        self.clock.advance(59 * DAY)
-        self.clock.advance(3600)
+        self.clock.advance(60 * DAY - 1800)
         self.assertEqual(self.calls, [])
-        self.clock.pump([3600] * 24 * 9)  # up to day 68
-        self.assertEqual(self.calls, ["a"])
+        self.clock.advance(3600)
+        self.assertEqual(self.calls, ["c0"])
         self.assertEqual(s.renewed, 1)
+        self.clock.pump([3600] * 5)
+        self.assertEqual(self.calls, ["c0"], "a renewed certificate came back")
+
+    def test_a_certificate_without_a_renewal_time_gets_one(self) -> None:
+        add_certificates(self.db, 3, renew_at=None, last_requested=60 * DAY)
+        self.scheduler()
+        self.clock.advance(3600)
+        times = [r[0] for r in self.db.conn.execute("SELECT renew_at FROM certificates")]
+        self.assertTrue(all(t is not None and 60 * DAY <= t <= 67.5 * DAY for t in times), times)
+        self.assertEqual(self.calls, [])
+        self.clock.pump([3600] * 24 * 68)
+        self.assertEqual(sorted(self.calls), ["c0", "c1", "c2"])
 
     def test_no_pass_while_paused(self) -> None:
-        self.certs = [Renewable("a", 0, 90 * DAY, last_requested=59 * DAY)]
+        add_certificates(self.db, 1, renew_at=60 * DAY, last_requested=59 * DAY)
         s = self.scheduler()
         paused = [True]
         s.paused = lambda: paused[0]
-        self.clock.pump([3600] * 24 * 70)  # past its due time, the CA failing all along
+        self.clock.pump([3600] * 24 * 61)
         self.assertEqual(self.calls, [])
         paused[0] = False
         self.clock.advance(3600)
-        self.assertEqual(self.calls, ["a"])
+        self.assertEqual(self.calls, ["c0"])
 
-    def test_inactive_installation_is_not_renewed(self) -> None:
-        self.certs = [Renewable("dead", 0, 90 * DAY, last_requested=0)]
+    def test_inactive_installation_is_parked_until_it_asks_again(self) -> None:
+        add_certificates(self.db, 1, renew_at=60 * DAY, last_requested=0)
         s = self.scheduler(active_days=30)
-        self.clock.pump([3600] * 24 * 80)
+        self.clock.pump([3600] * 24 * 61)
         self.assertEqual(self.calls, [])
-        self.assertGreater(s.skipped_inactive, 0)
+        self.assertEqual(s.skipped_inactive, 1, "parked once, not skipped every pass")
+        self.assertEqual(self.db.due_certificates(62 * DAY, 10), [])
+        self.db.touch_certificate("c0", 62 * DAY)  # the installation reads its certificate
+        self.clock.advance(3600)
+        self.assertEqual(self.calls, ["c0"])
 
-    def test_failure_is_retried_later_not_at_once(self) -> None:
-        self.certs = [
-            Renewable("a", 0, 90 * DAY, last_requested=60 * DAY, window=(60 * DAY, 60 * DAY))
-        ]
+    def test_a_sign_request_unparks_it_too(self) -> None:
+        [cid] = add_certificates(self.db, 1, renew_at=60 * DAY, last_requested=0)
+        self.scheduler(active_days=30)
+        self.clock.pump([3600] * 24 * 61)
+        key = self.db.certificate(cid)
+        assert key is not None
+        self.db.certificate_signed(key.request_key, 61 * DAY, None)
+        self.clock.advance(3600)
+        self.assertEqual(self.calls, [cid])
+
+    def test_failure_is_retried_later_not_at_once_and_survives_a_restart(self) -> None:
+        add_certificates(self.db, 1, renew_at=60 * DAY, last_requested=60 * DAY)
         self.result = fail(RuntimeError("CA down"))
-        self.scheduler()
-        self.clock.advance(60 * DAY)
-        self.clock.advance(3600)
-        self.assertEqual(self.calls, ["a"])
+        s = self.scheduler()
+        self.clock.advance(60 * DAY + 3600)
+        self.assertEqual(self.calls, ["c0"])
+        self.assertEqual(s.failed, 1)
         self.result = None
+        # The retry time is on record: a new scheduler (a restart) waits for it too.
+        s.stop()
+        self.scheduler()
         self.clock.advance(3600)
-        self.assertEqual(self.calls, ["a"], "retried at once")
+        self.assertEqual(self.calls, ["c0"], "retried at once")
         self.clock.pump([3600] * 12)
-        self.assertEqual(self.calls, ["a", "a"])
+        self.assertEqual(self.calls, ["c0", "c0"])
 
     def test_parallel_renewals_are_bounded(self) -> None:
-        self.certs = [
-            Renewable(f"c{i}", 0, 90 * DAY, last_requested=60 * DAY, window=(60 * DAY, 60 * DAY))
-            for i in range(10)
-        ]
+        add_certificates(self.db, 10, renew_at=60 * DAY, last_requested=60 * DAY)
         self.result = Deferred()
-        self.scheduler(max_parallel=3)
+        s = self.scheduler(max_parallel=3)
         self.clock.advance(60 * DAY + 3600)
         self.assertEqual(len(self.calls), 3)
+        self.clock.advance(3600)
+        self.assertEqual(len(self.calls), 3, "started more while three run")
+        self.assertEqual(s.running, 3)
 
+    def test_a_pass_reads_only_what_is_due_not_every_certificate(self) -> None:
+        # 5,000 certificates not due and 3 due: the pass reads 3 rows, by the due index.
+        add_certificates(self.db, 5000, prefix="later", renew_at=80 * DAY, last_requested=0)
+        add_certificates(self.db, 3, prefix="due", renew_at=10 * DAY, last_requested=10 * DAY)
+        self.scheduler()
+        self.clock.advance(10 * DAY + 3600)
+        self.assertEqual(sorted(self.calls), ["due0", "due1", "due2"])
+        self.assertLessEqual(max(self.source.due_calls), 3)
 
-class WindowTests(SynchronousTestCase):
-    def test_fetched_once_then_after_retry_after(self) -> None:
-        from csrproxy.issuance.renewal import RenewalWindows
+    def test_many_inactive_due_are_parked_in_batches_and_active_ones_still_found(self) -> None:
+        add_certificates(self.db, 3 * BATCH + 5, prefix="dead", renew_at=1.0, last_requested=0)
+        add_certificates(self.db, 1, prefix="live", renew_at=2.0, last_requested=40 * DAY)
+        s = self.scheduler(active_days=30)
+        self.clock.advance(40 * DAY)
+        self.assertEqual(self.calls, ["live0"])
+        self.assertEqual(s.skipped_inactive, 3 * BATCH + 5)
 
-        clock = Clock()
-        calls: list[str] = []
-        pending: list[Deferred[tuple[float, float, float | None] | None]] = []
+    def test_the_oldest_of_more_installations_than_any_batch_is_renewed(self) -> None:
+        # No in-memory bound decides what is renewed: the first certificate ever recorded,
+        # among more than BATCH * ROUNDS others due later, is still found when it is due.
+        add_certificates(self.db, 1, prefix="oldest", renew_at=20 * DAY, last_requested=20 * DAY)
+        add_certificates(self.db, 20_000, prefix="n", renew_at=30 * DAY, last_requested=0)
+        self.scheduler(max_parallel=1)
+        self.clock.advance(20 * DAY + 3600)
+        self.assertEqual(self.calls, ["oldest0"])
 
-        def fetch(pem: str) -> Deferred[tuple[float, float, float | None] | None]:
-            calls.append(pem)
-            d: Deferred[tuple[float, float, float | None] | None] = Deferred()
-            pending.append(d)
-            return d
-
-        w = RenewalWindows(clock, fetch)
-        self.assertIsNone(w.lookup("k", "PEM"))
-        self.assertIsNone(w.lookup("k", "PEM"))
-        self.assertEqual(len(calls), 1, "fetched twice while busy")
-        pending.pop().callback((10.0, 20.0, 100.0))
-        self.assertEqual(w.lookup("k", "PEM"), (10.0, 20.0))
-        self.assertEqual(len(calls), 1)
-        clock.advance(101)
-        w.lookup("k", "PEM")
-        self.assertEqual(len(calls), 2)
-        pending.pop().errback(RuntimeError("CA down"))
-        self.assertEqual(w.lookup("k", "PEM"), (10.0, 20.0), "a failure forgot the window")
-
-    def test_scheduler_follows_a_new_window(self) -> None:
-        clock = Clock()
-        calls: list[str] = []
-        certs = [Renewable("c", 0, 90 * DAY, last_requested=0)]
-
-        def renew(c: Renewable) -> Deferred[None]:
-            calls.append(c.key or c.id)
-            return succeed(None)
-
-        s = RenewalScheduler(clock, lambda: certs, renew, interval=3600, rng=random.Random(1))
+    def test_pass_observer_hears_each_pass(self) -> None:
+        add_certificates(self.db, 2, renew_at=1.0, last_requested=0)
+        seen: list[tuple[Any, ...]] = []
+        s = RenewalScheduler(
+            self.clock,
+            self.source,
+            self.renew,
+            interval=3600,
+            on_pass=lambda seconds, started, parked: seen.append((started, parked)),
+        )
         s.start()
         self.addCleanup(s.stop)
-        clock.advance(3600)  # due computed from the lifetime (day 60+)
-        certs[0] = Renewable("c", 0, 90 * DAY, 0, window=(2 * 3600, 2 * 3600), key="lineage")
-        clock.advance(3600)
-        clock.advance(3600)
-        self.assertEqual(calls, ["lineage"])
+        self.clock.advance(31 * DAY)
+        self.assertEqual(seen[0], (0, 2))

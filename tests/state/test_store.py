@@ -87,7 +87,8 @@ class StateDBTests(SynchronousTestCase):
     def test_certificate_issued_saves_and_ends_the_order_at_once(self) -> None:
         self.db.save_order(OrderRow("o1", "rk", b"csr", ["a.go.example.test"]))
         self.db.certificate_issued(cert(cid="c1"), "o1")
-        [order] = self.db.orders(["valid"])
+        self.assertEqual(self.db.unfinished_orders(), [], "an issued order has ended")
+        [order] = self.db.orders(["issued"])
         self.assertEqual((order.id, order.certificate_id), ("o1", "c1"))
         self.assertEqual(self.db.newest_certificate("rk").id, "c1")  # type: ignore[union-attr]
 
@@ -139,7 +140,7 @@ class StateDBTests(SynchronousTestCase):
     def test_certificate_signed_records_when_and_by_whom(self) -> None:
         self.db.save_certificate(cert())
         self.assertIsNone(self.db.certificate("c1").signed_by)  # type: ignore[union-attr]
-        self.db.certificate_signed("c1", 5.0, "token:abc")
+        self.db.certificate_signed(cert().request_key, 5.0, "token:abc")
         row = self.db.certificate("c1")
         assert row is not None
         self.assertEqual((row.last_requested, row.signed_by), (5.0, "token:abc"))

@@ -10,8 +10,10 @@ from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.order import DNS01Responder
 from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.cache import MemoryIssuedCache
+from csrproxy.issuance.csr import CheckedCSR
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
+from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
 
 NO_BUDGETS = Budgets(0, 0, 0, 0)
@@ -41,3 +43,13 @@ def make_issuer(
         metrics=metrics if metrics is not None else Metrics(),
         **kwargs,
     )
+
+
+def issue_now(issuer: Issuer, csr: CheckedCSR, client: str) -> Issuance:
+    """``issuer.issue`` where it is decided at once (a ledger without a store, a cached chain
+    or an order in flight): the :class:`Issuance`."""
+    decided = issuer.issue(csr, client)
+    found: list[Issuance] = []
+    decided.addCallback(found.append)
+    assert found, "the issuance was not decided at once (a ledger with a store?)"
+    return found[0]

@@ -147,7 +147,7 @@ def test_crash_and_restart(
         }
         assert len(serials) == 1, "the CSR has two certificates"
         statuses = [r[0] for r in db.execute("SELECT status FROM orders")]
-        assert statuses == ["valid"], statuses
+        assert statuses == ["issued"], statuses
 
 
 @pytest.fixture(scope="module")
@@ -241,4 +241,4 @@ def test_immediate_restart_finishes_every_async_order(
     with sqlite3.connect(tmp_path / "csrproxy" / "state" / "csrproxy.sqlite3") as db:
         assert db.execute("SELECT COUNT(*) FROM challenges").fetchone()[0] == 0
         statuses = dict(db.execute("SELECT id, status FROM orders").fetchall())
-        assert all(statuses[i] == "valid" for i in accepted), statuses
+        assert all(statuses[i] == "issued" for i in accepted), statuses
