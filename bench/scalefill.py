@@ -6,16 +6,13 @@ database of the old tree and of the new one; a column the daemon's schema lacks 
 written, a column this module does not know must allow NULL.
 
 A synthetic installation is what a real one leaves: its own EC P-256 key, a CSR for its
-own name ``<i>.<zone>``, a leaf signed by a bench intermediate (AuthorityKeyIdentifier,
-a random serial, 90 days like Let's Encrypt's, two embedded SCTs: about 1.2 KB of PEM)
-and the intermediate (signed by an RSA-4096 bench root: about 1.3 KB), the certificate
-row and its finished order row.  Generated on every core, written 10,000 rows a
-transaction, and cached per N and schema so that a second run only copies the file.
+own name ``<i>.<zone>``, a chain from ``bench/scalecerts.py`` (2.8 KB of PEM), the
+certificate row and its finished order row.  Generated on every core, written 10,000 rows
+a transaction, and cached per N and schema so that a second run only copies the file.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import multiprocessing
@@ -31,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+
+from bench.scalecerts import BenchCA, LeafSigner, bench_ca, new_installation
 
 #: Bump when the generated rows change: cached databases of another version are not used.
 GENERATOR = 1
@@ -200,258 +196,54 @@ ORDER_COLUMNS = (
 
 @dataclass(frozen=True)
 class Issuing:
-    """The bench intermediate (key and PEM) and what every worker needs to make rows."""
+    """What every worker needs to make rows."""
 
-    key_pem: bytes
-    cert_pem: bytes
-    ski: bytes
+    ca: BenchCA
     zone: str
     now: float
     status: str
     cert_columns: tuple[str, ...]
     order_columns: tuple[str, ...]
-    #: Two fixed CT log ids (the SCTs' signatures are random bytes of the right shape).
-    log_ids: tuple[bytes, bytes]
 
 
-#: The CA/Browser Forum's domain-validated policy, as in Let's Encrypt's certificates.
-_DV_POLICY = x509.CertificatePolicies(
-    [x509.PolicyInformation(x509.ObjectIdentifier("2.23.140.1.2.1"), None)]
-)
-EKU_SERVER = ExtendedKeyUsageOID.SERVER_AUTH
-
-
-def bench_ca(zone: str, now: float) -> tuple[bytes, bytes, bytes]:
-    """An RSA-4096 root and a P-256 intermediate shaped like Let's Encrypt's E-series:
-    (intermediate key PEM, intermediate certificate PEM, its subject key identifier)."""
-    t = datetime.datetime.fromtimestamp(now, datetime.UTC)
-    root_key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
-    root_name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "csrproxy bench"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "csrproxy bench root X9"),
-        ]
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COUNTRY_NAME, "US"),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "csrproxy bench"),
-            x509.NameAttribute(NameOID.COMMON_NAME, "E9"),
-        ]
-    )
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(root_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(t - datetime.timedelta(days=365))
-        .not_valid_after(t + datetime.timedelta(days=730))
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), True
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH, EKU_SERVER]),
-            False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), True)
-        .add_extension(ski, False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), False
-        )
-        .add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.CA_ISSUERS,
-                        x509.UniformResourceIdentifier(f"http://x9.i.{zone}/"),
-                    )
-                ]
-            ),
-            False,
-        )
-        .add_extension(
-            _DV_POLICY,
-            False,
-        )
-        .add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        [x509.UniformResourceIdentifier(f"http://x9.c.{zone}/")], None, None, None
-                    )
-                ]
-            ),
-            False,
-        )
-        .sign(root_key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    return key_pem, cert.public_bytes(serialization.Encoding.PEM), ski.digest
-
-
-def _sct_list(log_ids: tuple[bytes, bytes], when_ms: int) -> bytes:
-    """An RFC 6962 SignedCertificateTimestampList of two SCTs, DER OCTET STRING wrapped
-    (the extension's value); the signatures are random DER ECDSA signatures."""
-    scts = b""
-    for log_id in log_ids:
-        r = bytes([secrets.randbelow(0x7F) + 1]) + secrets.token_bytes(31)
-        s = bytes([secrets.randbelow(0x7F) + 1]) + secrets.token_bytes(31)
-        sig = b"\x30\x44\x02\x20" + r + b"\x02\x20" + s
-        body = (
-            b"\x00"
-            + log_id
-            + when_ms.to_bytes(8, "big")
-            + b"\x00\x00"
-            + b"\x04\x03"
-            + len(sig).to_bytes(2, "big")
-            + sig
-        )
-        scts += len(body).to_bytes(2, "big") + body
-    tls = len(scts).to_bytes(2, "big") + scts
-    return b"\x04" + _der_length(len(tls)) + tls
-
-
-def _der_length(n: int) -> bytes:
-    if n < 0x80:
-        return bytes([n])
-    raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes([0x80 | len(raw)]) + raw
-
-
-_SCT_OID = x509.ObjectIdentifier("1.3.6.1.4.1.11129.2.4.2")
 _issuing: Issuing | None = None
-_issuer_key: ec.EllipticCurvePrivateKey | None = None
-_issuer_name: x509.Name | None = None
+_signer: LeafSigner | None = None
 
 
 def _init(issuing: Issuing) -> None:
-    global _issuing, _issuer_key, _issuer_name
-    _issuing = issuing
-    key = serialization.load_pem_private_key(issuing.key_pem, None)
-    assert isinstance(key, ec.EllipticCurvePrivateKey)
-    _issuer_key = key
-    _issuer_name = x509.load_pem_x509_certificate(issuing.cert_pem).subject
-
-
-@dataclass(frozen=True)
-class Installation:
-    """One key's CSR for one name (a new installation's request)."""
-
-    name: str
-    csr_der: bytes
-    spki_der: bytes
-    key: ec.EllipticCurvePrivateKey
-
-    @property
-    def request_key(self) -> str:
-        # csrproxy.issuance.csr.CheckedCSR.request_key
-        return hashlib.sha256(self.spki_der + b"\0" + self.name.encode()).hexdigest()
-
-
-def new_installation(name: str) -> Installation:
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), False)
-        .sign(key, hashes.SHA256())
-    )
-    spki = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return Installation(name, csr.public_bytes(serialization.Encoding.DER), spki, key)
+    global _issuing, _signer
+    _issuing, _signer = issuing, LeafSigner(issuing.ca)
 
 
 def _installation_rows(i: int, rng: random.Random) -> tuple[list[Any], list[Any]]:
     """The certificate row and the order row of installation ``i`` (rowid ``i + 1``)."""
-    assert _issuing is not None and _issuer_key is not None and _issuer_name is not None
+    assert _issuing is not None and _signer is not None
     g = _issuing
     inst = new_installation(f"{i}.{g.zone}")
     parked = i % POOL_EVERY == POOL_EVERY - 1
     if parked:  # old enough to be due; inactive and not due until a run picks it
         not_before = g.now - rng.uniform(70 * DAY, 85 * DAY)
+        last_requested = g.now - rng.uniform(60 * DAY, 80 * DAY)
     else:
         not_before = g.now - rng.uniform(0, NOT_BEFORE_SPAN)
+        last_requested = max(not_before, g.now - rng.uniform(0, 7 * DAY))
     not_before = float(int(not_before))  # X.509 times have whole seconds
     not_after = not_before + LIFETIME - 1
-    nb = datetime.datetime.fromtimestamp(not_before, datetime.UTC)
-    na = datetime.datetime.fromtimestamp(not_after, datetime.UTC)
-    zone = g.zone
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, inst.name)]))
-        .issuer_name(_issuer_name)
-        .public_key(inst.key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(nb)
-        .not_valid_after(na)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, False, False, False, False), True
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(inst.key.public_key()), False)
-        .add_extension(x509.AuthorityKeyIdentifier(g.ski, None, None), False)
-        .add_extension(
-            x509.AuthorityInformationAccess(
-                [
-                    x509.AccessDescription(
-                        AuthorityInformationAccessOID.CA_ISSUERS,
-                        x509.UniformResourceIdentifier(f"http://e9.i.{zone}/"),
-                    )
-                ]
-            ),
-            False,
-        )
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(inst.name)]), False)
-        .add_extension(
-            _DV_POLICY,
-            False,
-        )
-        .add_extension(
-            x509.CRLDistributionPoints(
-                [
-                    x509.DistributionPoint(
-                        [x509.UniformResourceIdentifier(f"http://e9.c.{zone}/{i % 128}.crl")],
-                        None,
-                        None,
-                        None,
-                    )
-                ]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.UnrecognizedExtension(_SCT_OID, _sct_list(g.log_ids, int(not_before * 1000))),
-            False,
-        )
-        .sign(_issuer_key, hashes.SHA256())
-    )
-    der = leaf.public_bytes(serialization.Encoding.DER)
-    cert_id = hashlib.sha256(der).hexdigest()[:32]  # csrproxy.issuance.ledger.leaf_id
-    order_id = secrets.token_hex(16)
-    names = json.dumps([inst.name])
     if parked:
-        last_requested = g.now - rng.uniform(60 * DAY, 80 * DAY)
         renew_at = g.now + rng.uniform(20 * DAY, 30 * DAY)
     else:
-        last_requested = max(not_before, g.now - rng.uniform(0, 7 * DAY))
         renew_at = not_before + LIFETIME * (2 / 3 + rng.random() / 12)
+    leaf = _signer.leaf(inst, not_before, not_after, i)
+    cert_id = hashlib.sha256(leaf.public_bytes(serialization.Encoding.DER)).hexdigest()[:32]
+    order_id = secrets.token_hex(16)
+    names = json.dumps([inst.name])
     cert = {
-        "id": cert_id,
+        "id": cert_id,  # csrproxy.issuance.ledger.leaf_id
         "request_key": inst.request_key,
         "csr": inst.csr_der,
         "names": names,
-        "spki_sha256": hashlib.sha256(inst.spki_der).hexdigest(),
-        "chain": leaf.public_bytes(serialization.Encoding.PEM).decode() + g.cert_pem.decode(),
+        "spki_sha256": inst.spki_sha256,
+        "chain": leaf.public_bytes(serialization.Encoding.PEM).decode() + g.ca.cert_pem.decode(),
         "not_before": not_before,
         "not_after": not_after,
         "order_id": order_id,
@@ -533,17 +325,13 @@ def _insert_sql(table: str, columns: Sequence[str]) -> str:
 def generate(path: Path, schema: Schema, n: int, zone: str, progress: bool = True) -> None:
     """Write ``n`` synthetic installations into a new database at ``path``."""
     now = time.time()
-    key_pem, cert_pem, ski = bench_ca(zone, now)
     issuing = Issuing(
-        key_pem=key_pem,
-        cert_pem=cert_pem,
-        ski=ski,
+        ca=bench_ca(zone, now),
         zone=zone,
         now=now,
         status=schema.finished_status,
         cert_columns=schema.writable("certificates", CERT_COLUMNS),
         order_columns=schema.writable("orders", ORDER_COLUMNS),
-        log_ids=(secrets.token_bytes(32), secrets.token_bytes(32)),
     )
     conn = schema.create(path)
     c_sql = _insert_sql("certificates", issuing.cert_columns)
