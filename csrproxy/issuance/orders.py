@@ -1,8 +1,9 @@
 """Asynchronous orders: an unguessable id per accepted request, its status, and its chain.
 
-Records are kept in memory for ``retention`` seconds after the order ends, and at most
-``max_records`` at a time (the oldest go first); after that (or a restart) an order is
-found in the state database (``earlier``).  Each record knows its CSR's names
+Records are kept in memory while the order runs and a little after it ends (five minutes
+with a state database, else ``retention`` seconds), at most ``max_records`` at a time (the
+oldest go first); after that (or a restart) an order is found in the state database
+(``earlier``).  Memory holds the orders of the last minutes, never the history.  Each record knows its CSR's names
 and key label, so that a token reads only the records its name patterns allow.
 """
 
@@ -17,6 +18,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+
+
+#: Seconds an ended order's record (and chain) stays in memory when the database has it.
+ENDED_IN_MEMORY = 300.0
 
 
 @dataclass
@@ -50,7 +55,7 @@ class OrderBook:
         clock: IReactorTime,
         problem_of: Any,
         retention: float = 3600.0,
-        max_records: int = 50_000,
+        max_records: int = 10_000,
         earlier: Callable[[str], Deferred[OrderRecord | None]] | None = None,
     ) -> None:
         self.clock = clock
@@ -92,10 +97,17 @@ class OrderBook:
                 record.status, record.error = "invalid", self.problem_of(result)
             else:
                 record.status, record.chain = "valid", result
-            self.clock.callLater(self.retention, self._records.pop, record.id, None)
+            self.clock.callLater(self.kept_for, self._records.pop, record.id, None)
 
         waiter.addBoth(done)
         return record
+
+    @property
+    def kept_for(self) -> float:
+        """Seconds an ended record stays in memory: with the state database behind it, long
+        enough for its client's polls (then it is read from the database), else
+        ``retention``."""
+        return min(self.retention, ENDED_IN_MEMORY) if self.earlier is not None else self.retention
 
     def add(self, record: OrderRecord) -> None:
         """Keep ``record`` (also: records of an earlier run, loaded at start-up)."""
