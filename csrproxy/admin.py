@@ -107,10 +107,9 @@ def show(db: StateDB, item: str) -> dict[str, Any] | None:
     order = db.order(item)
     if order is not None:
         return {"order": _order_doc(order)}
-    if ids is not None:
-        for key in {c.request_key for c in db.certificates()}:
-            if ids.of(key) == item and (cert := db.newest_certificate(key)) is not None:
-                return {"certificate": _cert_doc(cert, ids)}
+    prefix = ids.key_prefix(item) if ids is not None else None
+    if prefix is not None and (cert := db.current_by_key_prefix(prefix)) is not None:
+        return {"certificate": _cert_doc(cert, ids)}
     return None
 
 

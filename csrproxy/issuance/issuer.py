@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, DeferredSemaphore, fail, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -62,9 +62,6 @@ log = Logger()
 #: decides; a poll that comes too early is one extra request.
 POLL_AFTER_LOOKUP = 0.002
 
-#: Orders of an earlier run resumed at once.
-RESUMING = 50
-
 
 class Issuer:
     """Turns checked CSRs into chains through one ACME account."""
@@ -108,8 +105,8 @@ class Issuer:
         self.checkpoint: Checkpoint = checkpoint or no_checkpoint
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
-        #: Resumed orders running at once (the others wait their turn, in order).
-        self._resumes = DeferredSemaphore(RESUMING)
+        #: Starts the waiting resumed order of a request key, if any (recovery's queue).
+        self.promote: Callable[[str], None] | None = None
         self._account: SharedResult | None = None
         self._account_loop: SharedResult | None = None  # keep_trying_account's loop
         #: The ACME client's circuit breaker: new orders fail fast while it is not closed.
@@ -203,6 +200,8 @@ class Issuer:
         if cached is not None:
             self.metrics.cache_hits.inc()
             return succeed(Issuance(None, succeed(cached.pem)))
+        if self.promote is not None:
+            self.promote(key)
         if key in self._inflight:
             return succeed(self._admitted(csr, client, new_names=False))
         return self.ledger.sign_lookup(key, csr.names).addCallback(self._looked_up, csr, client)
@@ -248,8 +247,8 @@ class Issuer:
 
         Its budget was charged by the run that started it.  ``settle`` is awaited when the
         order ends, before anyone hears of it (recovery removes the records it published
-        again for the order).  At most :data:`RESUMING` resumed orders run at once (the CSR
-        is checked when its turn comes: a start-up with many orders in flight stays quick).
+        again for the order).  Recovery calls it when the order's turn comes
+        (:class:`csrproxy.issuance.resumes.ResumeQueue`).
         """
         return self._start(
             row.csr, row.id, None, row.replaces, row.acme_url or "", False, settle, row.request_key
@@ -269,6 +268,8 @@ class Issuer:
         order starts: the chain fails at once with :class:`CAUnavailable` and its
         ``retry_after``, nothing charged, nothing asked of the CA.
         """
+        if self.promote is not None:
+            self.promote(csr.request_key)
         inflight = self._inflight.get(csr.request_key)
         if inflight is not None:
             order_id, shared = inflight
@@ -301,7 +302,7 @@ class Issuer:
             key = csr.request_key
         else:
             assert request_key is not None
-            run = self._resumes.run(self._resumed, csr, order_id, replaces, resume_url or "")
+            run = self._resumed(csr, order_id, replaces, resume_url or "")
             key = request_key
         if settle is not None:
             run.addBoth(lambda result: settle().addCallback(lambda _: result))

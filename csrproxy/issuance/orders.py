@@ -3,8 +3,9 @@
 Records are kept in memory while the order runs and a little after it ends (five minutes
 with a state database, else ``retention`` seconds), at most ``max_records`` at a time (the
 oldest go first); after that (or a restart) an order is found in the state database
-(``earlier``).  Memory holds the orders of the last minutes, never the history.  Each record knows its CSR's names
-and key label, so that a token reads only the records its name patterns allow.
+(``earlier``).  Memory holds the orders of the last minutes, never the history.  Each
+record knows its CSR's names and key label, so that a token reads only the records its name
+patterns allow.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
-
 
 #: Seconds an ended order's record (and chain) stays in memory when the database has it.
 ENDED_IN_MEMORY = 300.0

@@ -20,10 +20,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.challenges.zone import CHALLENGE_LABEL
-from csrproxy.issuance.issuer import RESUMING, Issuer
+from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger, certificate_key_label, order_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
-from csrproxy.state.database import CertificateRow, ChallengeRow, OrderRow
+from csrproxy.issuance.resumes import RESUMING, ResumeQueue
+from csrproxy.state.database import UNFINISHED, CertificateRow, ChallengeRow, OrderRow
 
 log = Logger()
 
@@ -73,11 +74,14 @@ def identifier_of(row: ChallengeRow) -> str:
 def order_record(found: tuple[OrderRow, CertificateRow | None] | None) -> OrderRecord | None:
     """The async order record of an order on record (an earlier run's, or one forgotten
     from memory), for ``GET /v1/orders/<id>`` — to the tokens whose patterns allow its
-    names and key label.  None for an order in flight (its record is in memory) or none."""
+    names and key label.  An unfinished one is waiting its turn to be resumed."""
     if found is None:
         return None
     row, cert = found
     names = tuple(row.names)
+    if row.status in UNFINISHED:
+        label = order_key_label(row)
+        return OrderRecord(row.id, names, request_key=row.request_key, key_label=label)
     if row.status == "issued":
         label = certificate_key_label(cert) if cert is not None else order_key_label(row)
         chain = cert.chain if cert is not None else None
@@ -168,9 +172,12 @@ async def recover(
             n=len(plan.resume),
             at_once=RESUMING,
         )
-    for i, row in enumerate(plan.resume):
+    logged = [0]
+
+    def start(row: OrderRow) -> Deferred[None]:
         own = plan.republish.get(row.id, ())
-        if i < RESUME_LOG_LINES:
+        if logged[0] < RESUME_LOG_LINES:
+            logged[0] += 1
             log.info(
                 "resuming order {id} ({status}) for {names}",
                 id=row.id,
@@ -179,12 +186,18 @@ async def recover(
             )
         # Its records go when it ends, before anyone waiting hears of it, as its own do.
         settle = functools.partial(unpublish, ledger, issuer, own) if own else None
-        try:
-            d = issuer.resume(row, settle).chain
-        except Exception as e:  # a row this version cannot use must not stop the others
-            log.error("order {id} cannot be resumed: {err}", id=row.id, err=str(e))
-            ledger.order_failed(row.id, f"not resumable: {e}")
-            unpublish(ledger, issuer, own)
-            continue
+        d = issuer.resume(row, settle).chain
+        ended: Deferred[None] = Deferred()
+
+        def end(result: object) -> object:
+            ended.callback(None)
+            return result
+
+        d.addBoth(end)
         book.track(tuple(row.names), d, row.id, row.request_key, key_label=order_key_label(row))
+        return ended
+
+    queue = ResumeQueue(start)
+    issuer.promote = queue.promote
+    queue.add(plan.resume)
     await remove_orphans(ledger, plan.remove, remove_names)

@@ -55,6 +55,8 @@ class RenewalSource(Protocol):
 
     def park(self, cert_ids: Sequence[str]) -> Deferred[Any]: ...
 
+    def renewed(self, cert_id: str) -> Deferred[Any]: ...
+
     def renew_later(self, cert_id: str, when: float) -> Deferred[Any]: ...
 
     def schedule_unscheduled(self, limit: int) -> Deferred[int]: ...
@@ -180,6 +182,9 @@ class RenewalScheduler:
             else:
                 self.renewed += 1
                 self._outcome("renewed")
+                # Superseded already when the new certificate has the same request key; this
+                # also ends a row whose key differs (copied, restored): never renewed twice.
+                self.source.renewed(row.id).addErrback(lambda _: None)
 
         try:
             d = self.renew(row)

@@ -27,6 +27,9 @@ class StoredRenewals:
     def park(self, cert_ids: Sequence[str]) -> Deferred[Any]:
         return self.store.run(self.store.db.park, list(cert_ids))
 
+    def renewed(self, cert_id: str) -> Deferred[Any]:
+        return self.store.run(self.store.db.mark_renewed, cert_id)
+
     def renew_later(self, cert_id: str, when: float) -> Deferred[Any]:
         return self.store.run(self.store.db.renew_later, cert_id, when)
 

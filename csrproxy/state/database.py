@@ -398,6 +398,14 @@ class StateDB:
                 "UPDATE certificates SET dormant = 1 WHERE id = ?", [(i,) for i in cert_ids]
             )
 
+    def mark_renewed(self, cert_id: str) -> None:
+        """A renewal of ``cert_id`` succeeded: it is superseded, whatever request key the
+        new certificate was recorded under (a row copied or restored under another key)."""
+        self._write(
+            "UPDATE certificates SET superseded = coalesce(superseded, ?) WHERE id = ?",
+            (time.time(), cert_id),
+        )
+
     def renew_later(self, cert_id: str, when: float) -> None:
         self._write("UPDATE certificates SET renew_at = ? WHERE id = ?", (when, cert_id))
 

@@ -236,3 +236,24 @@ class ResumeTests(SynchronousTestCase):
         record = self.book.get(row.id)
         assert record is not None
         self.assertEqual(record.status, "invalid", "its id answers: the order failed")
+
+    def test_fifty_at_once_and_a_client_asking_again_joins_its_order_now(self) -> None:
+        from csrproxy.issuance.resumes import RESUMING
+
+        issuer = self.issuer()
+        csrs = [check_csr(make_csr([f"many{i}.{ZONE}"])) for i in range(RESUMING + 10)]
+        rows = [
+            OrderRow(f"o{i}", c.request_key, c.der, list(c.names), status="new")
+            for i, c in enumerate(csrs)
+        ]
+        self.recover(issuer, [], rows)
+        in_flight = issuer.metrics.orders_in_flight
+        self.assertEqual(in_flight._value.get(), RESUMING)
+        self.assertIsNone(self.book.get("o59"), "a waiting order has no record in memory yet")
+        joined = issue_now(issuer, csrs[-1], "client")
+        self.assertEqual(joined.order_id, "o59")
+        self.assertEqual(in_flight._value.get(), RESUMING + 1)
+        self.assertIsInstance(self.drive(joined.chain), str)
+        for i in range(len(rows)):
+            self.assertEqual(self.ended(f"o{i}").status, "valid", i)
+        self.assertEqual(self.ca.requests["newOrder"], len(rows))

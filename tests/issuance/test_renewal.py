@@ -64,9 +64,6 @@ class SchedulerTests(SynchronousTestCase):
         self.calls.append(c.id)
         if self.result is not None:
             return self.result
-        # A renewal that worked supersedes the row, as certificate_issued does.
-        with self.db.transaction() as conn:
-            conn.execute("UPDATE certificates SET superseded = 1 WHERE id = ?", (c.id,))
         return succeed(None)
 
     def scheduler(self, active_days: float = 30.0, max_parallel: int = 4) -> RenewalScheduler:

@@ -34,6 +34,10 @@ class SyncRenewals:
         self.db.park(list(cert_ids))
         return succeed(None)
 
+    def renewed(self, cert_id: str) -> Deferred[Any]:
+        self.db.mark_renewed(cert_id)
+        return succeed(None)
+
     def renew_later(self, cert_id: str, when: float) -> Deferred[Any]:
         self.db.renew_later(cert_id, when)
         return succeed(None)
