@@ -21,8 +21,9 @@ from csrproxy.state.database import OrderRow
 
 log = Logger()
 
-#: Orders of an earlier run running at once.
-RESUMING = 50
+#: Orders of an earlier run running at once (as many as the requests the ACME transport
+#: sends at once: more would only wait there, holding their records in memory).
+RESUMING = 20
 
 
 class ResumeQueue:
