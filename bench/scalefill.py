@@ -548,6 +548,15 @@ def prepare(
             conn.executemany(_insert_sql("orders", cols), rows)
             out.unfinished = len(rows)
         conn.execute("COMMIT")
+        # As the daemon leaves its database (WAL), and on disk: otherwise the daemon's
+        # first open pays for switching it and for flushing this copy (1.4 s at 1,000,000).
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        fd = os.open(db_path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         conn.close()
     out.seconds = time.perf_counter() - t0
