@@ -21,10 +21,21 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csrproxy.state.renewal_queries import RenewalQueries
+from csrproxy.state.rows import (
+    _CURRENT,
+    FINISHED,
+    UNFINISHED,
+    CertificateRow,
+    ChallengeRow,
+    OrderRow,
+    cert_from_row,
+    names_key,
+    order_from_row,
+)
 from csrproxy.state.schema import MIGRATIONS
 
 DB_NAME = "csrproxy.sqlite3"
@@ -32,75 +43,8 @@ DB_NAME = "csrproxy.sqlite3"
 #: A method of the database, its positional and keyword arguments.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
-#: Statuses of an order that has not ended (``valid``: the CA issued, the chain is not
-#: on record yet).
-UNFINISHED = ("new", "pending", "ready", "processing", "valid")
-#: Statuses of an order that has ended: its chain is on record, or it failed.
-FINISHED = ("issued", "invalid")
 
-#: The columns a renewal or ARI pass reads (never ``csr``: the renewal reads it by id).
-_CURRENT = "superseded IS NULL AND revoked IS NULL"
-_RENEWABLE = f"{_CURRENT} AND dormant = 0"
-
-
-@dataclass
-class OrderRow:
-    id: str
-    request_key: str
-    csr: bytes
-    names: list[str]
-    status: str = "new"
-    acme_url: str | None = None
-    error: str | None = None
-    certificate_id: str | None = None
-    replaces: str | None = None
-    created: float = field(default_factory=time.time)
-    updated: float = field(default_factory=time.time)
-
-
-@dataclass
-class CertificateRow:
-    id: str
-    request_key: str
-    csr: bytes
-    names: list[str]
-    spki_sha256: str
-    chain: str
-    not_before: float
-    not_after: float
-    order_id: str | None = None
-    acme_url: str | None = None
-    created: float = field(default_factory=time.time)
-    last_requested: float = field(default_factory=time.time)
-    revoked: int | None = None
-    #: The token (client id) whose POST /v1/sign last asked for it; None without tokens.
-    signed_by: str | None = None
-    #: Its names sorted and joined by "," (which sets of names were issued before).
-    names_key: str | None = None
-    #: When a newer certificate for the same request key was recorded; None: current.
-    superseded: float | None = None
-    #: When to renew it (None: not computed yet).
-    renew_at: float | None = None
-    #: 1 once a renewal pass found it due and its installation inactive, until it asks again.
-    dormant: int = 0
-    #: The CA's ARI window (RFC 9773), when it gave one.
-    ari_start: float | None = None
-    ari_end: float | None = None
-    #: When to ask the CA's ARI endpoint for its window again (None: when convenient).
-    ari_next: float | None = None
-
-
-@dataclass
-class ChallengeRow:
-    id: int
-    order_id: str
-    name: str
-    value: str
-    backend: str
-    created: float
-
-
-class StateDB:
+class StateDB(RenewalQueries):
     """One connection to the state database."""
 
     def __init__(self, path: str | Path) -> None:
@@ -248,7 +192,7 @@ class StateDB:
 
     def order(self, order_id: str) -> OrderRow | None:
         row = self.conn.execute("SELECT * FROM orders WHERE id = ?", (order_id,)).fetchone()
-        return _order(row) if row else None
+        return order_from_row(row) if row else None
 
     def orders(self, statuses: Iterable[str] | None = None, limit: int = 1000) -> list[OrderRow]:
         if statuses is None:
@@ -260,7 +204,7 @@ class StateDB:
                 f"SELECT * FROM orders WHERE status IN ({marks}) ORDER BY created LIMIT ?",
                 (*wanted, limit),
             )
-        return [_order(r) for r in rows]
+        return [order_from_row(r) for r in rows]
 
     def unfinished_orders(self, limit: int = 100_000) -> list[OrderRow]:
         """Orders that had not ended, oldest first (by the partial index of unfinished ones)."""
@@ -270,7 +214,7 @@ class StateDB:
             "ORDER BY created LIMIT ?",
             (*UNFINISHED, limit),
         )
-        return [_order(r) for r in rows]
+        return [order_from_row(r) for r in rows]
 
     def order_with_chain(self, order_id: str) -> tuple[OrderRow, CertificateRow | None] | None:
         """An order and, once it has ended with one, its certificate."""
@@ -339,7 +283,7 @@ class StateDB:
             "ORDER BY not_after DESC LIMIT 1",
             (request_key,),
         ).fetchone()
-        return _cert(row) if row else None
+        return cert_from_row(row) if row else None
 
     def current_by_key_prefix(self, prefix: str) -> CertificateRow | None:
         """The current certificate whose request key starts with ``prefix`` (lowercase hex)."""
@@ -348,7 +292,7 @@ class StateDB:
             f"AND {_CURRENT} ORDER BY not_after DESC LIMIT 1",
             (prefix, prefix + "~"),
         ).fetchone()
-        return _cert(row) if row else None
+        return cert_from_row(row) if row else None
 
     def names_issued(self, names: Iterable[str]) -> bool:
         """Was a certificate for exactly this set of names ever recorded (index: names)?"""
@@ -365,91 +309,18 @@ class StateDB:
         current = self.current_certificate(request_key)
         return current, current is not None or self.names_issued(names)
 
-    # -- renewal ------------------------------------------------------------------
-
-    def due_certificates(self, now: float, limit: int) -> list[CertificateRow]:
-        """Current certificates not parked whose renewal time has come, soonest first."""
-        rows = self.conn.execute(
-            f"SELECT * FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
-            "ORDER BY renew_at LIMIT ?",
-            (now, limit),
-        )
-        return [_cert(r) for r in rows]
-
-    def schedule_unscheduled(self, recheck: float, limit: int) -> int:
-        """Give up to ``limit`` current certificates without a renewal time one (a random
-        point between 2/3 and 3/4 of their lifetime) and an ARI look-up time; the count."""
-        cur = self._write(
-            "UPDATE certificates SET "
-            "renew_at = not_before + (not_after - not_before) "
-            "* (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0), "
-            "ari_next = coalesce(ari_next, unixepoch() + (abs(random()) % 1000000) / 1e6 * ?) "
-            f"WHERE rowid IN (SELECT rowid FROM certificates WHERE renew_at IS NULL "
-            f"AND {_RENEWABLE} LIMIT ?)",
-            (recheck, limit),
-        )
-        return int(cur.rowcount)
-
-    def park(self, cert_ids: Sequence[str]) -> None:
-        """Renewal found these due and their installations inactive: leave them until they
-        ask again (:meth:`touch_certificate`, :meth:`certificate_signed`)."""
-        with self.transaction() as conn:
-            conn.executemany(
-                "UPDATE certificates SET dormant = 1 WHERE id = ?", [(i,) for i in cert_ids]
-            )
-
-    def mark_renewed(self, cert_id: str) -> None:
-        """A renewal of ``cert_id`` succeeded: it is superseded, whatever request key the
-        new certificate was recorded under (a row copied or restored under another key)."""
-        self._write(
-            "UPDATE certificates SET superseded = coalesce(superseded, ?) WHERE id = ?",
-            (time.time(), cert_id),
-        )
-
-    def renew_later(self, cert_id: str, when: float) -> None:
-        self._write("UPDATE certificates SET renew_at = ? WHERE id = ?", (when, cert_id))
-
-    def ari_due(self, now: float, limit: int) -> list[tuple[str, str, float | None, float | None]]:
-        """(id, chain, ari_start, ari_end) of renewable certificates whose ARI look-up is due."""
-        rows = self.conn.execute(
-            f"SELECT id, chain, ari_start, ari_end FROM certificates WHERE ari_next <= ? "
-            f"AND {_RENEWABLE} ORDER BY ari_next LIMIT ?",
-            (now, limit),
-        )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
-
-    def ari_looked(
-        self,
-        cert_id: str,
-        window: tuple[float, float] | None,
-        next_look: float,
-        renew_at: float | None,
-    ) -> None:
-        """Record an ARI look-up: the window (None: unchanged), when to look again, and the
-        renewal time the window gives (None: unchanged)."""
-        if window is None:
-            self._write(
-                "UPDATE certificates SET ari_next = ? WHERE id = ?", (next_look, cert_id)
-            )
-            return
-        self._write(
-            "UPDATE certificates SET ari_start = ?, ari_end = ?, ari_next = ?, "
-            "renew_at = coalesce(?, renew_at) WHERE id = ?",
-            (window[0], window[1], next_look, renew_at, cert_id),
-        )
-
     def mark_revoked(self, cert_id: str, reason: int) -> None:
         self._write("UPDATE certificates SET revoked = ? WHERE id = ?", (reason, cert_id))
 
     def certificate(self, cert_id: str) -> CertificateRow | None:
         row = self.conn.execute("SELECT * FROM certificates WHERE id = ?", (cert_id,)).fetchone()
-        return _cert(row) if row else None
+        return cert_from_row(row) if row else None
 
     def certificates(self, limit: int = 100_000) -> list[CertificateRow]:
         rows = self.conn.execute(
             "SELECT * FROM certificates ORDER BY created DESC LIMIT ?", (limit,)
         )
-        return [_cert(r) for r in rows]
+        return [cert_from_row(r) for r in rows]
 
     def newest_certificate(self, request_key: str) -> CertificateRow | None:
         row = self.conn.execute(
@@ -457,7 +328,7 @@ class StateDB:
             "ORDER BY not_after DESC LIMIT 1",
             (request_key,),
         ).fetchone()
-        return _cert(row) if row else None
+        return cert_from_row(row) if row else None
 
     # -- secrets ------------------------------------------------------------------
 
@@ -527,18 +398,12 @@ _REMOVE_CHALLENGE = (
 )
 
 
-def names_key(names: Iterable[str]) -> str:
-    """A set of names as one string: sorted, lowercase, joined by ","."""
-    return ",".join(sorted({n.lower() for n in names}))
-
-
-def _order(row: sqlite3.Row) -> OrderRow:
-    d = dict(row)
-    d["names"] = json.loads(d["names"])
-    return OrderRow(**d)
-
-
-def _cert(row: sqlite3.Row) -> CertificateRow:
-    d = dict(row)
-    d["names"] = json.loads(d["names"])
-    return CertificateRow(**d)
+__all__ = [
+    "FINISHED",
+    "UNFINISHED",
+    "CertificateRow",
+    "ChallengeRow",
+    "OrderRow",
+    "StateDB",
+    "names_key",
+]

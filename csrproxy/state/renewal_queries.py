@@ -1,0 +1,96 @@
+"""The state database's renewal and ARI queries (a part of :class:`StateDB`): what is due,
+parked, rescheduled, looked up — each one search of a partial index."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from typing import Any
+
+from csrproxy.state.rows import _RENEWABLE, CertificateRow, cert_from_row
+
+
+class RenewalQueries:
+    """Mixed into :class:`csrproxy.state.database.StateDB`, which gives the connection."""
+
+    conn: sqlite3.Connection
+
+    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> sqlite3.Cursor:
+        raise NotImplementedError
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+
+    def due_certificates(self, now: float, limit: int) -> list[CertificateRow]:
+        """Current certificates not parked whose renewal time has come, soonest first."""
+        rows = self.conn.execute(
+            f"SELECT * FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
+            "ORDER BY renew_at LIMIT ?",
+            (now, limit),
+        )
+        return [cert_from_row(r) for r in rows]
+
+    def schedule_unscheduled(self, recheck: float, limit: int) -> int:
+        """Give up to ``limit`` current certificates without a renewal time one (a random
+        point between 2/3 and 3/4 of their lifetime) and an ARI look-up time; the count."""
+        cur = self._write(
+            "UPDATE certificates SET "
+            "renew_at = not_before + (not_after - not_before) "
+            "* (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0), "
+            "ari_next = coalesce(ari_next, unixepoch() + (abs(random()) % 1000000) / 1e6 * ?) "
+            f"WHERE rowid IN (SELECT rowid FROM certificates WHERE renew_at IS NULL "
+            f"AND {_RENEWABLE} LIMIT ?)",
+            (recheck, limit),
+        )
+        return int(cur.rowcount)
+
+    def park(self, cert_ids: Sequence[str]) -> None:
+        """Renewal found these due and their installations inactive: leave them until they
+        ask again (:meth:`touch_certificate`, :meth:`certificate_signed`)."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE certificates SET dormant = 1 WHERE id = ?", [(i,) for i in cert_ids]
+            )
+
+    def mark_renewed(self, cert_id: str) -> None:
+        """A renewal of ``cert_id`` succeeded: it is superseded, whatever request key the
+        new certificate was recorded under (a row copied or restored under another key)."""
+        self._write(
+            "UPDATE certificates SET superseded = coalesce(superseded, ?) WHERE id = ?",
+            (time.time(), cert_id),
+        )
+
+    def renew_later(self, cert_id: str, when: float) -> None:
+        self._write("UPDATE certificates SET renew_at = ? WHERE id = ?", (when, cert_id))
+
+    def ari_due(self, now: float, limit: int) -> list[tuple[str, str, float | None, float | None]]:
+        """(id, chain, ari_start, ari_end) of renewable certificates whose ARI look-up is due."""
+        rows = self.conn.execute(
+            f"SELECT id, chain, ari_start, ari_end FROM certificates WHERE ari_next <= ? "
+            f"AND {_RENEWABLE} ORDER BY ari_next LIMIT ?",
+            (now, limit),
+        )
+        return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+    def ari_looked(
+        self,
+        cert_id: str,
+        window: tuple[float, float] | None,
+        next_look: float,
+        renew_at: float | None,
+    ) -> None:
+        """Record an ARI look-up: the window (None: unchanged), when to look again, and the
+        renewal time the window gives (None: unchanged)."""
+        if window is None:
+            self._write(
+                "UPDATE certificates SET ari_next = ? WHERE id = ?", (next_look, cert_id)
+            )
+            return
+        self._write(
+            "UPDATE certificates SET ari_start = ?, ari_end = ?, ari_next = ?, "
+            "renew_at = coalesce(?, renew_at) WHERE id = ?",
+            (window[0], window[1], next_look, renew_at, cert_id),
+        )
