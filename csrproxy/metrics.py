@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -71,6 +72,18 @@ class Metrics:
         # Hot paths bump plain dicts; the collectors turn them into metrics on scrape.
         self.dns_rcodes: collections.Counter[int] = collections.Counter()
         r.register(_DNSCollector(self.dns_rcodes))
+        #: (action, kind) -> UDP replies over their rate limit (``csrproxy.dns.rrl``).
+        self.dns_rrl_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        r.register(
+            _CountsCollector(
+                "csrproxy_dns_rrl",
+                "DNS UDP replies over their response rate limit, by action (dropped, slipped:"
+                " sent truncated, log_only: sent) and kind (responses, wildcards, nxdomains,"
+                " errors); limited = dropped + slipped",
+                ("action", "kind"),
+                self.dns_rrl_counts,
+            )
+        )
         #: (route, status) -> API requests answered.
         self.http_counts: collections.Counter[tuple[str, int]] = collections.Counter()
         r.register(
@@ -115,6 +128,9 @@ class Metrics:
     def dns_answer(self, rcode: int) -> None:
         self.dns_rcodes[rcode] += 1
 
+    def dns_rrl(self, action: str, kind: str) -> None:
+        self.dns_rrl_counts[action, kind] += 1
+
     def watch_readiness(self, checks: Callable[[], Iterable[tuple[str, bool]]]) -> None:
         """Export ``csrproxy_ready{check}`` (1 or 0) from ``checks()`` at every scrape."""
         self.registry.register(_ReadinessCollector(checks))
@@ -148,7 +164,7 @@ class _CountsCollector(Collector):
         name: str,
         documentation: str,
         labels: tuple[str, ...],
-        counts: collections.Counter[tuple[str, int]],
+        counts: collections.Counter[Any],
     ) -> None:
         self.name = name
         self.documentation = documentation

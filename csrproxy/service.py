@@ -30,6 +30,8 @@ from csrproxy.challenges.propagation import (
 from csrproxy.challenges.watch import WatchedZone
 from csrproxy.challenges.zone import ZonePublisher
 from csrproxy.config import Config
+from csrproxy.config.model import RRLConfig
+from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
@@ -228,6 +230,29 @@ def readiness(
     return Health(probes)
 
 
+def make_rrl(
+    rrl: RRLConfig, reactor: Any, on_limit: Callable[[str, str], None]
+) -> ResponseRateLimiter | None:
+    """The UDP response rate limiter ``[dns.rrl]`` asks for (None when disabled)."""
+    if not rrl.enabled:
+        return None
+    return ResponseRateLimiter(
+        reactor,
+        responses_per_second=rrl.responses_per_second,
+        wildcards_per_second=rrl.wildcards_per_second,
+        nxdomains_per_second=rrl.nxdomains_per_second,
+        errors_per_second=rrl.errors_per_second,
+        window=rrl.window,
+        slip=rrl.slip,
+        ipv4_prefix_length=rrl.ipv4_prefix_length,
+        ipv6_prefix_length=rrl.ipv6_prefix_length,
+        exempt=rrl.exempt,
+        log_only=rrl.log_only,
+        max_table_size=rrl.max_table_size,
+        on_limit=on_limit,
+    )
+
+
 def build_service(
     config: Config, reactor: Any, http: HTTPClient, checkpoint: Checkpoint | None = None
 ) -> CsrproxyService:
@@ -316,6 +341,7 @@ def build_service(
             config.dns.listen,
             on_rcode=metrics.dns_answer,
             on_refusal=metrics.refusal,
+            rrl=make_rrl(config.dns.rrl, reactor, metrics.dns_rrl),
         )
         if config.dns.listen
         else None

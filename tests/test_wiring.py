@@ -23,6 +23,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy import tap
 from csrproxy.dns.protocols import DNSDatagramProtocol
+from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.http import BytesProducer, VerifyingPolicy
 from csrproxy.service import AccountService
@@ -90,3 +91,4 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(datagram, names_dns.DNSDatagramProtocol)
         self.assertIsInstance(dns_service.factory.buildProtocol(None), names_dns.DNSProtocol)
         self.assertIsInstance(dns_service.zone, ResolverBase)
+        self.assertIsInstance(dns_service.factory.rrl, ResponseRateLimiter)  # on by default

@@ -1,9 +1,11 @@
-"""The ``[dns]`` section and its ``[dns.powerdns]`` table: the zone and where its
-challenge records go."""
+"""The ``[dns]`` section and its ``[dns.powerdns]`` and ``[dns.rrl]`` tables: the zone,
+where its challenge records go, and how its UDP replies are rate limited."""
 
 from __future__ import annotations
 
-from csrproxy.config.model import DNSConfig, PowerDNSConfig
+import ipaddress
+
+from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig
 from csrproxy.config.reader import Table
 
 BACKENDS = ("builtin", "powerdns")
@@ -29,8 +31,53 @@ def parse_dns(dns: Table) -> DNSConfig:
         challenge_ttl=dns.positive_int("challenge_ttl", DNSConfig.challenge_ttl),
         backend=backend,
         powerdns=parse_powerdns(pdns, zone) if pdns is not None else None,
+        rrl=parse_rrl(dns.table("rrl", required=False)),
     )
     dns.done()
+    return config
+
+
+# The largest table accepted: about 290 MB of accounts (csrproxy.dns.rrl.ENTRY_BYTES).
+MAX_RRL_TABLE = 1 << 20
+
+
+def parse_rrl(rrl: Table) -> RRLConfig:
+    """``[dns.rrl]``; every key has a default, and the table itself may be absent."""
+
+    def between(key: str, default: int, low: int, high: int) -> int:
+        value = rrl.get(key, int, default)
+        if not low <= value <= high:
+            raise rrl.error(key, f"must be from {low} to {high}, not {value}")
+        return value
+
+    exempt = []
+    for entry in rrl.strings("exempt", RRLConfig.exempt):
+        try:
+            exempt.append(str(ipaddress.ip_network(entry.strip(), strict=False)))
+        except ValueError:
+            raise rrl.error("exempt", f"{entry!r} is not an IP network (CIDR)") from None
+    config = RRLConfig(
+        enabled=rrl.get("enabled", bool, RRLConfig.enabled),
+        responses_per_second=between(
+            "responses_per_second", RRLConfig.responses_per_second, 0, 1_000_000
+        ),
+        wildcards_per_second=between(
+            "wildcards_per_second", RRLConfig.wildcards_per_second, 0, 1_000_000
+        ),
+        nxdomains_per_second=between(
+            "nxdomains_per_second", RRLConfig.nxdomains_per_second, 0, 1_000_000
+        ),
+        errors_per_second=between("errors_per_second", RRLConfig.errors_per_second, 0, 1_000_000),
+        # BIND's bounds for window and slip.
+        window=between("window", RRLConfig.window, 1, 3600),
+        slip=between("slip", RRLConfig.slip, 0, 10),
+        ipv4_prefix_length=between("ipv4_prefix_length", RRLConfig.ipv4_prefix_length, 8, 32),
+        ipv6_prefix_length=between("ipv6_prefix_length", RRLConfig.ipv6_prefix_length, 16, 128),
+        exempt=tuple(exempt),
+        log_only=rrl.get("log_only", bool, RRLConfig.log_only),
+        max_table_size=between("max_table_size", RRLConfig.max_table_size, 1, MAX_RRL_TABLE),
+    )
+    rrl.done()
     return config
 
 

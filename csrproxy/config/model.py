@@ -84,6 +84,32 @@ class PowerDNSConfig:
 
 
 @dataclass(frozen=True)
+class RRLConfig:
+    """``[dns.rrl]``: response rate limiting of UDP replies (``csrproxy.dns.rrl``)."""
+
+    enabled: bool = True
+    #: Per source prefix and second: identical answers (one name and type) ...
+    responses_per_second: int = 20
+    #: ... replies synthesised from one wildcard (every ``<id>.zone`` shares one account) ...
+    wildcards_per_second: int = 1000
+    #: ... NXDOMAIN replies, and every other error rcode. 0: not limited.
+    nxdomains_per_second: int = 20
+    errors_per_second: int = 20
+    #: Seconds of debt a flooding prefix runs up (it waits this long once quiet).
+    window: int = 15
+    #: Every slip-th limited reply goes out truncated (TC=1); 0: all dropped.
+    slip: int = 2
+    ipv4_prefix_length: int = 24
+    ipv6_prefix_length: int = 56
+    #: CIDR networks never limited.
+    exempt: tuple[str, ...] = ()
+    #: Count and log limited replies, but send them.
+    log_only: bool = False
+    #: Accounts kept at most (least recently used evicted first).
+    max_table_size: int = 65536
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     zone: str
     listen: tuple[str, ...] = ()
@@ -94,6 +120,7 @@ class DNSConfig:
     #: "builtin" (our own authoritative server) or "powerdns" (records pushed to its API).
     backend: str = "builtin"
     powerdns: PowerDNSConfig | None = None
+    rrl: RRLConfig = RRLConfig()
 
 
 @dataclass(frozen=True)

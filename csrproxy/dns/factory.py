@@ -18,6 +18,10 @@ Two caches keep the common case cheap; both are dropped whenever the zone's
 - the answer cache: (lowercase name, type, class, EDNS and DO) map to the reply
   encoded once by ``dns.Message`` with a lowercase question; the id, RD, CD and
   the question's letter case (0x20) of each query are patched in.
+
+Both also hold the reply's response-rate-limiting account (``rrl.account_of``), so
+a UDP reply from either is checked by the limiter (``rrl``, when given) without
+looking at the zone again; TCP replies never are.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from twisted.python.failure import Failure
 from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
+from csrproxy.dns.rrl import DROP, SLIP, ResponseRateLimiter, account_of, slipped
 from csrproxy.dns.zone import ChallengeZone, NameNotFound
 
 log = Logger()
@@ -49,11 +54,13 @@ MEMO_QUERY_BYTES = 512
 # Types that are never questions (RFC 6891, 2930, 8945).
 META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
 
-# (rcode, the full reply, the reply when it does not fit: TC, question and OPT only)
-Entry = tuple[int, bytes, bytes]
+# (rcode, the full reply, the reply when it does not fit: TC, question and OPT only,
+# its RRL account)
+Entry = tuple[int, bytes, bytes, bytes]
 # (rcode, the offset after the question, the query's header after the id, its bytes from
-# the question's type on, the reply's header after the id, its bytes after the question)
-Memo = tuple[int, int, bytes, bytes, bytes, bytes]
+# the question's type on, the reply's header after the id, its bytes after the question,
+# the reply's RRL account)
+Memo = tuple[int, int, bytes, bytes, bytes, bytes, bytes]
 
 
 class ReplyWriter(Protocol):
@@ -68,7 +75,8 @@ class ZoneServerFactory(server.DNSServerFactory):
     The protocols hand every packet to :meth:`packetReceived`; ``on_rcode`` sees
     the rcode of every reply sent. ``udp_max`` is our EDNS UDP payload size.
     TCP connections are tracked in ``connections`` and held to ``tcp``, their caps and
-    deadlines (a :class:`TCPLimits`, its defaults unless given).
+    deadlines (a :class:`TCPLimits`, its defaults unless given). UDP replies pass
+    ``rrl`` (a :class:`ResponseRateLimiter`) when given: dropped, sent truncated, or sent.
     """
 
     protocol = DNSStreamProtocol
@@ -81,6 +89,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         *,
         udp_max: int = UDP_MAX,
         tcp: TCPLimits | None = None,
+        rrl: ResponseRateLimiter | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
         self.canRecurse = False
@@ -89,6 +98,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.on_rcode = on_rcode
         self.udp_max = udp_max
         self.tcp = tcp if tcp is not None else TCPLimits(reactor)
+        self.rrl = rrl
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
         self._udp_memo: dict[bytes, Memo] = {}
@@ -112,13 +122,20 @@ class ZoneServerFactory(server.DNSServerFactory):
             self._forget()
         hit = (self._udp_memo if address is not None else self._tcp_memo).get(packet[2:].lower())
         if hit is not None:
-            rcode, end, header, tail, reply_header, reply_rest = hit
+            rcode, end, header, tail, reply_header, reply_rest, account = hit
             # Equal header, type, class and records (the key makes the lengths equal): the
             # same query up to the name's case, parsed alike. Else (a key collision) parse.
             if packet.startswith(header, 2) and packet.endswith(tail):
+                reply = _patched(packet, end, reply_header, reply_rest)
+                if address is not None and self.rrl is not None:
+                    decision = self.rrl.check(address[0], account)
+                    if decision == DROP:
+                        return
+                    if decision == SLIP:
+                        reply = slipped(reply, end)
                 if self.on_rcode is not None:
                     self.on_rcode(rcode)
-                protocol.writeReply(_patched(packet, end, reply_header, reply_rest), address)
+                protocol.writeReply(reply, address)
                 return
         if len(packet) < 12:
             return  # not even a header: nobody to answer
@@ -295,7 +312,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         full = message.toStr()
         if len(full) > request.limit:
             full = _truncated(message).toStr()
-        self._send(request, protocol, address, message.rCode, full)
+        self._send(request, protocol, address, message.rCode, full, self._account(message))
 
     # -- building and sending replies -------------------------------------------
 
@@ -318,11 +335,19 @@ class ZoneServerFactory(server.DNSServerFactory):
         canonical.additional = message.additional
         full = canonical.toStr()
         cut = _truncated(canonical).toStr() if len(full) > UDP_DEFAULT else full
-        return message.rCode, full, cut
+        return message.rCode, full, cut, self._account(message)
+
+    def _account(self, message: Reply) -> bytes:
+        # The RRL account: computed once per answer, then carried by the caches.
+        if message.rCode != dns.OK or not message.queries:
+            return account_of(message.rCode, b"", None, None)
+        name = message.queries[0].name.name.lower()
+        first = message.answers[0].type if message.answers else None
+        return account_of(dns.OK, name, first, self.zone.wildcard_owner(name))
 
     def _serve(self, request: QueryMessage, protocol: Any, address: Any, entry: Entry) -> bool:
         """Send ``entry`` patched for ``request``; False if its question does not match."""
-        rcode, full, cut = entry
+        rcode, full, cut, account = entry
         data = full if len(full) <= request.limit else cut
         packet, end = request.raw, request.questionEnd
         name_end = end - 4
@@ -333,11 +358,17 @@ class ZoneServerFactory(server.DNSServerFactory):
             return False
         flags = bytes((data[2] | packet[2] & 0x01, data[3] | packet[3] & 0x10))  # RD, CD
         reply = _patched(packet, end, flags + data[4:12], data[end:])
-        self._send(request, protocol, address, rcode, reply)
+        self._send(request, protocol, address, rcode, reply, account)
         return True
 
     def _send(
-        self, request: QueryMessage, protocol: Any, address: Any, rcode: int, data: bytes
+        self,
+        request: QueryMessage,
+        protocol: Any,
+        address: Any,
+        rcode: int,
+        data: bytes,
+        account: bytes,
     ) -> None:
         packet, end = request.raw, request.questionEnd
         # Only well-formed queries (garbage would churn the memo for nothing) whose reply
@@ -352,7 +383,21 @@ class ZoneServerFactory(server.DNSServerFactory):
             if len(memo) >= CACHE_ENTRIES:
                 memo.clear()
             tail = packet[end - 4 :]
-            memo[packet[2:].lower()] = (rcode, end, packet[2:12], tail, data[2:12], data[end:])
+            memo[packet[2:].lower()] = (
+                rcode,
+                end,
+                packet[2:12],
+                tail,
+                data[2:12],
+                data[end:],
+                account,
+            )
+        if address is not None and self.rrl is not None:
+            decision = self.rrl.check(address[0], account)
+            if decision == DROP:
+                return
+            if decision == SLIP:
+                data = slipped(data, end)
         if self.on_rcode is not None:
             self.on_rcode(rcode)
         protocol.writeReply(data, address)

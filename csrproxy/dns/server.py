@@ -26,6 +26,7 @@ from csrproxy.dns.limits import (
     TCPLimits,
 )
 from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
+from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 
@@ -72,6 +73,8 @@ class DNSServerService(Service):
     ``csrproxy.dns.limits``, which states the memory this bounds). ``on_refusal(reason)``
     is called for every connection refused or cut (reasons: the ``dns_tcp_*``
     constants of ``csrproxy.dns.limits``); they are logged in one line a second at most.
+
+    UDP replies pass ``rrl`` when given (``csrproxy.dns.rrl``: response rate limiting).
     """
 
     def __init__(
@@ -86,6 +89,7 @@ class DNSServerService(Service):
         max_tcp_per_source: int = TCP_MAX_PER_SOURCE,
         tcp_message_timeout: float = TCP_MESSAGE_TIMEOUT,
         on_refusal: Callable[[str], None] | None = None,
+        rrl: ResponseRateLimiter | None = None,
     ) -> None:
         self.reactor = reactor
         self.zone = zone
@@ -99,7 +103,7 @@ class DNSServerService(Service):
             message_timeout=tcp_message_timeout,
             on_refusal=on_refusal,
         )
-        self.factory = ZoneServerFactory(reactor, zone, on_rcode, tcp=tcp)
+        self.factory = ZoneServerFactory(reactor, zone, on_rcode, tcp=tcp, rrl=rrl)
         self.ports: list[IListeningPort] = []
         self._bound = False
 
@@ -165,6 +169,8 @@ class DNSServerService(Service):
             if connection.transport is not None:
                 cast(Any, connection.transport).abortConnection()
         self.factory.tcp.stop()
+        if self.factory.rrl is not None:
+            self.factory.rrl.stop()
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
         return done
 

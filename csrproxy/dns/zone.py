@@ -292,11 +292,22 @@ class ChallengeZone(common.ResolverBase):
             return nxdomain, [first, *answers], authority
         return False, [], self._negative()
 
+    def wildcard_owner(self, name: bytes) -> bytes | None:
+        """The owner of the wildcard that answers ``name`` (lowercase), or None when
+        ``name`` exists (a node or an empty non-terminal) or no wildcard covers it."""
+        if name in self._nodes or name in self._existing or not rr.is_within(name, self._origin):
+            return None
+        owner = self._wildcard_name(name)
+        return owner if owner in self._nodes else None
+
     def _wildcard(self, name: bytes) -> Node | None:
+        return self._nodes.get(self._wildcard_name(name))
+
+    def _wildcard_name(self, name: bytes) -> bytes:
         # RFC 4592: only the closest encloser's wildcard applies.
         encloser = rr.parent(name)
         while encloser not in self._existing:
             if encloser == self._origin or not encloser:
                 break
             encloser = rr.parent(encloser)
-        return self._nodes.get(b"*." + encloser)
+        return b"*." + encloser

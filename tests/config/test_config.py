@@ -232,3 +232,52 @@ class PackageTests(SynchronousTestCase):
                 if module.name != "__init__.py":
                     # Sections import sections, never the package that re-exports them.
                     self.assertNotEqual(node.module, "csrproxy.config", module.name)
+
+
+class RRLConfigTests(ConfigTestCase):
+    def test_on_by_default(self) -> None:
+        rrl = parse_config(minimal()).dns.rrl
+        self.assertEqual(
+            (rrl.enabled, rrl.responses_per_second, rrl.wildcards_per_second, rrl.window),
+            (True, 20, 1000, 15),
+        )
+        self.assertEqual((rrl.slip, rrl.ipv4_prefix_length, rrl.ipv6_prefix_length), (2, 24, 56))
+        self.assertEqual((rrl.exempt, rrl.log_only, rrl.max_table_size), ((), False, 65536))
+
+    def test_values_read(self) -> None:
+        data = minimal()
+        data["dns"]["rrl"] = {
+            "responses_per_second": 5,
+            "nxdomains_per_second": 0,
+            "slip": 1,
+            "exempt": ["192.0.2.7/24", "2001:db8::1"],
+            "log_only": True,
+            "enabled": False,
+        }
+        rrl = parse_config(data).dns.rrl
+        self.assertEqual(rrl.exempt, ("192.0.2.0/24", "2001:db8::1/128"))
+        self.assertEqual((rrl.responses_per_second, rrl.nxdomains_per_second), (5, 0))
+        self.assertEqual((rrl.slip, rrl.log_only, rrl.enabled), (1, True, False))
+
+    def test_bad_values_name_their_key(self) -> None:
+        for key, value in [
+            ("slip", 11),
+            ("slip", -1),
+            ("window", 0),
+            ("responses_per_second", -1),
+            ("errors_per_second", 1.5),
+            ("ipv4_prefix_length", 33),
+            ("ipv6_prefix_length", 129),
+            ("max_table_size", 0),
+            ("max_table_size", 1 << 21),
+            ("exempt", ["192.0.2.0/33"]),
+            ("exempt", "192.0.2.0/24"),
+            ("log_only", "yes"),
+            ("respones_per_second", 5),
+        ]:
+            data = minimal()
+            data["dns"]["rrl"] = {key: value}
+            self.assertKey(data, f"dns.rrl.{key}")
+        data = minimal()
+        data["dns"]["rrl"] = 5
+        self.assertKey(data, "dns.rrl")
