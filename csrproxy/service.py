@@ -369,6 +369,14 @@ def build_service(
         top.reload_tokens = functools.partial(reload_tokens, gate, config.api.tokens_file)
     collection = IServiceCollection(top)
     StateLockService(lock).setServiceParent(collection)  # first child: stopped last
+    # Services stop in reverse order: the store after everything that asks it (the DNS
+    # server, the API listeners, renewal), the pruner before the store.
+    StateService(
+        store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
+    ).setServiceParent(collection)
+    pruner = Pruner(store, reactor, config.state.retention_days)
+    metrics.watch_pruning(lambda: pruner.pruned)
+    PrunerService(pruner).setServiceParent(collection)
     if dns_service is not None:
         dns_service.setServiceParent(collection)
 
@@ -396,13 +404,6 @@ def build_service(
     ca_watch = TimerService(CA_QUIET, issuer.breaker.look_if_quiet, CA_QUIET)
     ca_watch.clock = reactor
     ca_watch.setServiceParent(collection)
-    StateService(
-        store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
-    ).setServiceParent(collection)
-    # After the store's service, so it stops before the store does.
-    pruner = Pruner(store, reactor, config.state.retention_days)
-    metrics.watch_pruning(lambda: pruner.pruned)
-    PrunerService(pruner).setServiceParent(collection)
     if config.renewal.enabled:
         ren = config.renewal
         renewals = StoredRenewals(store, ren.ari_recheck)

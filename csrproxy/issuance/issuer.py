@@ -250,6 +250,16 @@ class Issuer:
         again for the order).  Recovery calls it when the order's turn comes
         (:class:`csrproxy.issuance.resumes.ResumeQueue`).
         """
+        inflight = self._inflight.get(row.request_key)
+        if inflight is not None:
+            # Another order for the same CSR already runs (two rows left for one request):
+            # this one joins it rather than placing a second order at the CA.
+            order_id, shared = inflight
+            self.ledger.order_failed(row.id, f"joined order {order_id} for the same CSR")
+            d = shared.wait()
+            if settle is not None:
+                d.addBoth(lambda result: settle().addCallback(lambda _: result))
+            return Issuance(order_id, d)
         return self._start(
             row.csr, row.id, None, row.replaces, row.acme_url or "", False, settle, row.request_key
         )

@@ -96,6 +96,9 @@ class RenewalScheduler:
         #: Ids of the certificates being renewed (at most ``max_parallel``).
         self._running: set[str] = set()
         self._passing = False
+        #: The last pass left due certificates for want of a free slot: each renewal that
+        #: ends starts a pass at once, so throughput is max_parallel at a time, not per pass.
+        self._backlog = False
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         self.renewed = 0
@@ -132,10 +135,14 @@ class RenewalScheduler:
         t0 = time.perf_counter()
         now = self.clock.seconds()
         started = parked = 0
-        await self.source.schedule_unscheduled(SCHEDULE_CHUNK)
+        for _ in range(ROUNDS):  # a database of schema 2 gets its renewal times here
+            if await self.source.schedule_unscheduled(SCHEDULE_CHUNK) < SCHEDULE_CHUNK:
+                break
+        self._backlog = False
         for _ in range(ROUNDS):
             free = self.max_parallel - len(self._running)
             if free <= 0:
+                self._backlog = True
                 break
             rows = await self.source.due(now, BATCH)
             idle: list[str] = []
@@ -148,6 +155,8 @@ class RenewalScheduler:
                     self._start(row)
                     started += 1
                     free -= 1
+                else:
+                    self._backlog = True
             if idle:
                 await self.source.park(idle)
                 parked += len(idle)
@@ -172,6 +181,8 @@ class RenewalScheduler:
 
         def done(result: object) -> None:
             self._running.discard(row.id)
+            if self._backlog and self._loop.running:
+                self.clock.callLater(0, self.tick)
             if isinstance(result, Failure):
                 self.failed += 1
                 self._outcome("failed")

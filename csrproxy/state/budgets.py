@@ -60,10 +60,19 @@ def budget_recorder(store: Store) -> Callable[[list[BudgetRow]], None]:
     A failed write is logged and fails nothing else (the store turns unhealthy).
     """
 
+    failing = [False]  # one line when writes start failing, one when they work again
+
     def failed(failure: Failure) -> None:
-        log.warn("admission budgets not recorded: {err}", err=failure.getErrorMessage())
+        if not failing[0]:
+            failing[0] = True
+            log.warn("admission budgets not recorded: {err}", err=failure.getErrorMessage())
+
+    def recorded(_: object) -> None:
+        if failing[0]:
+            failing[0] = False
+            log.info("admission budgets recorded again")
 
     def record(rows: list[BudgetRow]) -> None:
-        store.run(save_budgets, store.db, rows).addErrback(failed)
+        store.run(save_budgets, store.db, rows).addCallbacks(recorded, failed)
 
     return record

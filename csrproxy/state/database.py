@@ -39,9 +39,14 @@ from csrproxy.state.rows import (
 from csrproxy.state.schema import MIGRATIONS
 
 DB_NAME = "csrproxy.sqlite3"
+#: Bytes the write-ahead log keeps after a checkpoint at most.
+WAL_LIMIT = 64 * 1024 * 1024
 
 #: A method of the database, its positional and keyword arguments.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+_UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED)
 
 
 class StateDB(RenewalQueries):
@@ -62,12 +67,19 @@ class StateDB(RenewalQueries):
         #: removal at the next start).
         self._removals: collections.deque[tuple[str, str]] = collections.deque()
         self._in_batch = False
+        #: Transactions committed that wrote something (the store's health follows writes,
+        #: not reads: a full disk still answers reads).
+        self.writes = 0
+        self._wrote = False
         self.conn.row_factory = sqlite3.Row
         if created:
             # Pruning gives pages back to the file system (before any table exists).
             self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
+        # The WAL is truncated to this after a checkpoint (a burst of writes leaves no 1 GB
+        # file behind for ever).
+        self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
         self.conn.execute("PRAGMA foreign_keys=ON")
         if created:
             os.chmod(self.path, 0o600)
@@ -84,13 +96,18 @@ class StateDB(RenewalQueries):
         """One small write (the schema version, unchanged): can the database be written?"""
         with self.transaction() as c:
             c.execute(f"PRAGMA user_version = {int(self.version)}")
+            self._wrote = True
 
     def migrate(self) -> None:
         """Bring the schema to the newest version, one transaction per step."""
+        migrated = False
         while self.version < len(MIGRATIONS):
             step = self.version
             script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
             self.conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+            migrated = True
+        if migrated:  # a big migration leaves a big WAL: give the space back now
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         if self.version > len(MIGRATIONS):
             raise RuntimeError(
                 f"{self.path} has schema version {self.version}, newer than this csrproxy "
@@ -115,6 +132,8 @@ class StateDB(RenewalQueries):
             self.conn.execute("RELEASE write")
             return
         self.conn.execute("BEGIN IMMEDIATE")
+        changes = self.conn.total_changes
+        self._wrote = False
         removals: list[tuple[str, str]] = []
         while self._removals:
             removals.append(self._removals.popleft())
@@ -127,6 +146,8 @@ class StateDB(RenewalQueries):
             self._removals.extendleft(reversed(removals))
             raise
         self.conn.execute("COMMIT")
+        if self._wrote or self.conn.total_changes != changes:
+            self.writes += 1
 
     def batch(self, calls: Sequence[Call]) -> list[tuple[bool, Any]]:
         """Run ``calls`` in one transaction (group commit), each all-or-nothing on its own.
@@ -208,11 +229,11 @@ class StateDB(RenewalQueries):
 
     def unfinished_orders(self, limit: int = 100_000) -> list[OrderRow]:
         """Orders that had not ended, oldest first (by the partial index of unfinished ones)."""
-        marks = ",".join("?" * len(UNFINISHED))
+        # The statuses as literals: only then can SQLite use the partial index.
         rows = self.conn.execute(
-            f"SELECT * FROM orders WHERE status IN ({marks}) AND created > -1 "
+            f"SELECT * FROM orders WHERE status IN ({_UNFINISHED_SQL}) AND created > -1 "
             "ORDER BY created LIMIT ?",
-            (*UNFINISHED, limit),
+            (limit,),
         )
         return [order_from_row(r) for r in rows]
 
@@ -237,7 +258,9 @@ class StateDB(RenewalQueries):
         one transaction; returns the row as recorded.
 
         It keeps the installation's signer from the certificate it supersedes (the same key
-        and names), and, for a renewal csrproxy made on its own, its activity clock.
+        and names), and, for a renewal csrproxy made on its own, its activity clock.  The
+        certificate issued last is current, even when it ends sooner than the one before
+        (a shorter profile): the installation always has one.
         """
         now = time.time()
         with self.transaction() as conn:
@@ -246,16 +269,14 @@ class StateDB(RenewalQueries):
                 cert.signed_by = current.signed_by
                 if renewal:
                     cert.last_requested = current.last_requested
-                if current.not_after > cert.not_after:  # odd, but the newest stays current
-                    cert.superseded = now
             cert.names_key = names_key(cert.names)
+            cert.superseded = None
             conn.execute(_SAVE_CERTIFICATE, cert.__dict__ | {"names": json.dumps(cert.names)})
-            if cert.superseded is None:
-                conn.execute(
-                    f"UPDATE certificates SET superseded = ? WHERE request_key = ? AND id != ? "
-                    f"AND {_CURRENT}",
-                    (now, cert.request_key, cert.id),
-                )
+            conn.execute(
+                f"UPDATE certificates SET superseded = ? WHERE request_key = ? AND id != ? "
+                f"AND {_CURRENT}",
+                (now, cert.request_key, cert.id),
+            )
             conn.execute(
                 "UPDATE orders SET status = 'issued', certificate_id = ?, updated = ? WHERE id = ?",
                 (cert.id, now, order_id),

@@ -85,11 +85,7 @@ MIGRATIONS: Sequence[str] = (
         AND (newer.not_after > certificates.not_after
              OR (newer.not_after = certificates.not_after AND newer.rowid > certificates.rowid))
     );
-    UPDATE certificates SET
-        renew_at = not_before + (not_after - not_before)
-            * (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0),
-        ari_next = unixepoch() + abs(random()) % 21600
-        WHERE superseded IS NULL;
+    -- renew_at and ari_next are left NULL: the renewal pass gives them, 2,000 rows a step.
     CREATE INDEX certificates_by_names ON certificates(names_key);
     CREATE INDEX certificates_due ON certificates(renew_at)
         WHERE superseded IS NULL AND revoked IS NULL AND dormant = 0;

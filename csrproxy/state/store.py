@@ -116,6 +116,7 @@ class Store:
         self.db = db
         self.pool = ThreadPool(minthreads=1, maxthreads=1, name="csrproxy-store")
         self._healthy = True
+        self._writes_at_failure = 0
         self._waiting: list[tuple[Call, Deferred[Any]]] = []
         self._busy = False
 
@@ -143,13 +144,15 @@ class Store:
             self._next()
 
         def ok(result: T) -> T:
-            if not self._healthy:
+            # Only a write that committed since the failure says it is writable again.
+            if not self._healthy and self.db.writes > self._writes_at_failure:
                 self._healthy = True
                 log.info("state database writable again")
             return result
 
         def failed(failure: Failure) -> Failure:
             if failure.check(sqlite3.Error, OSError):
+                self._writes_at_failure = self.db.writes
                 if self._healthy:
                     log.error(
                         "state database {path} unusable: {err}",

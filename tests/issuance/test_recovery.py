@@ -258,3 +258,14 @@ class ResumeTests(SynchronousTestCase):
         for i in range(len(rows)):
             self.assertEqual(self.ended(f"o{i}").status, "valid", i)
         self.assertEqual(self.ca.requests["newOrder"], len(rows))
+
+    def test_two_rows_for_one_csr_make_one_order(self) -> None:
+        issuer = self.issuer()
+        rows = [
+            OrderRow(oid, self.csr.request_key, self.csr.der, [self.name], status="new")
+            for oid in ("first", "second")
+        ]
+        self.recover(issuer, [], rows)
+        for oid in ("first", "second"):
+            self.assertEqual(self.ended(oid).status, "valid", oid)
+        self.assertEqual(self.ca.requests["newOrder"], 1)

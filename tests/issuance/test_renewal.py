@@ -198,3 +198,25 @@ class SchedulerTests(SynchronousTestCase):
         self.addCleanup(s.stop)
         self.clock.advance(31 * DAY)
         self.assertEqual(seen[0], (0, 2))
+
+    def test_each_renewal_that_ends_lets_the_next_due_one_start(self) -> None:
+        add_certificates(self.db, 40, renew_at=1.0, last_requested=30 * DAY)
+        pending: list[Deferred[None]] = []
+
+        def renew(c: Any) -> Deferred[None]:
+            self.calls.append(c.id)
+            d: Deferred[None] = Deferred()
+            pending.append(d)
+            return d
+
+        s = RenewalScheduler(self.clock, self.source, renew, interval=3600, max_parallel=4)
+        s.start()
+        self.addCleanup(s.stop)
+        self.clock.advance(30 * DAY)
+        self.assertEqual(len(self.calls), 4)
+        for _ in range(36):  # each renewal takes 5 s; the interval is an hour
+            self.clock.advance(5)
+            pending.pop(0).callback(None)
+            self.clock.advance(0)
+        self.assertEqual(len(set(self.calls)), 40, "throughput was bounded by the interval")
+        self.assertLess(self.clock.seconds() - 30 * DAY, 3600)

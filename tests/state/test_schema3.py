@@ -54,6 +54,10 @@ class MigrationTests(SynchronousTestCase):
         self.assertIsNotNone(old_row.superseded)
         self.assertIsNone(new_row.superseded)
         self.assertEqual(new_row.names_key, "a.go.example.test,b.go.example.test")
+        self.assertIsNone(new_row.renew_at, "left to the renewal pass")
+        self.assertEqual(db.schedule_unscheduled(3600.0, 100), 2)  # "new" and "other"
+        new_row, old_row = db.certificate("new"), db.certificate("old")
+        assert new_row is not None and old_row is not None
         assert new_row.renew_at is not None and new_row.ari_next is not None
         self.assertTrue(120 * DAY <= new_row.renew_at <= 127.5 * DAY, new_row.renew_at / DAY)
         self.assertIsNone(old_row.renew_at, "a superseded certificate is never renewed")
@@ -137,3 +141,45 @@ class IndexTests(SynchronousTestCase):
         )
         self.assertLess(due, 5, f"{due} hundred VM steps for 2 due rows")
         self.assertGreater(scan, 100, "the measure cannot tell a scan")
+
+
+class StatementIndexTests(SynchronousTestCase):
+    """The statements the code runs (traced, with their bound values), not copies of them:
+    a bound parameter where a partial index needs a literal makes SQLite scan."""
+
+    def setUp(self) -> None:
+        self.db = StateDB(Path(tempfile.mkdtemp()) / "s.sqlite3")
+        self.addCleanup(self.db.close)
+
+    def traced(self, run: object) -> list[tuple[str, tuple[object, ...]]]:
+        conn = self.db.conn
+        seen: list[tuple[str, tuple[object, ...]]] = []
+
+        class Recording:
+            def execute(self, sql: str, args: tuple[object, ...] = ()) -> sqlite3.Cursor:
+                seen.append((sql, tuple(args)))
+                return conn.execute(sql, args)
+
+        self.db.conn = Recording()  # type: ignore[assignment]
+        try:
+            assert callable(run)
+            run()
+        finally:
+            self.db.conn = conn
+        return [(q, a) for q, a in seen if q.lstrip().upper().startswith("SELECT")]
+
+    def test_each_read_of_a_request_or_a_pass_searches_an_index(self) -> None:
+        calls = {
+            "unfinished_orders": lambda: self.db.unfinished_orders(),
+            "due_certificates": lambda: self.db.due_certificates(1.0, 200),
+            "ari_due": lambda: self.db.ari_due(1.0, 20),
+            "sign_lookup": lambda: self.db.sign_lookup("ab" * 32, ["a.go.example.test"]),
+            "current_by_key_prefix": lambda: self.db.current_by_key_prefix("ab" * 16),
+        }
+        for what, run in calls.items():
+            statements = self.traced(run)
+            self.assertTrue(statements, what)
+            for sql, args in statements:
+                got = plan(self.db, sql, *args)
+                self.assertIn("SEARCH", got, (what, sql))
+                self.assertNotIn("SCAN", got, (what, sql))

@@ -207,7 +207,20 @@ class StoreThreadTests(TestCase):
         self.assertFalse(self.store.healthy)
         row = yield self.store.run(self.store.db.order, "half")
         self.assertIsNone(row, "the failed transaction left a row behind")
+        self.assertFalse(self.store.healthy, "a read that worked is no sign of a writable disk")
         yield self.store.run(self.store.db.save_order, OrderRow("o2", "rk", b"c", []))
+        self.assertTrue(self.store.healthy)
+
+    @defer.inlineCallbacks
+    def test_the_probe_write_makes_it_healthy_again(self) -> Any:
+        def failing() -> None:
+            raise sqlite3.OperationalError("database or disk is full")
+
+        with self.assertRaises(StoreUnavailable):
+            yield self.store.run(failing)
+        yield self.store.run(self.store.db.unfinished_orders)
+        self.assertFalse(self.store.healthy)
+        yield self.store.run(self.store.db.probe_write)
         self.assertTrue(self.store.healthy)
 
     @defer.inlineCallbacks
