@@ -45,17 +45,12 @@ BUDGETS = "budgets"
 #: The rules, in the order a pass runs them.
 RULES = (SUPERSEDED, EXPIRED, ORDERS, BUDGETS)
 
-# A superseded certificate may still be valid: the rows of its index range that have not
-# expired yet are walked past (from (superseded, rowid) on), at most ``chunk`` a step.
-SUPERSEDED_FIRST = (
-    "SELECT rowid, superseded, not_after FROM certificates WHERE superseded < :cutoff "
-    "ORDER BY superseded, rowid LIMIT :chunk"
+# A superseded certificate may still be valid until it expires: it goes once both its
+# superseding and its expiry are before the cutoff (one expression index, no walk).
+SUPERSEDED_DELETE = (
+    "DELETE FROM certificates WHERE rowid IN (SELECT rowid FROM certificates "
+    "WHERE superseded IS NOT NULL AND max(superseded, not_after) < :cutoff LIMIT :chunk)"
 )
-SUPERSEDED_NEXT = (
-    "SELECT rowid, superseded, not_after FROM certificates WHERE superseded < :cutoff "
-    "AND (superseded, rowid) > (:superseded, :rowid) ORDER BY superseded, rowid LIMIT :chunk"
-)
-DELETE_CERTIFICATE = "DELETE FROM certificates WHERE rowid = ?"
 # Every row of these index ranges goes: delete from the start until a step finds fewer.
 EXPIRED_DELETE = (
     "DELETE FROM certificates WHERE rowid IN (SELECT rowid FROM certificates "
@@ -117,30 +112,17 @@ def prune_step(
     if chunk < 1:
         raise ValueError(f"chunk must be at least 1, not {chunk}")
     with db.transaction() as conn:
-        if rule == SUPERSEDED:
-            return _walk_superseded(conn, cutoff, chunk, after)
         if rule == BUDGETS:
             return _walk_budgets(conn, cutoff, chunk, after)
-        if rule == EXPIRED:
+        if rule == SUPERSEDED:
+            deleted = conn.execute(SUPERSEDED_DELETE, {"cutoff": cutoff, "chunk": chunk}).rowcount
+        elif rule == EXPIRED:
             deleted = conn.execute(EXPIRED_DELETE, {"cutoff": cutoff, "chunk": chunk}).rowcount
         elif rule == ORDERS:
             deleted = conn.execute(ORDERS_DELETE, {"cutoff": cutoff, "chunk": chunk}).rowcount
         else:
             raise ValueError(f"no pruning rule {rule!r}")
         return Step(deleted, deleted, more=deleted == chunk)
-
-
-def _walk_superseded(
-    conn: sqlite3.Connection, cutoff: float, chunk: int, after: tuple[Any, ...]
-) -> Step:
-    args = {"cutoff": cutoff, "chunk": chunk}
-    if after:
-        args |= {"superseded": after[0], "rowid": after[1]}
-    rows = conn.execute(SUPERSEDED_NEXT if after else SUPERSEDED_FIRST, args).fetchall()
-    gone = [(r[0],) for r in rows if r[2] < cutoff]
-    conn.executemany(DELETE_CERTIFICATE, gone)
-    last = (rows[-1][1], rows[-1][0]) if rows else ()
-    return Step(len(gone), len(rows), more=len(rows) == chunk, after=last)
 
 
 def _walk_budgets(

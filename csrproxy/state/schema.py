@@ -91,7 +91,7 @@ MIGRATIONS: Sequence[str] = (
         WHERE superseded IS NULL AND revoked IS NULL AND dormant = 0;
     CREATE INDEX certificates_ari_due ON certificates(ari_next)
         WHERE superseded IS NULL AND revoked IS NULL AND dormant = 0;
-    CREATE INDEX certificates_superseded ON certificates(superseded)
+    CREATE INDEX certificates_gone ON certificates(max(superseded, not_after))
         WHERE superseded IS NOT NULL;
     CREATE INDEX certificates_expiry ON certificates(not_after) WHERE superseded IS NULL;
     UPDATE orders SET status = 'issued' WHERE status = 'valid' AND certificate_id IS NOT NULL;
