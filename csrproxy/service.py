@@ -31,6 +31,7 @@ from csrproxy.challenges.watch import WatchedZone
 from csrproxy.challenges.zone import ZonePublisher
 from csrproxy.config import Config
 from csrproxy.config.model import RRLConfig
+from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies, nsid_bytes
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
@@ -342,6 +343,12 @@ def build_service(
             on_rcode=metrics.dns_answer,
             on_refusal=metrics.refusal,
             rrl=make_rrl(config.dns.rrl, reactor, metrics.dns_rrl),
+            nsid=nsid_bytes(config.dns.nsid) if config.dns.nsid else None,
+            # In the state database: instances sharing it agree, and a restart keeps
+            # the cookies resolvers hold valid.
+            cookies=ServerCookies(store.db.secret(COOKIE_SECRET, 16), reactor.seconds)
+            if config.dns.cookies
+            else None,
         )
         if config.dns.listen
         else None

@@ -22,11 +22,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy import tap
+from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies
 from csrproxy.dns.protocols import DNSDatagramProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.http import BytesProducer, VerifyingPolicy
-from csrproxy.service import AccountService
+from csrproxy.service import AccountService, StateService
 
 CONFIG = """
 [acme]
@@ -92,3 +93,13 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(dns_service.factory.buildProtocol(None), names_dns.DNSProtocol)
         self.assertIsInstance(dns_service.zone, ResolverBase)
         self.assertIsInstance(dns_service.factory.rrl, ResponseRateLimiter)  # on by default
+
+    def test_dns_cookies_on_with_the_secret_from_the_state_database(self) -> None:
+        top = self.build()
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        state = next(s for s in walk(top) if isinstance(s, StateService))
+        cookies = dns_service.factory.cookies
+        self.assertIsInstance(cookies, ServerCookies)
+        assert cookies is not None
+        self.assertEqual(state.store.db.existing_secret(COOKIE_SECRET), cookies.secret)
+        self.assertIsNone(dns_service.factory.nsid)

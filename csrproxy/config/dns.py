@@ -7,6 +7,7 @@ import ipaddress
 
 from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig
 from csrproxy.config.reader import Table
+from csrproxy.dns.cookies import nsid_bytes
 
 BACKENDS = ("builtin", "powerdns")
 
@@ -32,9 +33,28 @@ def parse_dns(dns: Table) -> DNSConfig:
         backend=backend,
         powerdns=parse_powerdns(pdns, zone) if pdns is not None else None,
         rrl=parse_rrl(dns.table("rrl", required=False)),
+        nsid=parse_nsid(dns),
+        cookies=dns.get("cookies", bool, DNSConfig.cookies),
     )
     dns.done()
     return config
+
+
+# An NSID fits easily in any reply; BIND allows about this much.
+MAX_NSID = 128
+
+
+def parse_nsid(dns: Table) -> str | None:
+    nsid = dns.get("nsid", str, None)
+    if nsid is None:
+        return None
+    try:
+        wire = nsid_bytes(nsid)
+    except ValueError:
+        raise dns.error("nsid", f"{nsid!r} starts with 0x but is not hex") from None
+    if not 1 <= len(wire) <= MAX_NSID:
+        raise dns.error("nsid", f"must be 1 to {MAX_NSID} bytes, not {len(wire)}")
+    return nsid
 
 
 # The largest table accepted: about 290 MB of accounts (csrproxy.dns.rrl.ENTRY_BYTES).

@@ -121,6 +121,10 @@ class DNSConfig:
     backend: str = "builtin"
     powerdns: PowerDNSConfig | None = None
     rrl: RRLConfig = RRLConfig()
+    #: Answered to an empty NSID option (RFC 5001): text, or hex after "0x".
+    nsid: str | None = None
+    #: Answer DNS cookies (RFC 7873/9018); a valid server cookie bypasses [dns.rrl].
+    cookies: bool = True
 
 
 @dataclass(frozen=True)

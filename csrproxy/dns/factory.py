@@ -19,6 +19,11 @@ Two caches keep the common case cheap; both are dropped whenever the zone's
   encoded once by ``dns.Message`` with a lowercase question; the id, RD, CD and
   the question's letter case (0x20) of each query are patched in.
 
+Neither holds EDNS options that depend on the query (NSID, COOKIE): the OPT of a
+cached reply is stored empty and last, and each reply gets this query's options
+patched into it. A query with a COOKIE option is never memoized (its server cookie
+depends on the client's address and the time).
+
 Both also hold the reply's response-rate-limiting account (``rrl.account_of``), so
 a UDP reply from either is checked by the limiter (``rrl``, when given) without
 looking at the zone again; TCP replies never are.
@@ -26,6 +31,7 @@ looking at the zone again; TCP replies never are.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -33,6 +39,7 @@ from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
+from csrproxy.dns.cookies import COOKIE, NSID, MalformedCookie, ServerCookies, option_bytes
 from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
@@ -77,6 +84,9 @@ class ZoneServerFactory(server.DNSServerFactory):
     TCP connections are tracked in ``connections`` and held to ``tcp``, their caps and
     deadlines (a :class:`TCPLimits`, its defaults unless given). UDP replies pass
     ``rrl`` (a :class:`ResponseRateLimiter`) when given: dropped, sent truncated, or sent.
+    An empty NSID option is answered with ``nsid`` when given; COOKIE options are
+    answered with server cookies by ``cookies`` (a :class:`ServerCookies`) when given,
+    and a reply to a valid server cookie bypasses ``rrl``.
     """
 
     protocol = DNSStreamProtocol
@@ -90,6 +100,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         udp_max: int = UDP_MAX,
         tcp: TCPLimits | None = None,
         rrl: ResponseRateLimiter | None = None,
+        nsid: bytes | None = None,
+        cookies: ServerCookies | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
         self.canRecurse = False
@@ -99,6 +111,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.udp_max = udp_max
         self.tcp = tcp if tcp is not None else TCPLimits(reactor)
         self.rrl = rrl
+        self.nsid = nsid
+        self.cookies = cookies
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
         self._udp_memo: dict[bytes, Memo] = {}
@@ -187,6 +201,14 @@ class ZoneServerFactory(server.DNSServerFactory):
             # RFC 6891 6.1.3: BADVERS (16) lives in the OPT's extended rcode.
             self.sendReply(proto, self._error(message, dns.EBADVERSION), address)
             return
+        if (
+            message.opt is not None
+            and message.opt.options
+            and not self._edns_options(message, proto, address)
+        ):
+            # RFC 7873 5.2.2: a COOKIE option of a forbidden length.
+            self.sendReply(proto, self._error(message, dns.EFORMAT), address)
+            return
         if len(message.queries) != 1:
             self.sendReply(proto, self._error(message, dns.EFORMAT, False), address)
             return
@@ -201,6 +223,26 @@ class ZoneServerFactory(server.DNSServerFactory):
             self.sendReply(proto, self._error(message, dns.ENOTIMP), address)
         else:
             self.handleQuery(message, proto, address)
+
+    def _edns_options(self, message: QueryMessage, proto: Any, address: Any) -> bool:
+        """Set the reply's NSID and COOKIE options for ``message``; False if malformed."""
+        out = []
+        assert message.opt is not None
+        cookie_seen = False
+        for option in message.opt.options:
+            if option.code == NSID and self.nsid is not None and not option.data:
+                out.append(option_bytes(NSID, self.nsid))
+            elif option.code == COOKIE and self.cookies is not None and not cookie_seen:
+                cookie_seen = True
+                try:
+                    data, valid = self.cookies.answer(option.data, _host(proto, address))
+                except MalformedCookie:
+                    return False
+                out.append(option_bytes(COOKIE, data))
+                message.memoable = False
+                message.rrlExempt = valid
+        message.replyOptions = b"".join(out)
+        return True
 
     def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
         """REFUSED for classes but IN and ANY, names outside the zone and zone transfers.
@@ -310,7 +352,7 @@ class ZoneServerFactory(server.DNSServerFactory):
             if self._serve(request, protocol, address, entry):
                 return
         full = message.toStr()
-        if len(full) > request.limit:
+        if len(full) + len(request.replyOptions) > request.limit:
             full = _truncated(message).toStr()
         self._send(request, protocol, address, message.rCode, full, self._account(message))
 
@@ -348,7 +390,7 @@ class ZoneServerFactory(server.DNSServerFactory):
     def _serve(self, request: QueryMessage, protocol: Any, address: Any, entry: Entry) -> bool:
         """Send ``entry`` patched for ``request``; False if its question does not match."""
         rcode, full, cut, account = entry
-        data = full if len(full) <= request.limit else cut
+        data = full if len(full) + len(request.replyOptions) <= request.limit else cut
         packet, end = request.raw, request.questionEnd
         name_end = end - 4
         if (
@@ -371,10 +413,15 @@ class ZoneServerFactory(server.DNSServerFactory):
         account: bytes,
     ) -> None:
         packet, end = request.raw, request.questionEnd
+        options = request.replyOptions
+        if options:
+            # Our OPT is the last record, its RDATA empty (RDLENGTH the last two bytes).
+            data = b"".join((data[:-2], struct.pack("!H", len(options)), options))
         # Only well-formed queries (garbage would churn the memo for nothing) whose reply
         # echoes the question at the same offset, where a hit patches in its letter case.
         if (
             end
+            and request.memoable
             and len(packet) <= MEMO_QUERY_BYTES
             and len(data) <= CACHE_REPLY_BYTES
             and data[12:end] == packet[12:end]
@@ -392,7 +439,7 @@ class ZoneServerFactory(server.DNSServerFactory):
                 data[end:],
                 account,
             )
-        if address is not None and self.rrl is not None:
+        if address is not None and self.rrl is not None and not request.rrlExempt:
             decision = self.rrl.check(address[0], account)
             if decision == DROP:
                 return
@@ -415,6 +462,15 @@ def _patched(packet: bytes, end: int, header: bytes, rest: bytes) -> bytes:
     # question (packet[12:end]: its letter case), then ``rest``, what followed a question
     # equal to this one up to case; owner names compressed against it take this case.
     return b"".join((packet[:2], header, packet[12:end], rest))
+
+
+def _host(protocol: Any, address: Any) -> str:
+    # The client's address: the UDP peer, or the TCP connection's.
+    if address is not None:
+        return str(address[0])
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", ""))
 
 
 def _do_bit(opt: dns._OPTHeader | None) -> bool | None:

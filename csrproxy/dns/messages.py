@@ -34,7 +34,9 @@ class QueryMessage(dns.Message):
     ``_OPTHeader`` (None without EDNS), ``questionEnd`` the offset after the
     question (0 unless there is exactly one), ``limit`` the largest reply the
     transport takes, and ``cacheKey`` the answer-cache key once it is answered
-    from the zone.
+    from the zone. The factory sets ``replyOptions`` (EDNS options its reply's OPT
+    carries, encoded), ``memoable`` (False when the reply depends on the client, as a
+    server cookie does) and ``rrlExempt`` (a valid server cookie came with it).
     """
 
     raw = b""
@@ -42,6 +44,9 @@ class QueryMessage(dns.Message):
     questionEnd = 0
     limit = TCP_MAX
     cacheKey: AnswerKey | None = None
+    replyOptions = b""
+    memoable = True
+    rrlExempt = False
 
     def lookupRecordType(self, type: int) -> Any:
         # A query's records are never read past the OPT header: RDATA stays bytes, and

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
+from csrproxy.dns.cookies import ServerCookies
 from csrproxy.dns.factory import ZoneServerFactory
 from csrproxy.dns.limits import (
     TCP_IDLE_TIMEOUT,
@@ -75,6 +76,7 @@ class DNSServerService(Service):
     constants of ``csrproxy.dns.limits``); they are logged in one line a second at most.
 
     UDP replies pass ``rrl`` when given (``csrproxy.dns.rrl``: response rate limiting).
+    ``nsid`` and ``cookies`` answer those EDNS options (``csrproxy.dns.cookies``).
     """
 
     def __init__(
@@ -90,6 +92,8 @@ class DNSServerService(Service):
         tcp_message_timeout: float = TCP_MESSAGE_TIMEOUT,
         on_refusal: Callable[[str], None] | None = None,
         rrl: ResponseRateLimiter | None = None,
+        nsid: bytes | None = None,
+        cookies: ServerCookies | None = None,
     ) -> None:
         self.reactor = reactor
         self.zone = zone
@@ -103,7 +107,9 @@ class DNSServerService(Service):
             message_timeout=tcp_message_timeout,
             on_refusal=on_refusal,
         )
-        self.factory = ZoneServerFactory(reactor, zone, on_rcode, tcp=tcp, rrl=rrl)
+        self.factory = ZoneServerFactory(
+            reactor, zone, on_rcode, tcp=tcp, rrl=rrl, nsid=nsid, cookies=cookies
+        )
         self.ports: list[IListeningPort] = []
         self._bound = False
 

@@ -281,3 +281,29 @@ class RRLConfigTests(ConfigTestCase):
         data = minimal()
         data["dns"]["rrl"] = 5
         self.assertKey(data, "dns.rrl")
+
+
+class NSIDAndCookieConfigTests(ConfigTestCase):
+    def test_defaults(self) -> None:
+        config = parse_config(minimal()).dns
+        self.assertEqual((config.nsid, config.cookies), (None, True))
+
+    def test_values_read(self) -> None:
+        for nsid in ("ns1", "0x6e7331"):
+            data = minimal()
+            data["dns"].update(nsid=nsid, cookies=False)
+            config = parse_config(data).dns
+            self.assertEqual((config.nsid, config.cookies), (nsid, False))
+
+    def test_bad_values_name_their_key(self) -> None:
+        for key, value in [
+            ("nsid", ""),
+            ("nsid", "0xzz"),
+            ("nsid", "0x"),
+            ("nsid", "n" * 129),
+            ("nsid", 1),
+            ("cookies", "yes"),
+        ]:
+            data = minimal()
+            data["dns"][key] = value
+            self.assertKey(data, f"dns.{key}")

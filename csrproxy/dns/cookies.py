@@ -1,0 +1,101 @@
+"""DNS cookies (RFC 7873) with server cookies in RFC 9018's format, and NSID (RFC 5001).
+
+A server cookie is 16 bytes: version 1, three reserved zero bytes, a 32-bit timestamp
+(seconds) and an 8-byte hash of client cookie | version | reserved | timestamp | client
+IP under the server's secret. RFC 9018 names SipHash-2-4 so that servers of different
+makes behind one anycast address can share a secret; every csrproxy sharing a state
+database uses this code and that database's secret, so the hash is keyed BLAKE2b
+(``hashlib``, one C call) instead: a keyed PRF like SipHash, with no pure-Python cost.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+from collections.abc import Callable
+
+# The name of the server secret in the state database (``StateDB.secret``).
+COOKIE_SECRET = "dns-cookie"
+NSID = 3
+COOKIE = 10
+
+CLIENT_COOKIE = 8
+# RFC 7873 5.2.2: a server cookie is 8 to 32 bytes.
+MIN_COOKIE, MAX_COOKIE = CLIENT_COOKIE + 8, CLIENT_COOKIE + 32
+VERSION = 1
+SERVER_COOKIE = 16
+# RFC 9018 4.3: valid up to an hour old and five minutes ahead; refreshed after half an hour.
+MAX_AGE = 3600
+MAX_AHEAD = 300
+REFRESH_AGE = 1800
+# Client IPs kept in packed form at most (cleared when full).
+PACKED_CACHE = 4096
+
+
+class MalformedCookie(ValueError):
+    """A COOKIE option of a length RFC 7873 does not allow: FORMERR."""
+
+
+class ServerCookies:
+    """Makes and checks RFC 9018 server cookies under ``secret`` (16 to 64 bytes)."""
+
+    def __init__(self, secret: bytes, seconds: Callable[[], float]) -> None:
+        if not 16 <= len(secret) <= 64:
+            raise ValueError("a cookie secret is 16 to 64 bytes")
+        self.secret = secret
+        self._seconds = seconds
+        self._packed: dict[str, bytes] = {}
+
+    def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
+        packed = self._packed.get(host)
+        if packed is None:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            try:
+                packed = socket.inet_pton(family, host.partition("%")[0])
+            except OSError:  # not an IP peer (a UNIX socket, a test's transport)
+                packed = host.encode()
+            if len(self._packed) >= PACKED_CACHE:
+                self._packed.clear()
+            self._packed[host] = packed
+        return hashlib.blake2b(client + head + packed, key=self.secret, digest_size=8).digest()
+
+    def answer(self, option: bytes, host: str) -> tuple[bytes, bool]:
+        """The COOKIE option data to send back to ``host``, and whether ``option`` held a
+        valid server cookie (the query then bypasses rate limiting).
+
+        Raises :class:`MalformedCookie` for a length RFC 7873 5.2.2 forbids.
+        """
+        length = len(option)
+        if length != CLIENT_COOKIE and not MIN_COOKIE <= length <= MAX_COOKIE:
+            raise MalformedCookie(length)
+        client = option[:CLIENT_COOKIE]
+        now = int(self._seconds()) & 0xFFFFFFFF
+        if length == CLIENT_COOKIE + SERVER_COOKIE and option[8] == VERSION:
+            head = option[8:16]
+            # Serial-number arithmetic (RFC 1982): the timestamp wraps in 2106.
+            age = (now - struct.unpack_from("!I", option, 12)[0] + 0x80000000) % (
+                1 << 32
+            ) - 0x80000000
+            if -MAX_AHEAD <= age <= MAX_AGE and self._hash(client, head, host) == option[16:]:
+                if age <= REFRESH_AGE:
+                    return option, True
+                return client + self.fresh(client, host, now), True
+        return client + self.fresh(client, host, now), False
+
+    def fresh(self, client: bytes, host: str, now: int) -> bytes:
+        """A new server cookie for ``client`` from ``host`` at ``now``."""
+        head = struct.pack("!B3xI", VERSION, now)
+        return head + self._hash(client, head, host)
+
+
+def option_bytes(code: int, data: bytes) -> bytes:
+    """One EDNS option on the wire."""
+    return struct.pack("!HH", code, len(data)) + data
+
+
+def nsid_bytes(text: str) -> bytes:
+    """``[dns] nsid`` as the option carries it: ``0x``-prefixed hex, else the text."""
+    if text[:2].lower() == "0x":
+        return bytes.fromhex(text[2:])
+    return text.encode()

@@ -1,0 +1,286 @@
+"""NSID (RFC 5001) and DNS cookies (RFC 7873, RFC 9018 server cookies): answered,
+checked, refreshed, never carried to another client by the caches, and a valid server
+cookie bypassing response rate limiting."""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import dns.edns
+import dns.flags
+import dns.message
+import dns.rcode
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from csrproxy.dns.cookies import (
+    COOKIE,
+    NSID,
+    MalformedCookie,
+    ServerCookies,
+    nsid_bytes,
+)
+from csrproxy.dns.factory import ZoneServerFactory
+from csrproxy.dns.rrl import ResponseRateLimiter
+from csrproxy.dns.zone import ChallengeZone
+from csrproxy.testing.dns import ReplyRecorder
+
+ORIGIN = "go.example.test"
+CHALLENGE = "_acme-challenge.demo." + ORIGIN
+SECRET = bytes(range(16))
+CLIENT = b"\x01\x02\x03\x04\x05\x06\x07\x08"
+OTHER = b"\x11\x12\x13\x14\x15\x16\x17\x18"
+# Clock() starts at 0; a real-looking epoch keeps the timestamps ordinary.
+START = 1_800_000_000.0
+
+
+def make_zone() -> ChallengeZone:
+    zone = ChallengeZone(ORIGIN, ["ns1." + ORIGIN], ["@ A 127.0.0.1", "* A 127.0.0.1"])
+    zone.add_txt(CHALLENGE, "token")
+    return zone
+
+
+def query(
+    name: str = CHALLENGE, rdtype: str = "TXT", cookie: bytes | None = None, nsid: bool = False
+) -> bytes:
+    options: list[dns.edns.Option] = []
+    if cookie is not None:
+        options.append(dns.edns.GenericOption(dns.edns.OptionType.COOKIE, cookie))
+    if nsid:
+        options.append(dns.edns.GenericOption(dns.edns.OptionType.NSID, b""))
+    wire: bytes = dns.message.make_query(name, rdtype, use_edns=0, options=options).to_wire()
+    return wire
+
+
+def options_of(reply: bytes) -> dict[int, bytes]:
+    message = dns.message.from_wire(reply)
+    return {int(option.otype): option.to_wire() for option in message.options}
+
+
+class Peer:
+    def __init__(self, host: str) -> None:
+        self.host = host
+
+
+class Transport:
+    def __init__(self, host: str) -> None:
+        self.peer = Peer(host)
+
+    def getPeer(self) -> Peer:
+        return self.peer
+
+
+class TCPRecorder(ReplyRecorder):
+    """A TCP protocol double: its transport's peer is ``host``."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self.transport = Transport(host)
+
+
+class Server:
+    def __init__(self, nsid: bytes | None = None, cookies: bool = True, **limits: Any) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.rrl = ResponseRateLimiter(self.clock, slip=0, **limits) if limits else None
+        self.factory = ZoneServerFactory(
+            self.clock,
+            make_zone(),
+            rrl=self.rrl,
+            nsid=nsid,
+            cookies=ServerCookies(SECRET, self.clock.seconds) if cookies else None,
+        )
+
+    def ask(self, packet: bytes, host: str = "192.0.2.1", tcp: bool = False) -> bytes | None:
+        recorder = TCPRecorder(host) if tcp else ReplyRecorder()
+        self.factory.packetReceived(packet, recorder, None if tcp else (host, 5353))
+        if not recorder.replies:
+            return None
+        ((data, _),) = recorder.replies
+        return data
+
+    def cookie(self, packet: bytes, host: str = "192.0.2.1", tcp: bool = False) -> bytes:
+        reply = self.ask(packet, host, tcp)
+        assert reply is not None
+        return options_of(reply)[COOKIE]
+
+
+class NSIDTests(SynchronousTestCase):
+    def test_answered_when_configured_and_asked(self) -> None:
+        server = Server(nsid=b"ns1")
+        for tcp in (False, True):
+            for _ in range(2):  # the second from the caches
+                reply = server.ask(query(nsid=True), tcp=tcp)
+                assert reply is not None
+                self.assertEqual(options_of(reply), {NSID: b"ns1"})
+                self.assertEqual(dns.message.from_wire(reply).answer[0].to_text()[-7:], '"token"')
+
+    def test_not_asked_not_sent(self) -> None:
+        server = Server(nsid=b"ns1")
+        reply = server.ask(query(nsid=True))
+        reply = server.ask(query())
+        assert reply is not None
+        self.assertEqual(options_of(reply), {})
+
+    def test_not_configured_not_sent(self) -> None:
+        reply = Server().ask(query(nsid=True))
+        assert reply is not None
+        self.assertEqual(options_of(reply), {})
+
+    def test_hex_or_text(self) -> None:
+        self.assertEqual(nsid_bytes("ns1"), b"ns1")
+        self.assertEqual(nsid_bytes("0x6e7331"), b"ns1")
+
+
+class CookieTests(SynchronousTestCase):
+    def test_client_cookie_gets_a_server_cookie(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT))
+        self.assertEqual(len(cookie), 24)
+        self.assertEqual(cookie[:8], CLIENT)
+        self.assertEqual(cookie[8:12], b"\x01\0\0\0")
+        self.assertEqual(struct.unpack("!I", cookie[12:16])[0], int(START))
+
+    def test_valid_cookie_echoed_then_refreshed(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT))
+        server.clock.advance(1000)
+        self.assertEqual(server.cookie(query(cookie=cookie)), cookie)
+        server.clock.advance(1000)  # older than half an hour: a new one
+        refreshed = server.cookie(query(cookie=cookie))
+        self.assertNotEqual(refreshed, cookie)
+        self.assertEqual(struct.unpack("!I", refreshed[12:16])[0], int(START) + 2000)
+
+    def test_stale_future_and_bad_cookies_replaced(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT))
+        forged = cookie[:-1] + bytes((cookie[-1] ^ 1,))
+        other_version = cookie[:8] + b"\x02" + cookie[9:]
+        long_unknown = CLIENT + b"\x01" * 32
+        for bad in (forged, other_version, long_unknown):
+            self.assertEqual(server.cookie(query(cookie=bad)), cookie)  # same second
+        cookies = ServerCookies(SECRET, server.clock.seconds)
+        ahead = CLIENT + cookies.fresh(CLIENT, "192.0.2.1", int(START) + 301)
+        self.assertEqual(cookies.answer(ahead, "192.0.2.1"), (cookie, False))
+        near = CLIENT + cookies.fresh(CLIENT, "192.0.2.1", int(START) + 300)
+        self.assertEqual(cookies.answer(near, "192.0.2.1"), (near, True))
+        server.clock.advance(3601)
+        renewed = server.cookie(query(cookie=cookie))
+        self.assertNotEqual(renewed, cookie)
+        self.assertEqual(cookies.answer(cookie, "192.0.2.1")[1], False)
+
+    def test_timestamps_wrap_in_serial_arithmetic(self) -> None:
+        clock = Clock()
+        clock.advance((1 << 32) + 10)
+        cookies = ServerCookies(SECRET, clock.seconds)
+        old = CLIENT + cookies.fresh(CLIENT, "192.0.2.1", (1 << 32) - 100)
+        self.assertEqual(cookies.answer(old, "192.0.2.1"), (old, True))
+
+    def test_another_address_invalidates(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT))
+        cookies = ServerCookies(SECRET, server.clock.seconds)
+        self.assertTrue(cookies.answer(cookie, "192.0.2.1")[1])
+        self.assertFalse(cookies.answer(cookie, "192.0.2.2")[1])
+        self.assertNotEqual(server.cookie(query(cookie=cookie), host="192.0.2.2"), cookie)
+        self.assertFalse(cookies.answer(cookie, "2001:db8::1")[1])
+
+    def test_another_secret_invalidates(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT))
+        cookies = ServerCookies(b"\xff" * 16, server.clock.seconds)
+        self.assertFalse(cookies.answer(cookie, "192.0.2.1")[1])
+
+    def test_malformed_formerr(self) -> None:
+        server = Server()
+        for length in (0, 1, 7, 9, 15, 41, 60):
+            reply = server.ask(query(cookie=b"c" * length))
+            assert reply is not None
+            message = dns.message.from_wire(reply)
+            self.assertEqual(message.rcode(), dns.rcode.FORMERR, length)
+            self.assertEqual(options_of(reply), {})
+        for length in (8, 16, 40):
+            reply = server.ask(query(cookie=b"c" * length))
+            assert reply is not None
+            self.assertEqual(dns.message.from_wire(reply).rcode(), dns.rcode.NOERROR)
+        with self.assertRaises(MalformedCookie):
+            ServerCookies(SECRET, server.clock.seconds).answer(b"", "192.0.2.1")
+
+    def test_off_when_not_configured(self) -> None:
+        server = Server(cookies=False)
+        reply = server.ask(query(cookie=b"c" * 3))
+        assert reply is not None
+        self.assertEqual(dns.message.from_wire(reply).rcode(), dns.rcode.NOERROR)
+        self.assertEqual(options_of(reply), {})
+
+    def test_over_tcp_with_the_connection_address(self) -> None:
+        server = Server()
+        cookie = server.cookie(query(cookie=CLIENT), host="192.0.2.7", tcp=True)
+        self.assertEqual(server.cookie(query(cookie=cookie), host="192.0.2.7", tcp=True), cookie)
+        self.assertEqual(server.cookie(query(cookie=cookie), host="192.0.2.7"), cookie)
+        self.assertNotEqual(server.cookie(query(cookie=cookie), host="192.0.2.8", tcp=True), cookie)
+
+    def test_with_nsid_both_answered(self) -> None:
+        server = Server(nsid=b"ns1")
+        reply = server.ask(query(cookie=CLIENT, nsid=True))
+        assert reply is not None
+        self.assertEqual(set(options_of(reply)), {COOKIE, NSID})
+
+
+class CacheTests(SynchronousTestCase):
+    def test_no_server_cookie_crosses_clients(self) -> None:
+        server = Server()
+        for tcp in (False, True):
+            for rdtype in ("TXT", "A", "MX"):
+                packet = query(rdtype=rdtype, cookie=CLIENT)
+                first = server.cookie(packet, "192.0.2.1", tcp)
+                # The same query bytes (same client cookie) from another address, and
+                # another client cookie: each gets its own, computed afresh.
+                second = server.cookie(packet, "198.51.100.1", tcp)
+                third = server.cookie(query(rdtype=rdtype, cookie=OTHER), "192.0.2.1", tcp)
+                self.assertEqual(len({first, second, third}), 3)
+                cookies = ServerCookies(SECRET, server.clock.seconds)
+                self.assertTrue(cookies.answer(second, "198.51.100.1")[1])
+                self.assertTrue(cookies.answer(third, "192.0.2.1")[1])
+                # A cookie-less query after them carries no cookie.
+                plain = server.ask(query(rdtype=rdtype), "192.0.2.1", tcp)
+                assert plain is not None
+                self.assertEqual(options_of(plain), {})
+
+    def test_cookie_queries_never_memoized(self) -> None:
+        server = Server()
+        for _ in range(3):
+            server.ask(query(cookie=CLIENT))
+        self.assertEqual(server.factory._udp_memo, {})
+        server.ask(query())
+        self.assertEqual(len(server.factory._udp_memo), 1)
+
+    def test_truncated_reply_still_carries_the_cookie(self) -> None:
+        zone = make_zone()
+        for n in range(40):
+            zone.add_txt("big." + ORIGIN, f"{n:02d}" + "x" * 60)
+        clock = Clock()
+        factory = ZoneServerFactory(clock, zone, cookies=ServerCookies(SECRET, clock.seconds))
+        recorder = ReplyRecorder()
+        factory.packetReceived(query("big." + ORIGIN, cookie=CLIENT), recorder, ("192.0.2.1", 1))
+        ((reply, _),) = recorder.replies
+        message = dns.message.from_wire(reply)
+        self.assertTrue(message.flags & dns.flags.TC)
+        self.assertLessEqual(len(reply), 1232)
+        self.assertIn(COOKIE, options_of(reply))
+
+
+class RateLimitTests(SynchronousTestCase):
+    def test_valid_cookie_bypasses_rrl(self) -> None:
+        server = Server(responses_per_second=5)
+        cookie = server.cookie(query(cookie=CLIENT))  # 1 of 5 spent
+        plain = query()
+        self.assertEqual(sum(server.ask(plain) is not None for _ in range(10)), 4)
+        # The same source, limited without a cookie, is answered with its server cookie.
+        self.assertEqual(sum(server.ask(query(cookie=cookie)) is not None for _ in range(50)), 50)
+        # A client cookie alone or a forged server cookie proves nothing.
+        self.assertIsNone(server.ask(query(cookie=CLIENT)))
+        self.assertIsNone(server.ask(query(cookie=cookie[:-1] + bytes((cookie[-1] ^ 1,)))))
+        # A cookie made for another address does not exempt a spoofer.
+        self.assertIsNone(server.ask(query(cookie=cookie), host="192.0.2.9"))
