@@ -7,7 +7,7 @@ import ipaddress
 
 from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig
 from csrproxy.config.reader import Table
-from csrproxy.dns.cookies import nsid_bytes
+from csrproxy.dns.cookies import MAX_NSID, nsid_bytes
 
 BACKENDS = ("builtin", "powerdns")
 
@@ -38,10 +38,6 @@ def parse_dns(dns: Table) -> DNSConfig:
     )
     dns.done()
     return config
-
-
-# An NSID fits easily in any reply; BIND allows about this much.
-MAX_NSID = 128
 
 
 def parse_nsid(dns: Table) -> str | None:

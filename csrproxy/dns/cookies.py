@@ -29,6 +29,10 @@ SERVER_COOKIE = 16
 MAX_AGE = 3600
 MAX_AHEAD = 300
 REFRESH_AGE = 1800
+# The longest [dns] nsid (BIND allows about as much).
+MAX_NSID = 128
+# The most our EDNS options add to a reply: a COOKIE and an NSID.
+OPTIONS_ROOM = 4 + MAX_COOKIE + 4 + MAX_NSID
 # Client IPs kept in packed form at most (cleared when full).
 PACKED_CACHE = 4096
 

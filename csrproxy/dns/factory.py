@@ -39,7 +39,14 @@ from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
-from csrproxy.dns.cookies import COOKIE, NSID, MalformedCookie, ServerCookies, option_bytes
+from csrproxy.dns.cookies import (
+    COOKIE,
+    NSID,
+    OPTIONS_ROOM,
+    MalformedCookie,
+    ServerCookies,
+    option_bytes,
+)
 from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
@@ -66,8 +73,9 @@ META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
 Entry = tuple[int, bytes, bytes, bytes]
 # (rcode, the offset after the question, the query's header after the id, its bytes from
 # the question's type on, the reply's header after the id, its bytes after the question,
-# the reply's RRL account)
-Memo = tuple[int, int, bytes, bytes, bytes, bytes, bytes]
+# the reply's RRL account, whether the query's last record was an OPT without options
+# and the reply's is too)
+Memo = tuple[int, int, bytes, bytes, bytes, bytes, bytes, bool]
 
 
 class ReplyWriter(Protocol):
@@ -134,23 +142,44 @@ class ZoneServerFactory(server.DNSServerFactory):
         """Answer one query packet; ``address`` is the UDP peer, None over TCP."""
         if self._version != self.zone.version:
             self._forget()
-        hit = (self._udp_memo if address is not None else self._tcp_memo).get(packet[2:].lower())
+        memo = self._udp_memo if address is not None else self._tcp_memo
+        asked = packet
+        hit = memo.get(packet[2:].lower())
+        cookie = None
+        if hit is None and self.cookies is not None:
+            # A resolver's usual query: an OPT holding only a COOKIE. Look up the same
+            # query with an empty OPT, and patch this client's cookie into its reply.
+            stripped = _cookie_stripped(packet)
+            if stripped is not None:
+                asked, cookie = stripped
+                hit = memo.get(asked[2:].lower())
         if hit is not None:
-            rcode, end, header, tail, reply_header, reply_rest, account = hit
+            rcode, end, header, tail, reply_header, reply_rest, account, bare = hit
             # Equal header, type, class and records (the key makes the lengths equal): the
             # same query up to the name's case, parsed alike. Else (a key collision) parse.
-            if packet.startswith(header, 2) and packet.endswith(tail):
+            if asked.startswith(header, 2) and asked.endswith(tail) and (cookie is None or bare):
                 reply = _patched(packet, end, reply_header, reply_rest)
-                if address is not None and self.rrl is not None:
-                    decision = self.rrl.check(address[0], account)
-                    if decision == DROP:
-                        return
-                    if decision == SLIP:
-                        reply = slipped(reply, end)
-                if self.on_rcode is not None:
-                    self.on_rcode(rcode)
-                protocol.writeReply(reply, address)
-                return
+                exempt = False
+                if cookie is not None:
+                    assert self.cookies is not None
+                    data, exempt = self.cookies.answer(cookie, _host(protocol, address))
+                    option = option_bytes(COOKIE, data)
+                    # Every limit is at least 512; over that, parse and choose TC as a miss.
+                    if address is None or len(reply) + len(option) <= UDP_DEFAULT:
+                        reply = b"".join((reply[:-2], struct.pack("!H", len(option)), option))
+                    else:
+                        hit = None
+                if hit is not None:
+                    if address is not None and self.rrl is not None and not exempt:
+                        decision = self.rrl.check(address[0], account)
+                        if decision == DROP:
+                            return
+                        if decision == SLIP:
+                            reply = slipped(reply, end)
+                    if self.on_rcode is not None:
+                        self.on_rcode(rcode)
+                    protocol.writeReply(reply, address)
+                    return
         if len(packet) < 12:
             return  # not even a header: nobody to answer
         message = QueryMessage()
@@ -376,7 +405,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         canonical.authority = message.authority
         canonical.additional = message.additional
         full = canonical.toStr()
-        cut = _truncated(canonical).toStr() if len(full) > UDP_DEFAULT else full
+        # Cut too when this query's EDNS options may not fit in 512 (patched in later).
+        cut = _truncated(canonical).toStr() if len(full) > UDP_DEFAULT - OPTIONS_ROOM else full
         return message.rCode, full, cut, self._account(message)
 
     def _account(self, message: Reply) -> bytes:
@@ -438,6 +468,9 @@ class ZoneServerFactory(server.DNSServerFactory):
                 data[2:12],
                 data[end:],
                 account,
+                request.opt is not None
+                and not request.opt.options
+                and request.additional[-1].type == dns.OPT,
             )
         if address is not None and self.rrl is not None and not request.rrlExempt:
             decision = self.rrl.check(address[0], account)
@@ -462,6 +495,25 @@ def _patched(packet: bytes, end: int, header: bytes, rest: bytes) -> bytes:
     # question (packet[12:end]: its letter case), then ``rest``, what followed a question
     # equal to this one up to case; owner names compressed against it take this case.
     return b"".join((packet[:2], header, packet[12:end], rest))
+
+
+# An OPT's RDATA holding one COOKIE option of 8 bytes (a first query) or 24 (with an
+# RFC 9018 server cookie), by option length.
+_COOKIE_RDATA = {n: struct.pack("!HHH", n + 4, COOKIE, n) for n in (24, 8)}
+
+
+def _cookie_stripped(packet: bytes) -> tuple[bytes, bytes] | None:
+    # When the last record is such an OPT: the packet with it empty, and the cookie.
+    size = len(packet)
+    for length, rdata in _COOKIE_RDATA.items():
+        start = size - length - 15  # the OPT's owner (root), type, class, TTL, RDATA
+        if (
+            start > 12
+            and packet.startswith(rdata, start + 9)
+            and packet[start : start + 3] == b"\x00\x00\x29"
+        ):
+            return packet[: start + 9] + b"\0\0", packet[size - length :]
+    return None
 
 
 def _host(protocol: Any, address: Any) -> str:

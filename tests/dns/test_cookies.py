@@ -284,3 +284,83 @@ class RateLimitTests(SynchronousTestCase):
         self.assertIsNone(server.ask(query(cookie=cookie[:-1] + bytes((cookie[-1] ^ 1,)))))
         # A cookie made for another address does not exempt a spoofer.
         self.assertIsNone(server.ask(query(cookie=cookie), host="192.0.2.9"))
+
+
+class MemoFastPathTests(SynchronousTestCase):
+    """A query whose OPT holds only a COOKIE is answered from the memo of the same query
+    without it, with this client's cookie patched in, never parsed."""
+
+    def setUp(self) -> None:
+        self.server = Server(responses_per_second=5)
+        self.parsed: list[object] = []
+        original = self.server.factory.messageReceived
+
+        def counting(message: Any, proto: Any, address: Any = None) -> None:
+            self.parsed.append(message)
+            original(message, proto, address)
+
+        self.server.factory.messageReceived = counting  # type: ignore[method-assign]
+
+    def test_cookie_patched_into_the_memo_of_the_bare_query(self) -> None:
+        server = self.server
+        for tcp in (False, True):
+            for rdtype in ("TXT", "A"):
+                self.parsed.clear()
+                bare = server.ask(query(rdtype=rdtype), "192.0.2.1", tcp)  # memoized
+                assert bare is not None
+                first = server.cookie(query(rdtype=rdtype, cookie=CLIENT), "192.0.2.1", tcp)
+                second = server.cookie(query(rdtype=rdtype, cookie=first), "198.51.100.1", tcp)
+                third = server.cookie(query(rdtype=rdtype, cookie=OTHER), "203.0.113.1", tcp)
+                self.assertEqual(len(self.parsed), 1, (tcp, rdtype))
+                cookies = ServerCookies(SECRET, server.clock.seconds)
+                self.assertTrue(cookies.answer(first, "192.0.2.1")[1])
+                self.assertNotEqual(second, first)  # not valid from another address
+                self.assertTrue(cookies.answer(second, "198.51.100.1")[1])
+                self.assertTrue(cookies.answer(third, "203.0.113.1")[1])
+                # The same answer as the bare one, and as the parsed path gives.
+                fast = server.ask(query(rdtype=rdtype, cookie=first), "192.0.2.1", tcp)
+                assert fast is not None
+                self.assertEqual(
+                    dns.message.from_wire(fast).answer, dns.message.from_wire(bare).answer
+                )
+                fresh = Server()
+                slow = fresh.ask(query(rdtype=rdtype, cookie=first), "192.0.2.1", tcp)
+                self.assertEqual(fast[2:], slow[2:] if slow is not None else None)
+
+    def test_valid_cookie_bypasses_rrl_on_the_fast_path(self) -> None:
+        server = self.server
+        plain = query()
+        self.assertEqual(sum(server.ask(plain) is not None for _ in range(10)), 5)
+        cookies = ServerCookies(SECRET, server.clock.seconds)
+        cookie = CLIENT + cookies.fresh(CLIENT, "192.0.2.1", int(START))
+        self.parsed.clear()
+        self.assertEqual(sum(server.ask(query(cookie=cookie)) is not None for _ in range(50)), 50)
+        self.assertEqual(self.parsed, [])
+        self.assertIsNone(server.ask(query(cookie=CLIENT)))
+        self.assertIsNone(server.ask(query(cookie=cookie), host="192.0.2.9"))
+
+    def test_near_the_size_limit_parsed_not_overrun(self) -> None:
+        zone = make_zone()
+        for n in range(6):
+            zone.add_txt("mid." + ORIGIN, f"{n:02d}" + "x" * 60)
+        clock = Clock()
+        factory = ZoneServerFactory(clock, zone, cookies=ServerCookies(SECRET, clock.seconds))
+        recorder = ReplyRecorder()
+        name = "mid." + ORIGIN
+        wire = dns.message.make_query(name, "TXT", use_edns=0, payload=512).to_wire()
+        factory.packetReceived(wire, recorder, ("192.0.2.1", 1))
+        bare = recorder.replies[-1][0]
+        self.assertGreater(len(bare), 512 - 28)
+        self.assertLessEqual(len(bare), 512)
+        with_cookie = dns.message.make_query(
+            name,
+            "TXT",
+            use_edns=0,
+            payload=512,
+            options=[dns.edns.GenericOption(dns.edns.OptionType.COOKIE, CLIENT)],
+        ).to_wire()
+        factory.packetReceived(with_cookie, recorder, ("192.0.2.1", 1))
+        reply = recorder.replies[-1][0]
+        self.assertLessEqual(len(reply), 512)
+        self.assertTrue(dns.message.from_wire(reply).flags & dns.flags.TC)
+        self.assertIn(COOKIE, options_of(reply))
