@@ -183,6 +183,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         if len(packet) < 12:
             return  # not even a header: nobody to answer
         message = QueryMessage()
+        if cookie is not None:
+            message.bareQuery = asked
         try:
             message.fromStr(packet)
         except Exception:
@@ -444,34 +446,44 @@ class ZoneServerFactory(server.DNSServerFactory):
     ) -> None:
         packet, end = request.raw, request.questionEnd
         options = request.replyOptions
+        reply = data
         if options:
             # Our OPT is the last record, its RDATA empty (RDLENGTH the last two bytes).
-            data = b"".join((data[:-2], struct.pack("!H", len(options)), options))
+            reply = b"".join((data[:-2], struct.pack("!H", len(options)), options))
         # Only well-formed queries (garbage would churn the memo for nothing) whose reply
         # echoes the question at the same offset, where a hit patches in its letter case.
+        # A query whose OPT held only a COOKIE is memoized as the same query without it
+        # (``bareQuery``), its reply without the cookie: a hit patches the client's in.
+        # Only where the cookie did not decide TC (the fast path patches within 512).
+        if request.memoable:
+            query, rest = packet, reply[end:]
+        elif request.bareQuery and (address is None or len(reply) <= UDP_DEFAULT):
+            query, rest = request.bareQuery, data[end:]
+        else:
+            query = b""
         if (
             end
-            and request.memoable
+            and query
             and len(packet) <= MEMO_QUERY_BYTES
-            and len(data) <= CACHE_REPLY_BYTES
-            and data[12:end] == packet[12:end]
+            and len(reply) <= CACHE_REPLY_BYTES
+            and reply[12:end] == packet[12:end]
         ):
             memo = self._udp_memo if address is not None else self._tcp_memo
             if len(memo) >= CACHE_ENTRIES:
                 memo.clear()
-            tail = packet[end - 4 :]
-            memo[packet[2:].lower()] = (
+            memo[query[2:].lower()] = (
                 rcode,
                 end,
-                packet[2:12],
-                tail,
-                data[2:12],
-                data[end:],
+                query[2:12],
+                query[end - 4 :],
+                reply[2:12],
+                rest,
                 account,
                 request.opt is not None
-                and not request.opt.options
+                and len(request.opt.options) == (0 if request.memoable else 1)
                 and request.additional[-1].type == dns.OPT,
             )
+        data = reply
         if address is not None and self.rrl is not None and not request.rrlExempt:
             decision = self.rrl.check(address[0], account)
             if decision == DROP:

@@ -36,7 +36,8 @@ class QueryMessage(dns.Message):
     transport takes, and ``cacheKey`` the answer-cache key once it is answered
     from the zone. The factory sets ``replyOptions`` (EDNS options its reply's OPT
     carries, encoded), ``memoable`` (False when the reply depends on the client, as a
-    server cookie does) and ``rrlExempt`` (a valid server cookie came with it).
+    server cookie does) and ``rrlExempt`` (a valid server cookie came with it);
+    ``bareQuery`` is the packet with its OPT emptied when that OPT held only a COOKIE.
     """
 
     raw = b""
@@ -47,6 +48,7 @@ class QueryMessage(dns.Message):
     replyOptions = b""
     memoable = True
     rrlExempt = False
+    bareQuery = b""
 
     def lookupRecordType(self, type: int) -> Any:
         # A query's records are never read past the OPT header: RDATA stays bytes, and

@@ -248,11 +248,14 @@ class CacheTests(SynchronousTestCase):
                 assert plain is not None
                 self.assertEqual(options_of(plain), {})
 
-    def test_cookie_queries_never_memoized(self) -> None:
+    def test_cookie_queries_memoized_without_their_cookie(self) -> None:
         server = Server()
         for _ in range(3):
-            server.ask(query(cookie=CLIENT))
-        self.assertEqual(server.factory._udp_memo, {})
+            first = server.cookie(query(cookie=CLIENT))
+        ((key, entry),) = server.factory._udp_memo.items()
+        self.assertEqual(key, query()[2:].lower())  # the same query without the cookie
+        self.assertNotIn(CLIENT, b"".join(part for part in entry if isinstance(part, bytes)))
+        self.assertNotIn(first[8:], b"".join(part for part in entry if isinstance(part, bytes)))
         server.ask(query())
         self.assertEqual(len(server.factory._udp_memo), 1)
 
@@ -326,6 +329,23 @@ class MemoFastPathTests(SynchronousTestCase):
                 fresh = Server()
                 slow = fresh.ask(query(rdtype=rdtype, cookie=first), "192.0.2.1", tcp)
                 self.assertEqual(fast[2:], slow[2:] if slow is not None else None)
+
+    def test_a_resolver_always_sending_cookies_is_parsed_once(self) -> None:
+        server = self.server
+        hosts = ["192.0.2.1", "198.51.100.1", "203.0.113.1"]
+        for tcp in (False, True):
+            self.parsed.clear()
+            got = {host: server.cookie(query(cookie=CLIENT), host, tcp) for host in hosts}
+            got.update({host: server.cookie(query(cookie=got[host]), host, tcp) for host in hosts})
+            self.assertEqual(len(self.parsed), 1)
+            self.assertEqual(len(set(got.values())), 3)
+            cookies = ServerCookies(SECRET, server.clock.seconds)
+            for host, cookie in got.items():
+                self.assertTrue(cookies.answer(cookie, host)[1])
+            plain = server.ask(query(), "192.0.2.1", tcp)  # the memo's bare entry
+            assert plain is not None
+            self.assertEqual(options_of(plain), {})
+            self.assertEqual(len(self.parsed), 1)
 
     def test_valid_cookie_bypasses_rrl_on_the_fast_path(self) -> None:
         server = self.server
