@@ -561,6 +561,43 @@ class StoreFailureTests(APITestCase):
         code, _, _ = self.request("GET", "/v1/health")
         self.assertIn(code, (200, 503))
 
+    def test_a_full_disk_that_still_reads_logs_no_line_per_request(self) -> None:
+        from twisted.internet.defer import fail, succeed
+
+        from csrproxy.issuance.ledger import Ledger
+        from csrproxy.state.store import StoreUnavailable
+
+        class ReadsOnly:
+            """Reads work, every write fails (a full disk)."""
+
+            class db:  # noqa: N801 - mimics Store.db's attribute access
+                @staticmethod
+                def sign_lookup(key: str, names: Any) -> tuple[None, bool]:
+                    return None, False
+
+                def __getattr__(self, name: str) -> Any:
+                    return lambda *args, **kwargs: None
+
+            db = db()  # type: ignore[misc,assignment]
+
+            def run(self, method: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+                if getattr(method, "__name__", "") == "sign_lookup":
+                    return succeed(method(*args, **kwargs))
+                return fail(StoreUnavailable("csrproxy cannot record state: disk is full"))
+
+        events: list[dict[str, Any]] = []
+        observer = cast(ILogObserver, events.append)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.issuer.ledger = Ledger(ReadsOnly())  # type: ignore[arg-type]
+        for i in range(20):
+            code, _, body = self.post(make_csr([f"rofull{i}.{ZONE}"]))
+            self.assertEqual(code, 503, body)
+        self.assertEqual(self.ca.requests["newOrder"], 0)
+        ns = ("csrproxy.issuance", "csrproxy.web", "csrproxy.state")
+        lines = [e for e in events if str(e.get("log_namespace", "")).startswith(ns)]
+        self.assertEqual([e.get("log_format") for e in lines], [])
+
     def test_failures_are_logged_once_a_second_in_summary(self) -> None:
         from csrproxy.issuance.ledger import Ledger
 
