@@ -51,12 +51,31 @@ def refuse_writable(path: Path, st: os.stat_result, what: str) -> None:
         )
 
 
+def refuse_writable_parents(path: Path) -> None:
+    """Raise :class:`ClientError` (exit 2) when someone else can replace ``path`` itself: a
+    directory above it (its real path's parents) that others can write, unless it is sticky
+    (as ``/tmp``: there others cannot rename or remove what is not theirs)."""
+    real = Path(os.path.realpath(path))
+    for parent in real.parents:
+        st = os.stat(parent)
+        why = others_can_write(st)
+        if why is not None and not st.st_mode & stat.S_ISVTX:
+            raise ClientError(
+                f"refusing the directory {path}: {parent} above it is not safe ({why}); "
+                f"whoever can write {parent} can replace everything below it.  Make it "
+                f"owned by root or this user and not writable by group or others, or "
+                f"sticky (chmod +t)",
+                EXIT_USAGE,
+            )
+
+
 class CheckedDirectory:
     """A directory that only this user and root can write, opened once and then used only
     through its descriptor: renaming or replacing the path afterwards changes nothing, and
     no name in it is followed when it is a symbolic link.
 
-    Raises :class:`ClientError` (exit 2) when others can write the directory, and
+    Raises :class:`ClientError` (exit 2) when others can write the directory or a
+    directory above it (unless that one is sticky), and
     ``OSError`` when it cannot be opened (``FileNotFoundError``, ``NotADirectoryError``).
     """
 
@@ -65,6 +84,7 @@ class CheckedDirectory:
         self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             refuse_writable(path, os.fstat(self.fd), "the directory")
+            refuse_writable_parents(path)
         except BaseException:
             os.close(self.fd)
             raise

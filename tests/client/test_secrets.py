@@ -302,6 +302,25 @@ def test_a_directory_others_can_write_is_refused(
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
 
 
+@pytest.mark.parametrize("mode", [0o777, 0o770])
+def test_a_directory_below_one_others_can_write_is_refused(
+    server: FakeServer, clock: FakeClock, tmp_path: Path, mode: int
+) -> None:
+    # tmp_path/open (others can write it) / tls (ours, 0700): whoever can write "open" can
+    # rename "tls" away and put a directory of their own in its place.
+    above = tmp_path / "open"
+    above.mkdir()
+    d = private_dir(above)
+    above.chmod(mode)
+    code, err = cli(server, clock, "issue", "--url", URL, "--dir", str(d), "--name", NAME)
+    assert code == 2 and f"{above} above it is not safe" in err, err
+    assert list(d.iterdir()) == [] and server.requests == []
+    # Sticky, as /tmp is: others cannot rename or remove what is not theirs.
+    above.chmod(mode | stat.S_ISVTX)
+    code, err = cli(server, clock, "issue", "--url", URL, "--dir", str(d), "--name", NAME)
+    assert code == 0, err
+
+
 @needs_root
 def test_a_directory_owned_by_another_user_is_refused(
     server: FakeServer, clock: FakeClock, tmp_path: Path
