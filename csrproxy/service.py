@@ -34,6 +34,7 @@ from csrproxy.config.model import RRLConfig
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies, nsid_bytes
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
+from csrproxy.dns.transfer import keys_of
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuance.admission import Admission, Budgets
@@ -222,6 +223,7 @@ def readiness(
             return (ports > 0, f"{ports} ports" if ports else "not listening")
 
         probes.append(("dns", dns))
+
     def retry_write() -> None:
         store.run(store.db.probe_write).addErrback(lambda _: None)  # the store logs it
 
@@ -349,6 +351,7 @@ def build_service(
             cookies=ServerCookies(store.db.secret(COOKIE_SECRET, 16), reactor.seconds)
             if config.dns.cookies
             else None,
+            transfer_keys=keys_of(config.dns.secondaries),
         )
         if config.dns.listen
         else None

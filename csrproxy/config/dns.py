@@ -3,9 +3,11 @@ where its challenge records go, and how its UDP replies are rate limited."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 
-from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig
+from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig, SecondaryConfig
 from csrproxy.config.reader import Table
 from csrproxy.dns.cookies import MAX_NSID, nsid_bytes
 
@@ -35,6 +37,7 @@ def parse_dns(dns: Table) -> DNSConfig:
         rrl=parse_rrl(dns.table("rrl", required=False)),
         nsid=parse_nsid(dns),
         cookies=dns.get("cookies", bool, DNSConfig.cookies),
+        secondaries=parse_secondaries(dns),
     )
     dns.done()
     return config
@@ -51,6 +54,69 @@ def parse_nsid(dns: Table) -> str | None:
     if not 1 <= len(wire) <= MAX_NSID:
         raise dns.error("nsid", f"must be 1 to {MAX_NSID} bytes, not {len(wire)}")
     return nsid
+
+
+# The HMACs csrproxy.dns.tsig signs with (that package imports twisted: not here), and
+# the shortest secret accepted (128 bits).
+TSIG_ALGORITHMS = ("hmac-sha256", "hmac-sha384", "hmac-sha512", "hmac-sha224")
+MIN_SECRET = 16
+# More secondaries than this is a mistake, not a deployment.
+MAX_SECONDARIES = 32
+
+
+def parse_secondaries(dns: Table) -> tuple[SecondaryConfig, ...]:
+    """``[[dns.secondaries]]``: each needs address, tsig_name and tsig_secret (base64)."""
+    entries = dns.get("secondaries", list, [])
+    if len(entries) > MAX_SECONDARIES:
+        raise dns.error("secondaries", f"at most {MAX_SECONDARIES}, not {len(entries)}")
+    found = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise dns.error("secondaries", "must be tables [[dns.secondaries]]")
+        found.append(parse_secondary(Table(entry, f"{dns.where('secondaries')}[{index}]")))
+    return tuple(found)
+
+
+def parse_secondary(table: Table) -> SecondaryConfig:
+    raw_address = table.get("address", str).strip()
+    try:
+        address = str(ipaddress.ip_address(raw_address))
+    except ValueError:
+        raise table.error("address", f"{raw_address!r} is not an IP address") from None
+    notify_port = table.get("notify_port", int, SecondaryConfig.notify_port)
+    if not 1 <= notify_port <= 65535:
+        raise table.error("notify_port", f"must be from 1 to 65535, not {notify_port}")
+    name = table.get("tsig_name", str).strip().rstrip(".").lower()
+    if not name or len(name) > 253 or any(not 1 <= len(x) <= 63 for x in name.split(".")):
+        raise table.error("tsig_name", f"{name!r} is not a DNS name")
+    algorithm = table.get("tsig_algorithm", str, SecondaryConfig.tsig_algorithm).lower()
+    algorithm = algorithm.rstrip(".")
+    if algorithm not in TSIG_ALGORITHMS:
+        raise table.error(
+            "tsig_algorithm", f"must be one of {', '.join(TSIG_ALGORITHMS)}, not {algorithm!r}"
+        )
+    text = table.get("tsig_secret", str).strip()
+    try:
+        secret = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise table.error("tsig_secret", "is not base64") from None
+    if len(secret) < MIN_SECRET:
+        raise table.error("tsig_secret", f"must be at least {MIN_SECRET} bytes, not {len(secret)}")
+    check = table.get("check", str, None)
+    if check is not None:
+        host, colon, port = check.strip().rpartition(":")
+        if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
+            raise table.error("check", f"must be host:port, not {check!r}")
+    config = SecondaryConfig(
+        address=address,
+        tsig_name=name,
+        tsig_secret=secret,
+        tsig_algorithm=algorithm,
+        notify_port=notify_port,
+        check=check.strip() if check is not None else None,
+    )
+    table.done()
+    return config
 
 
 # The largest table accepted: about 290 MB of accounts (csrproxy.dns.rrl.ENTRY_BYTES).

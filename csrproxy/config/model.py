@@ -110,6 +110,20 @@ class RRLConfig:
 
 
 @dataclass(frozen=True)
+class SecondaryConfig:
+    """One ``[[dns.secondaries]]`` table: a secondary allowed to transfer the zone."""
+
+    #: The address transfers are allowed from (TSIG required); NOTIFY goes here.
+    address: str
+    tsig_name: str
+    tsig_secret: bytes = field(repr=False)
+    tsig_algorithm: str = "hmac-sha256"
+    notify_port: int = 53
+    #: ``host:port`` where a challenge value must be seen (not used yet).
+    check: str | None = None
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     zone: str
     listen: tuple[str, ...] = ()
@@ -125,6 +139,8 @@ class DNSConfig:
     nsid: str | None = None
     #: Answer DNS cookies (RFC 7873/9018); a valid server cookie bypasses [dns.rrl].
     cookies: bool = True
+    #: Secondaries that may transfer the zone by AXFR with their TSIG key.
+    secondaries: tuple[SecondaryConfig, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import TCP_MAX, AnswerKey, QueryMessage, Reply
 from csrproxy.dns.protocols import DNSStreamProtocol
 from csrproxy.dns.rrl import DROP, SLIP, ResponseRateLimiter, account_of, slipped
+from csrproxy.dns.transfer import ZoneTransfers
 from csrproxy.dns.zone import ChallengeZone, NameNotFound
 
 log = Logger()
@@ -110,6 +111,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         rrl: ResponseRateLimiter | None = None,
         nsid: bytes | None = None,
         cookies: ServerCookies | None = None,
+        transfers: ZoneTransfers | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
         self.canRecurse = False
@@ -121,6 +123,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.rrl = rrl
         self.nsid = nsid
         self.cookies = cookies
+        self.transfers = transfers if transfers is not None else ZoneTransfers(reactor, zone, {})
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
         self._udp_memo: dict[bytes, Memo] = {}
@@ -219,9 +222,10 @@ class ZoneServerFactory(server.DNSServerFactory):
         itself (QR clear), ignores EDNS versions, and sends every question to the
         resolver. Here: responses are never answered (no reflection loops), other
         opcodes get NOTIMP, EDNS version >= 1 BADVERS, QDCOUNT != 1 and meta types
-        FORMERR, ``allowQuery`` decides REFUSED, then records in the answer or
-        authority section are FORMERR (after the transfer check, so IXFR with its SOA
-        is REFUSED), MAILA/MAILB NOTIMP, and the rest is a query for the zone.
+        FORMERR, AXFR goes to ``transfers`` (TSIG, configured secondaries only) as does a
+        TSIG-signed SOA query from a secondary, ``allowQuery`` decides REFUSED, then
+        records in the answer or authority section are FORMERR (after the transfer check,
+        so IXFR with its SOA is REFUSED), MAILA/MAILB NOTIMP, and the rest is a query for the zone.
         """
         if message.answer:
             return
@@ -246,6 +250,17 @@ class ZoneServerFactory(server.DNSServerFactory):
         query = message.queries[0]
         if query.type in META_TYPES:
             self.sendReply(proto, self._error(message, dns.EFORMAT), address)
+        elif query.type == dns.AXFR and query.cls == dns.IN:
+            message.memoable = False
+            self._transfer(message, proto, address)
+        elif (
+            query.type == dns.SOA
+            and query.cls == dns.IN
+            and message.additional
+            and message.additional[-1].type == dns.TSIG
+            and self._signed_soa(message, proto, address)
+        ):
+            return  # a secondary's refresh check, answered signed
         elif not self.allowQuery(message, proto, address):
             self.sendReply(proto, self._error(message, dns.EREFUSED), address)
         elif message.answers or message.authority:
@@ -254,6 +269,35 @@ class ZoneServerFactory(server.DNSServerFactory):
             self.sendReply(proto, self._error(message, dns.ENOTIMP), address)
         else:
             self.handleQuery(message, proto, address)
+
+    def _transfer(self, message: QueryMessage, proto: Any, address: Any) -> None:
+        # AXFR (``transfer.ZoneTransfers``): the messages to send, or REFUSED.
+        reply = self._responseFromMessage(message, dns.OK)
+        reply.cacheable = False
+        packets = self.transfers.answer(message, reply, _host(proto, address), address is None)
+        if packets is None:
+            self.sendReply(proto, self._error(message, dns.EREFUSED), address)
+            return
+        self._write_signed(packets, proto, address)
+
+    def _signed_soa(self, message: QueryMessage, proto: Any, address: Any) -> bool:
+        # A secondary's signed refresh check gets a signed SOA; False: answer as usual.
+        reply = self._responseFromMessage(message, dns.OK)
+        packets = self.transfers.soa(message, reply, _host(proto, address))
+        if packets is None:
+            return False
+        message.memoable = False
+        self._write_signed(packets, proto, address)
+        return True
+
+    def _write_signed(self, packets: tuple[int, list[bytes]], proto: Any, address: Any) -> None:
+        # Signed messages go out as they are: neither cached nor rate limited (the peer
+        # is a configured secondary, and a TSIG reply must not be patched).
+        rcode, datas = packets
+        if self.on_rcode is not None:
+            self.on_rcode(rcode)
+        for data in datas:
+            proto.writeReply(data, address)
 
     def _edns_options(self, message: QueryMessage, proto: Any, address: Any) -> bool:
         """Set the reply's NSID and COOKIE options for ``message``; False if malformed."""
@@ -276,7 +320,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         return True
 
     def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
-        """REFUSED for classes but IN and ANY, names outside the zone and zone transfers.
+        """REFUSED for classes but IN and ANY, names outside the zone, IXFR and AXFR but
+        the ``transfers`` answer.
 
         Stock allows anything with a question, so out-of-zone names got NXDOMAIN and
         AXFR the whole zone.

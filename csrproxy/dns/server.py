@@ -28,6 +28,7 @@ from csrproxy.dns.limits import (
 )
 from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
+from csrproxy.dns.transfer import Keys, ZoneTransfers
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ConfigError, ListenError
 
@@ -77,6 +78,7 @@ class DNSServerService(Service):
 
     UDP replies pass ``rrl`` when given (``csrproxy.dns.rrl``: response rate limiting).
     ``nsid`` and ``cookies`` answer those EDNS options (``csrproxy.dns.cookies``).
+    AXFR is answered to the secondaries in ``transfer_keys`` (``csrproxy.dns.transfer``).
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class DNSServerService(Service):
         rrl: ResponseRateLimiter | None = None,
         nsid: bytes | None = None,
         cookies: ServerCookies | None = None,
+        transfer_keys: Keys | None = None,
     ) -> None:
         self.reactor = reactor
         self.zone = zone
@@ -108,7 +111,14 @@ class DNSServerService(Service):
             on_refusal=on_refusal,
         )
         self.factory = ZoneServerFactory(
-            reactor, zone, on_rcode, tcp=tcp, rrl=rrl, nsid=nsid, cookies=cookies
+            reactor,
+            zone,
+            on_rcode,
+            tcp=tcp,
+            rrl=rrl,
+            nsid=nsid,
+            cookies=cookies,
+            transfers=ZoneTransfers(reactor, zone, transfer_keys or {}),
         )
         self.ports: list[IListeningPort] = []
         self._bound = False

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
@@ -21,6 +21,16 @@ Records = list[dns.RRHeader]
 Result = tuple[Records, Records, Records]
 # A node: record type -> the records of that type (payloads carry their TTL).
 Node = dict[int, tuple[Any, ...]]
+
+
+def next_serial(serial: int, now: int) -> int:
+    """The serial after ``serial``: the Unix time ``now`` when that is later (RFC 1982),
+    else ``serial + 1``. A restart starts again from the time, so the serial only falls
+    back when changes ran faster than one a second until the restart."""
+    step = (now - serial) & 0xFFFFFFFF
+    if 0 < step < 1 << 31:
+        return now & 0xFFFFFFFF
+    return (serial + 1) & 0xFFFFFFFF
 
 
 class NameNotFound(dns.AuthoritativeDomainError):
@@ -65,6 +75,7 @@ class ChallengeZone(common.ResolverBase):
         challenge_ttl: int = 10,
         hostmaster: str | None = None,
         serial: int | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__()
         try:
@@ -81,7 +92,8 @@ class ChallengeZone(common.ResolverBase):
             raise ConfigError("dns.nameservers", "at least one nameserver is needed")
         self.ttl = ttl
         self.challenge_ttl = challenge_ttl
-        self._serial = int(time.time()) if serial is None else serial
+        self._clock = clock
+        self._serial = int(clock()) & 0xFFFFFFFF if serial is None else serial
         self.version = 0
         try:
             ns_names = [rr.normalize_name(name) for name in nameservers]
@@ -141,8 +153,21 @@ class ChallengeZone(common.ResolverBase):
 
     @property
     def serial(self) -> int:
-        """The SOA serial; it increases whenever challenge records change."""
+        """The SOA serial (Unix time at the latest); it increases (RFC 1982) on every change."""
         return self._serial
+
+    def transfer_records(self) -> Records:
+        """Every record of the zone for AXFR (RFC 5936): the SOA first, and not again."""
+        soa = dns.RRHeader(self._origin, dns.SOA, dns.IN, self._soa.ttl, self._soa, auth=True)
+        out = [soa]
+        for owner, node in self._nodes.items():
+            for rtype, found in node.items():
+                if rtype != dns.SOA:
+                    out.extend(
+                        dns.RRHeader(owner, rtype, dns.IN, record.ttl, record, auth=True)
+                        for record in found
+                    )
+        return out
 
     def add_txt(self, name: str, value: str) -> None:
         """Serve ``value`` as a TXT record at ``name`` (absolute, in the zone) until removed.
@@ -210,7 +235,7 @@ class ChallengeZone(common.ResolverBase):
             self._nodes[key] = node
         else:
             self._nodes.pop(key, None)
-        self._serial = (self._serial + 1) & 0xFFFFFFFF
+        self._serial = next_serial(self._serial, int(self._clock()))
         self._update_soa()
 
     def _update_soa(self) -> None:

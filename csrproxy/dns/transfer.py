@@ -1,0 +1,182 @@
+"""Zone transfer (AXFR, RFC 5936) to the configured secondaries, TSIG-signed (RFC 8945).
+
+A transfer is answered only over TCP, only to an address listed in
+``[dns.secondaries]`` and only for a query signed with that secondary's key; any
+other AXFR is REFUSED, and the refusals are summed up in one log line per
+``LOG_INTERVAL``. A query with a TSIG that fails gets NOTAUTH with the TSIG error
+(BADKEY, BADSIG unsigned; BADTIME signed, RFC 8945 5.3). A secondary's signed SOA
+query (its refresh check) is answered signed, as secondaries require.
+
+Bounds: a message holds at most ``RECORDS_PER_MESSAGE`` records and
+``MESSAGE_BYTES`` bytes; a transfer at most ``TRANSFER_BYTES`` (else SERVFAIL);
+each address starts at most ``TRANSFERS_PER_WINDOW`` transfers a ``WINDOW``
+(REFUSED beyond), so its unsent bytes stay within that many transfers. A transfer
+is built from one snapshot of the zone in one reactor turn: no transfer sees a
+half-made change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.names import dns
+
+from csrproxy.dns import tsig
+from csrproxy.dns.messages import QueryMessage, Reply
+from csrproxy.dns.zone import ChallengeZone
+
+log = Logger()
+
+RECORDS_PER_MESSAGE = 100
+MESSAGE_BYTES = 16384
+TRANSFER_BYTES = 8 << 20
+TRANSFERS_PER_WINDOW = 4
+WINDOW = 60.0
+LOG_INTERVAL = 60.0
+
+# address -> the keys it may sign with (by lowercase key name)
+Keys = Mapping[str, Mapping[bytes, tsig.TSIGKey]]
+
+
+def keys_of(secondaries: Sequence[Any]) -> dict[str, dict[bytes, tsig.TSIGKey]]:
+    """The ``Keys`` of ``SecondaryConfig``s: each address with its secondaries' keys."""
+    keys: dict[str, dict[bytes, tsig.TSIGKey]] = {}
+    for secondary in secondaries:
+        key = tsig.TSIGKey(secondary.tsig_name, secondary.tsig_algorithm, secondary.tsig_secret)
+        keys.setdefault(secondary.address, {})[key.name.encode("ascii")] = key
+    return keys
+
+
+class ZoneTransfers:
+    """Decides and builds AXFR answers of ``zone`` for the secondaries in ``keys``."""
+
+    def __init__(self, reactor: Any, zone: ChallengeZone, keys: Keys) -> None:
+        self.reactor = reactor
+        self.zone = zone
+        self.keys = keys
+        self.refused = 0
+        self._refused_since_log = 0
+        self._next_log = 0.0
+        self._started: dict[str, list[float]] = {}
+
+    def answer(
+        self, query: QueryMessage, reply: Reply, host: str, tcp: bool
+    ) -> tuple[int, list[bytes]] | None:
+        """``(rcode, the messages to send)`` for the AXFR ``query``, or None for REFUSED.
+
+        ``reply`` is the response frame (id, flags, question) to fill.
+        """
+        keys = self.keys.get(host) if tcp else None
+        name = query.queries[0].name.name.lower().rstrip(b".")
+        if keys is None or name.decode("ascii", "replace") != self.zone.origin.rstrip("."):
+            return self._refuse(host, "not a secondary" if keys is None else "not our zone")
+        now = self.reactor.seconds()
+        checked = self._verified(query, reply, keys, host, now)
+        if checked is None or isinstance(checked, tuple):
+            return checked
+        signer = checked
+        started = [t for t in self._started.get(host, []) if t > now - WINDOW]
+        if len(started) >= TRANSFERS_PER_WINDOW:
+            self._started[host] = started
+            return self._refuse(host, f"over {TRANSFERS_PER_WINDOW} transfers in {WINDOW:.0f}s")
+        started.append(now)
+        self._started[host] = started
+        records = self.zone.transfer_records()
+        records.append(records[0])  # the SOA last too
+        messages = self._messages(reply, records)
+        if messages is None:
+            log.error(
+                "the zone is over {limit} bytes: AXFR to {host} answered SERVFAIL",
+                limit=TRANSFER_BYTES,
+                host=host,
+            )
+            reply.answers = []
+            reply.queries = query.queries[:]
+            reply.rCode = dns.ESERVER
+            return dns.ESERVER, [signer.sign(reply.toStr())]
+        return dns.OK, [signer.sign(message) for message in messages]
+
+    def soa(self, query: QueryMessage, reply: Reply, host: str) -> tuple[int, list[bytes]] | None:
+        """The signed SOA reply to a TSIG-signed SOA query for the apex from a secondary
+        (its refresh check, over UDP or TCP), or None: answer it as any other query."""
+        keys = self.keys.get(host)
+        name = query.queries[0].name.name.lower().rstrip(b".")
+        if keys is None or name.decode("ascii", "replace") != self.zone.origin.rstrip("."):
+            return None
+        checked = self._verified(query, reply, keys, host, self.reactor.seconds())
+        if checked is None or isinstance(checked, tuple):
+            return checked
+        reply.answers = self.zone.transfer_records()[:1]
+        reply.auth = True
+        return dns.OK, [checked.sign(reply.toStr())]
+
+    def _verified(
+        self,
+        query: QueryMessage,
+        reply: Reply,
+        keys: Mapping[bytes, tsig.TSIGKey],
+        host: str,
+        now: float,
+    ) -> tsig.ResponseSigner | tuple[int, list[bytes]] | None:
+        # The signer for a verified query; the NOTAUTH reply for a failed one; None
+        # (refused) for a malformed or missing TSIG.
+        try:
+            verdict = tsig.verify(query.raw, keys, now)
+        except Exception:
+            return self._refuse(host, "malformed TSIG")
+        if verdict is None:
+            return self._refuse(host, "not signed")
+        if verdict.error in (tsig.BADKEY, tsig.BADSIG):
+            self._refuse(host, f"TSIG error {verdict.error}")
+            reply.rCode = tsig.NOTAUTH
+            return tsig.NOTAUTH, [tsig.unsigned_error(reply.toStr(), verdict, now)]
+        signer = tsig.ResponseSigner(verdict, now)
+        if verdict.error == tsig.BADTIME:
+            self._refuse(host, "TSIG time outside the fudge")
+            reply.rCode = tsig.NOTAUTH
+            return tsig.NOTAUTH, [signer.sign(reply.toStr())]
+        return signer
+
+    def _messages(self, reply: Reply, records: list[dns.RRHeader]) -> list[bytes] | None:
+        # Chunks of RECORDS_PER_MESSAGE records, halved while one exceeds MESSAGE_BYTES;
+        # the question goes in the first message only (RFC 5936 2.2).
+        out: list[bytes] = []
+        total = 0
+        pending = [
+            records[i : i + RECORDS_PER_MESSAGE]
+            for i in range(0, len(records), RECORDS_PER_MESSAGE)
+        ]
+        pending.reverse()
+        while pending:
+            chunk = pending.pop()
+            reply.answers = chunk
+            reply.auth = True
+            if out:
+                reply.queries = []
+            data = reply.toStr()
+            if len(data) > MESSAGE_BYTES and len(chunk) > 1:
+                half = len(chunk) // 2
+                pending.extend((chunk[half:], chunk[:half]))
+                continue
+            total += len(data)
+            if total > TRANSFER_BYTES:
+                return None
+            out.append(data)
+        return out
+
+    def _refuse(self, host: str, why: str) -> tuple[int, list[bytes]] | None:
+        self.refused += 1
+        self._refused_since_log += 1
+        now = self.reactor.seconds()
+        if now >= self._next_log:
+            log.info(
+                "refused {count} zone transfers since the last report (latest: {host}, {why})",
+                count=self._refused_since_log,
+                host=host,
+                why=why,
+            )
+            self._refused_since_log = 0
+            self._next_log = now + LOG_INTERVAL
+        return None
