@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 # The name of the server secret in the state database (``StateDB.secret``).
 COOKIE_SECRET = "dns-cookie"
@@ -96,6 +97,27 @@ class ServerCookies:
 def option_bytes(code: int, data: bytes) -> bytes:
     """One EDNS option on the wire."""
     return struct.pack("!HH", code, len(data)) + data
+
+
+def reply_options(
+    options: Iterable[Any], nsid: bytes | None, cookies: ServerCookies | None, host: str
+) -> tuple[bytes, bool | None]:
+    """The encoded NSID and COOKIE options answering a query's EDNS ``options`` (each with
+    ``code`` and ``data``) from ``host``, and whether its cookie was valid (None: no COOKIE
+    answered). An empty NSID is answered with ``nsid``, the first COOKIE by ``cookies``,
+    when given.
+
+    Raises :class:`MalformedCookie` for a COOKIE of a forbidden length.
+    """
+    out = []
+    valid = None
+    for option in options:
+        if option.code == NSID and nsid is not None and not option.data:
+            out.append(option_bytes(NSID, nsid))
+        elif option.code == COOKIE and cookies is not None and valid is None:
+            data, valid = cookies.answer(option.data, host)
+            out.append(option_bytes(COOKIE, data))
+    return b"".join(out), valid
 
 
 def nsid_bytes(text: str) -> bytes:

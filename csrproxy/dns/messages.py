@@ -14,6 +14,8 @@ from typing import Any
 from twisted.names import dns
 
 TCP_MAX = 65535
+# The largest UDP reply to a query without EDNS (RFC 1035 4.2.1).
+UDP_DEFAULT = 512
 
 # The answer cache's key: (lowercase name, type, class, DO bit or None without EDNS).
 AnswerKey = tuple[bytes, int, int, bool | None]
@@ -92,10 +94,79 @@ class Reply(dns.Message):
     """A response to ``request``, encoded in full (``maxSize`` 0).
 
     ``dns.Message`` with a ``maxSize`` cuts the encoded bytes at that size, which
-    leaves a broken message; truncation is the factory's (TC, question and OPT).
+    leaves a broken message; :func:`truncated` cuts a reply to TC, question and OPT.
     """
 
     def __init__(self, request: QueryMessage, **kwargs: Any) -> None:
         super().__init__(maxSize=0, **kwargs)
         self.request = request
         self.cacheable = request.cacheKey is not None
+
+
+def truncated(message: Reply) -> Reply:
+    """``message`` cut to TC, the question and the OPT (RFC 2181 9: it does not fit, and
+    the client asks again over TCP)."""
+    cut = Reply(
+        message.request,
+        id=message.id,
+        answer=1,
+        opCode=message.opCode,
+        auth=message.auth,
+        trunc=1,
+        recDes=message.recDes,
+        checkingDisabled=message.checkingDisabled,
+        rCode=message.rCode,
+    )
+    cut.queries = message.queries
+    cut.additional = [record for record in message.additional if record.type == dns.OPT]
+    return cut
+
+
+def reply_limit(opt: dns._OPTHeader | None, tcp: bool, udp_max: int) -> int:
+    """The largest reply to a query with ``opt``: ``TCP_MAX`` over TCP, else 512 without
+    EDNS and the client's UDP payload size within 512 and our ``udp_max`` with it."""
+    if tcp:
+        return TCP_MAX
+    if opt is None:
+        return UDP_DEFAULT
+    limit: int = max(UDP_DEFAULT, min(opt.udpPayloadSize, udp_max))
+    return limit
+
+
+def response_to(
+    message: QueryMessage,
+    rCode: int = dns.OK,
+    answers: list[dns.RRHeader] | None = None,
+    authority: list[dns.RRHeader] | None = None,
+    additional: list[dns.RRHeader] | None = None,
+) -> Reply:
+    """The response frame to ``message``: QR, the opcode, RD and CD copied, its question,
+    the records given, AA when any of them is in the zone's authority."""
+    reply = Reply(
+        message,
+        id=message.id,
+        answer=1,
+        opCode=message.opCode,
+        recDes=message.recDes,
+        checkingDisabled=message.checkingDisabled,
+        rCode=rCode,
+    )
+    reply.queries = message.queries[:]
+    reply.answers = answers or []
+    reply.authority = authority or []
+    reply.additional = additional or []
+    reply.auth = any(record.auth for record in reply.answers + reply.authority)
+    return reply
+
+
+def with_opt(reply: Reply, opt: dns._OPTHeader, udp_max: int) -> None:
+    """Append to ``reply`` the OPT answering the query's ``opt``: our ``udp_max``, the
+    reply's extended rcode, the query's DO bit, no options (those are patched in)."""
+    # twisted encodes an ``_OPTHeader`` among the RRHeaders of the additional section.
+    record: Any = dns._OPTHeader(
+        udpPayloadSize=udp_max,
+        extendedRCODE=reply.rCode >> 4,
+        version=0,
+        dnssecOK=opt.dnssecOK,
+    )
+    reply.additional = [*reply.additional, record]

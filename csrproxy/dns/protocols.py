@@ -38,6 +38,12 @@ log = Logger()
 _DROPPED_SEND_ERRORS = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNREFUSED, errno.ENOBUFS)
 
 
+class ReplyWriter(Protocol):
+    """What the factory needs of a protocol: send one reply (``address`` None for TCP)."""
+
+    def writeReply(self, data: bytes, address: Any) -> None: ...
+
+
 class Controller(Protocol):
     """What the protocols ask of the server factory that owns them."""
 
@@ -236,3 +242,12 @@ class DNSStreamProtocol(dns.DNSProtocol):
             super().connectionLost(reason)
         if not self.closed.called:
             self.closed.callback(None)
+
+
+def peer_host(protocol: Any, address: Any) -> str:
+    """The client's address: the UDP peer ``address``, else the TCP connection's peer."""
+    if address is not None:
+        return str(address[0])
+    transport = getattr(protocol, "transport", None)
+    peer = transport.getPeer() if transport is not None else None
+    return str(getattr(peer, "host", ""))
