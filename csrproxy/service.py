@@ -32,6 +32,7 @@ from csrproxy.challenges.zone import ZonePublisher
 from csrproxy.config import Config
 from csrproxy.config.model import RRLConfig
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies, nsid_bytes
+from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
@@ -389,6 +390,8 @@ def build_service(
     PrunerService(pruner).setServiceParent(collection)
     if dns_service is not None:
         dns_service.setServiceParent(collection)
+        if config.dns.secondaries:
+            ZoneNotifier(reactor, zone, config.dns.secondaries).setServiceParent(collection)
 
     def refused(path: bytes, status: int) -> None:
         metrics.http_request("refused", status)

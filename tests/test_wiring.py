@@ -7,6 +7,7 @@ DNSServerFactory subclass.
 
 from __future__ import annotations
 
+import base64
 import shutil
 import signal
 import tempfile
@@ -23,6 +24,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy import tap
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies
+from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.protocols import DNSDatagramProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
@@ -59,12 +61,12 @@ def walk(service: IService) -> Iterator[IService]:
 
 
 class WiringTests(SynchronousTestCase):
-    def build(self) -> IService:
+    def build(self, extra: str = "") -> IService:
         work = tempfile.mkdtemp(prefix="csrproxy-test-wiring-")
         self.addCleanup(shutil.rmtree, work, True)
         path = f"{work}/csrproxy.toml"
         with open(path, "w") as f:
-            f.write(CONFIG.format(state=f"{work}/state"))
+            f.write(CONFIG.format(state=f"{work}/state") + extra)
         # makeService takes SIGHUP over (ignored until the daemon's handler runs).
         self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
         options = tap.Options()
@@ -93,6 +95,18 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(dns_service.factory.buildProtocol(None), names_dns.DNSProtocol)
         self.assertIsInstance(dns_service.zone, ResolverBase)
         self.assertIsInstance(dns_service.factory.rrl, ResponseRateLimiter)  # on by default
+
+    def test_notify_only_with_secondaries(self) -> None:
+        self.assertEqual([s for s in walk(self.build()) if isinstance(s, ZoneNotifier)], [])
+        secret = base64.b64encode(bytes(32)).decode()
+        top = self.build(
+            f'[[dns.secondaries]]\naddress = "192.0.2.53"\ntsig_name = "xfr"\n'
+            f'tsig_secret = "{secret}"\n'
+        )
+        [notifier] = [s for s in walk(top) if isinstance(s, ZoneNotifier)]
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        self.assertIs(notifier.zone, dns_service.zone)
+        self.assertEqual([(t.host, t.port) for t in notifier.targets], [("192.0.2.53", 53)])
 
     def test_dns_cookies_on_with_the_secret_from_the_state_database(self) -> None:
         top = self.build()

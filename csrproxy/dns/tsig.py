@@ -199,3 +199,19 @@ class ResponseSigner:
         self._prior = record.MAC
         self._first = False
         return _append(message, self.owner, record)
+
+
+def sign_request(message: bytes, key: TSIGKey, now: float) -> bytes:
+    """``message`` (a request we send, e.g. a NOTIFY) with a TSIG by ``key``: the MAC
+    covers the message and all the TSIG variables, no prior MAC (RFC 8945 4.3.3)."""
+    (message_id,) = struct.unpack_from("!H", message, 0)
+    record = dns.Record_TSIG(
+        algorithm=key.algorithm.encode("ascii"),
+        timeSigned=int(now),
+        fudge=FUDGE,
+        MAC=b"",
+        originalID=message_id,
+    )
+    owner = key.name.encode("ascii")
+    record.MAC = key.mac(message + _variables(owner, record))
+    return _append(message, owner, record)

@@ -95,6 +95,7 @@ class ChallengeZone(common.ResolverBase):
         self._clock = clock
         self._serial = int(clock()) & 0xFFFFFFFF if serial is None else serial
         self.version = 0
+        self._serial_listeners: list[Callable[[int], None]] = []
         try:
             ns_names = [rr.normalize_name(name) for name in nameservers]
             self._rname = self._hostmaster(hostmaster)
@@ -156,10 +157,24 @@ class ChallengeZone(common.ResolverBase):
         """The SOA serial (Unix time at the latest); it increases (RFC 1982) on every change."""
         return self._serial
 
+    def on_serial(self, listener: Callable[[int], None]) -> Callable[[], None]:
+        """Call ``listener(serial)`` after every change of the serial; returns the call
+        that stops it. Listeners run in the change's reactor turn: keep them short."""
+        self._serial_listeners.append(listener)
+
+        def stop() -> None:
+            if listener in self._serial_listeners:
+                self._serial_listeners.remove(listener)
+
+        return stop
+
+    def soa_header(self) -> dns.RRHeader:
+        """The apex SOA as an answer record (TTL the zone's)."""
+        return dns.RRHeader(self._origin, dns.SOA, dns.IN, self._soa.ttl, self._soa, auth=True)
+
     def transfer_records(self) -> Records:
         """Every record of the zone for AXFR (RFC 5936): the SOA first, and not again."""
-        soa = dns.RRHeader(self._origin, dns.SOA, dns.IN, self._soa.ttl, self._soa, auth=True)
-        out = [soa]
+        out = [self.soa_header()]
         for owner, node in self._nodes.items():
             for rtype, found in node.items():
                 if rtype != dns.SOA:
@@ -237,6 +252,8 @@ class ChallengeZone(common.ResolverBase):
             self._nodes.pop(key, None)
         self._serial = next_serial(self._serial, int(self._clock()))
         self._update_soa()
+        for listener in list(self._serial_listeners):
+            listener(self._serial)
 
     def _update_soa(self) -> None:
         minimum = self.challenge_ttl

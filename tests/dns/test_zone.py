@@ -149,6 +149,21 @@ class ChallengeRecordTests(SynchronousTestCase):
         self.assertGreater(second, first)
         self.assertGreater(zone.serial, second)
 
+    def test_serial_listeners_told_of_every_change_until_stopped(self) -> None:
+        zone = make_zone()
+        heard: list[int] = []
+        stop = zone.on_serial(heard.append)
+        zone.add_txt(CHALLENGE, "a")
+        zone.remove_txt(CHALLENGE, "missing")  # no change, no call
+        zone.remove_txt(CHALLENGE, "a")
+        self.assertEqual(len(heard), 2)
+        self.assertEqual(heard[-1], zone.serial)
+        self.assertEqual(cast(Any, zone.soa_header().payload).serial, zone.serial)
+        stop()
+        stop()
+        zone.add_txt(CHALLENGE, "b")
+        self.assertEqual(len(heard), 2)
+
     def test_values_served_and_withdrawn(self) -> None:
         zone = make_zone()
         server = make_factory(zone)
