@@ -52,6 +52,8 @@ class _Target:
     tries: int = 0
     message: bytes = b""  # the unsigned NOTIFY, re-signed on every try
     again: bool = False  # the serial changed while a NOTIFY was outstanding
+    #: The MACs of this NOTIFY's tries (at most TRIES): its answer covers one of them.
+    macs: list[bytes] = field(default_factory=list, repr=False)
     timer: Any = field(default=None, repr=False)
 
 
@@ -138,6 +140,9 @@ class ZoneNotifier(Service):
     def _send(self, target: _Target) -> None:
         target.tries += 1
         data = tsig.sign_request(target.message, target.key, self.reactor.seconds())
+        if target.tries <= 1:
+            target.macs.clear()
+        target.macs.append(tsig.mac_of(data))
         port = self.ports.get(target.family)
         if port is not None:
             try:
@@ -173,7 +178,9 @@ class ZoneNotifier(Service):
         host = str(ipaddress.ip_address(source[0].split("%")[0]))
         for target in self.targets:
             if target.message_id == reply.id and target.host == host and target.port == source[1]:
-                self._next(target)
+                # Only an answer signed with its key to one of our tries ends the retries.
+                if tsig.verify_response(datagram, target.key, target.macs, self.reactor.seconds()):
+                    self._next(target)
                 return
 
     def _finish(self, target: _Target) -> None:

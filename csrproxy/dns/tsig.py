@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any
@@ -215,3 +215,36 @@ def sign_request(message: bytes, key: TSIGKey, now: float) -> bytes:
     owner = key.name.encode("ascii")
     record.MAC = key.mac(message + _variables(owner, record))
     return _append(message, owner, record)
+
+
+def verify_response(
+    packet: bytes, key: TSIGKey, request_macs: Sequence[bytes], now: float
+) -> bool:
+    """Whether ``packet`` is an answer signed by ``key`` to one of our requests whose MACs
+    were ``request_macs`` (RFC 8945 4.3.3: the MAC covers the request's MAC, the answer
+    and all the TSIG variables), with no TSIG error and within its fudge."""
+    try:
+        found = split(packet)
+    except Exception:
+        return False
+    if found is None:
+        return False
+    unsigned, owner, record = found
+    if owner.lower().rstrip(b".") != key.name.encode("ascii").lower().rstrip(b"."):
+        return False
+    if _algorithm(record).lower().decode("ascii", "replace") != key.algorithm:
+        return False
+    if record.error != 0 or abs(int(now) - record.timeSigned) > record.fudge:
+        return False
+    signed = _with_id(unsigned, record.originalID) + _variables(owner, record)
+    return any(
+        hmac.compare_digest(key.mac(struct.pack("!H", len(mac)) + mac + signed), record.MAC)
+        for mac in request_macs
+    )
+
+
+def mac_of(packet: bytes) -> bytes:
+    """The MAC of a packet we signed."""
+    found = split(packet)
+    assert found is not None
+    return bytes(found[2].MAC)

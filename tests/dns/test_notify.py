@@ -216,6 +216,25 @@ class NotifierCase(SynchronousTestCase):
         self.reactor.advance(2)
         self.assertEqual(len(self.sent("192.0.2.53")), 2)
 
+    def test_only_an_answer_signed_with_the_key_ends_the_retries(self) -> None:
+        self.zone.add_txt(CHALLENGE, "value")
+        [message] = self.sent("192.0.2.53")
+        unsigned = dns.message.Message(id=message.id)
+        unsigned.flags = dns.flags.QR | dns.flags.AA
+        unsigned.set_opcode(dns.opcode.NOTIFY)
+        unsigned.question = list(message.question)
+        forged = dns.message.make_response(message)
+        forged.use_tsig(keyring(b"another secret of 32 bytes......"), keyname=forged.keyname)
+        for bound in self.reactor.udp:
+            bound.protocol.datagramReceived(unsigned.to_wire(), ("192.0.2.53", 5300))
+            bound.protocol.datagramReceived(forged.to_wire(), ("192.0.2.53", 5300))
+        self.reactor.advance(2)
+        self.assertEqual(len(self.sent("192.0.2.53")), 2, "a forged answer stopped the retries")
+        # The answer to the first try (its MAC covers that try's MAC) still counts.
+        self.reply("192.0.2.53", 5300, message)
+        self.pump(100)
+        self.assertEqual(len(self.sent("192.0.2.53")), 2)
+
     def test_stop_cancels_retries_and_closes_the_ports(self) -> None:
         self.zone.add_txt(CHALLENGE, "value")
         self.notifier.stopService()
