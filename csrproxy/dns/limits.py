@@ -25,13 +25,13 @@ when its input passes the bound.
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+
+from csrproxy.dns.summary import WindowSummary
 
 log = Logger()
 
@@ -98,13 +98,11 @@ class Evictable(Protocol):
     def evict(self) -> None: ...
 
 
-class RefusalSummary:
-    """Counts refusals and logs them in one line, at most once per ``interval`` seconds.
-
-    The first refusal opens a window; when it ends, one line gives the count by reason
-    and the ``SUMMARY_SOURCES`` sources refused most (sources beyond ``SUMMARY_SOURCES
-    * 4`` in one window are counted, not named, so a flood from many addresses costs no
-    memory). ``on_refusal(reason)`` is called for every refusal.
+class RefusalSummary(WindowSummary[str]):
+    """Counts refusals and logs them in one line, at most once per ``interval`` seconds:
+    the count by reason and the ``SUMMARY_SOURCES`` sources refused most
+    (:class:`~csrproxy.dns.summary.WindowSummary`). ``on_refusal(reason)`` is called for
+    every refusal.
     """
 
     def __init__(
@@ -113,40 +111,19 @@ class RefusalSummary:
         on_refusal: Callable[[str], None] | None = None,
         interval: float = SUMMARY_INTERVAL,
     ) -> None:
-        self.clock = clock
+        super().__init__(
+            clock,
+            "DNS TCP: {total} connections refused or closed ({reasons}); most from {top}",
+            "reasons",
+            interval=interval,
+            named=SUMMARY_SOURCES,
+        )
         self.on_refusal = on_refusal
-        self.interval = interval
-        self._reasons: collections.Counter[str] = collections.Counter()
-        self._sources: collections.Counter[str] = collections.Counter()
-        self._window: IDelayedCall | None = None
 
     def refused(self, reason: str, source: str) -> None:
         if self.on_refusal is not None:
             self.on_refusal(reason)
-        self._reasons[reason] += 1
-        if source in self._sources or len(self._sources) < SUMMARY_SOURCES * 4:
-            self._sources[source] += 1
-        if self._window is None:
-            self._window = self.clock.callLater(self.interval, self.flush)
-
-    def flush(self) -> None:
-        """Log what was counted since the last line (if anything) and start afresh."""
-        if self._window is not None and self._window.active():
-            self._window.cancel()
-        self._window = None
-        if not self._reasons:
-            return
-        total = sum(self._reasons.values())
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(self._reasons.items()))
-        top = ", ".join(f"{s} {n}" for s, n in self._sources.most_common(SUMMARY_SOURCES))
-        self._reasons.clear()
-        self._sources.clear()
-        log.warn(
-            "DNS TCP: {total} connections refused or closed ({reasons}); most from {top}",
-            total=total,
-            reasons=reasons,
-            top=top,
-        )
+        self.count(reason, source)
 
 
 class TCPLimits:

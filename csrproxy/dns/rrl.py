@@ -48,8 +48,9 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
+
+from csrproxy.dns.summary import WindowSummary
 
 log = Logger()
 
@@ -155,50 +156,24 @@ def prefix_text(prefix: bytes, ipv4_length: int, ipv6_length: int) -> str:
     return "?"
 
 
-class LimitSummary:
-    """Counts limited replies and logs them in one line, at most once per ``interval``.
-
-    Prefixes beyond ``SUMMARY_PREFIXES * 4`` in one interval are counted, not named, so
-    a flood from many sources costs no memory here.
-    """
+class LimitSummary(WindowSummary[bytes]):
+    """Counts limited replies and logs them in one line, at most once per ``interval``
+    (:class:`~csrproxy.dns.summary.WindowSummary`), naming the prefixes limited most."""
 
     def __init__(
         self, clock: Any, describe: Callable[[bytes], str], interval: float = SUMMARY_INTERVAL
     ) -> None:
-        self.clock = clock
-        self.describe = describe
-        self.interval = interval
-        self._actions: collections.Counter[str] = collections.Counter()
-        self._prefixes: collections.Counter[bytes] = collections.Counter()
-        self._window: IDelayedCall | None = None
+        super().__init__(
+            clock,
+            "DNS RRL: {total} UDP replies over the rate limit ({actions}); most to {top}",
+            "actions",
+            interval=interval,
+            named=SUMMARY_PREFIXES,
+            describe=describe,
+        )
 
     def add(self, action: str, kind: str, prefix: bytes) -> None:
-        self._actions[f"{kind} {action}"] += 1
-        if prefix in self._prefixes or len(self._prefixes) < SUMMARY_PREFIXES * 4:
-            self._prefixes[prefix] += 1
-        if self._window is None:
-            self._window = self.clock.callLater(self.interval, self.flush)
-
-    def flush(self) -> None:
-        """Log what was counted since the last line (if anything) and start afresh."""
-        if self._window is not None and self._window.active():
-            self._window.cancel()
-        self._window = None
-        if not self._actions:
-            return
-        total = sum(self._actions.values())
-        actions = ", ".join(f"{what} {n}" for what, n in sorted(self._actions.items()))
-        top = ", ".join(
-            f"{self.describe(p)} {n}" for p, n in self._prefixes.most_common(SUMMARY_PREFIXES)
-        )
-        self._actions.clear()
-        self._prefixes.clear()
-        log.warn(
-            "DNS RRL: {total} UDP replies over the rate limit ({actions}); most to {top}",
-            total=total,
-            actions=actions,
-            top=top,
-        )
+        self.count(f"{kind} {action}", prefix)
 
 
 class ResponseRateLimiter:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import time
 from pathlib import Path
 
 from twisted.application.service import Service
@@ -21,10 +20,6 @@ from twisted.application.service import Service
 from csrproxy.errors import ConfigError
 
 LOCK_NAME = "csrproxy.lock"
-
-#: How long :meth:`StateLock.acquire` waits for a holder that recorded no live pid (a
-#: probe by :func:`in_use`, or a holder that has not written its pid yet), in seconds.
-_RETRIES = (0.01, 0.05, 0.2)
 
 
 class StateInUse(ConfigError):
@@ -63,18 +58,14 @@ class StateLock:
         except FileNotFoundError as e:
             raise ConfigError("state.dir", f"no directory {self.directory}") from e
         try:
-            for delay in (0.0, *_RETRIES):
-                if delay:
-                    time.sleep(delay)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pid = _read_pid(fd)
-                    if pid and _alive(pid):
-                        raise StateInUse(self.directory, pid) from None
-            else:
-                raise StateInUse(self.directory, _read_pid(fd) or 0)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                # Held: by a daemon (its pid), or for a few microseconds by a probe of
+                # in_use() or a holder that has not written its pid yet (0). Never waited
+                # on: a start that meets a probe exits and is started again.
+                pid = _read_pid(fd)
+                raise StateInUse(self.directory, pid if pid and _alive(pid) else 0) from None
             if os.geteuid() == 0:
                 # root (an operator's restore) must not leave a file the daemon cannot open
                 owner = os.stat(self.directory)
@@ -137,12 +128,7 @@ def in_use(state_dir: str | Path) -> int | None:
             # Shared: probes do not conflict with each other, only with a holder.
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            for delay in (0.0, *_RETRIES):
-                if delay:
-                    time.sleep(delay)
-                if pid := _read_pid(fd):
-                    return pid
-            return 0
+            return _read_pid(fd) or 0
         return None
     finally:
         os.close(fd)

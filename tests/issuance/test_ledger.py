@@ -5,9 +5,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.issuance.csr import check_csr
@@ -20,21 +18,9 @@ from csrproxy.issuance.ledger import (
 )
 from csrproxy.state.database import OrderRow, StateDB
 from tests.support.keys import EC256_B, make_csr
+from tests.support.renewals import InlineStore
 
 NAME = "x.go.example.test"
-
-
-class InlineStore:
-    """The store's ``db`` and ``run``, run at once on the caller's thread (no store thread)."""
-
-    def __init__(self, db: Any) -> None:
-        self.db = db
-
-    def run(self, method: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
-        try:
-            return succeed(method(*args, **kwargs))
-        except Exception:
-            return fail()
 
 
 def row_for(request_key: str, csr_der: bytes, spki_sha256: str) -> CertificateRow:

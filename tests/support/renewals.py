@@ -1,62 +1,48 @@
-"""The renewal and ARI sources over a real state database, called synchronously (no store
-thread): what :class:`csrproxy.issuance.renewals.StoredRenewals` does, on a Clock."""
+"""The state store run inline (no store thread), and the renewal and ARI sources over it:
+:class:`csrproxy.issuance.renewals.StoredRenewals` on a real database, on a Clock."""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 
-from csrproxy.issuance.ari import AriRow
+from csrproxy.issuance.renewals import StoredRenewals
 from csrproxy.state.database import CertificateRow, StateDB, names_key
 
 DAY = 86400.0
 
 
-class SyncRenewals:
-    """RenewalSource and AriSource, each call one query on ``db`` at once."""
+class InlineStore:
+    """The store's ``db`` and ``run``, run at once on the caller's thread (no store thread)."""
+
+    def __init__(self, db: Any) -> None:
+        self.db = db
+
+    def run(self, method: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        try:
+            return succeed(method(*args, **kwargs))
+        except Exception:
+            return fail()
+
+
+class SyncRenewals(StoredRenewals):
+    """:class:`StoredRenewals` over :class:`InlineStore`; counts the rows each ``due``
+    returned (a pass reads only what it needs)."""
 
     def __init__(self, db: StateDB, ari_recheck: float = 6 * 3600.0) -> None:
+        super().__init__(InlineStore(db), ari_recheck)  # type: ignore[arg-type]
         self.db = db
-        self.ari_recheck = ari_recheck
-        #: How many rows each ``due`` call returned (a pass reads only what it needs).
         self.due_calls: list[int] = []
 
     def due(self, now: float, limit: int) -> Deferred[list[CertificateRow]]:
-        rows = self.db.due_certificates(now, limit)
+        return super().due(now, limit).addCallback(self._counted)
+
+    def _counted(self, rows: list[CertificateRow]) -> list[CertificateRow]:
         self.due_calls.append(len(rows))
-        return succeed(rows)
-
-    def park(self, cert_ids: Sequence[str]) -> Deferred[Any]:
-        self.db.park(list(cert_ids))
-        return succeed(None)
-
-    def renewed(self, cert_id: str) -> Deferred[Any]:
-        self.db.mark_renewed(cert_id)
-        return succeed(None)
-
-    def renew_later(self, cert_id: str, when: float) -> Deferred[Any]:
-        self.db.renew_later(cert_id, when)
-        return succeed(None)
-
-    def schedule_unscheduled(self, limit: int) -> Deferred[int]:
-        return succeed(self.db.schedule_unscheduled(self.ari_recheck, limit))
-
-    def ari_due(self, now: float, limit: int) -> Deferred[list[AriRow]]:
-        return succeed(self.db.ari_due(now, limit))
-
-    def ari_looked(
-        self,
-        cert_id: str,
-        window: tuple[float, float] | None,
-        next_look: float,
-        renew_at: float | None,
-    ) -> Deferred[Any]:
-        self.db.ari_looked(cert_id, window, next_look, renew_at)
-        return succeed(None)
+        return rows
 
 
 def add_certificates(

@@ -31,7 +31,6 @@ from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from csrproxy.web.health import Health, free_space_probe
 from csrproxy.web.problems import problem_document
 from tests.acme.test_client import ACCOUNT_KEY
-from tests.issuance.test_ledger import InlineStore
 from tests.support.fakeacme import BASE, FakeCA
 from tests.support.issuers import make_issuer
 from tests.support.keys import (
@@ -44,6 +43,7 @@ from tests.support.keys import (
     make_csr,
     tamper,
 )
+from tests.support.renewals import InlineStore
 
 ZONE = "go.example.test"
 URL = "http://api.test"
