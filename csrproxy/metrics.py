@@ -40,6 +40,14 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.challenge_check_seconds = Histogram(
+            "csrproxy_challenge_check_seconds",
+            "Time from publishing a challenge value until every checked name server served"
+            " it (PowerDNS; the built-in zone with secondaries), by backend",
+            ["backend"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
+        )
         self.admission_refusals = Counter(
             "csrproxy_admission_refusals",
             "Requests refused by csrproxy's own admission control or access rules, by reason",
@@ -109,6 +117,9 @@ class Metrics:
         self.renewal_pass_seconds.observe(seconds)
         if parked:
             self.renewals.labels("parked").inc(parked)
+
+    def challenge_checked(self, backend: str, seconds: float) -> None:
+        self.challenge_check_seconds.labels(backend).observe(seconds)
 
     def renewal(self, outcome: str) -> None:
         self.renewals.labels(outcome).inc()

@@ -11,7 +11,7 @@ from cryptography import x509
 from treq.client import HTTPClient
 from twisted.application.internet import TimerService
 from twisted.application.service import IServiceCollection, MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from csrproxy.acme.breaker import QUIET as CA_QUIET
@@ -27,6 +27,7 @@ from csrproxy.challenges.propagation import (
     system_resolver,
     udp_txt_query,
 )
+from csrproxy.challenges.txtquery import TXTQuerier
 from csrproxy.challenges.watch import WatchedZone
 from csrproxy.challenges.zone import ZonePublisher
 from csrproxy.config import Config
@@ -36,7 +37,7 @@ from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
-from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zone import ChallengeZone, next_serial
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.ari import AriPoller, Window
@@ -52,6 +53,7 @@ from csrproxy.metrics import Metrics
 from csrproxy.state.budgets import budget_recorder, load_budgets
 from csrproxy.state.lock import StateLock, StateLockService
 from csrproxy.state.prune import Pruner, PrunerService
+from csrproxy.state.serials import SerialRecorder, load_serial
 from csrproxy.state.store import StateDir, Store
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
@@ -72,6 +74,17 @@ class AccountService(Service):
     def startService(self) -> None:
         super().startService()
         self.issuer.keep_trying_account()
+
+
+class OnStop(Service):
+    """Calls ``call()`` when stopped (closes what has no service of its own)."""
+
+    def __init__(self, call: Callable[[], None]) -> None:
+        self.call = call
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.call()
 
 
 class CsrproxyService(MultiService):
@@ -148,25 +161,60 @@ class StateService(Service):
 
 
 def make_publisher(
-    config: Config, reactor: Any, http: HTTPClient, zone: ChallengeZone
+    config: Config,
+    reactor: Any,
+    http: HTTPClient,
+    zone: ChallengeZone,
+    dns_service: DNSServerService | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[DNS01Responder, PowerDNSPublisher | None]:
-    """The built-in zone, or PowerDNS (with the DNS check before each challenge)."""
+    """The built-in zone (checked on our own listeners and every secondary when there are
+    secondaries), or PowerDNS (with the DNS check before each challenge)."""
     pdns = config.dns.powerdns
+    resolvers: list[Any] = []  # one, made on first use (it re-reads resolv.conf while alive)
+
+    def resolver() -> Any:
+        if not resolvers:
+            resolvers.append(system_resolver(reactor))
+        return resolvers[0]
+
+    def checked(backend: str) -> Callable[[float], None] | None:
+        return None if metrics is None else functools.partial(metrics.challenge_checked, backend)
+
     if config.dns.backend != "powerdns" or pdns is None:
-        return ZonePublisher(zone), None
+        checks = [s.check for s in config.dns.secondaries if s.check]
+        if not config.dns.secondaries:
+            return ZonePublisher(zone), None
+
+        def name_servers() -> Deferred[list[tuple[str, int]]]:
+            own = dns_service.served_at() if dns_service is not None else []
+            if not checks:
+                return succeed(own)
+            found = resolve_check_servers(checks, zone.origin, resolver(), "dns.secondaries")
+            return found.addCallback(lambda theirs: own + [s for s in theirs if s not in own])
+
+        checker = PropagationChecker(
+            reactor,
+            udp_txt_query(reactor),
+            name_servers,
+            timeout=config.dns.check_timeout,
+            backend="builtin",
+            on_served=checked("builtin"),
+        )
+        return CheckedPublisher(ZonePublisher(zone), checker), None
     publisher = PowerDNSPublisher(reactor, http, pdns)
     if not pdns.check_propagation:
         return publisher, publisher
 
-    resolvers: list[Any] = []  # one, made on first use (it re-reads resolv.conf while alive)
-
     def servers() -> Deferred[list[tuple[str, int]]]:
-        if not resolvers:
-            resolvers.append(system_resolver(reactor))
-        return resolve_check_servers(pdns.check_servers, pdns.zone, resolvers[0])
+        return resolve_check_servers(pdns.check_servers, pdns.zone, resolver())
 
     checker = PropagationChecker(
-        reactor, udp_txt_query(reactor), servers, timeout=pdns.check_timeout
+        reactor,
+        udp_txt_query(reactor),
+        servers,
+        timeout=pdns.check_timeout,
+        on_served=checked("powerdns"),
     )
     return CheckedPublisher(publisher, checker), publisher
 
@@ -275,13 +323,19 @@ def build_service(
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
+    # The serial rises past the one recorded: secondaries take the zone after a restart.
+    recorded = load_serial(store.db, config.dns.zone)
     zone = WatchedZone(
         config.dns.zone,
         config.dns.nameservers,
         config.dns.records,
         ttl=config.dns.ttl,
         challenge_ttl=config.dns.challenge_ttl,
+        serial=None if recorded is None else next_serial(recorded, int(reactor.seconds())),
     )
+    record_serial = SerialRecorder(store, config.dns.zone)
+    record_serial(zone.serial)
+    zone.on_serial(record_serial)
     metrics = Metrics()
     acme = ACMEClient(
         reactor,
@@ -297,7 +351,26 @@ def build_service(
         d = store.run(store.db.save_account, config.acme.directory, url, "account.key")
         d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
 
-    publisher, pdns = make_publisher(config, reactor, http, zone)
+    dns_service = (
+        DNSServerService(
+            reactor,
+            zone,
+            config.dns.listen,
+            on_rcode=metrics.dns_answer,
+            on_refusal=metrics.refusal,
+            rrl=make_rrl(config.dns.rrl, reactor, metrics.dns_rrl),
+            nsid=nsid_bytes(config.dns.nsid) if config.dns.nsid else None,
+            # In the state database: instances sharing it agree, and a restart keeps
+            # the cookies resolvers hold valid.
+            cookies=ServerCookies(store.db.secret(COOKIE_SECRET, 16), reactor.seconds)
+            if config.dns.cookies
+            else None,
+            transfer_keys=keys_of(config.dns.secondaries),
+        )
+        if config.dns.listen
+        else None
+    )
+    publisher, pdns = make_publisher(config, reactor, http, zone, dns_service, metrics)
     cache = MemoryIssuedCache(reactor.seconds)
     pol = config.policy
     admission = Admission(
@@ -338,25 +411,6 @@ def build_service(
         config.api.trusted_proxies,
     )
     listeners: list[APIListener] = []
-    dns_service = (
-        DNSServerService(
-            reactor,
-            zone,
-            config.dns.listen,
-            on_rcode=metrics.dns_answer,
-            on_refusal=metrics.refusal,
-            rrl=make_rrl(config.dns.rrl, reactor, metrics.dns_rrl),
-            nsid=nsid_bytes(config.dns.nsid) if config.dns.nsid else None,
-            # In the state database: instances sharing it agree, and a restart keeps
-            # the cookies resolvers hold valid.
-            cookies=ServerCookies(store.db.secret(COOKIE_SECRET, 16), reactor.seconds)
-            if config.dns.cookies
-            else None,
-            transfer_keys=keys_of(config.dns.secondaries),
-        )
-        if config.dns.listen
-        else None
-    )
     health = readiness(issuer, listeners, dns_service, store, str(state.path))
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
@@ -414,6 +468,8 @@ def build_service(
         listener.setServiceParent(collection)
         listeners.append(listener)
     AccountService(issuer).setServiceParent(collection)
+    if isinstance(publisher, CheckedPublisher) and isinstance(publisher.checker.query, TXTQuerier):
+        OnStop(publisher.checker.query.close).setServiceParent(collection)
     ca_watch = TimerService(CA_QUIET, issuer.breaker.look_if_quiet, CA_QUIET)
     ca_watch.clock = reactor
     ca_watch.setServiceParent(collection)

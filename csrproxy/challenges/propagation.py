@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -19,6 +19,7 @@ from twisted.names import dns
 from twisted.names.client import Resolver
 from twisted.python.failure import Failure
 
+from csrproxy.challenges.txtquery import TXTQuerier
 from csrproxy.challenges.zone import challenge_name
 from csrproxy.errors import ConfigError, PublishError
 
@@ -31,52 +32,29 @@ Server = tuple[str, int]
 TXTQuery = Callable[[Server, str, float], "Deferred[list[str]]"]
 
 
-def udp_txt_query(reactor: Any) -> TXTQuery:
-    """A :data:`TXTQuery` over UDP with ``twisted.names`` on ``reactor``.
-
-    Each query binds its own ephemeral UDP port and closes it when answered
-    or timed out; nothing is cached.
-    """
-    resolvers: dict[Server, Resolver] = {}
-
-    def query(server: Server, name: str, timeout: float) -> Deferred[list[str]]:
-        resolver = resolvers.get(server)
-        if resolver is None:
-            resolver = resolvers[server] = Resolver(servers=[server], reactor=reactor)
-        d = resolver.queryUDP([dns.Query(name, dns.TXT, dns.IN)], timeout=(timeout,))
-        return cast("Deferred[list[str]]", d.addCallback(_txt_values, name))
-
-    return query
+def udp_txt_query(reactor: Any) -> TXTQuerier:
+    """A :data:`TXTQuery` over UDP on ``reactor``: a :class:`TXTQuerier` (one UDP port per
+    address family, nothing cached; ``close()`` it when done)."""
+    return TXTQuerier(reactor)
 
 
-def _txt_values(message: dns.Message, name: str) -> list[str]:
-    if message.rCode != dns.OK:
-        return []
-    wanted = dns.Name(name.rstrip(".")).name.lower()
-    out: list[str] = []
-    for rr in message.answers:
-        payload = rr.payload
-        if isinstance(payload, dns.Record_TXT) and rr.name.name.lower() == wanted:
-            out.append(b"".join(payload.data).decode("ascii", "replace"))
-    return out
-
-
-def parse_server(text: str, default_port: int = 53) -> Server:
-    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as ``(host, port)``."""
+def parse_server(
+    text: str, default_port: int = 53, key: str = "dns.powerdns.check_servers"
+) -> Server:
+    """``host``, ``host:port``, ``[v6]:port`` or a bare IPv6 address, as ``(host, port)``;
+    a bad one raises ``ConfigError(key, ...)``."""
     spec = text.strip()
     host, port = spec, str(default_port)
     if spec.startswith("["):
         end = spec.find("]")
         host, rest = spec[1:end], spec[end + 1 :]
         if end < 0 or (rest and not rest.startswith(":")):
-            raise ConfigError("dns.powerdns.check_servers", f"bad server {text!r}")
+            raise ConfigError(key, f"bad server {text!r}")
         port = rest[1:] or port
     elif spec.count(":") == 1:
         host, port = spec.split(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(
-            "dns.powerdns.check_servers", f"bad server {text!r}: want host:port or [v6]:port"
-        )
+        raise ConfigError(key, f"bad server {text!r}: want host:port or [v6]:port")
     return host, int(port)
 
 
@@ -89,38 +67,38 @@ def _is_address(host: str) -> bool:
 
 
 async def _resolve_servers(
-    check_servers: Sequence[str], zone: str, resolver: Any | None
+    check_servers: Sequence[str], zone: str, resolver: Any | None, key: str
 ) -> list[Server]:
     if check_servers:
-        wanted = [parse_server(s) for s in check_servers]
+        wanted = [parse_server(s, key=key) for s in check_servers]
     else:
         if resolver is None:
             raise ConfigError(
-                "dns.powerdns.check_servers", "empty, and no resolver to find the zone's NS"
+                key, "empty, and no resolver to find the zone's NS"
             )
         try:
             answers, _, _ = await resolver.lookupNameservers(zone.rstrip("."))
         except Exception as e:
             raise ConfigError(
-                "dns.powerdns.check_servers", f"empty, and the NS of {zone} cannot be found: {e}"
+                key, f"empty, and the NS of {zone} cannot be found: {e}"
             ) from e
         wanted = sorted(
             {(str(rr.payload.name), 53) for rr in answers if rr.type == dns.NS},
         )
         if not wanted:
-            raise ConfigError("dns.powerdns.check_servers", f"empty, and {zone} has no NS records")
+            raise ConfigError(key, f"empty, and {zone} has no NS records")
     out: list[Server] = []
     for host, port in wanted:
         if _is_address(host):
             address = host
         elif resolver is None:
-            raise ConfigError("dns.powerdns.check_servers", f"cannot resolve {host}: no resolver")
+            raise ConfigError(key, f"cannot resolve {host}: no resolver")
         else:
             try:
                 address = str(await resolver.getHostByName(host))
             except Exception as e:
                 raise ConfigError(
-                    "dns.powerdns.check_servers", f"cannot resolve {host}: {e}"
+                    key, f"cannot resolve {host}: {e}"
                 ) from e
         if (address, port) not in out:
             out.append((address, port))
@@ -128,16 +106,19 @@ async def _resolve_servers(
 
 
 def resolve_check_servers(
-    check_servers: Sequence[str], zone: str, resolver: Any | None = None
+    check_servers: Sequence[str],
+    zone: str,
+    resolver: Any | None = None,
+    key: str = "dns.powerdns.check_servers",
 ) -> Deferred[list[Server]]:
     """The ``(address, port)`` pairs to check: ``check_servers`` (``host:port``) with host
     names resolved, or, when empty, the addresses of ``zone``'s NS names on port 53.
 
     ``resolver`` is an ``twisted.internet.interfaces.IResolver`` (e.g.
     :func:`system_resolver`); it is only needed when a name must be looked up.
-    Fails with :class:`ConfigError`.
+    Fails with :class:`ConfigError` naming ``key``.
     """
-    return Deferred.fromCoroutine(_resolve_servers(check_servers, zone, resolver))
+    return Deferred.fromCoroutine(_resolve_servers(check_servers, zone, resolver, key))
 
 
 def system_resolver(reactor: Any) -> Any:
@@ -162,7 +143,8 @@ class PropagationChecker:
 
     ``servers`` is a list of ``(address, port)``, or a function giving a
     Deferred list (e.g. ``lambda: resolve_check_servers(...)``), called on
-    first use and again after it failed.
+    first use and again after it failed. ``on_served(seconds)`` is called with the
+    time each value took to be served by them all (the time the check adds).
     """
 
     def __init__(
@@ -176,8 +158,10 @@ class PropagationChecker:
         max_delay: float = 2.0,
         query_timeout: float = 1.0,
         backend: str = "powerdns",
+        on_served: Callable[[float], None] | None = None,
     ) -> None:
         self.clock = clock
+        self.on_served = on_served
         self.query = query
         self._find_servers: Callable[[], Deferred[list[Server]]] | None = None
         self.servers: list[Server] | None = None
@@ -271,13 +255,16 @@ class _Wait:
             )
             if not self.pending:
                 self._stop()
+                elapsed = self.clock.seconds() - self.started
                 log.info(
                     "{name} served by all {count} servers after {elapsed:.2f}s",
                     name=self.name,
                     count=len(self.servers),
-                    elapsed=self.clock.seconds() - self.started,
+                    elapsed=elapsed,
                     backend=self.checker.backend,
                 )
+                if self.checker.on_served is not None:
+                    self.checker.on_served(elapsed)
                 self.result.callback(None)
             return
         else:

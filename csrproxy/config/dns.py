@@ -38,6 +38,7 @@ def parse_dns(dns: Table) -> DNSConfig:
         nsid=parse_nsid(dns),
         cookies=dns.get("cookies", bool, DNSConfig.cookies),
         secondaries=parse_secondaries(dns),
+        check_timeout=dns.positive("check_timeout", DNSConfig.check_timeout),
     )
     dns.done()
     return config
@@ -102,18 +103,22 @@ def parse_secondary(table: Table) -> SecondaryConfig:
         raise table.error("tsig_secret", "is not base64") from None
     if len(secret) < MIN_SECRET:
         raise table.error("tsig_secret", f"must be at least {MIN_SECRET} bytes, not {len(secret)}")
-    check = table.get("check", str, None)
-    if check is not None:
-        host, colon, port = check.strip().rpartition(":")
+    # Where the secondary serves the zone: by default where NOTIFY goes; "" skips it.
+    default_check = f"[{address}]" if ":" in address else address
+    check: str | None = table.get("check", str, f"{default_check}:{notify_port}").strip()
+    if check:
+        host, colon, port = check.rpartition(":")
         if not colon or not port.isdigit() or not 1 <= int(port) <= 65535 or not host:
-            raise table.error("check", f"must be host:port, not {check!r}")
+            raise table.error("check", f"must be host:port or [v6]:port, not {check!r}")
+    else:
+        check = None
     config = SecondaryConfig(
         address=address,
         tsig_name=name,
         tsig_secret=secret,
         tsig_algorithm=algorithm,
         notify_port=notify_port,
-        check=check.strip() if check is not None else None,
+        check=check,
     )
     table.done()
     return config

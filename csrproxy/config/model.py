@@ -119,7 +119,8 @@ class SecondaryConfig:
     tsig_secret: bytes = field(repr=False)
     tsig_algorithm: str = "hmac-sha256"
     notify_port: int = 53
-    #: ``host:port`` where a challenge value must be seen (not used yet).
+    #: ``host:port`` where a challenge value must be seen before the challenge is
+    #: answered (default ``address:notify_port``); None: not checked.
     check: str | None = None
 
 
@@ -141,6 +142,9 @@ class DNSConfig:
     cookies: bool = True
     #: Secondaries that may transfer the zone by AXFR with their TSIG key.
     secondaries: tuple[SecondaryConfig, ...] = ()
+    #: With secondaries: how long every name server may take to serve a challenge value
+    #: before the order fails (seconds).
+    check_timeout: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -68,9 +68,10 @@ class _NotifyProtocol(DatagramProtocol):
 class ZoneNotifier(Service):
     """Sends NOTIFY for ``zone`` to each of ``secondaries`` (``SecondaryConfig``s).
 
-    ``startService`` binds the UDP ports (none when there are no secondaries) and
-    starts listening to the zone's serial; ``stopService`` stops both and cancels
-    the retries. ``given_up`` counts the NOTIFYs never answered.
+    ``startService`` binds the UDP ports (none when there are no secondaries), starts
+    listening to the zone's serial and notifies every secondary of the serial at start;
+    ``stopService`` stops both and cancels the retries. ``given_up`` counts the NOTIFYs
+    never answered.
     """
 
     def __init__(self, reactor: Any, zone: ChallengeZone, secondaries: Sequence[Any]) -> None:
@@ -104,6 +105,8 @@ class ZoneNotifier(Service):
                 0, protocol, interface=interface, maxPacketSize=MAX_REPLY
             )
         self._stop_listening = self.zone.on_serial(self.serial_changed)
+        # A restart may follow changes the secondaries missed (or new static records).
+        self.serial_changed(self.zone.serial)
 
     def stopService(self) -> Deferred[None]:
         cast(Any, super()).stopService()

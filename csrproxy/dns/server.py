@@ -121,12 +121,20 @@ class DNSServerService(Service):
             transfers=ZoneTransfers(reactor, zone, transfer_keys or {}),
         )
         self.ports: list[IListeningPort] = []
+        #: ``(host, port)`` of each UDP listener once bound.
+        self.udp_addresses: list[tuple[str, int]] = []
         self._bound = False
 
     @property
     def connections(self) -> set[DNSStreamProtocol]:
         """The open TCP connections."""
         return self.factory.connections
+
+    def served_at(self) -> list[tuple[str, int]]:
+        """Where a client reaches the zone: each UDP listener, a wildcard address as the
+        loopback address of its family."""
+        wildcard = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+        return [(wildcard.get(host, host), port) for host, port in self.udp_addresses]
 
     def privilegedStartService(self) -> None:
         cast(Any, super()).privilegedStartService()
@@ -146,6 +154,7 @@ class DNSServerService(Service):
             for opened in self.ports:
                 cast(Any, opened).stopListening()
             self.ports = []
+            self.udp_addresses = []
             raise
         self._bound = True
 
@@ -162,16 +171,16 @@ class DNSServerService(Service):
             except CannotListenError as e:
                 raise ListenError(spec, f"UDP: {e.socketError}") from e
             _grow_receive_buffer(udp)
+            bound = udp.getHost().port
             try:
                 # Port 0: TCP takes the port number the kernel gave UDP.
-                tcp = self.reactor.listenTCP(
-                    udp.getHost().port, self.factory, backlog=128, interface=host
-                )
+                tcp = self.reactor.listenTCP(bound, self.factory, backlog=128, interface=host)
             except CannotListenError as e:
                 udp.stopListening()
                 if attempt + 1 < attempts:
                     continue
                 raise ListenError(spec, f"TCP: {e.socketError}") from e
+            self.udp_addresses.append((host, bound))
             return [udp, tcp]
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -179,6 +188,7 @@ class DNSServerService(Service):
         cast(Any, super()).stopService()
         closing = [maybeDeferred(cast(Any, port).stopListening) for port in self.ports]
         self.ports = []
+        self.udp_addresses = []
         self._bound = False
         for connection in list(self.connections):
             closing.append(connection.closed)

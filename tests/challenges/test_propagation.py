@@ -17,11 +17,11 @@ from csrproxy.challenges.propagation import (
     CheckedPublisher,
     PropagationChecker,
     Server,
-    _txt_values,
     parse_server,
     resolve_check_servers,
     system_resolver,
 )
+from csrproxy.challenges.txtquery import txt_values
 from csrproxy.errors import ConfigError, PublishError
 
 NAME = "_acme-challenge.a.go.example.test"
@@ -295,5 +295,5 @@ class WireTests(SynchronousTestCase):
             dns.RRHeader("other.test", dns.TXT, payload=dns.Record_TXT(b"zz")),
             dns.RRHeader(NAME, dns.A, payload=dns.Record_A("192.0.2.1")),
         ]
-        self.assertEqual(_txt_values(m, NAME + "."), ["abcd"])
-        self.assertEqual(_txt_values(dns.Message(rCode=dns.ENAME), NAME), [])
+        self.assertEqual(txt_values(m, NAME + "."), ["abcd"])
+        self.assertEqual(txt_values(dns.Message(rCode=dns.ENAME), NAME), [])

@@ -56,9 +56,24 @@ class SecondariesConfigTests(SynchronousTestCase):
         entry = secondary(notify_port=None, tsig_algorithm=None, check=None, address="2001:db8::1")
         (found,) = parse_config(with_secondaries(entry)).dns.secondaries
         self.assertEqual(
-            (found.notify_port, found.tsig_algorithm, found.check), (53, "hmac-sha256", None)
+            (found.notify_port, found.tsig_algorithm, found.check),
+            (53, "hmac-sha256", "[2001:db8::1]:53"),
         )
         self.assertEqual(found.address, "2001:db8::1")
+
+    def test_check_defaults_to_the_notify_address_and_empty_skips_it(self) -> None:
+        (found,) = parse_config(with_secondaries(secondary(check=None))).dns.secondaries
+        self.assertEqual(found.check, "192.0.2.53:5300")
+        (found,) = parse_config(with_secondaries(secondary(check=""))).dns.secondaries
+        self.assertIsNone(found.check)
+
+    def test_check_timeout(self) -> None:
+        self.assertEqual(parse_config(minimal()).dns.check_timeout, 60.0)
+        data = minimal()
+        data["dns"]["check_timeout"] = 5
+        self.assertEqual(parse_config(data).dns.check_timeout, 5.0)
+        data["dns"]["check_timeout"] = 0
+        self.assertKey(data, "dns.check_timeout")
 
     def test_algorithms_are_the_ones_tsig_signs_with(self) -> None:
         from csrproxy.dns.tsig import ALGORITHMS

@@ -36,7 +36,11 @@ START = 1_800_000_000.0
 
 
 def make_zone() -> ChallengeZone:
-    zone = ChallengeZone(ORIGIN, ["ns1." + ORIGIN], ["@ A 127.0.0.1", "* A 127.0.0.1"])
+    zone = ChallengeZone(
+        ORIGIN, ["ns1." + ORIGIN], ["@ A 127.0.0.1", "* A 127.0.0.1"],
+        serial=1_000,
+        clock=lambda: 2_000.0,
+    )
     zone.add_txt(CHALLENGE, "token")
     return zone
 

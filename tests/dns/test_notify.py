@@ -99,6 +99,13 @@ class NotifierCase(SynchronousTestCase):
         self.notifier = ZoneNotifier(self.reactor, self.zone, self.secondaries)
         self.notifier.startService()
         self.addCleanup(self.notifier.stopService)
+        self.started = {host: self.sent(host) for host in ("192.0.2.53", "2001:db8::53")}
+        # The NOTIFY of the serial at start, answered: the tests begin from a quiet state.
+        for host, port in (("192.0.2.53", 5300), ("2001:db8::53", 53)):
+            [message] = self.started[host]
+            self.reply(host, port, message)
+        for bound in self.reactor.udp:
+            bound.written.clear()
         self.logged = EventLoggingObserver()
         globalLogPublisher.addObserver(self.logged)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged)
@@ -120,6 +127,16 @@ class NotifierCase(SynchronousTestCase):
     def reply(self, host: str, port: int, message: dns.message.Message) -> None:
         for bound in self.reactor.udp:
             bound.protocol.datagramReceived(answer(message), (host, port))
+
+    def test_start_notifies_the_serial_at_start(self) -> None:
+        for host in ("192.0.2.53", "2001:db8::53"):
+            [message] = self.started[host]
+            self.assertTrue(message.had_tsig)
+            self.assertEqual(message.opcode(), dns.opcode.NOTIFY)
+            self.assertEqual(message.answer[0][0].serial, 1_000)
+        self.pump(100)
+        self.assertEqual(self.sent("192.0.2.53"), [])
+        self.assertEqual(self.notifier.given_up, 0)
 
     def test_change_sends_signed_notify_to_each_secondary(self) -> None:
         self.assertEqual(sorted(port.interface for port in self.reactor.udp), ["0.0.0.0", "::"])
@@ -295,9 +312,9 @@ class LoopbackCase(TestCase):
                 acknowledged.callback(None)
 
         self.patch(notifier, "_received", seen)
+        zone.add_txt(CHALLENGE, "value")  # before the start: its NOTIFY carries the change
         notifier.startService()
         self.addCleanup(notifier.stopService)
-        zone.add_txt(CHALLENGE, "value")
 
         def check(_: None) -> None:
             self.assertEqual(len(secondary.received), 2)

@@ -89,9 +89,11 @@ class PowerDNSIntegration(TestCase):
 
     def checker(self, timeout: float = 10.0) -> PropagationChecker:
         reactor = the_reactor()
+        query = udp_txt_query(reactor)
+        self.addCleanup(query.close)
         return PropagationChecker(
             reactor,
-            udp_txt_query(reactor),
+            query,
             [("127.0.0.1", self.pdns.dns_port)],
             timeout=timeout,
         )
