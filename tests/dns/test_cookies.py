@@ -16,6 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.dns.cookies import (
     COOKIE,
+    DEFAULT_ROTATION,
+    MAX_AGE,
+    MIN_ROTATION,
     NSID,
     MalformedCookie,
     ServerCookies,
@@ -226,6 +229,93 @@ class CookieTests(SynchronousTestCase):
         reply = server.ask(query(cookie=CLIENT, nsid=True))
         assert reply is not None
         self.assertEqual(set(options_of(reply)), {COOKIE, NSID})
+
+
+class RotationTests(SynchronousTestCase):
+    """The secret of each period derived from the master: current and previous accepted."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        # Ten seconds before a period ends.
+        self.clock.advance((int(START) // DEFAULT_ROTATION + 1) * DEFAULT_ROTATION - 10)
+        self.cookies = ServerCookies(SECRET, self.clock.seconds)
+
+    def test_previous_period_valid_and_refreshed(self) -> None:
+        cookie, valid = self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertFalse(valid)
+        self.assertEqual(self.cookies.answer(cookie, "192.0.2.1"), (cookie, True))
+        self.clock.advance(20)  # the next period, the cookie 20 s old
+        refreshed, valid = self.cookies.answer(cookie, "192.0.2.1")
+        self.assertTrue(valid)
+        self.assertNotEqual(refreshed, cookie)
+        self.assertEqual(refreshed[:8], CLIENT)
+        self.assertEqual(self.cookies.answer(refreshed, "192.0.2.1"), (refreshed, True))
+        # Valid up to MAX_AGE, then replaced like any stale cookie.
+        self.clock.advance(MAX_AGE - 20)
+        self.assertTrue(self.cookies.answer(cookie, "192.0.2.1")[1])
+        self.clock.advance(1)
+        self.assertFalse(self.cookies.answer(cookie, "192.0.2.1")[1])
+
+    def test_two_periods_old_secret_invalid(self) -> None:
+        now = int(self.clock.seconds())
+        old = Clock()
+        old.advance(self.clock.seconds() - 2 * DEFAULT_ROTATION)
+        # A fresh timestamp under the secret of two periods ago: the hash fails.
+        forged = CLIENT + ServerCookies(SECRET, old.seconds).fresh(CLIENT, "192.0.2.1", now)
+        self.assertFalse(self.cookies.answer(forged, "192.0.2.1")[1])
+        last = Clock()
+        last.advance(self.clock.seconds() - DEFAULT_ROTATION)
+        previous = CLIENT + ServerCookies(SECRET, last.seconds).fresh(CLIENT, "192.0.2.1", now)
+        self.assertTrue(self.cookies.answer(previous, "192.0.2.1")[1])
+
+    def test_derived_from_the_master_alone(self) -> None:
+        # Another instance (or this one restarted) with the same master agrees.
+        cookie, _ = self.cookies.answer(CLIENT, "192.0.2.1")
+        other = ServerCookies(bytes(SECRET), self.clock.seconds)
+        self.assertEqual(other.answer(CLIENT, "192.0.2.1")[0], cookie)
+        self.assertEqual(other.answer(cookie, "192.0.2.1"), (cookie, True))
+        self.clock.advance(20)
+        restarted = ServerCookies(SECRET, self.clock.seconds)
+        self.assertTrue(restarted.answer(cookie, "192.0.2.1")[1])
+        self.assertEqual(
+            restarted.answer(CLIENT, "192.0.2.1")[0], self.cookies.answer(CLIENT, "192.0.2.1")[0]
+        )
+        self.assertEqual(other.key(7), self.cookies.key(7))
+        self.assertNotEqual(other.key(7), other.key(8))
+        self.assertNotEqual(ServerCookies(b"\xff" * 16, self.clock.seconds).key(7), other.key(7))
+
+    def test_keys_derived_once_per_period(self) -> None:
+        derived: list[int] = []
+        key = self.cookies.key
+
+        def counting(period: int) -> bytes:
+            derived.append(period)
+            return key(period)
+
+        self.cookies.key = counting  # type: ignore[method-assign]
+        for _ in range(100):
+            self.cookies.answer(CLIENT, "192.0.2.1")
+        period = int(self.clock.seconds()) // DEFAULT_ROTATION
+        self.assertEqual(derived, [period - 1, period])
+        self.clock.advance(20)
+        for _ in range(100):
+            self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertEqual(derived, [period - 1, period, period + 1])
+        self.clock.advance(5 * DEFAULT_ROTATION)  # a jump: both again
+        self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertEqual(derived[3:], [period + 5, period + 6])
+
+    def test_rotation_configurable_with_a_floor(self) -> None:
+        clock = Clock()
+        clock.advance(MIN_ROTATION - 5)
+        short = ServerCookies(SECRET, clock.seconds, rotation=MIN_ROTATION)
+        cookie, _ = short.answer(CLIENT, "192.0.2.1")
+        clock.advance(10)
+        self.assertTrue(short.answer(cookie, "192.0.2.1")[1])
+        stamp = struct.unpack_from("!I", cookie, 12)[0]
+        self.assertNotEqual(short.fresh(CLIENT, "192.0.2.1", stamp), cookie[8:])  # a new secret
+        with self.assertRaises(ValueError):
+            ServerCookies(SECRET, clock.seconds, rotation=MIN_ROTATION - 1)
 
 
 class CacheTests(SynchronousTestCase):
