@@ -135,6 +135,11 @@ class ServerCookies:
                     return client + self._fresh(current, client, host, now), True
         return client + self._fresh(current, client, host, now), False
 
+    def option(self, option: bytes, host: str) -> tuple[bytes, bool]:
+        """:meth:`answer` encoded as the COOKIE option, and whether it was valid."""
+        data, valid = self.answer(option, host)
+        return option_bytes(COOKIE, data), valid
+
     def fresh(self, client: bytes, host: str, now: int) -> bytes:
         """A new server cookie for ``client`` from ``host`` with timestamp ``now``, under
         the current period's secret."""
