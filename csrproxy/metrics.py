@@ -225,4 +225,5 @@ RCODES = {
     4: "NOTIMP",
     5: "REFUSED",
     16: "BADVERS",
+    23: "BADCOOKIE",
 }

@@ -362,9 +362,12 @@ def build_service(
             nsid=nsid_bytes(config.dns.nsid) if config.dns.nsid else None,
             # In the state database: instances sharing it agree, and a restart keeps
             # the cookies resolvers hold valid.
-            cookies=ServerCookies(store.db.secret(COOKIE_SECRET, 16), reactor.seconds)
+            cookies=ServerCookies(
+                store.db.secret(COOKIE_SECRET, 16), reactor.seconds, config.dns.cookie_rotation
+            )
             if config.dns.cookies
             else None,
+            require_cookies=config.dns.require_cookies,
             transfer_keys=keys_of(config.dns.secondaries),
         )
         if config.dns.listen

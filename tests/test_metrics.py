@@ -27,3 +27,13 @@ def test_readiness_gauges() -> None:
     assert 'csrproxy_ready{check="store"} 1.0' in text
     state["store"] = False
     assert 'csrproxy_ready{check="store"} 0.0' in metrics.render().decode()
+
+
+def test_dns_rcodes_named_extended_ones_included() -> None:
+    m = Metrics()
+    for rcode in (0, 0, 16, 23):
+        m.dns_answer(rcode)
+    text = m.render().decode()
+    assert 'csrproxy_dns_queries_total{rcode="NOERROR"} 2.0' in text
+    assert 'csrproxy_dns_queries_total{rcode="BADVERS"} 1.0' in text
+    assert 'csrproxy_dns_queries_total{rcode="BADCOOKIE"} 1.0' in text

@@ -43,6 +43,7 @@ zone = "go.example.test"
 listen = ["127.0.0.1:0"]
 nameservers = ["ns1.go.example.test"]
 records = ["@ A 127.0.0.1"]
+{dns}
 
 [policy]
 names = ["{{label}}.go.example.test"]
@@ -61,12 +62,12 @@ def walk(service: IService) -> Iterator[IService]:
 
 
 class WiringTests(SynchronousTestCase):
-    def build(self, extra: str = "") -> IService:
+    def build(self, extra: str = "", dns: str = "") -> IService:
         work = tempfile.mkdtemp(prefix="csrproxy-test-wiring-")
         self.addCleanup(shutil.rmtree, work, True)
         path = f"{work}/csrproxy.toml"
         with open(path, "w") as f:
-            f.write(CONFIG.format(state=f"{work}/state") + extra)
+            f.write(CONFIG.format(state=f"{work}/state", dns=dns) + extra)
         # makeService takes SIGHUP over (ignored until the daemon's handler runs).
         self.addCleanup(signal.signal, signal.SIGHUP, signal.getsignal(signal.SIGHUP))
         options = tap.Options()
@@ -116,4 +117,14 @@ class WiringTests(SynchronousTestCase):
         self.assertIsInstance(cookies, ServerCookies)
         assert cookies is not None
         self.assertEqual(state.store.db.existing_secret(COOKIE_SECRET), cookies.secret)
+        self.assertEqual(cookies.rotation, 86400)
+        self.assertFalse(dns_service.factory.require_cookies)
+
+    def test_dns_cookie_rotation_and_require_passed_on(self) -> None:
+        top = self.build(dns="cookie_rotation = 7200\nrequire_cookies = true\n")
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        cookies = dns_service.factory.cookies
+        assert cookies is not None
+        self.assertEqual(cookies.rotation, 7200)
+        self.assertTrue(dns_service.factory.require_cookies)
         self.assertIsNone(dns_service.factory.nsid)

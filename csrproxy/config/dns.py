@@ -9,7 +9,7 @@ import ipaddress
 
 from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig, SecondaryConfig
 from csrproxy.config.reader import Table
-from csrproxy.dns.cookies import MAX_NSID, nsid_bytes
+from csrproxy.dns.cookies import MAX_NSID, MIN_ROTATION, nsid_bytes
 
 BACKENDS = ("builtin", "powerdns")
 
@@ -37,11 +37,25 @@ def parse_dns(dns: Table) -> DNSConfig:
         rrl=parse_rrl(dns.table("rrl", required=False)),
         nsid=parse_nsid(dns),
         cookies=dns.get("cookies", bool, DNSConfig.cookies),
+        cookie_rotation=parse_cookie_rotation(dns),
+        require_cookies=dns.get("require_cookies", bool, DNSConfig.require_cookies),
         secondaries=parse_secondaries(dns),
         check_timeout=dns.positive("check_timeout", DNSConfig.check_timeout),
     )
+    if config.require_cookies and not config.cookies:
+        raise dns.error("require_cookies", "needs cookies = true (no cookies to require)")
     dns.done()
     return config
+
+
+def parse_cookie_rotation(dns: Table) -> int:
+    rotation = dns.get("cookie_rotation", int, DNSConfig.cookie_rotation)
+    if rotation < MIN_ROTATION:
+        raise dns.error(
+            "cookie_rotation",
+            f"must be at least {MIN_ROTATION} seconds (twice a cookie's lifetime), not {rotation}",
+        )
+    return rotation
 
 
 def parse_nsid(dns: Table) -> str | None:

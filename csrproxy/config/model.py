@@ -140,6 +140,12 @@ class DNSConfig:
     nsid: str | None = None
     #: Answer DNS cookies (RFC 7873/9018); a valid server cookie bypasses [dns.rrl].
     cookies: bool = True
+    #: Seconds each server-cookie secret (derived from the stored one) is current; the
+    #: previous one is accepted too. At least 7200 (twice a cookie's hour of validity).
+    cookie_rotation: int = 86400
+    #: BADCOOKIE to UDP queries with a client cookie but no valid server cookie (RFC
+    #: 7873 5.2.3); queries without a cookie and TCP are answered. Needs cookies.
+    require_cookies: bool = False
     #: Secondaries that may transfer the zone by AXFR with their TSIG key.
     secondaries: tuple[SecondaryConfig, ...] = ()
     #: With secondaries: how long every name server may take to serve a challenge value

@@ -6,6 +6,15 @@ IP under the server's secret. RFC 9018 names SipHash-2-4 so that servers of diff
 makes behind one anycast address can share a secret; every csrproxy sharing a state
 database uses this code and that database's secret, so the hash is keyed BLAKE2b
 (``hashlib``, one C call) instead: a keyed PRF like SipHash, with no pure-Python cost.
+
+The secret is rotated (RFC 9018 5, RFC 7873 7.1) without any database write: the stored
+secret is a master, and the secret of period ``p = floor(now / rotation)`` is a keyed
+hash of ``p`` under it, the same on every instance sharing the database and after a
+restart. New cookies are made under the current period's secret; a cookie verifies under
+the current or the previous one (then answered with a fresh cookie under the current).
+With ``rotation`` at least ``MIN_ROTATION`` (twice ``MAX_AGE``) a cookie's secret is
+still current or previous for the cookie's whole life, clock skew of ``MAX_AHEAD``
+between instances included.
 """
 
 from __future__ import annotations
@@ -30,6 +39,11 @@ SERVER_COOKIE = 16
 MAX_AGE = 3600
 MAX_AHEAD = 300
 REFRESH_AGE = 1800
+# [dns] cookie_rotation: seconds a derived secret is current, by default and at least.
+DEFAULT_ROTATION = 86400
+MIN_ROTATION = 2 * MAX_AGE
+# RFC 7873 8: the extended rcode BADCOOKIE (rcode 7 in the header, 1 in the OPT).
+BADCOOKIE = 23
 # The longest [dns] nsid (BIND allows about as much).
 MAX_NSID = 128
 # The most our EDNS options add to a reply: a COOKIE and an NSID.
@@ -43,16 +57,42 @@ class MalformedCookie(ValueError):
 
 
 class ServerCookies:
-    """Makes and checks RFC 9018 server cookies under ``secret`` (16 to 64 bytes)."""
+    """Makes and checks RFC 9018 server cookies under secrets derived from ``secret``
+    (the master, 16 to 64 bytes), a new one every ``rotation`` seconds (at least
+    ``MIN_ROTATION``) of ``seconds()``; the current and previous ones are cached."""
 
-    def __init__(self, secret: bytes, seconds: Callable[[], float]) -> None:
+    def __init__(
+        self, secret: bytes, seconds: Callable[[], float], rotation: int = DEFAULT_ROTATION
+    ) -> None:
         if not 16 <= len(secret) <= 64:
             raise ValueError("a cookie secret is 16 to 64 bytes")
+        if rotation < MIN_ROTATION:
+            raise ValueError(f"a cookie secret rotates every {MIN_ROTATION} seconds at least")
         self.secret = secret
+        self.rotation = rotation
         self._seconds = seconds
         self._packed: dict[str, bytes] = {}
+        self._period: int | None = None
+        self._current = self._previous = b""
 
-    def _hash(self, client: bytes, head: bytes, host: str) -> bytes:
+    def key(self, period: int) -> bytes:
+        """The secret of ``period`` (``floor(seconds / rotation)``), derived from the master."""
+        return hashlib.blake2b(
+            struct.pack("!q", period), key=self.secret, digest_size=32, person=b"csrproxy-cookie"
+        ).digest()
+
+    def _keys(self, seconds: float) -> tuple[bytes, bytes]:
+        # The current and previous periods' secrets, derived once per period change.
+        period = int(seconds // self.rotation)
+        if period != self._period:
+            if self._period is not None and period == self._period + 1:
+                self._previous, self._current = self._current, self.key(period)
+            else:
+                self._previous, self._current = self.key(period - 1), self.key(period)
+            self._period = period
+        return self._current, self._previous
+
+    def _hash(self, key: bytes, client: bytes, head: bytes, host: str) -> bytes:
         packed = self._packed.get(host)
         if packed is None:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -63,35 +103,51 @@ class ServerCookies:
             if len(self._packed) >= PACKED_CACHE:
                 self._packed.clear()
             self._packed[host] = packed
-        return hashlib.blake2b(client + head + packed, key=self.secret, digest_size=8).digest()
+        return hashlib.blake2b(client + head + packed, key=key, digest_size=8).digest()
 
     def answer(self, option: bytes, host: str) -> tuple[bytes, bool]:
         """The COOKIE option data to send back to ``host``, and whether ``option`` held a
         valid server cookie (the query then bypasses rate limiting).
 
-        Raises :class:`MalformedCookie` for a length RFC 7873 5.2.2 forbids.
+        A valid cookie is echoed unless it is over ``REFRESH_AGE`` old or made under the
+        previous period's secret: it is then answered with a fresh one. Raises
+        :class:`MalformedCookie` for a length RFC 7873 5.2.2 forbids.
         """
         length = len(option)
         if length != CLIENT_COOKIE and not MIN_COOKIE <= length <= MAX_COOKIE:
             raise MalformedCookie(length)
         client = option[:CLIENT_COOKIE]
-        now = int(self._seconds()) & 0xFFFFFFFF
+        seconds = self._seconds()
+        now = int(seconds) & 0xFFFFFFFF
+        current, previous = self._keys(seconds)
         if length == CLIENT_COOKIE + SERVER_COOKIE and option[8] == VERSION:
             head = option[8:16]
             # Serial-number arithmetic (RFC 1982): the timestamp wraps in 2106.
             age = (now - struct.unpack_from("!I", option, 12)[0] + 0x80000000) % (
                 1 << 32
             ) - 0x80000000
-            if -MAX_AHEAD <= age <= MAX_AGE and self._hash(client, head, host) == option[16:]:
-                if age <= REFRESH_AGE:
-                    return option, True
-                return client + self.fresh(client, host, now), True
-        return client + self.fresh(client, host, now), False
+            if -MAX_AHEAD <= age <= MAX_AGE:
+                if self._hash(current, client, head, host) == option[16:]:
+                    if age <= REFRESH_AGE:
+                        return option, True
+                    return client + self._fresh(current, client, host, now), True
+                if self._hash(previous, client, head, host) == option[16:]:
+                    return client + self._fresh(current, client, host, now), True
+        return client + self._fresh(current, client, host, now), False
+
+    def option(self, option: bytes, host: str) -> tuple[bytes, bool]:
+        """:meth:`answer` encoded as the COOKIE option, and whether it was valid."""
+        data, valid = self.answer(option, host)
+        return option_bytes(COOKIE, data), valid
 
     def fresh(self, client: bytes, host: str, now: int) -> bytes:
-        """A new server cookie for ``client`` from ``host`` at ``now``."""
+        """A new server cookie for ``client`` from ``host`` with timestamp ``now``, under
+        the current period's secret."""
+        return self._fresh(self._keys(self._seconds())[0], client, host, now)
+
+    def _fresh(self, key: bytes, client: bytes, host: str, now: int) -> bytes:
         head = struct.pack("!B3xI", VERSION, now)
-        return head + self._hash(client, head, host)
+        return head + self._hash(key, client, head, host)
 
 
 def option_bytes(code: int, data: bytes) -> bytes:

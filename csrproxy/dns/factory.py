@@ -34,7 +34,7 @@ from csrproxy.dns.cached import (
     served,
     with_options,
 )
-from csrproxy.dns.cookies import COOKIE, MalformedCookie, ServerCookies, option_bytes, reply_options
+from csrproxy.dns.cookies import BADCOOKIE, MalformedCookie, ServerCookies, reply_options
 from csrproxy.dns.limits import TCPLimits
 from csrproxy.dns.messages import (
     AnswerKey,
@@ -71,7 +71,9 @@ class ZoneServerFactory(server.DNSServerFactory):
     ``rrl`` (a :class:`ResponseRateLimiter`) when given: dropped, sent truncated, or sent.
     An empty NSID option is answered with ``nsid`` when given; COOKIE options are
     answered with server cookies by ``cookies`` (a :class:`ServerCookies`) when given,
-    and a reply to a valid server cookie bypasses ``rrl``.
+    and a reply to a valid server cookie bypasses ``rrl``. With ``require_cookies``, a UDP
+    query with a COOKIE but no valid server cookie is answered BADCOOKIE (RFC 7873 5.2.3,
+    5.2.4) with a fresh one; queries without a COOKIE and TCP queries are answered.
     """
 
     protocol = DNSStreamProtocol
@@ -87,6 +89,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         rrl: ResponseRateLimiter | None = None,
         nsid: bytes | None = None,
         cookies: ServerCookies | None = None,
+        require_cookies: bool = False,
         transfers: ZoneTransfers | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
@@ -99,6 +102,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.rrl = rrl
         self.nsid = nsid
         self.cookies = cookies
+        self.require_cookies = require_cookies
         self.transfers = transfers if transfers is not None else ZoneTransfers(reactor, zone, {})
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
@@ -125,12 +129,13 @@ class ZoneServerFactory(server.DNSServerFactory):
         hit, asked, cookie = memo_lookup(memo, packet, self.cookies is not None)
         if hit is not None:
             rcode, end, account = hit[0], hit[1], hit[6]
-            exempt, option = False, b""
+            exempt, option, badcookie = False, b"", False
             if cookie is not None:
                 assert self.cookies is not None
-                data, exempt = self.cookies.answer(cookie, peer_host(protocol, address))
-                option = option_bytes(COOKIE, data)
-            reply = memo_reply(hit, packet, option, address is not None)
+                option, exempt = self.cookies.option(cookie, peer_host(protocol, address))
+                badcookie = not exempt and self.require_cookies and address is not None
+            # BADCOOKIE is parsed and answered below.
+            reply = None if badcookie else memo_reply(hit, packet, option, address is not None)
             if reply is not None:
                 self._deliver(protocol, address, rcode, reply, account, end, exempt)
                 return
@@ -182,14 +187,13 @@ class ZoneServerFactory(server.DNSServerFactory):
             # RFC 6891 6.1.3: BADVERS (16) lives in the OPT's extended rcode.
             self.sendReply(proto, self._error(message, dns.EBADVERSION), address)
             return
-        if (
-            message.opt is not None
-            and message.opt.options
-            and not self._edns_options(message, proto, address)
-        ):
-            # RFC 7873 5.2.2: a COOKIE option of a forbidden length.
-            self.sendReply(proto, self._error(message, dns.EFORMAT), address)
-            return
+        if message.opt is not None and message.opt.options:
+            # RFC 7873: FORMERR for a COOKIE of a forbidden length (5.2.2), BADCOOKIE
+            # when required and no valid server cookie came (5.2.3, 5.2.4).
+            rcode = self._edns_options(message, proto, address)
+            if rcode:
+                self.sendReply(proto, self._error(message, rcode), address)
+                return
         if len(message.queries) != 1:
             self.sendReply(proto, self._error(message, dns.EFORMAT, False), address)
             return
@@ -237,19 +241,23 @@ class ZoneServerFactory(server.DNSServerFactory):
             proto.writeReply(data, address)
         return True
 
-    def _edns_options(self, message: QueryMessage, proto: Any, address: Any) -> bool:
-        """Set the reply's NSID and COOKIE options for ``message``; False if malformed."""
+    def _edns_options(self, message: QueryMessage, proto: Any, address: Any) -> int:
+        """Set the reply's NSID and COOKIE options for ``message``; the rcode answering it
+        instead (FORMERR: a malformed COOKIE; BADCOOKIE: required over UDP), else 0."""
         assert message.opt is not None
         try:
             message.replyOptions, valid = reply_options(
                 message.opt.options, self.nsid, self.cookies, peer_host(proto, address)
             )
         except MalformedCookie:
-            return False
+            return dns.EFORMAT
         if valid is not None:
             message.memoable = False
             message.rrlExempt = valid
-        return True
+            if not valid and self.require_cookies and address is not None:
+                message.bareQuery = b""  # its BADCOOKIE answers no query without a cookie
+                return BADCOOKIE
+        return dns.OK
 
     def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
         """REFUSED for classes but IN and ANY, names outside the zone, IXFR and AXFR but

@@ -77,7 +77,8 @@ class DNSServerService(Service):
     constants of ``csrproxy.dns.limits``); they are logged in one line a second at most.
 
     UDP replies pass ``rrl`` when given (``csrproxy.dns.rrl``: response rate limiting).
-    ``nsid`` and ``cookies`` answer those EDNS options (``csrproxy.dns.cookies``).
+    ``nsid`` and ``cookies`` answer those EDNS options (``csrproxy.dns.cookies``);
+    ``require_cookies``: BADCOOKIE to UDP queries with a COOKIE but no valid server cookie.
     AXFR is answered to the secondaries in ``transfer_keys`` (``csrproxy.dns.transfer``).
     """
 
@@ -96,6 +97,7 @@ class DNSServerService(Service):
         rrl: ResponseRateLimiter | None = None,
         nsid: bytes | None = None,
         cookies: ServerCookies | None = None,
+        require_cookies: bool = False,
         transfer_keys: Keys | None = None,
     ) -> None:
         self.reactor = reactor
@@ -118,6 +120,7 @@ class DNSServerService(Service):
             rrl=rrl,
             nsid=nsid,
             cookies=cookies,
+            require_cookies=require_cookies,
             transfers=ZoneTransfers(reactor, zone, transfer_keys or {}),
         )
         self.ports: list[IListeningPort] = []

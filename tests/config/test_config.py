@@ -287,6 +287,7 @@ class NSIDAndCookieConfigTests(ConfigTestCase):
     def test_defaults(self) -> None:
         config = parse_config(minimal()).dns
         self.assertEqual((config.nsid, config.cookies), (None, True))
+        self.assertEqual((config.cookie_rotation, config.require_cookies), (86400, False))
 
     def test_values_read(self) -> None:
         for nsid in ("ns1", "0x6e7331"):
@@ -294,6 +295,10 @@ class NSIDAndCookieConfigTests(ConfigTestCase):
             data["dns"].update(nsid=nsid, cookies=False)
             config = parse_config(data).dns
             self.assertEqual((config.nsid, config.cookies), (nsid, False))
+        data = minimal()
+        data["dns"].update(cookie_rotation=7200, require_cookies=True)
+        config = parse_config(data).dns
+        self.assertEqual((config.cookie_rotation, config.require_cookies), (7200, True))
 
     def test_bad_values_name_their_key(self) -> None:
         for key, value in [
@@ -303,7 +308,29 @@ class NSIDAndCookieConfigTests(ConfigTestCase):
             ("nsid", "n" * 129),
             ("nsid", 1),
             ("cookies", "yes"),
+            ("cookie_rotation", 7199),
+            ("cookie_rotation", 0),
+            ("cookie_rotation", "1d"),
+            ("cookie_rotation", 86400.5),
+            ("require_cookies", "yes"),
         ]:
             data = minimal()
             data["dns"][key] = value
             self.assertKey(data, f"dns.{key}")
+
+    def test_require_needs_cookies(self) -> None:
+        data = minimal()
+        data["dns"].update(cookies=False, require_cookies=True)
+        self.assertKey(data, "dns.require_cookies")
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertIn("needs cookies = true", str(e.exception))
+        data["dns"]["require_cookies"] = False
+        self.assertFalse(parse_config(data).dns.cookies)
+
+    def test_rotation_floor_explained(self) -> None:
+        data = minimal()
+        data["dns"]["cookie_rotation"] = 3600
+        with self.assertRaises(ConfigError) as e:
+            parse_config(data)
+        self.assertIn("at least 7200 seconds", str(e.exception))

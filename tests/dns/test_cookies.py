@@ -16,6 +16,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.dns.cookies import (
     COOKIE,
+    DEFAULT_ROTATION,
+    MAX_AGE,
+    MIN_ROTATION,
     NSID,
     MalformedCookie,
     ServerCookies,
@@ -84,16 +87,25 @@ class TCPRecorder(ReplyRecorder):
 
 
 class Server:
-    def __init__(self, nsid: bytes | None = None, cookies: bool = True, **limits: Any) -> None:
+    def __init__(
+        self,
+        nsid: bytes | None = None,
+        cookies: bool = True,
+        require: bool = False,
+        **limits: Any,
+    ) -> None:
         self.clock = Clock()
         self.clock.advance(START)
         self.rrl = ResponseRateLimiter(self.clock, slip=0, **limits) if limits else None
+        self.rcodes: list[int] = []
         self.factory = ZoneServerFactory(
             self.clock,
             make_zone(),
+            self.rcodes.append,
             rrl=self.rrl,
             nsid=nsid,
             cookies=ServerCookies(SECRET, self.clock.seconds) if cookies else None,
+            require_cookies=require,
         )
 
     def ask(self, packet: bytes, host: str = "192.0.2.1", tcp: bool = False) -> bytes | None:
@@ -230,6 +242,172 @@ class CookieTests(SynchronousTestCase):
         reply = server.ask(query(cookie=CLIENT, nsid=True))
         assert reply is not None
         self.assertEqual(set(options_of(reply)), {COOKIE, NSID})
+
+
+class RotationTests(SynchronousTestCase):
+    """The secret of each period derived from the master: current and previous accepted."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        # Ten seconds before a period ends.
+        self.clock.advance((int(START) // DEFAULT_ROTATION + 1) * DEFAULT_ROTATION - 10)
+        self.cookies = ServerCookies(SECRET, self.clock.seconds)
+
+    def test_previous_period_valid_and_refreshed(self) -> None:
+        cookie, valid = self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertFalse(valid)
+        self.assertEqual(self.cookies.answer(cookie, "192.0.2.1"), (cookie, True))
+        self.clock.advance(20)  # the next period, the cookie 20 s old
+        refreshed, valid = self.cookies.answer(cookie, "192.0.2.1")
+        self.assertTrue(valid)
+        self.assertNotEqual(refreshed, cookie)
+        self.assertEqual(refreshed[:8], CLIENT)
+        self.assertEqual(self.cookies.answer(refreshed, "192.0.2.1"), (refreshed, True))
+        # Valid up to MAX_AGE, then replaced like any stale cookie.
+        self.clock.advance(MAX_AGE - 20)
+        self.assertTrue(self.cookies.answer(cookie, "192.0.2.1")[1])
+        self.clock.advance(1)
+        self.assertFalse(self.cookies.answer(cookie, "192.0.2.1")[1])
+
+    def test_two_periods_old_secret_invalid(self) -> None:
+        now = int(self.clock.seconds())
+        old = Clock()
+        old.advance(self.clock.seconds() - 2 * DEFAULT_ROTATION)
+        # A fresh timestamp under the secret of two periods ago: the hash fails.
+        forged = CLIENT + ServerCookies(SECRET, old.seconds).fresh(CLIENT, "192.0.2.1", now)
+        self.assertFalse(self.cookies.answer(forged, "192.0.2.1")[1])
+        last = Clock()
+        last.advance(self.clock.seconds() - DEFAULT_ROTATION)
+        previous = CLIENT + ServerCookies(SECRET, last.seconds).fresh(CLIENT, "192.0.2.1", now)
+        self.assertTrue(self.cookies.answer(previous, "192.0.2.1")[1])
+
+    def test_derived_from_the_master_alone(self) -> None:
+        # Another instance (or this one restarted) with the same master agrees.
+        cookie, _ = self.cookies.answer(CLIENT, "192.0.2.1")
+        other = ServerCookies(bytes(SECRET), self.clock.seconds)
+        self.assertEqual(other.answer(CLIENT, "192.0.2.1")[0], cookie)
+        self.assertEqual(other.answer(cookie, "192.0.2.1"), (cookie, True))
+        self.clock.advance(20)
+        restarted = ServerCookies(SECRET, self.clock.seconds)
+        self.assertTrue(restarted.answer(cookie, "192.0.2.1")[1])
+        self.assertEqual(
+            restarted.answer(CLIENT, "192.0.2.1")[0], self.cookies.answer(CLIENT, "192.0.2.1")[0]
+        )
+        self.assertEqual(other.key(7), self.cookies.key(7))
+        self.assertNotEqual(other.key(7), other.key(8))
+        self.assertNotEqual(ServerCookies(b"\xff" * 16, self.clock.seconds).key(7), other.key(7))
+
+    def test_keys_derived_once_per_period(self) -> None:
+        derived: list[int] = []
+        key = self.cookies.key
+
+        def counting(period: int) -> bytes:
+            derived.append(period)
+            return key(period)
+
+        self.cookies.key = counting  # type: ignore[method-assign]
+        for _ in range(100):
+            self.cookies.answer(CLIENT, "192.0.2.1")
+        period = int(self.clock.seconds()) // DEFAULT_ROTATION
+        self.assertEqual(derived, [period - 1, period])
+        self.clock.advance(20)
+        for _ in range(100):
+            self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertEqual(derived, [period - 1, period, period + 1])
+        self.clock.advance(5 * DEFAULT_ROTATION)  # a jump: both again
+        self.cookies.answer(CLIENT, "192.0.2.1")
+        self.assertEqual(derived[3:], [period + 5, period + 6])
+
+    def test_rotation_configurable_with_a_floor(self) -> None:
+        clock = Clock()
+        clock.advance(MIN_ROTATION - 5)
+        short = ServerCookies(SECRET, clock.seconds, rotation=MIN_ROTATION)
+        cookie, _ = short.answer(CLIENT, "192.0.2.1")
+        clock.advance(10)
+        self.assertTrue(short.answer(cookie, "192.0.2.1")[1])
+        stamp = struct.unpack_from("!I", cookie, 12)[0]
+        self.assertNotEqual(short.fresh(CLIENT, "192.0.2.1", stamp), cookie[8:])  # a new secret
+        with self.assertRaises(ValueError):
+            ServerCookies(SECRET, clock.seconds, rotation=MIN_ROTATION - 1)
+
+
+class RequireTests(SynchronousTestCase):
+    """``require_cookies``: a UDP query with a COOKIE but no valid server cookie gets
+    BADCOOKIE and a fresh server cookie (RFC 7873 5.2.3, 5.2.4), and the retry an answer."""
+
+    def assertBadCookie(self, reply: bytes | None, host: str = "192.0.2.1") -> bytes:
+        assert reply is not None
+        message = dns.message.from_wire(reply)
+        self.assertEqual(message.rcode(), dns.rcode.BADCOOKIE)
+        self.assertEqual(reply[3] & 0x0F, 7)  # the header's low bits; the OPT's are 1
+        self.assertEqual(message.ednsflags >> 24, 1)
+        self.assertEqual(message.question[0].name.to_text(), CHALLENGE + ".")
+        self.assertEqual((message.answer, message.authority), ([], []))
+        self.assertTrue(message.flags & dns.flags.QR)
+        cookie = options_of(reply)[COOKIE]
+        self.assertTrue(ServerCookies(SECRET, lambda: START).answer(cookie, host)[1])
+        return cookie
+
+    def assertAnswered(self, reply: bytes | None) -> dns.message.Message:
+        assert reply is not None
+        message = dns.message.from_wire(reply)
+        self.assertEqual(message.rcode(), dns.rcode.NOERROR)
+        self.assertEqual(message.answer[0].to_text()[-7:], '"token"')
+        return message
+
+    def test_client_cookie_only_then_the_retry(self) -> None:
+        server = Server(require=True)
+        for _ in range(2):  # the second after the memo saw both
+            cookie = self.assertBadCookie(server.ask(query(cookie=CLIENT)))
+            self.assertEqual(cookie[:8], CLIENT)
+            message = self.assertAnswered(server.ask(query(cookie=cookie)))
+            self.assertEqual(options_of(message.to_wire())[COOKIE], cookie)
+        self.assertEqual(server.rcodes, [23, 0, 23, 0])
+
+    def test_bad_and_expired_server_cookies(self) -> None:
+        server = Server(require=True)
+        cookie = self.assertBadCookie(server.ask(query(cookie=CLIENT)))
+        forged = cookie[:-1] + bytes((cookie[-1] ^ 1,))
+        self.assertEqual(self.assertBadCookie(server.ask(query(cookie=forged))), cookie)
+        self.assertBadCookie(server.ask(query(cookie=cookie), host="192.0.2.9"), "192.0.2.9")
+        server.clock.advance(3601)
+        reply = server.ask(query(cookie=cookie))
+        assert reply is not None
+        self.assertEqual(dns.message.from_wire(reply).rcode(), dns.rcode.BADCOOKIE)
+        self.assertNotEqual(options_of(reply)[COOKIE], cookie)
+
+    def test_no_cookie_or_tcp_answered(self) -> None:
+        server = Server(require=True)
+        for _ in range(2):
+            self.assertAnswered(server.ask(query()))
+            self.assertAnswered(server.ask(query(cookie=CLIENT), tcp=True))
+            reply = server.ask(query(cookie=CLIENT), tcp=True)
+            assert reply is not None
+            self.assertEqual(len(options_of(reply)[COOKIE]), 24)
+        # Malformed is still FORMERR.
+        reply = server.ask(query(cookie=b"c" * 9))
+        assert reply is not None
+        self.assertEqual(dns.message.from_wire(reply).rcode(), dns.rcode.FORMERR)
+
+    def test_memo_of_the_bare_query_never_answers_badcookie_nor_skips_it(self) -> None:
+        server = Server(require=True)
+        bare = self.assertAnswered(server.ask(query()))  # memoized
+        for _ in range(3):
+            self.assertBadCookie(server.ask(query(cookie=CLIENT)))
+            self.assertEqual(self.assertAnswered(server.ask(query())).answer, bare.answer)
+        self.assertEqual(len(server.factory._udp_memo), 1)
+        # The memo's fast path still answers a valid cookie.
+        cookie = self.assertBadCookie(server.ask(query(cookie=CLIENT)))
+        self.assertAnswered(server.ask(query(cookie=cookie)))
+
+    def test_off_by_default(self) -> None:
+        reply = Server().ask(query(cookie=CLIENT))
+        self.assertEqual(len(options_of(self.assertAnswered(reply).to_wire())[COOKIE]), 24)
+
+    def test_badcookie_replies_are_rate_limited_as_errors(self) -> None:
+        server = Server(require=True, errors_per_second=3)
+        sent = sum(server.ask(query(cookie=CLIENT)) is not None for _ in range(10))
+        self.assertEqual(sent, 3)
 
 
 class CacheTests(SynchronousTestCase):

@@ -7,6 +7,7 @@ import socket
 import struct
 from typing import Any
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.rcode
@@ -19,6 +20,7 @@ from twisted.names import client
 from twisted.names import dns as tdns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from csrproxy.dns.cookies import ServerCookies
 from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
 from csrproxy.dns.server import DNSServerService, parse_listen
 from csrproxy.dns.zone import ChallengeZone
@@ -210,10 +212,13 @@ class _OneReply(DatagramProtocol):
 class RealSocketTests(TestCase):
     """Real UDP and TCP sockets on loopback, port 0."""
 
-    def start(self, zone: ChallengeZone, host: str = "127.0.0.1") -> tuple[str, int]:
+    def start(
+        self, zone: ChallengeZone, host: str = "127.0.0.1", **options: Any
+    ) -> tuple[str, int]:
         reactor = the_reactor()
 
-        service = DNSServerService(reactor, zone, [f"[{host}]:0" if ":" in host else f"{host}:0"])
+        listen = [f"[{host}]:0" if ":" in host else f"{host}:0"]
+        service = DNSServerService(reactor, zone, listen, **options)
         service.privilegedStartService()
         service.startService()
         self.addCleanup(service.stopService)
@@ -280,6 +285,29 @@ class RealSocketTests(TestCase):
         self.assertTrue(plain.ednsflags & dns.flags.DO)
         bad = await self.exchange(address, query_bytes(ORIGIN, "SOA", use_edns=1))
         self.assertEqual((bad.edns, bad.rcode()), (0, dns.rcode.BADVERS))
+
+    async def test_badcookie_then_the_retry(self) -> None:
+        cookies = ServerCookies(bytes(range(16)), the_reactor().seconds)
+        address = self.start(make_zone(), cookies=cookies, require_cookies=True)
+
+        def asked(cookie: bytes) -> bytes:
+            option = dns.edns.GenericOption(dns.edns.OptionType.COOKIE, cookie)
+            return query_bytes(CHALLENGE, "TXT", use_edns=0, options=[option])
+
+        def cookie_of(message: dns.message.Message) -> bytes:
+            (option,) = message.options
+            data: bytes = option.to_wire()
+            return data
+
+        first = await self.exchange(address, asked(b"c" * 8))
+        self.assertEqual(first.rcode(), dns.rcode.BADCOOKIE)
+        self.assertEqual((len(first.question), first.answer), (1, []))
+        server_cookie = cookie_of(first)
+        self.assertEqual(server_cookie[:8], b"c" * 8)
+        retry = await self.exchange(address, asked(server_cookie))
+        self.assertEqual(retry.rcode(), dns.rcode.NOERROR)
+        self.assertEqual(len(retry.answer), 1)
+        self.assertEqual(cookie_of(retry), server_cookie)
 
     async def test_refused_and_nxdomain(self) -> None:
         address = self.start(make_zone())
