@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -10,6 +11,7 @@ from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.names import common, dns, error
 
 from csrproxy.dns import records as rr
+from csrproxy.dns.history import Change, ZoneHistory
 from csrproxy.errors import ConfigError
 
 SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 604800
@@ -31,6 +33,20 @@ def next_serial(serial: int, now: int) -> int:
     if 0 < step < 1 << 31:
         return now & 0xFFFFFFFF
     return (serial + 1) & 0xFFFFFFFF
+
+
+def _set_change(before: tuple[Any, ...], after: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+    # The records deleted and added when the RRset ``before`` becomes ``after``, each
+    # taken as a set of its distinct RDATA: a secondary holds one copy of each.
+    old: dict[tuple[bytes, ...], Any] = {}
+    new: dict[tuple[bytes, ...], Any] = {}
+    for records, distinct in ((before, old), (after, new)):
+        for record in records:
+            distinct.setdefault(tuple(record.data), record)
+    return (
+        [record for data, record in old.items() if data not in new],
+        [record for data, record in new.items() if data not in old],
+    )
 
 
 class NameNotFound(dns.AuthoritativeDomainError):
@@ -62,7 +78,9 @@ class ChallengeZone(common.ResolverBase):
     zone-file lines relative to the origin (``"@ A 127.0.0.1"``, ``"* 60 A 127.0.0.1"``,
     ``"@ CAA 0 issue \\"letsencrypt.org\\""``); a bad one raises
     ``ConfigError("dns.records", ...)``. Challenge TXT values are a multiset per name,
-    served with ``challenge_ttl``; every change raises the SOA ``serial`` and ``version``.
+    served with ``challenge_ttl``; every change raises the SOA ``serial`` and ``version``,
+    and is kept in ``history`` (a :class:`ZoneHistory`, bounded; ``history`` when given)
+    as the change of the distinct TXT records at its name, for IXFR.
     """
 
     def __init__(
@@ -76,8 +94,10 @@ class ChallengeZone(common.ResolverBase):
         hostmaster: str | None = None,
         serial: int | None = None,
         clock: Callable[[], float] = time.time,
+        history: ZoneHistory | None = None,
     ) -> None:
         super().__init__()
+        self.history = history if history is not None else ZoneHistory()
         try:
             self._origin = rr.normalize_name(origin)
         except ValueError as e:
@@ -172,6 +192,13 @@ class ChallengeZone(common.ResolverBase):
         """The apex SOA as an answer record (TTL the zone's)."""
         return dns.RRHeader(self._origin, dns.SOA, dns.IN, self._soa.ttl, self._soa, auth=True)
 
+    def soa_at(self, serial: int) -> dns.RRHeader:
+        """The apex SOA as an answer record, with ``serial`` for its serial (IXFR's
+        SOA records of older versions: every other field is the current SOA's)."""
+        soa = copy.copy(self._soa)
+        soa.serial = serial
+        return dns.RRHeader(self._origin, dns.SOA, dns.IN, soa.ttl, soa, auth=True)
+
     def transfer_records(self) -> Records:
         """Every record of the zone for AXFR (RFC 5936): the SOA first, and not again."""
         out = [self.soa_header()]
@@ -238,6 +265,7 @@ class ChallengeZone(common.ResolverBase):
             name = rr.parent(name)
 
     def _refresh(self, key: bytes) -> None:
+        before = self._nodes.get(key, {}).get(dns.TXT, ())
         node = dict(self._static.get(key, {}))
         values = self._challenges.get(key)
         if values:
@@ -250,7 +278,17 @@ class ChallengeZone(common.ResolverBase):
             self._nodes[key] = node
         else:
             self._nodes.pop(key, None)
+        old_serial = self._serial
         self._serial = next_serial(self._serial, int(self._clock()))
+        deleted, added = _set_change(before, node.get(dns.TXT, ()))
+        self.history.record(
+            Change(
+                old_serial,
+                self._serial,
+                tuple(dns.RRHeader(key, dns.TXT, dns.IN, r.ttl, r, auth=True) for r in deleted),
+                tuple(dns.RRHeader(key, dns.TXT, dns.IN, r.ttl, r, auth=True) for r in added),
+            )
+        )
         self._update_soa()
         for listener in list(self._serial_listeners):
             listener(self._serial)
