@@ -173,10 +173,11 @@ class ZoneServerFactory(server.DNSServerFactory):
         itself (QR clear), ignores EDNS versions, and sends every question to the
         resolver. Here: responses are never answered (no reflection loops), other
         opcodes get NOTIMP, EDNS version >= 1 BADVERS, QDCOUNT != 1 and meta types
-        FORMERR, AXFR goes to ``transfers`` (TSIG, configured secondaries only) as does a
-        TSIG-signed SOA query from a secondary, ``allowQuery`` decides REFUSED, then
-        records in the answer or authority section are FORMERR (after the transfer check,
-        so IXFR with its SOA is REFUSED), MAILA/MAILB NOTIMP, and the rest is a query for the zone.
+        FORMERR, AXFR and IXFR go to ``transfers`` (TSIG, configured secondaries only;
+        REFUSED when it does not answer) as does a TSIG-signed SOA query from a secondary,
+        ``allowQuery`` decides REFUSED, then records in the answer or authority section
+        are FORMERR (after the transfer check, so IXFR may carry its SOA), MAILA/MAILB
+        NOTIMP, and the rest is a query for the zone.
         """
         if message.answer:
             return
@@ -200,7 +201,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         query = message.queries[0]
         if query.type in META_TYPES:
             self.sendReply(proto, self._error(message, dns.EFORMAT), address)
-        elif query.type == dns.AXFR and query.cls == dns.IN:
+        elif query.type in (dns.AXFR, dns.IXFR) and query.cls == dns.IN:
             message.memoable = False
             if not self._signed(message, proto, address):
                 self.sendReply(proto, self._error(message, dns.EREFUSED), address)
@@ -222,11 +223,12 @@ class ZoneServerFactory(server.DNSServerFactory):
             self.handleQuery(message, proto, address)
 
     def _signed(self, message: QueryMessage, proto: Any, address: Any) -> bool:
-        # AXFR, or a secondary's signed SOA query (its refresh check), answered by
-        # ``transfers``; False: not answered (AXFR is then REFUSED, SOA answered as usual).
+        # AXFR, IXFR, or a secondary's signed SOA query (its refresh check), answered by
+        # ``transfers``; False: not answered (a transfer is then REFUSED, SOA answered as
+        # usual).
         frame = self._error(message, dns.OK)
         host = peer_host(proto, address)
-        if message.queries[0].type == dns.AXFR:
+        if message.queries[0].type in (dns.AXFR, dns.IXFR):
             packets = self.transfers.answer(message, frame, host, address is None)
         else:
             packets = self.transfers.soa(message, frame, host)
@@ -260,8 +262,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         return dns.OK
 
     def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
-        """REFUSED for classes but IN and ANY, names outside the zone, IXFR and AXFR but
-        the ``transfers`` answer.
+        """REFUSED for classes but IN and ANY, names outside the zone, and AXFR and IXFR
+        (those in class IN that ``transfers`` answers never get here).
 
         Stock allows anything with a question, so out-of-zone names got NXDOMAIN and
         AXFR the whole zone.

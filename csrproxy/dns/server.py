@@ -79,7 +79,8 @@ class DNSServerService(Service):
     UDP replies pass ``rrl`` when given (``csrproxy.dns.rrl``: response rate limiting).
     ``nsid`` and ``cookies`` answer those EDNS options (``csrproxy.dns.cookies``);
     ``require_cookies``: BADCOOKIE to UDP queries with a COOKIE but no valid server cookie.
-    AXFR is answered to the secondaries in ``transfer_keys`` (``csrproxy.dns.transfer``).
+    AXFR and IXFR are answered to the secondaries in ``transfer_keys``
+    (``csrproxy.dns.transfer``).
     """
 
     def __init__(

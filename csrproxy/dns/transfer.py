@@ -1,9 +1,15 @@
-"""Zone transfer (AXFR, RFC 5936) to the configured secondaries, TSIG-signed (RFC 8945).
+"""Zone transfer (AXFR, RFC 5936; IXFR, RFC 1995) to the configured secondaries,
+TSIG-signed (RFC 8945).
 
 A transfer is answered only over TCP, only to an address listed in
 ``[dns.secondaries]`` and only for a query signed with that secondary's key; any
-other AXFR is REFUSED, and the refusals are summed up in one log line per
-``LOG_INTERVAL``. A query with a TSIG that fails gets NOTAUTH with the TSIG error
+other AXFR or IXFR is REFUSED, and the refusals are summed up in one log line per
+``LOG_INTERVAL``. IXFR is answered from the zone's history (``csrproxy.dns.ixfr``,
+``csrproxy.dns.history``): the current SOA alone when the secondary is up to date,
+the changes since its serial when the history holds them, else the whole zone in
+AXFR form. A signed IXFR over UDP from a secondary gets the current SOA alone (the
+secondary then asks over TCP); an IXFR without exactly one SOA in its authority
+section, FORMERR. A query with a TSIG that fails gets NOTAUTH with the TSIG error
 (BADKEY, BADSIG unsigned; BADTIME signed, RFC 8945 5.3). A secondary's signed SOA
 query (its refresh check) is answered signed, as secondaries require.
 
@@ -24,6 +30,7 @@ from twisted.logger import Logger
 from twisted.names import dns
 
 from csrproxy.dns import tsig
+from csrproxy.dns.ixfr import client_serial, incremental_records
 from csrproxy.dns.messages import QueryMessage, Reply
 from csrproxy.dns.zone import ChallengeZone
 
@@ -50,7 +57,7 @@ def keys_of(secondaries: Sequence[Any]) -> dict[str, dict[bytes, tsig.TSIGKey]]:
 
 
 class ZoneTransfers:
-    """Decides and builds AXFR answers of ``zone`` for the secondaries in ``keys``."""
+    """Decides and builds AXFR and IXFR answers of ``zone`` for the secondaries in ``keys``."""
 
     def __init__(self, reactor: Any, zone: ChallengeZone, keys: Keys) -> None:
         self.reactor = reactor
@@ -64,11 +71,13 @@ class ZoneTransfers:
     def answer(
         self, query: QueryMessage, reply: Reply, host: str, tcp: bool
     ) -> tuple[int, list[bytes]] | None:
-        """``(rcode, the messages to send)`` for the AXFR ``query``, or None for REFUSED.
+        """``(rcode, the messages to send)`` for the AXFR or IXFR ``query``, or None for
+        REFUSED.
 
         ``reply`` is the response frame (id, flags, question) to fill.
         """
-        keys = self.keys.get(host) if tcp else None
+        ixfr = query.queries[0].type == dns.IXFR
+        keys = self.keys.get(host) if tcp or ixfr else None
         name = query.queries[0].name.name.lower().rstrip(b".")
         if keys is None or name.decode("ascii", "replace") != self.zone.origin.rstrip("."):
             return self._refuse(host, "not a secondary" if keys is None else "not our zone")
@@ -77,18 +86,32 @@ class ZoneTransfers:
         if checked is None or isinstance(checked, tuple):
             return checked
         signer = checked
+        serial = None
+        if ixfr:
+            serial = client_serial(query)
+            if serial is None:
+                reply.rCode = dns.EFORMAT
+                return dns.EFORMAT, [signer.sign(reply.toStr())]
+            if not tcp:
+                reply.answers = [self.zone.soa_header()]
+                reply.auth = True
+                return dns.OK, [signer.sign(reply.toStr())]
         started = [t for t in self._started.get(host, []) if t > now - WINDOW]
         if len(started) >= TRANSFERS_PER_WINDOW:
             self._started[host] = started
             return self._refuse(host, f"over {TRANSFERS_PER_WINDOW} transfers in {WINDOW:.0f}s")
         started.append(now)
         self._started[host] = started
-        records = self.zone.transfer_records()
-        records.append(records[0])  # the SOA last too
-        messages = self._messages(reply, records)
+        # One snapshot of the zone, in this reactor turn.
+        records = None if serial is None else incremental_records(self.zone, serial)
+        messages = None if records is None else self._messages(reply, records)
+        if messages is None:  # AXFR, or IXFR in AXFR form (RFC 1995 section 4)
+            records = self.zone.transfer_records()
+            records.append(records[0])  # the SOA last too
+            messages = self._messages(reply, records)
         if messages is None:
             log.error(
-                "the zone is over {limit} bytes: AXFR to {host} answered SERVFAIL",
+                "the zone is over {limit} bytes: zone transfer to {host} answered SERVFAIL",
                 limit=TRANSFER_BYTES,
                 host=host,
             )
@@ -144,6 +167,7 @@ class ZoneTransfers:
         # the question goes in the first message only (RFC 5936 2.2).
         out: list[bytes] = []
         total = 0
+        question = reply.queries
         pending = [
             records[i : i + RECORDS_PER_MESSAGE]
             for i in range(0, len(records), RECORDS_PER_MESSAGE)
@@ -153,8 +177,7 @@ class ZoneTransfers:
             chunk = pending.pop()
             reply.answers = chunk
             reply.auth = True
-            if out:
-                reply.queries = []
+            reply.queries = [] if out else question
             data = reply.toStr()
             if len(data) > MESSAGE_BYTES and len(chunk) > 1:
                 half = len(chunk) // 2
@@ -162,8 +185,10 @@ class ZoneTransfers:
                 continue
             total += len(data)
             if total > TRANSFER_BYTES:
+                reply.queries = question
                 return None
             out.append(data)
+        reply.queries = question
         return out
 
     def _refuse(self, host: str, why: str) -> tuple[int, list[bytes]] | None:
