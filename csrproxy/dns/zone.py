@@ -79,8 +79,8 @@ class ChallengeZone(common.ResolverBase):
     ``"@ CAA 0 issue \\"letsencrypt.org\\""``); a bad one raises
     ``ConfigError("dns.records", ...)``. Challenge TXT values are a multiset per name,
     served with ``challenge_ttl``; every change raises the SOA ``serial`` and ``version``,
-    and is kept in ``history`` (a :class:`ZoneHistory`, bounded; ``history`` when given)
-    as the change of the distinct TXT records at its name, for IXFR.
+    and is kept in ``history`` (the :class:`ZoneHistory` given, else one with the default
+    bounds) as the change of the distinct TXT records at its name, for IXFR.
     """
 
     def __init__(

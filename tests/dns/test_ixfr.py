@@ -48,9 +48,11 @@ def make_zone(clock: Any, history: ZoneHistory | None = None) -> ChallengeZone:
     return zone
 
 
-def ixfr_query(serial: int, ring: Any = None, name: str = KEY_NAME) -> dns.message.Message:
+def ixfr_query(
+    serial: int, ring: Any = None, name: str = KEY_NAME, names: str = ". ."
+) -> dns.message.Message:
     query = dns.message.make_query(ORIGIN, "IXFR")
-    rdata = dns.rdata.from_text("IN", "SOA", f". . {serial} 0 0 0 0")
+    rdata = dns.rdata.from_text("IN", "SOA", f"{names} {serial} 0 0 0 0")
     query.find_rrset(
         query.authority, dns.name.from_text(ORIGIN), IN, dns.rdatatype.SOA, create=True
     ).add(rdata, 0)
@@ -229,6 +231,20 @@ class IncrementalTests(IXFRCase):
 
 class DecisionTests(IXFRCase):
     """IXFR is held to AXFR's rules."""
+
+    def test_client_soa_with_compressed_names(self) -> None:
+        # A secondary sends its own SOA: mname and rname point into the question name.
+        self.patch(transfer, "TRANSFERS_PER_WINDOW", 100)
+        copy = self.fresh()
+        self.zone.add_txt(CHALLENGE, "second")
+        soa = copy.get_rdataset("@", "SOA")
+        assert soa is not None
+        serial = soa[0].serial
+        query = ixfr_query(serial, keyring(), names=f"ns1.{ORIGIN}. hostmaster.{ORIGIN}.")
+        self.assertEqual(query.to_wire().count(b"\x02go\x07example\x04test"), 1)  # compressed
+        records = self.transfer(copy, query)
+        self.assertEqual(records[1][0].serial, serial)  # incremental
+        self.assertEqual(copy, self.fresh())
 
     def test_wrong_secret_notauth(self) -> None:
         ring = keyring(secret=b"x" * 32)
