@@ -8,9 +8,10 @@ still moves (a challenge value served twice, one copy removed).
 Bound: a :class:`ZoneHistory` holds at most ``max_changes`` changes (default
 ``HISTORY_CHANGES``) and at most ``max_records`` deleted and added records in all
 (default ``HISTORY_RECORDS``); the oldest changes are dropped first, and a change
-alone over ``max_records`` empties the history. A secondary whose serial is older
-than the oldest change kept gets the whole zone (AXFR). The history lives in memory
-only: after a restart it is empty.
+alone over ``max_records`` empties the history. A change costs under 1 KiB with
+the longest names and a dns-01 value (measured), so the defaults hold a few MiB at
+most. A secondary whose serial is older than the oldest change kept gets the whole
+zone (AXFR). The history lives in memory only: after a restart it is empty.
 """
 
 from __future__ import annotations
