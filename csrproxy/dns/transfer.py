@@ -15,8 +15,12 @@ query (its refresh check) is answered signed, as secondaries require.
 
 Bounds: a message holds at most ``RECORDS_PER_MESSAGE`` records and
 ``MESSAGE_BYTES`` bytes; a transfer at most ``TRANSFER_BYTES`` (else SERVFAIL);
-each address starts at most ``TRANSFERS_PER_WINDOW`` transfers a ``WINDOW``
-(REFUSED beyond), so its unsent bytes stay within that many transfers. A transfer
+each address starts at most ``TRANSFERS_PER_WINDOW`` full transfers (AXFR, and IXFR
+answered in AXFR form) a ``WINDOW`` (REFUSED beyond), so its unsent bytes stay within
+that many transfers. Incremental IXFR answers (the changes since the secondary's
+serial, or the SOA alone) count in a window of their own, ``INCREMENTAL_PER_WINDOW``
+an address: a secondary follows every change that way, and each answer holds at most
+the history (``history.HISTORY_RECORDS`` records and two SOAs a change kept). A transfer
 is built from one snapshot of the zone in one reactor turn: no transfer sees a
 half-made change.
 """
@@ -40,6 +44,7 @@ RECORDS_PER_MESSAGE = 100
 MESSAGE_BYTES = 16384
 TRANSFER_BYTES = 8 << 20
 TRANSFERS_PER_WINDOW = 4
+INCREMENTAL_PER_WINDOW = 120
 WINDOW = 60.0
 LOG_INTERVAL = 60.0
 
@@ -66,7 +71,9 @@ class ZoneTransfers:
         self.refused = 0
         self._refused_since_log = 0
         self._next_log = 0.0
+        # address -> start times within WINDOW; addresses are the configured ones only
         self._started: dict[str, list[float]] = {}
+        self._incremental: dict[str, list[float]] = {}
 
     def answer(
         self, query: QueryMessage, reply: Reply, host: str, tcp: bool
@@ -96,19 +103,21 @@ class ZoneTransfers:
                 reply.answers = [self.zone.soa_header()]
                 reply.auth = True
                 return dns.OK, [signer.sign(reply.toStr())]
-        started = [t for t in self._started.get(host, []) if t > now - WINDOW]
-        if len(started) >= TRANSFERS_PER_WINDOW:
-            self._started[host] = started
-            return self._refuse(host, f"over {TRANSFERS_PER_WINDOW} transfers in {WINDOW:.0f}s")
-        started.append(now)
-        self._started[host] = started
         # One snapshot of the zone, in this reactor turn.
         records = None if serial is None else incremental_records(self.zone, serial)
-        messages = None if records is None else self._messages(reply, records)
-        if messages is None:  # AXFR, or IXFR in AXFR form (RFC 1995 section 4)
-            records = self.zone.transfer_records()
-            records.append(records[0])  # the SOA last too
+        if records is not None:
+            if not self._admit(self._incremental, host, now, INCREMENTAL_PER_WINDOW):
+                why = f"over {INCREMENTAL_PER_WINDOW} incremental transfers in {WINDOW:.0f}s"
+                return self._refuse(host, why)
             messages = self._messages(reply, records)
+            if messages is not None:
+                return dns.OK, [signer.sign(message) for message in messages]
+        # AXFR, or IXFR in AXFR form (RFC 1995 section 4)
+        if not self._admit(self._started, host, now, TRANSFERS_PER_WINDOW):
+            return self._refuse(host, f"over {TRANSFERS_PER_WINDOW} transfers in {WINDOW:.0f}s")
+        records = self.zone.transfer_records()
+        records.append(records[0])  # the SOA last too
+        messages = self._messages(reply, records)
         if messages is None:
             log.error(
                 "the zone is over {limit} bytes: zone transfer to {host} answered SERVFAIL",
@@ -120,6 +129,16 @@ class ZoneTransfers:
             reply.rCode = dns.ESERVER
             return dns.ESERVER, [signer.sign(reply.toStr())]
         return dns.OK, [signer.sign(message) for message in messages]
+
+    @staticmethod
+    def _admit(started: dict[str, list[float]], host: str, now: float, limit: int) -> bool:
+        # Whether ``host`` may start one more within WINDOW of ``now``; counts it if so.
+        recent = [t for t in started.get(host, []) if t > now - WINDOW]
+        admitted = len(recent) < limit
+        if admitted:
+            recent.append(now)
+        started[host] = recent
+        return admitted
 
     def soa(self, query: QueryMessage, reply: Reply, host: str) -> tuple[int, list[bytes]] | None:
         """The signed SOA reply to a TSIG-signed SOA query for the apex from a secondary

@@ -303,19 +303,46 @@ class DecisionTests(IXFRCase):
         (data,) = self.send(query)
         self.assertEqual(rcode_of(data), dns.rcode.REFUSED)
 
-    def test_shares_the_transfer_window_with_axfr(self) -> None:
+    def axfr(self) -> int:
+        query = dns.message.make_query(ORIGIN, "AXFR")
+        query.use_tsig(keyring(), keyname=KEY_NAME)
+        return rcode_of(self.send(query)[0])
+
+    def test_full_zone_answers_share_the_axfr_window(self) -> None:
         for _ in range(transfer.TRANSFERS_PER_WINDOW - 1):
-            self.assertEqual(rcode_of(self.send(ixfr_query(NOW, keyring()))[0]), 0)
-        axfr = dns.message.make_query(ORIGIN, "AXFR")
-        axfr.use_tsig(keyring(), keyname=KEY_NAME)
-        self.assertEqual(rcode_of(self.send(axfr)[0]), 0)
+            self.assertEqual(self.axfr(), 0)
+        unknown = ixfr_query(NOW - 50, keyring())  # answered in AXFR form
+        self.assertEqual(rcode_of(self.send(unknown)[0]), 0)
+        self.assertEqual(self.axfr(), dns.rcode.REFUSED)
+        self.assertEqual(rcode_of(self.send(unknown)[0]), dns.rcode.REFUSED)
+        # Incremental answers have their own window.
+        self.assertEqual(rcode_of(self.send(ixfr_query(NOW, keyring()))[0]), 0)
+        self.clock.advance(transfer.WINDOW)
+        self.assertEqual(self.axfr(), 0)
+
+    def test_incremental_answers_have_a_window_of_their_own(self) -> None:
+        self.patch(transfer, "INCREMENTAL_PER_WINDOW", 3)
+        current = ixfr_query(self.zone.serial, keyring())  # the SOA alone counts too
+        for query in (ixfr_query(NOW, keyring()), current, current):
+            self.assertEqual(rcode_of(self.send(query)[0]), 0)
         (data,) = self.send(ixfr_query(NOW, keyring()))
         self.assertEqual(rcode_of(data), dns.rcode.REFUSED)
-        # UDP answers are one SOA, not transfers: not held to the window.
+        self.assertEqual(self.transfers.refused, 1)
+        self.assertEqual(self.axfr(), 0)  # full transfers are counted apart
+        # UDP answers are one SOA, not transfers: not held to either window.
         (data,) = self.send(ixfr_query(NOW, keyring()), udp=True)
         self.assertEqual(rcode_of(data), 0)
         self.clock.advance(transfer.WINDOW)
         self.assertEqual(rcode_of(self.send(ixfr_query(NOW, keyring()))[0]), 0)
+
+    def test_a_secondary_following_every_change_is_not_refused(self) -> None:
+        # As Knot does after each NOTIFY: one IXFR a change, many a minute.
+        copy = self.fresh()
+        for index in range(transfer.TRANSFERS_PER_WINDOW * 5):
+            self.zone.add_txt(CHALLENGE, f"v{index}")
+            self.assertEqual(len(self.ixfr(copy)), 2 + 2 + 1)
+        self.assertEqual(self.transfers.refused, 0)
+        self.assertEqual(copy, self.fresh())
 
 
 class RealIXFRTests(TestCase):
