@@ -198,6 +198,8 @@ def make_publisher(
             udp_txt_query(reactor),
             name_servers,
             timeout=config.dns.check_timeout,
+            # Few servers, cheap queries, and a transfer takes milliseconds: look often.
+            max_delay=0.25,
             backend="builtin",
             on_served=checked("builtin"),
         )

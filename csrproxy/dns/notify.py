@@ -7,10 +7,11 @@ The NOTIFY is sent again, same id, after ``RETRY_FIRST`` seconds, doubling, unti
 reply from that address and port with the same id and opcode NOTIFY arrives; after
 ``TRIES`` sends and one more wait it gives up with one log line.
 
-Bounds: at most one NOTIFY outstanding per secondary; changes while it is outstanding
-are coalesced into one more NOTIFY, sent when it is answered or given up, carrying the
-newest serial. A datagram that matches no outstanding NOTIFY is dropped and leaves no
-state, so a hostile sender can neither grow memory nor stop the retries.
+Bounds: at most one NOTIFY outstanding per secondary, and a new one at most every
+``SPACING`` seconds; changes meanwhile are coalesced into one more NOTIFY, sent when it
+is answered or given up (and ``SPACING`` has passed), carrying the newest serial. A
+datagram that matches no outstanding NOTIFY is dropped and leaves no state, so a hostile
+sender can neither grow memory nor stop the retries.
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ log = Logger()
 
 RETRY_FIRST = 2.0
 TRIES = 5
+# Seconds at least between two new NOTIFYs to one secondary: each makes it transfer,
+# so a burst of changes costs it at most five transfers a second (changes meanwhile
+# are coalesced into the next NOTIFY).
+SPACING = 0.2
 # The reply to a NOTIFY is a header, a question and maybe a TSIG: small.
 MAX_REPLY = 4096
 
@@ -55,6 +60,8 @@ class _Target:
     #: The MACs of this NOTIFY's tries (at most TRIES): its answer covers one of them.
     macs: list[bytes] = field(default_factory=list, repr=False)
     timer: Any = field(default=None, repr=False)
+    started_at: float = float("-inf")  # when the latest new NOTIFY was first sent
+    pacer: Any = field(default=None, repr=False)  # the next NOTIFY, waiting for SPACING
 
 
 class _NotifyProtocol(DatagramProtocol):
@@ -116,6 +123,9 @@ class ZoneNotifier(Service):
         for target in self.targets:
             self._finish(target)
             target.again = False
+            if target.pacer is not None and target.pacer.active():
+                target.pacer.cancel()
+            target.pacer = None
         closing = [maybeDeferred(cast(Any, port).stopListening) for port in self.ports.values()]
         self.ports = {}
         done: Deferred[None] = gatherResults(closing).addCallback(lambda _: None)
@@ -127,9 +137,27 @@ class ZoneNotifier(Service):
             if target.message_id is not None:
                 target.again = True
             else:
-                self._start(target)
+                self._paced(target)
+
+    def _paced(self, target: _Target) -> None:
+        # Start a NOTIFY now, or SPACING after the previous one started.
+        if target.pacer is not None:
+            return  # one is waiting: it will carry the newest serial
+        wait = target.started_at + SPACING - self.reactor.seconds()
+        if wait > 0:
+            target.pacer = self.reactor.callLater(wait, self._unpaced, target)
+        else:
+            self._start(target)
+
+    def _unpaced(self, target: _Target) -> None:
+        target.pacer = None
+        if target.message_id is not None:
+            target.again = True
+        else:
+            self._start(target)
 
     def _start(self, target: _Target) -> None:
+        target.started_at = self.reactor.seconds()
         target.message_id = secrets.randbelow(1 << 16)
         target.serial = self.zone.serial
         target.tries = 0
@@ -195,4 +223,5 @@ class ZoneNotifier(Service):
     def _next(self, target: _Target) -> None:
         self._finish(target)
         if target.again and self._stop_listening is not None:
-            self._start(target)
+            target.again = False
+            self._paced(target)

@@ -2,20 +2,25 @@
 
 ``knotd`` runs as the current user with its own configuration, run and storage
 directories under ``workdir``; it takes the zone from csrproxy by zone transfer with a
-TSIG key (HMAC-SHA256) and accepts csrproxy's NOTIFY signed with that key. Ready once it
-answers the zone's SOA with authority (its first transfer is done).
+TSIG key (HMAC-SHA256) and accepts csrproxy's NOTIFY signed with that key. Started once it
+answers queries (SERVFAIL until it has the zone: start it before csrproxy, as secondaries
+run, and csrproxy's NOTIFY at start makes it transfer at once); ``wait_serving`` waits for
+the zone.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
+import threading
+import time
 from dataclasses import dataclass
 
 from csrproxy.testing.dnsquery import dns_query
 from csrproxy.testing.ports import free_udp_tcp_port
-from csrproxy.testing.processes import Daemon, retrying, spawn
+from csrproxy.testing.processes import Daemon, log_tail, retrying, spawn
 
 KNOTD = "/usr/sbin/knotd"
 TSIG_NAME = "csrproxy-xfr"
@@ -37,6 +42,18 @@ class Knot(Daemon):
     def dns_server(self) -> str:
         """``127.0.0.1:PORT``, as pebble's ``-dnsserver`` wants it."""
         return f"127.0.0.1:{self.port}"
+
+    def wait_serving(self, timeout: float = 20) -> None:
+        """Wait until Knot serves the zone (its first transfer is done)."""
+        pause = threading.Event()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError, EOFError, ValueError):
+                rcode, soa = dns_query(self.port, self.zone, "SOA", timeout=0.5)
+                if rcode == 0 and soa:
+                    return
+            pause.wait(0.05)
+        raise RuntimeError(f"knotd does not serve {self.zone}:\n{log_tail(self.log_path)}")
 
     def secondary_config(self) -> dict[str, object]:
         """The ``[[dns.secondaries]]`` table csrproxy needs for this secondary."""
@@ -62,7 +79,8 @@ def start_knot(
     tsig_secret: str | None = None,
     timeout: float = 20,
 ) -> Knot:
-    """Start ``knotd`` as a secondary of ``zone`` from ``primary`` (``host:port``)."""
+    """Start ``knotd`` as a secondary of ``zone`` from ``primary`` (``host:port``, which
+    need not answer yet)."""
     secret = tsig_secret or base64.b64encode(os.urandom(32)).decode()
     return retrying(lambda: _start(workdir, zone, primary, port, secret, timeout))
 
@@ -113,7 +131,7 @@ zone:
     acl: notify-from-primary
     zonefile-sync: -1
     zonefile-load: none
-    journal-content: changes
+    journal-content: none
 """
     path = os.path.join(root, "knot.conf")
     with open(path, "w") as f:
@@ -121,9 +139,9 @@ zone:
     log_path = os.path.join(workdir, "knot.log")
     knot = Knot(log_path, port=port, zone=zone, tsig_secret=secret, workdir=root)
 
-    def ready() -> bool:
-        rcode, soa = dns_query(port, zone, "SOA", timeout=0.5)
-        return rcode == 0 and bool(soa)
+    def ready() -> bool:  # it answers (SERVFAIL until its first transfer)
+        dns_query(port, zone, "SOA", timeout=0.5)
+        return True
 
     proc = spawn([KNOTD, "-c", path], log_path)
     knot.adopt(proc, ready, "knotd", timeout)

@@ -106,6 +106,7 @@ class NotifierCase(SynchronousTestCase):
             self.reply(host, port, message)
         for bound in self.reactor.udp:
             bound.written.clear()
+        self.reactor.advance(notify.SPACING)  # past the spacing after that NOTIFY
         self.logged = EventLoggingObserver()
         globalLogPublisher.addObserver(self.logged)
         self.addCleanup(globalLogPublisher.removeObserver, self.logged)
@@ -137,6 +138,21 @@ class NotifierCase(SynchronousTestCase):
         self.pump(100)
         self.assertEqual(self.sent("192.0.2.53"), [])
         self.assertEqual(self.notifier.given_up, 0)
+
+    def test_a_burst_of_changes_is_spaced_and_coalesced(self) -> None:
+        self.zone.add_txt(CHALLENGE, "one")
+        [first] = self.sent("192.0.2.53")
+        self.reply("192.0.2.53", 5300, first)
+        for value in ("two", "three", "four"):
+            self.zone.add_txt(CHALLENGE, value)
+        self.assertEqual(len(self.sent("192.0.2.53")), 1)  # the next waits for SPACING
+        self.reactor.advance(notify.SPACING)
+        messages = self.sent("192.0.2.53")
+        self.assertEqual(len(messages), 2)
+        self.assertEqual(messages[1].answer[0][0].serial, self.zone.serial)
+        self.reply("192.0.2.53", 5300, messages[1])
+        self.pump(10)
+        self.assertEqual(len(self.sent("192.0.2.53")), 2)
 
     def test_change_sends_signed_notify_to_each_secondary(self) -> None:
         self.assertEqual(sorted(port.interface for port in self.reactor.udp), ["0.0.0.0", "::"])

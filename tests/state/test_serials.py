@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,9 @@ class HeldStore(InlineStore):
 
 class SerialTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.db = StateDB(Path(self.mktemp()))
+        root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, root)
+        self.db = StateDB(root / "state.db")
         self.db.migrate()
         self.addCleanup(self.db.close)
 

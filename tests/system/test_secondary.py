@@ -59,14 +59,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         "tsig_secret": secret,
         "check": f"127.0.0.1:{knot_port}",
     }
-    with start_pebble(str(work / "pebble"), f"127.0.0.1:{knot_port}") as pebble:
+    with (
+        start_pebble(str(work / "pebble"), f"127.0.0.1:{knot_port}") as pebble,
+        start_knot(
+            str(work), ZONE, f"127.0.0.1:{dns_port}", port=knot_port, tsig_secret=secret
+        ) as knot,
+    ):
         overrides = {"dns": {"secondaries": [secondary], "check_timeout": CHECK_TIMEOUT}}
         with start_csrproxy(
             str(work / "csrproxy"), pebble, dns_port, ZONE, overrides=overrides
-        ) as d, start_knot(
-            str(work), ZONE, f"127.0.0.1:{dns_port}", port=knot_port, tsig_secret=secret
-        ) as knot:
-            yield Setup(d, knot, dns_port, secret)
+        ) as daemon:
+            knot.wait_serving()
+            yield Setup(daemon, knot, dns_port, secret)
 
 
 def sign(daemon: Csrproxy, name: str) -> tuple[int, bytes]:
