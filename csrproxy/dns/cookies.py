@@ -74,6 +74,7 @@ class ServerCookies:
         self._packed: dict[str, bytes] = {}
         self._period: int | None = None
         self._current = self._previous = b""
+        self._next: tuple[int, bytes] | None = None  # the next period's, when seen
 
     def key(self, period: int) -> bytes:
         """The secret of ``period`` (``floor(seconds / rotation)``), derived from the master."""
@@ -109,8 +110,10 @@ class ServerCookies:
         """The COOKIE option data to send back to ``host``, and whether ``option`` held a
         valid server cookie (the query then bypasses rate limiting).
 
-        A valid cookie is echoed unless it is over ``REFRESH_AGE`` old or made under the
-        previous period's secret: it is then answered with a fresh one. Raises
+        A cookie is checked under the secret of the period its timestamp falls in (the
+        current, the previous, or — from an instance whose clock is up to ``MAX_AHEAD``
+        ahead — the next). A valid cookie is echoed unless it is over ``REFRESH_AGE`` old
+        or not made under the current secret: it is then answered with a fresh one. Raises
         :class:`MalformedCookie` for a length RFC 7873 5.2.2 forbids.
         """
         length = len(option)
@@ -127,13 +130,24 @@ class ServerCookies:
                 1 << 32
             ) - 0x80000000
             if -MAX_AHEAD <= age <= MAX_AGE:
-                if self._hash(current, client, head, host) == option[16:]:
-                    if age <= REFRESH_AGE:
+                # The secret of the period the cookie was made in: the current or the
+                # previous one, or the next (made by an instance whose clock is ahead).
+                made = int((int(seconds) - age) // self.rotation)
+                key = self._key_of(made, int(seconds // self.rotation), current, previous)
+                if self._hash(key, client, head, host) == option[16:]:
+                    if key is current and age <= REFRESH_AGE:
                         return option, True
                     return client + self._fresh(current, client, host, now), True
-                if self._hash(previous, client, head, host) == option[16:]:
-                    return client + self._fresh(current, client, host, now), True
         return client + self._fresh(current, client, host, now), False
+
+    def _key_of(self, made: int, period: int, current: bytes, previous: bytes) -> bytes:
+        if made == period:
+            return current
+        if made == period - 1:
+            return previous
+        if self._next is None or self._next[0] != made:
+            self._next = (made, self.key(made))
+        return self._next[1]
 
     def option(self, option: bytes, host: str) -> tuple[bytes, bool]:
         """:meth:`answer` encoded as the COOKIE option, and whether it was valid."""

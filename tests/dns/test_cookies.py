@@ -18,6 +18,7 @@ from csrproxy.dns.cookies import (
     COOKIE,
     DEFAULT_ROTATION,
     MAX_AGE,
+    MAX_AHEAD,
     MIN_ROTATION,
     NSID,
     MalformedCookie,
@@ -269,17 +270,29 @@ class RotationTests(SynchronousTestCase):
         self.clock.advance(1)
         self.assertFalse(self.cookies.answer(cookie, "192.0.2.1")[1])
 
-    def test_two_periods_old_secret_invalid(self) -> None:
+    def test_only_the_secret_of_the_timestamps_period_verifies(self) -> None:
         now = int(self.clock.seconds())
-        old = Clock()
-        old.advance(self.clock.seconds() - 2 * DEFAULT_ROTATION)
-        # A fresh timestamp under the secret of two periods ago: the hash fails.
-        forged = CLIENT + ServerCookies(SECRET, old.seconds).fresh(CLIENT, "192.0.2.1", now)
-        self.assertFalse(self.cookies.answer(forged, "192.0.2.1")[1])
-        last = Clock()
-        last.advance(self.clock.seconds() - DEFAULT_ROTATION)
-        previous = CLIENT + ServerCookies(SECRET, last.seconds).fresh(CLIENT, "192.0.2.1", now)
-        self.assertTrue(self.cookies.answer(previous, "192.0.2.1")[1])
+        for periods_ago in (1, 2):
+            old = Clock()
+            old.advance(self.clock.seconds() - periods_ago * DEFAULT_ROTATION)
+            # A fresh timestamp under an older period's secret: the hash fails.
+            forged = CLIENT + ServerCookies(SECRET, old.seconds).fresh(CLIENT, "192.0.2.1", now)
+            self.assertFalse(self.cookies.answer(forged, "192.0.2.1")[1])
+
+    def test_a_cookie_from_an_instance_whose_clock_is_ahead_is_valid(self) -> None:
+        # Ten seconds before the period ends here; 200 s ahead there: its next period.
+        ahead = Clock()
+        ahead.advance(self.clock.seconds() + 200)
+        other = ServerCookies(SECRET, ahead.seconds)
+        cookie, _ = other.answer(CLIENT, "192.0.2.1")
+        refreshed, valid = self.cookies.answer(cookie, "192.0.2.1")
+        self.assertTrue(valid)
+        self.assertNotEqual(refreshed, cookie)  # answered under our current secret
+        self.assertTrue(other.answer(refreshed, "192.0.2.1")[1])  # which it still accepts
+        too_far = Clock()
+        too_far.advance(self.clock.seconds() + MAX_AHEAD + 1)
+        early, _ = ServerCookies(SECRET, too_far.seconds).answer(CLIENT, "192.0.2.1")
+        self.assertFalse(self.cookies.answer(early, "192.0.2.1")[1])
 
     def test_derived_from_the_master_alone(self) -> None:
         # Another instance (or this one restarted) with the same master agrees.
