@@ -258,6 +258,8 @@ class ResponseRateLimiter:
             if balance > rate:
                 balance = rate
             entry[1] = now
+        elif now < entry[1]:  # the clock stepped back (NTP): count on from now
+            entry[1] = now
         balance -= 1.0
         if balance >= 0.0:
             entry[0] = balance

@@ -111,6 +111,18 @@ class BucketTests(SynchronousTestCase):
         server.clock.advance(3600)
         self.assertEqual(server.answered(packet, 10), 5)
 
+    def test_a_clock_stepped_back_still_refills(self) -> None:
+        # reactor.seconds() is the wall clock: an NTP step back must not freeze buckets.
+        server = Server(responses_per_second=5)
+        packet = query(CHALLENGE, "TXT")
+        server.clock.advance(7200)
+        self.assertEqual(server.answered(packet, 5), 5)  # a source within its budget
+        server.clock.rightNow -= 3600
+        server.clock.advance(1)
+        server.answered(packet, 5)  # the second of the step earns nothing
+        server.clock.advance(2)
+        self.assertEqual(server.answered(packet, 5), 5)  # then it refills as ever
+
     def test_zero_rate_is_unlimited(self) -> None:
         server = Server(responses_per_second=0)
         self.assertEqual(server.answered(query(CHALLENGE, "TXT"), 500), 500)
