@@ -2,46 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from twisted.internet.error import TimeoutError
-from twisted.internet.protocol import DatagramProtocol
-from twisted.internet.task import Clock
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.challenges import txtquery
 from csrproxy.challenges.txtquery import TooManyQueries, TXTQuerier
+from tests.support.udp import UDPClock
 
 NAME = "_acme-challenge.a.go.example.test"
 SERVER = ("192.0.2.53", 5300)
-
-
-class FakePort:
-    def __init__(self, protocol: DatagramProtocol, interface: str) -> None:
-        self.protocol = protocol
-        self.interface = interface
-        self.written: list[tuple[bytes, Any]] = []
-        self.stopped = False
-
-    def write(self, data: bytes, addr: Any) -> None:
-        self.written.append((data, addr))
-
-    def stopListening(self) -> None:
-        self.stopped = True
-
-
-class FakeReactor(Clock):
-    def __init__(self) -> None:
-        super().__init__()
-        self.udp: list[FakePort] = []
-
-    def listenUDP(
-        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 0
-    ) -> FakePort:
-        bound = FakePort(protocol, interface)
-        self.udp.append(bound)
-        return bound
 
 
 def answer_to(query: bytes, *values: bytes, name: str = NAME, rcode: int = dns.OK) -> bytes:
@@ -57,7 +27,7 @@ def answer_to(query: bytes, *values: bytes, name: str = NAME, rcode: int = dns.O
 
 class QuerierTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.reactor = FakeReactor()
+        self.reactor = UDPClock()
         self.query = TXTQuerier(self.reactor)
 
     def test_one_port_for_every_query_and_the_values_answered(self) -> None:

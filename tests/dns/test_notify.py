@@ -23,6 +23,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from csrproxy.dns import notify
 from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.zone import ChallengeZone
+from tests.support.udp import UDPClock
 
 ORIGIN = "go.example.test"
 CHALLENGE = "_acme-challenge.demo.go.example.test"
@@ -47,36 +48,9 @@ def keyring(secret: bytes = SECRET) -> dict[dns.name.Name, Any]:
     return ring
 
 
-class FakeUDPPort:
-    """A bound UDP port that records what it was asked to write."""
-
-    def __init__(self, protocol: DatagramProtocol, interface: str) -> None:
-        self.protocol = protocol
-        self.interface = interface
-        self.written: list[tuple[bytes, tuple[str, int]]] = []
-        self.stopped = False
-
-    def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.written.append((data, addr))
-
-    def stopListening(self) -> None:
-        self.stopped = True
-
-
-class FakeReactor(Clock):
-    """A Clock that binds fake UDP ports."""
-
+class FakeReactor(UDPClock):
     def __init__(self) -> None:
-        super().__init__()
-        self.advance(START)
-        self.udp: list[FakeUDPPort] = []
-
-    def listenUDP(
-        self, port: int, protocol: DatagramProtocol, interface: str = "", maxPacketSize: int = 0
-    ) -> FakeUDPPort:
-        bound = FakeUDPPort(protocol, interface)
-        self.udp.append(bound)
-        return bound
+        super().__init__(START)
 
 
 def make_zone(reactor: Clock) -> ChallengeZone:
