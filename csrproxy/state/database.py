@@ -24,6 +24,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from csrproxy.state.engine import (
+    POSTGRESQL,
+    SQLITE,
+    Connection,
+    Cursor,
+    PostgresConnection,
+    is_postgres_dsn,
+    postgres_ddl,
+    redacted,
+)
 from csrproxy.state.renewal_queries import RenewalQueries
 from csrproxy.state.rows import (
     _CURRENT,
@@ -36,7 +46,7 @@ from csrproxy.state.rows import (
     names_key,
     order_from_row,
 )
-from csrproxy.state.schema import MIGRATIONS
+from csrproxy.state.schema import MIGRATIONS, postgres_migration
 
 DB_NAME = "csrproxy.sqlite3"
 #: Bytes the write-ahead log keeps after a checkpoint at most.
@@ -46,22 +56,17 @@ WAL_LIMIT = 64 * 1024 * 1024
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
+#: The advisory lock PostgreSQL instances migrate under (any constant of our own).
+MIGRATION_LOCK = 0x63737270_0001
+
 _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED)
 
 
 class StateDB(RenewalQueries):
     """One connection to the state database."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        created = not self.path.exists()
-        old_umask = os.umask(0o077)
-        try:
-            self.conn = sqlite3.connect(
-                self.path, check_same_thread=False, isolation_level=None, timeout=10
-            )
-        finally:
-            os.umask(old_umask)
+    def __init__(self, location: str | Path) -> None:
+        """Open the database at ``location``: a file (SQLite), or a ``postgresql://`` URL."""
         #: (name, value) of challenge records unpublished but still on record; any thread
         #: may append, the next transaction deletes them (a leftover only costs a harmless
         #: removal at the next start).
@@ -71,51 +76,119 @@ class StateDB(RenewalQueries):
         #: not reads: a full disk still answers reads).
         self.writes = 0
         self._wrote = False
-        self.conn.row_factory = sqlite3.Row
+        self.conn: Connection
+        if isinstance(location, str) and is_postgres_dsn(location):
+            self.dialect = POSTGRESQL
+            self._path: Path | None = None
+            #: Where the database is, for logs (a PostgreSQL DSN without its password).
+            self.where = redacted(location)
+            self.conn = PostgresConnection(location)
+        else:
+            self.dialect = SQLITE
+            self._path = Path(location)
+            self.where = str(self._path)
+            self.conn = self._open_sqlite(self._path)
+        self.migrate()
+
+    @staticmethod
+    def _open_sqlite(path: Path) -> sqlite3.Connection:
+        created = not path.exists()
+        old_umask = os.umask(0o077)
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=10)
+        finally:
+            os.umask(old_umask)
+        conn.row_factory = sqlite3.Row
         if created:
             # Pruning gives pages back to the file system (before any table exists).
-            self.conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA auto_vacuum=INCREMENTAL")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
         # The WAL is truncated to this after a checkpoint (a burst of writes leaves no 1 GB
         # file behind for ever).
-        self.conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
-        self.conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+        conn.execute("PRAGMA foreign_keys=ON")
         if created:
-            os.chmod(self.path, 0o600)
-        self.migrate()
+            os.chmod(path, 0o600)
+        return conn
+
+    @property
+    def path(self) -> Path:
+        """The SQLite database's file (TypeError on PostgreSQL)."""
+        if self._path is None:
+            raise TypeError(f"{self.where} is not an SQLite database")
+        return self._path
+
+    @property
+    def sqlite(self) -> sqlite3.Connection:
+        """The SQLite connection (for what only SQLite has: backups, vacuum)."""
+        if not isinstance(self.conn, sqlite3.Connection):
+            raise TypeError(f"{self.where} is not an SQLite database")
+        return self.conn
 
     def close(self) -> None:
         self.conn.close()
 
     @property
     def version(self) -> int:
-        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        if self.dialect is SQLITE:
+            return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+        row = self.conn.execute("SELECT version FROM csrproxy_schema").fetchone()
+        return 0 if row is None else int(row[0])
 
     def probe_write(self) -> None:
         """One small write (the schema version, unchanged): can the database be written?"""
         with self.transaction() as c:
-            c.execute(f"PRAGMA user_version = {int(self.version)}")
+            if self.dialect is SQLITE:
+                c.execute(f"PRAGMA user_version = {int(self.version)}")
+            else:
+                c.execute("UPDATE csrproxy_schema SET version = version")
             self._wrote = True
 
     def migrate(self) -> None:
         """Bring the schema to the newest version, one transaction per step."""
+        if self.dialect is POSTGRESQL:
+            self._migrate_postgres()
+            return
         migrated = False
         while self.version < len(MIGRATIONS):
             step = self.version
             script = MIGRATIONS[step] + f"\nPRAGMA user_version = {step + 1};"
-            self.conn.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
+            self.sqlite.executescript(f"BEGIN IMMEDIATE;\n{script}\nCOMMIT;")
             migrated = True
         if migrated:  # a big migration leaves a big WAL: give the space back now
             self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._check_not_newer()
+
+    def _migrate_postgres(self) -> None:
+        # One transaction under an advisory lock: instances starting together migrate once.
+        conn = self.conn
+        conn.execute("BEGIN")
+        try:
+            conn.execute("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
+            conn.execute("CREATE TABLE IF NOT EXISTS csrproxy_schema (version BIGINT NOT NULL)")
+            if conn.execute("SELECT version FROM csrproxy_schema").fetchone() is None:
+                conn.execute("INSERT INTO csrproxy_schema (version) VALUES (0)")
+            while self.version < len(MIGRATIONS):
+                step = self.version
+                for statement in postgres_ddl(postgres_migration(step)):
+                    conn.execute(statement)
+                conn.execute("UPDATE csrproxy_schema SET version = ?", (step + 1,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        self._check_not_newer()
+
+    def _check_not_newer(self) -> None:
         if self.version > len(MIGRATIONS):
             raise RuntimeError(
-                f"{self.path} has schema version {self.version}, newer than this csrproxy "
+                f"{self.where} has schema version {self.version}, newer than this csrproxy "
                 f"({len(MIGRATIONS)}): upgrade csrproxy"
             )
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error: all of it or nothing.
 
         Challenge records waiting to be forgotten are deleted in the same transaction.
@@ -131,7 +204,7 @@ class StateDB(RenewalQueries):
                 raise
             self.conn.execute("RELEASE write")
             return
-        self.conn.execute("BEGIN IMMEDIATE")
+        self.conn.execute(self.dialect.begin)
         changes = self.conn.total_changes
         self._wrote = False
         removals: list[tuple[str, str]] = []
@@ -168,9 +241,10 @@ class StateDB(RenewalQueries):
                 self._in_batch = False
         return outcomes
 
-    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> sqlite3.Cursor:
+    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> Cursor:
         with self.transaction() as conn:
-            return conn.execute(sql, args)
+            cursor: Cursor = conn.execute(sql, args)
+            return cursor
 
     # -- account ------------------------------------------------------------
 
@@ -195,9 +269,12 @@ class StateDB(RenewalQueries):
     def save_order(self, order: OrderRow) -> None:
         d = order.__dict__ | {"names": json.dumps(order.names)}
         self._write(
-            "INSERT OR REPLACE INTO orders (id, request_key, csr, names, acme_url, status, error, "
-            "certificate_id, replaces, created, updated) VALUES (:id, :request_key, :csr, :names, "
-            ":acme_url, :status, :error, :certificate_id, :replaces, :created, :updated)",
+            upsert(
+                "orders",
+                "id",
+                "request_key csr names acme_url status error certificate_id replaces created "
+                "updated",
+            ),
             d,
         )
 
@@ -363,7 +440,8 @@ class StateDB(RenewalQueries):
             return found
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR IGNORE INTO secrets (name, value, created) VALUES (?, ?, ?)",
+                "INSERT INTO secrets (name, value, created) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO NOTHING",
                 (name, secrets.token_bytes(size), time.time()),
             )
             row = conn.execute("SELECT value FROM secrets WHERE name = ?", (name,)).fetchone()
@@ -377,12 +455,14 @@ class StateDB(RenewalQueries):
     # -- challenge records ------------------------------------------------------------
 
     def add_challenge(self, order_id: str, name: str, value: str, backend: str) -> int:
-        cur = self._write(
-            "INSERT INTO challenges (order_id, name, value, backend, created) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (order_id, name, value, backend, time.time()),
-        )
-        return int(cur.lastrowid or 0)
+        with self.transaction() as conn:
+            # Read inside the transaction: SQLite's RETURNING holds the statement open.
+            row = conn.execute(
+                "INSERT INTO challenges (order_id, name, value, backend, created) "
+                "VALUES (?, ?, ?, ?, ?) RETURNING id",
+                (order_id, name, value, backend, time.time()),
+            ).fetchone()
+        return int(row[0])
 
     def remove_challenge(self, name: str, value: str) -> None:
         self._write(_REMOVE_CHALLENGE, (name, value))
@@ -405,13 +485,23 @@ class StateDB(RenewalQueries):
             conn.executemany("DELETE FROM challenges WHERE id = ?", [(i,) for i in ids])
 
 
-_SAVE_CERTIFICATE = (
-    "INSERT OR REPLACE INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
-    "not_before, not_after, order_id, acme_url, created, last_requested, revoked, signed_by, "
-    "names_key, superseded, renew_at, dormant, ari_start, ari_end, ari_next) "
-    "VALUES (:id, :request_key, :csr, :names, :spki_sha256, :chain, :not_before, :not_after, "
-    ":order_id, :acme_url, :created, :last_requested, :revoked, :signed_by, "
-    ":names_key, :superseded, :renew_at, :dormant, :ari_start, :ari_end, :ari_next)"
+def upsert(table: str, key: str, columns: str) -> str:
+    """``INSERT`` of a row by named parameters that replaces the row of the same ``key``
+    (both engines say ``ON CONFLICT ... DO UPDATE``); ``columns``: the others, by spaces."""
+    names = [key, *columns.split()]
+    updates = ", ".join(f"{c} = excluded.{c}" for c in names[1:])
+    return (
+        f"INSERT INTO {table} ({', '.join(names)}) VALUES "
+        f"({', '.join(':' + c for c in names)}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+
+
+_SAVE_CERTIFICATE = upsert(
+    "certificates",
+    "id",
+    "request_key csr names spki_sha256 chain not_before not_after order_id acme_url created "
+    "last_requested revoked signed_by names_key superseded renew_at dormant ari_start ari_end "
+    "ari_next",
 )
 _REMOVE_CHALLENGE = (
     "DELETE FROM challenges WHERE id IN "

@@ -19,7 +19,6 @@ reactor, one store call at a time.
 from __future__ import annotations
 
 import collections
-import sqlite3
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -30,6 +29,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from csrproxy.state.database import StateDB
+from csrproxy.state.engine import SQLITE, Connection
 from csrproxy.state.store import Store
 
 log = Logger()
@@ -48,16 +48,16 @@ RULES = (SUPERSEDED, EXPIRED, ORDERS, BUDGETS)
 # A superseded certificate may still be valid until it expires: it goes once both its
 # superseding and its expiry are before the cutoff (one expression index, no walk).
 SUPERSEDED_DELETE = (
-    "DELETE FROM certificates WHERE rowid IN (SELECT rowid FROM certificates "
+    "DELETE FROM certificates WHERE id IN (SELECT id FROM certificates "
     "WHERE superseded IS NOT NULL AND max(superseded, not_after) < :cutoff LIMIT :chunk)"
 )
 # Every row of these index ranges goes: delete from the start until a step finds fewer.
 EXPIRED_DELETE = (
-    "DELETE FROM certificates WHERE rowid IN (SELECT rowid FROM certificates "
+    "DELETE FROM certificates WHERE id IN (SELECT id FROM certificates "
     "WHERE superseded IS NULL AND not_after < :cutoff LIMIT :chunk)"
 )
 ORDERS_DELETE = (
-    "DELETE FROM orders WHERE rowid IN (SELECT rowid FROM orders "
+    "DELETE FROM orders WHERE id IN (SELECT id FROM orders "
     "WHERE status IN ('issued', 'invalid') AND updated < :cutoff LIMIT :chunk)"
 )
 # Budgets have no index on their stamp: walk the primary key, ``chunk`` rows a step.
@@ -126,7 +126,7 @@ def prune_step(
 
 
 def _walk_budgets(
-    conn: sqlite3.Connection, cutoff: float, chunk: int, after: tuple[Any, ...]
+    conn: Connection, cutoff: float, chunk: int, after: tuple[Any, ...]
 ) -> Step:
     args: dict[str, Any] = {"chunk": chunk}
     if after:
@@ -150,7 +150,10 @@ def prune(db: StateDB, now: float, retention_days: float, chunk: int = 1000) -> 
 
 
 def auto_vacuum(db: StateDB) -> str:
-    """The database's ``auto_vacuum`` mode: ``none``, ``full`` or ``incremental``."""
+    """The database's ``auto_vacuum`` mode: ``none``, ``full`` or ``incremental``
+    (``server`` on PostgreSQL, whose autovacuum is the server's business)."""
+    if db.dialect is not SQLITE:
+        return "server"
     mode = int(db.conn.execute("PRAGMA auto_vacuum").fetchone()[0])
     return {0: "none", 1: "full", 2: "incremental"}.get(mode, str(mode))
 
@@ -264,7 +267,7 @@ class Pruner:
                         "state database {path} has auto_vacuum=none: pruned space is reused "
                         "but the file does not shrink (a VACUUM after PRAGMA "
                         "auto_vacuum=INCREMENTAL, with csrproxy stopped, changes that)",
-                        path=str(db.path),
+                        path=db.where,
                     )
             freed = self.vacuum_pages if self._mode == "incremental" else 0
             while freed == self.vacuum_pages and not self._stopping:

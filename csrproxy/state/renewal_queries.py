@@ -3,24 +3,25 @@ parked, rescheduled, looked up — each one search of a partial index."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
+from csrproxy.state.engine import Connection, Cursor, Dialect
 from csrproxy.state.rows import _RENEWABLE, CertificateRow, cert_from_row
 
 
 class RenewalQueries:
     """Mixed into :class:`csrproxy.state.database.StateDB`, which gives the connection."""
 
-    conn: sqlite3.Connection
+    conn: Connection
+    dialect: Dialect
 
-    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> sqlite3.Cursor:
+    def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> Cursor:
         raise NotImplementedError
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[Connection]:
         raise NotImplementedError
 
 
@@ -36,14 +37,14 @@ class RenewalQueries:
     def schedule_unscheduled(self, recheck: float, limit: int) -> int:
         """Give up to ``limit`` current certificates without a renewal time one (a random
         point between 2/3 and 3/4 of their lifetime) and an ARI look-up time; the count."""
+        random = self.dialect.random_fraction
         cur = self._write(
             "UPDATE certificates SET "
-            "renew_at = not_before + (not_after - not_before) "
-            "* (2.0 / 3 + (abs(random()) % 1000000) / 12000000.0), "
-            "ari_next = coalesce(ari_next, unixepoch() + (abs(random()) % 1000000) / 1e6 * ?) "
-            f"WHERE rowid IN (SELECT rowid FROM certificates WHERE renew_at IS NULL "
+            f"renew_at = not_before + (not_after - not_before) * (2.0 / 3 + {random} / 12), "
+            f"ari_next = coalesce(ari_next, ? + {random} * ?) "
+            f"WHERE id IN (SELECT id FROM certificates WHERE renew_at IS NULL "
             f"AND {_RENEWABLE} LIMIT ?)",
-            (recheck, limit),
+            (time.time(), recheck, limit),
         )
         return int(cur.rowcount)
 

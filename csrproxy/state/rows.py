@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Statuses of an order that has not ended (``valid``: the CA issued, the chain is not
 #: on record yet).
@@ -81,13 +81,13 @@ def names_key(names: Iterable[str]) -> str:
     return ",".join(sorted({n.lower() for n in names}))
 
 
-def order_from_row(row: sqlite3.Row) -> OrderRow:
+def order_from_row(row: Any) -> OrderRow:
     d = dict(row)
     d["names"] = json.loads(d["names"])
     return OrderRow(**d)
 
 
-def cert_from_row(row: sqlite3.Row) -> CertificateRow:
+def cert_from_row(row: Any) -> CertificateRow:
     d = dict(row)
     d["names"] = json.loads(d["names"])
     return CertificateRow(**d)

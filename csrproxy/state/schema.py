@@ -115,3 +115,28 @@ MIGRATIONS: Sequence[str] = (
     ) WITHOUT ROWID;
     """,
 )
+
+# What PostgreSQL says differently in the steps that rewrite rows (the rest is translated
+# by csrproxy.state.engine.postgres_ddl): (step, SQLite's text, PostgreSQL's).
+_POSTGRES_REWRITES: Sequence[tuple[int, str, str]] = (
+    (
+        2,
+        "SELECT group_concat(value, ',') FROM (SELECT value FROM json_each(certificates.names)\n"
+        "        ORDER BY value)",
+        "SELECT string_agg(value, ',' ORDER BY value)\n"
+        "        FROM json_array_elements_text(certificates.names::json) AS value",
+    ),
+    (2, "newer.rowid > certificates.rowid", "newer.id > certificates.id"),
+)
+
+
+def postgres_migration(step: int) -> str:
+    """Migration ``step`` (from version ``step`` to ``step + 1``) in the words PostgreSQL
+    needs before its types are translated."""
+    script = MIGRATIONS[step]
+    for index, sqlite_text, postgres_text in _POSTGRES_REWRITES:
+        if index == step:
+            if sqlite_text not in script:
+                raise AssertionError(f"migration {step} no longer says {sqlite_text!r}")
+            script = script.replace(sqlite_text, postgres_text)
+    return script

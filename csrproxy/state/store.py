@@ -22,6 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 from csrproxy.errors import ConfigError, CsrproxyError
 from csrproxy.state.database import DB_NAME, Call, StateDB
+from csrproxy.state.engine import DATABASE_ERRORS
 
 log = Logger()
 T = TypeVar("T")
@@ -127,7 +128,7 @@ class Store:
         self.pool.stop()
         try:
             self.db.flush_removals()
-        except sqlite3.Error as e:  # a leftover row only costs a removal at the next start
+        except DATABASE_ERRORS as e:  # a leftover row only costs a removal at the next start
             log.warn("challenge records not forgotten: {err}", err=str(e))
         self.db.close()
 
@@ -151,12 +152,12 @@ class Store:
             return result
 
         def failed(failure: Failure) -> Failure:
-            if failure.check(sqlite3.Error, OSError):
+            if failure.check(*DATABASE_ERRORS, OSError):
                 self._writes_at_failure = self.db.writes
                 if self._healthy:
                     log.error(
                         "state database {path} unusable: {err}",
-                        path=str(self.db.path),
+                        path=self.db.where,
                         err=failure.getErrorMessage(),
                     )
                 self._healthy = False

@@ -121,12 +121,12 @@ class IndexTests(SynchronousTestCase):
 
         def cost(run: object) -> int:
             steps[0] = 0
-            self.db.conn.set_progress_handler(count, 100)
+            self.db.sqlite.set_progress_handler(count, 100)
             try:
                 assert callable(run)
                 run()
             finally:
-                self.db.conn.set_progress_handler(None, 0)
+                self.db.sqlite.set_progress_handler(None, 0)
             return steps[0]
 
         due = cost(
@@ -152,7 +152,7 @@ class StatementIndexTests(SynchronousTestCase):
         self.addCleanup(self.db.close)
 
     def traced(self, run: object) -> list[tuple[str, tuple[object, ...]]]:
-        conn = self.db.conn
+        conn = self.db.sqlite
         seen: list[tuple[str, tuple[object, ...]]] = []
 
         class Recording:

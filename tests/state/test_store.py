@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from csrproxy.errors import ConfigError
 from csrproxy.state.database import CertificateRow, OrderRow, StateDB
+from csrproxy.state.engine import SQLITE
 from csrproxy.state.schema import MIGRATIONS
 from csrproxy.state.store import StateDir, Store, StoreUnavailable
 
@@ -323,7 +324,9 @@ def test_read_only_database_is_store_unavailable(tmp_path: Path) -> None:
     db = state.open_db()
     db.close()
     ro = StateDB.__new__(StateDB)
-    ro.path = db.path
+    ro._path = db.path
+    ro.where = str(db.path)
+    ro.dialect = SQLITE
     ro.conn = sqlite3.connect(f"file:{db.path}?mode=ro", uri=True, check_same_thread=False)
     ro._removals = collections.deque()
     ro._in_batch = False
