@@ -349,9 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
         state = StateDir(config.state.dir)
         if args.command in ("backup", "restore"):
+            if config.state.backend == "postgresql":
+                raise ConfigError(
+                    "state.backend",
+                    f"{args.command} copies the SQLite file; back up PostgreSQL with pg_dump "
+                    "and restore with pg_restore (see README)",
+                )
             # Neither opens the database as StateDB does: no migration, no lock waits.
             return _backup_or_restore(state, args.command, args.file)
-        db = state.open_db()
+        db = state.open_db(config.state.dsn)
     except ConfigError as e:
         print(f"csrproxy-admin: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from csrproxy.config.model import Config
 from csrproxy.config.policy import parse_policy
 from csrproxy.config.reader import Table
 from csrproxy.config.renewal import parse_renewal
-from csrproxy.config.state import parse_state
+from csrproxy.config.state import parse_cluster, parse_state
 from csrproxy.errors import ConfigError
 
 
@@ -40,5 +40,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     policy = parse_policy(document.table("policy"), dns.zone)
     state = parse_state(document.table("state"))
     renewal = parse_renewal(document.table("renewal", required=False))
+    cluster = parse_cluster(document.table("cluster", required=False))
+    if cluster.dns_peers and state.backend != "postgresql":
+        raise ConfigError("cluster.dns_peers", 'needs [state] backend = "postgresql"')
     document.done()
-    return Config(acme, api, dns, policy, state, renewal, source=source)
+    return Config(acme, api, dns, policy, state, renewal, source=source, cluster=cluster)

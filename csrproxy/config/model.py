@@ -171,10 +171,27 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class StateConfig:
+    #: Local files (the state lock; the account key file; the SQLite database).
     dir: str
     #: Days a superseded or expired certificate is kept after it expired, and a finished
     #: order after it ended (then pruned).
     retention_days: float = 30.0
+    #: "sqlite" (a file in ``dir``) or "postgresql" (``dsn``: shared by several instances).
+    backend: str = "sqlite"
+    #: ``postgresql://user[:password]@host:port/db?...`` (libpq also reads ~/.pgpass and
+    #: PGPASSWORD); kept out of reprs and logs.
+    dsn: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """``[cluster]``: this instance among several sharing one PostgreSQL database."""
+
+    #: Unique per instance (default: the host name); in health, metrics and leases.
+    instance: str = ""
+    #: Every instance's DNS (``host:port``): each must serve a challenge value before the
+    #: challenge is answered.
+    dns_peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -205,3 +222,4 @@ class Config:
     state: StateConfig
     renewal: RenewalConfig = RenewalConfig()
     source: str = field(default="", compare=False)
+    cluster: ClusterConfig = ClusterConfig()

@@ -26,7 +26,9 @@ def save_budgets(db: StateDB, rows: Sequence[BudgetRow]) -> None:
     """Record ``rows`` in one transaction; a row replaces the one of the same name."""
     with db.transaction() as conn:
         conn.executemany(
-            "INSERT OR REPLACE INTO budgets (name, tokens, stamp) VALUES (?, ?, ?)", rows
+            "INSERT INTO budgets (name, tokens, stamp) VALUES (?, ?, ?) ON CONFLICT (name) "
+            "DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
+            rows,
         )
 
 

@@ -31,7 +31,8 @@ def save_serial(db: StateDB, origin: str, serial: int) -> None:
     """Record ``serial`` as ``origin``'s."""
     with db.transaction() as conn:
         conn.execute(
-            "INSERT OR REPLACE INTO zones (origin, serial, updated) VALUES (?, ?, ?)",
+            "INSERT INTO zones (origin, serial, updated) VALUES (?, ?, ?) ON CONFLICT (origin) "
+            "DO UPDATE SET serial = excluded.serial, updated = excluded.updated",
             (origin, serial, time.time()),
         )
 

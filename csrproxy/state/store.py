@@ -22,7 +22,7 @@ from twisted.python.threadpool import ThreadPool
 
 from csrproxy.errors import ConfigError, CsrproxyError
 from csrproxy.state.database import DB_NAME, Call, StateDB
-from csrproxy.state.engine import DATABASE_ERRORS
+from csrproxy.state.engine import DATABASE_ERRORS, redacted
 
 log = Logger()
 T = TypeVar("T")
@@ -88,8 +88,15 @@ class StateDir:
             raise FileExistsError(f"{path} exists; the account key is written once")
         atomic_write(path, pem)
 
-    def open_db(self) -> StateDB:
-        """Open (creating and migrating) the state database; ConfigError when impossible."""
+    def open_db(self, dsn: str | None = None) -> StateDB:
+        """Open (creating and migrating) the state database: the SQLite file here, or the
+        PostgreSQL database ``dsn``; ConfigError when impossible."""
+        if dsn is not None:
+            try:
+                return StateDB(dsn)
+            except DATABASE_ERRORS as e:
+                where = redacted(dsn)
+                raise ConfigError("state.dsn", f"cannot open {where}: {e}".strip()) from e
         try:
             return StateDB(self.path / DB_NAME)
         except (sqlite3.Error, OSError) as e:

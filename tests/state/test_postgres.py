@@ -1,0 +1,314 @@
+"""The state database on PostgreSQL (issue 16): the same StateDB, the same migrations.
+
+Each test gets an empty database on one throwaway server (csrproxy/testing/postgres.py)
+and checks a part of what the daemon asks of the database, as the SQLite tests do, plus
+what only a server has: instances migrating together, a dropped connection.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from twisted.internet.defer import Deferred
+
+from csrproxy.state.budgets import load_budgets, save_budgets
+from csrproxy.state.database import CertificateRow, OrderRow, StateDB
+from csrproxy.state.engine import POSTGRESQL, postgres_ddl
+from csrproxy.state.prune import BUDGETS, EXPIRED, ORDERS, SUPERSEDED, auto_vacuum, prune_step
+from csrproxy.state.schema import MIGRATIONS
+from csrproxy.state.serials import load_serial, save_serial
+from csrproxy.testing.postgres import Postgres, available, start_postgres
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not available(), reason="PostgreSQL server binaries not installed"),
+]
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Postgres]:
+    with start_postgres(tempfile.mkdtemp(prefix="csrproxy-pgtest-")) as pg:
+        yield pg
+
+
+@pytest.fixture
+def dsn(server: Postgres) -> str:
+    return server.fresh_database(f"state_{next(_names)}")
+
+
+@pytest.fixture
+def db(dsn: str) -> Iterator[StateDB]:
+    opened = StateDB(dsn)
+    yield opened
+    opened.close()
+
+
+def cert(cid: str = "c1", request_key: str = "rk", not_after: float = 2e9) -> CertificateRow:
+    return CertificateRow(
+        id=cid,
+        request_key=request_key,
+        csr=b"\x00csr",
+        names=["a.go.example.test"],
+        spki_sha256="ab",
+        chain="PEM",
+        not_before=1e9,
+        not_after=not_after,
+    )
+
+
+def test_migrated_once_and_reopened(dsn: str) -> None:
+    first = StateDB(dsn)
+    assert first.dialect is POSTGRESQL
+    assert first.version == len(MIGRATIONS)
+    assert "***" in first.where or "@" not in first.where
+    first.close()
+    again = StateDB(dsn)
+    assert again.version == len(MIGRATIONS)
+    again.close()
+
+
+def test_instances_starting_together_migrate_once(dsn: str) -> None:
+    opened: list[StateDB] = []
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            opened.append(StateDB(dsn))
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    assert [d.version for d in opened] == [len(MIGRATIONS)] * 4
+    for d in opened:
+        d.close()
+
+
+def test_a_version_1_database_with_rows_is_migrated(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for statement in postgres_ddl(MIGRATIONS[0]):
+            conn.execute(statement)
+        conn.execute("CREATE TABLE csrproxy_schema (version BIGINT NOT NULL)")
+        conn.execute("INSERT INTO csrproxy_schema VALUES (1)")
+        for cid, not_after in (("old", 1.5e9), ("new", 2.5e9)):
+            conn.execute(
+                "INSERT INTO certificates (id, request_key, csr, names, spki_sha256, chain, "
+                "not_before, not_after, created, last_requested) VALUES "
+                "(%s, 'rk', '\\x00', %s, 'ab', 'PEM', 1, %s, 3, 4)",
+                (cid, json.dumps(["b.go.example.test", "a.go.example.test"]), not_after),
+            )
+        conn.execute(
+            "INSERT INTO orders (id, request_key, csr, names, status, certificate_id, "
+            "created, updated) VALUES ('o1', 'rk', '\\x00', '[]', 'valid', 'new', 1, 1)"
+        )
+    db = StateDB(dsn)
+    try:
+        assert db.version == len(MIGRATIONS)
+        new, old = db.certificate("new"), db.certificate("old")
+        assert new is not None and old is not None
+        assert new.names_key == "a.go.example.test,b.go.example.test"
+        assert new.superseded is None and old.superseded is not None
+        assert db.current_certificate("rk") == new
+        [order] = db.orders(["issued"])
+        assert order.id == "o1"
+    finally:
+        db.close()
+
+
+def test_orders_and_certificates(db: StateDB) -> None:
+    db.save_account("https://ca/dir", "https://ca/acct/1", "account.key")
+    db.save_account("https://ca/dir", "https://ca/acct/2", "account.key")
+    assert db.account("https://ca/dir")["url"] == "https://ca/acct/2"  # type: ignore[index]
+    db.save_order(OrderRow("o1", "rk", b"\x00csr", ["a.go.example.test"]))
+    db.update_order("o1", status="pending", acme_url="https://ca/order/1")
+    [unfinished] = db.unfinished_orders()
+    assert (unfinished.id, unfinished.acme_url, unfinished.csr) == (
+        "o1",
+        "https://ca/order/1",
+        b"\x00csr",
+    )
+    db.save_certificate(cert("c0", not_after=1.9e9))
+    issued = db.certificate_issued(cert("c1"), "o1")
+    assert issued.names_key == "a.go.example.test"
+    assert db.unfinished_orders() == []
+    assert db.order_with_chain("o1")[1].id == "c1"  # type: ignore[index,union-attr]
+    assert db.certificate("c0").superseded is not None  # type: ignore[union-attr]
+    current, seen = db.sign_lookup("rk", ["a.go.example.test"])
+    assert current is not None and current.id == "c1" and seen
+    assert db.sign_lookup("other", ["new.go.example.test"]) == (None, False)
+    assert db.current_by_key_prefix("r").id == "c1"  # type: ignore[union-attr]
+    db.certificate_signed("rk", 5.0, "token:abc")
+    db.touch_certificate("c1", 6.0)
+    row = db.certificate("c1")
+    assert row is not None and (row.last_requested, row.signed_by) == (6.0, "token:abc")
+    db.mark_revoked("c1", 1)
+    assert db.newest_certificate("rk").id == "c0"  # type: ignore[union-attr]
+
+
+def test_a_failed_write_is_all_or_nothing(db: StateDB) -> None:
+    db.save_order(OrderRow("o1", "rk", b"csr", ["a.go.example.test"]))
+    bad = cert()
+    bad.chain = None  # type: ignore[assignment]  # NOT NULL
+    with pytest.raises(psycopg.IntegrityError):
+        db.certificate_issued(bad, "o1")
+    assert [o.id for o in db.unfinished_orders()] == ["o1"]
+    db.save_certificate(cert())  # the connection is usable after the rollback
+    assert db.certificate("c1") is not None
+
+
+def test_batch_keeps_each_call_all_or_nothing(db: StateDB) -> None:
+    bad = cert("bad")
+    bad.chain = None  # type: ignore[assignment]
+    outcomes = db.batch(
+        [
+            (db.save_certificate, (cert("c1"),), {}),
+            (db.save_certificate, (bad,), {}),
+            (db.save_certificate, (cert("c2", request_key="rk2"),), {}),
+        ]
+    )
+    assert [ok for ok, _ in outcomes] == [True, False, True]
+    assert db.certificate("c1") is not None and db.certificate("c2") is not None
+    assert db.certificate("bad") is None
+
+
+def test_secrets_first_write_wins_for_every_instance(db: StateDB, dsn: str) -> None:
+    other = StateDB(dsn)
+    try:
+        assert db.existing_secret("certificate-id") is None
+        secret = other.secret("certificate-id")
+        assert db.secret("certificate-id") == secret
+        assert db.existing_secret("certificate-id") == secret
+        assert len(db.secret("dns-cookie", 16)) == 16
+    finally:
+        other.close()
+
+
+def test_challenges_are_a_multiset_and_forgotten_with_the_next_write(db: StateDB) -> None:
+    first = db.add_challenge("o1", "n", "v", "builtin")
+    second = db.add_challenge("o1", "n", "v", "builtin")
+    assert second > first
+    db.remove_challenge("n", "v")
+    assert [c.value for c in db.challenges()] == ["v"]
+    db.add_challenge("o1", "n", "w", "builtin")
+    db.forget_challenge_later("n", "v")
+    db.flush_removals()
+    assert [c.value for c in db.challenges()] == ["w"]
+    db.clear_challenges([c.id for c in db.challenges()])
+    assert db.challenges() == []
+
+
+def test_budgets_and_serials(db: StateDB) -> None:
+    save_budgets(db, [("names:a", 4.0, 10.0), ("orders", 200.0, 11.0)])
+    save_budgets(db, [("names:a", 3.0, 12.0)])
+    assert load_budgets(db, 0.0, 10) == [("names:a", 3.0, 12.0), ("orders", 200.0, 11.0)]
+    assert load_budgets(db, 0.0, 10, prefix="names:") == [("names:a", 3.0, 12.0)]
+    assert load_serial(db, "go.example.test") is None
+    save_serial(db, "go.example.test", 4_000_000_000)
+    save_serial(db, "go.example.test", 4_000_000_001)
+    assert load_serial(db, "go.example.test") == 4_000_000_001
+
+
+def test_renewal_queries(db: StateDB) -> None:
+    for i in range(3):
+        db.save_certificate(cert(f"c{i}", request_key=f"rk{i}"))
+    assert db.schedule_unscheduled(3600.0, 2) == 2
+    assert db.schedule_unscheduled(3600.0, 10) == 1
+    rows = [db.certificate(f"c{i}") for i in range(3)]
+    for row in rows:
+        assert row is not None and row.renew_at is not None and row.ari_next is not None
+        lifetime = row.not_after - row.not_before
+        assert row.not_before + lifetime * 2 / 3 <= row.renew_at <= row.not_before + lifetime * 0.75
+    due = db.due_certificates(2e9, 10)
+    assert sorted(r.id for r in due) == ["c0", "c1", "c2"]
+    db.park(["c0"])
+    db.renew_later("c1", 3e9)
+    assert [r.id for r in db.due_certificates(2e9, 10)] == ["c2"]
+    db.mark_renewed("c2")
+    assert db.due_certificates(2e9, 10) == []
+    assert [r[0] for r in db.ari_due(1e12, 10)] == ["c1"]
+    db.ari_looked("c1", (1.8e9, 1.9e9), 1e13, 1.85e9)
+    row = db.certificate("c1")
+    assert row is not None and (row.ari_start, row.ari_end, row.renew_at) == (
+        1.8e9,
+        1.9e9,
+        1.85e9,
+    )
+
+
+def test_pruning(db: StateDB) -> None:
+    db.save_certificate(cert("gone", request_key="a", not_after=10.0))
+    db.save_certificate(cert("kept", request_key="b", not_after=2e9))
+    db.save_order(OrderRow("o1", "a", b"csr", [], status="issued", updated=5.0))
+    save_budgets(db, [("old", 1.0, 1.0), ("new", 1.0, 1e12)])
+    for rule in (SUPERSEDED, EXPIRED, ORDERS):
+        prune_step(db, rule, 100.0)
+    assert db.certificate("gone") is None and db.certificate("kept") is not None
+    assert db.order("o1") is None
+    step = prune_step(db, BUDGETS, 100.0)
+    assert step.deleted == 1
+    assert [name for name, _, _ in load_budgets(db, 0.0, 10)] == ["new"]
+    assert auto_vacuum(db) == "server"
+
+
+def test_a_dropped_connection_fails_one_call_then_reconnects(
+    db: StateDB, server: Postgres, dsn: str
+) -> None:
+    db.save_certificate(cert())
+    dbname = dsn.rsplit("/", 1)[1].split("?")[0]
+    assert server.terminate_connections(dbname) >= 1
+    with pytest.raises(psycopg.OperationalError):
+        db.certificate("c1")
+    assert db.certificate("c1") is not None
+    db.save_certificate(cert("c2", request_key="rk2"))
+    assert db.certificate("c2") is not None
+
+
+def test_the_store_turns_unhealthy_and_back(db: StateDB, server: Postgres, dsn: str) -> None:
+    from twisted.internet import reactor
+
+    from csrproxy.state.store import Store, StoreUnavailable
+
+    store = Store(reactor, db)
+    store.start()
+    try:
+        dbname = dsn.rsplit("/", 1)[1].split("?")[0]
+        server.terminate_connections(dbname)
+        failed = _wait(store.run(db.save_certificate, cert()))
+        assert isinstance(failed, StoreUnavailable), failed
+        assert not store.healthy
+        assert _wait(store.run(db.save_certificate, cert())) is None
+        assert store.healthy
+    finally:
+        store.pool.stop()
+
+
+def _wait(d: Deferred[object]) -> object:
+    # The store's thread answers through reactor.callFromThread: run the reactor a little.
+    from twisted.internet import reactor
+
+    done = threading.Event()
+    result: list[object] = []
+
+    def got(value: object) -> None:
+        result.append(value.value if hasattr(value, "value") else value)
+        done.set()
+
+    d.addBoth(got)
+    for _ in range(200):
+        if done.is_set():
+            break
+        reactor.iterate(0.05)
+    assert done.is_set()
+    return result[0]
