@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             # Neither opens the database as StateDB does: no migration, no lock waits.
             return _backup_or_restore(state, args.command, args.file)
-        db = state.open_db(config.state.dsn)
+        db = state.open_db(config.state.dsn, config.cluster.instance)
     except ConfigError as e:
         print(f"csrproxy-admin: {e}", file=sys.stderr)
         return 2

@@ -321,7 +321,7 @@ def build_service(
     lock = StateLock(state.path)
     lock.acquire()
     key = load_account_key(state, config.acme.account_key_type)
-    store = Store(reactor, state.open_db(config.state.dsn))
+    store = Store(reactor, state.open_db(config.state.dsn, config.cluster.instance))
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 

@@ -124,10 +124,18 @@ class RecordingResponder:
             await store.run(store.db.add_challenge, self.order_id, name, value, self.ledger.backend)
         await self.inner.publish(identifier, value)
 
-    def _forget(self, _: object, identifier: str, value: str) -> None:
+    def _forget(self, _: object, identifier: str, value: str) -> Deferred[Any] | None:
         store = self.ledger.store
-        if store is not None:
-            store.db.forget_challenge_later(challenge_name(identifier), value)
+        if store is None:
+            return None
+        name = challenge_name(identifier)
+        if store.db.shared:
+            # Other instances serve it too: they must hear of its end now.
+            return store.run(store.db.remove_challenge, name, value).addErrback(
+                lambda f: store.db.forget_challenge_later(name, value)
+            )
+        store.db.forget_challenge_later(name, value)
+        return None
 
     def publish(self, identifier: str, value: str) -> Deferred[None]:
         return Deferred.fromCoroutine(self._publish(identifier, value))
@@ -171,7 +179,7 @@ class Ledger:
         return [] if self.store is None else self.store.db.unfinished_orders()
 
     def leftover_challenges(self) -> list[ChallengeRow]:
-        return [] if self.store is None else self.store.db.challenges()
+        return [] if self.store is None else self.store.db.own_challenges()
 
     def forget_challenges(self, rows: list[ChallengeRow]) -> Deferred[Any]:
         if self.store is None or not rows:

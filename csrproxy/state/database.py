@@ -56,6 +56,8 @@ WAL_LIMIT = 64 * 1024 * 1024
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
+#: The PostgreSQL channel a change of the challenge records is announced on.
+CHALLENGES_CHANNEL = "csrproxy_challenges"
 #: The advisory lock PostgreSQL instances migrate under (any constant of our own).
 MIGRATION_LOCK = 0x63737270_0001
 
@@ -65,8 +67,12 @@ _UNFINISHED_SQL = ", ".join(f"'{s}'" for s in UNFINISHED)
 class StateDB(RenewalQueries):
     """One connection to the state database."""
 
-    def __init__(self, location: str | Path) -> None:
-        """Open the database at ``location``: a file (SQLite), or a ``postgresql://`` URL."""
+    def __init__(self, location: str | Path, instance: str = "") -> None:
+        """Open the database at ``location``: a file (SQLite), or a ``postgresql://`` URL.
+
+        ``instance`` names this instance in the rows it writes for others to see
+        (``[cluster] instance``)."""
+        self.instance = instance
         #: (name, value) of challenge records unpublished but still on record; any thread
         #: may append, the next transaction deletes them (a leftover only costs a harmless
         #: removal at the next start).
@@ -213,6 +219,7 @@ class StateDB(RenewalQueries):
         try:
             if removals:
                 self.conn.executemany(_REMOVE_CHALLENGE, removals)
+                self._challenges_changed()
             yield self.conn
         except BaseException:
             self.conn.execute("ROLLBACK")
@@ -454,18 +461,32 @@ class StateDB(RenewalQueries):
 
     # -- challenge records ------------------------------------------------------------
 
+    @property
+    def shared(self) -> bool:
+        """True when other instances may share this database (PostgreSQL)."""
+        return self.dialect is POSTGRESQL
+
+    def _challenges_changed(self) -> None:
+        # Tells the other instances at commit (LISTEN csrproxy_challenges), in the write's
+        # own transaction: they never hear of a change that did not happen.
+        if self.dialect is POSTGRESQL:
+            self.conn.execute(f"SELECT pg_notify('{CHALLENGES_CHANNEL}', ?)", (self.instance,))
+
     def add_challenge(self, order_id: str, name: str, value: str, backend: str) -> int:
         with self.transaction() as conn:
             # Read inside the transaction: SQLite's RETURNING holds the statement open.
             row = conn.execute(
-                "INSERT INTO challenges (order_id, name, value, backend, created) "
-                "VALUES (?, ?, ?, ?, ?) RETURNING id",
-                (order_id, name, value, backend, time.time()),
+                "INSERT INTO challenges (order_id, name, value, backend, created, instance) "
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (order_id, name, value, backend, time.time(), self.instance),
             ).fetchone()
+            self._challenges_changed()
         return int(row[0])
 
     def remove_challenge(self, name: str, value: str) -> None:
-        self._write(_REMOVE_CHALLENGE, (name, value))
+        with self.transaction() as conn:
+            conn.execute(_REMOVE_CHALLENGE, (name, value))
+            self._challenges_changed()
 
     def forget_challenge_later(self, name: str, value: str) -> None:
         """Delete one record of ``name``/``value`` with the next write (safe from any thread)."""
@@ -478,7 +499,28 @@ class StateDB(RenewalQueries):
                 pass
 
     def challenges(self) -> list[ChallengeRow]:
+        """Every challenge record, of every instance."""
         return [ChallengeRow(**dict(r)) for r in self.conn.execute("SELECT * FROM challenges")]
+
+    def own_challenges(self) -> list[ChallengeRow]:
+        """The records this instance published (SQLite: all, whatever their instance)."""
+        if self.dialect is SQLITE:
+            return self.challenges()
+        rows = self.conn.execute(
+            "SELECT * FROM challenges WHERE instance = ? OR instance IS NULL", (self.instance,)
+        )
+        return [ChallengeRow(**dict(r)) for r in rows]
+
+    def others_challenges(self, backend: str = "builtin") -> list[tuple[str, str]]:
+        """(name, value) of the ``backend`` records other instances published (a multiset)."""
+        if self.dialect is SQLITE:
+            return []
+        rows = self.conn.execute(
+            "SELECT name, value FROM challenges WHERE backend = ? AND instance IS NOT NULL "
+            "AND instance != ? ORDER BY id",
+            (backend, self.instance),
+        )
+        return [(str(r[0]), str(r[1])) for r in rows]
 
     def clear_challenges(self, ids: Iterable[int]) -> None:
         with self.transaction() as conn:

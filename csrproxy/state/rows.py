@@ -32,6 +32,9 @@ class OrderRow:
     replaces: str | None = None
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
+    #: The instance running it and until when (a cluster's lease; schema 5).
+    owner: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass
@@ -64,6 +67,9 @@ class CertificateRow:
     ari_end: float | None = None
     #: When to ask the CA's ARI endpoint for its window again (None: when convenient).
     ari_next: float | None = None
+    #: The instance renewing it and until when (a cluster's lease; schema 5).
+    lease_owner: str | None = None
+    lease_until: float | None = None
 
 
 @dataclass
@@ -74,6 +80,8 @@ class ChallengeRow:
     value: str
     backend: str
     created: float
+    #: The instance that published it (None: written before schema 5).
+    instance: str | None = None
 
 
 def names_key(names: Iterable[str]) -> str:

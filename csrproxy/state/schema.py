@@ -114,6 +114,19 @@ MIGRATIONS: Sequence[str] = (
         updated REAL NOT NULL
     ) WITHOUT ROWID;
     """,
+    # 5: several instances on one database ([cluster]). Each challenge record names the
+    # instance that published it (the others serve it too; a starting instance clears only
+    # its own); an order and a renewal are leased by the instance running them (another
+    # takes over once the lease ran out); the account key's thumbprint (every instance must
+    # hold the same key).
+    """
+    ALTER TABLE challenges ADD COLUMN instance TEXT;
+    ALTER TABLE orders ADD COLUMN owner TEXT;
+    ALTER TABLE orders ADD COLUMN lease_until REAL;
+    ALTER TABLE certificates ADD COLUMN lease_owner TEXT;
+    ALTER TABLE certificates ADD COLUMN lease_until REAL;
+    ALTER TABLE account ADD COLUMN key_thumbprint TEXT;
+    """,
 )
 
 # What PostgreSQL says differently in the steps that rewrite rows (the rest is translated

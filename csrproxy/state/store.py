@@ -88,17 +88,17 @@ class StateDir:
             raise FileExistsError(f"{path} exists; the account key is written once")
         atomic_write(path, pem)
 
-    def open_db(self, dsn: str | None = None) -> StateDB:
+    def open_db(self, dsn: str | None = None, instance: str = "") -> StateDB:
         """Open (creating and migrating) the state database: the SQLite file here, or the
-        PostgreSQL database ``dsn``; ConfigError when impossible."""
+        PostgreSQL database ``dsn``, as ``instance``; ConfigError when impossible."""
         if dsn is not None:
             try:
-                return StateDB(dsn)
+                return StateDB(dsn, instance)
             except DATABASE_ERRORS as e:
                 where = redacted(dsn)
                 raise ConfigError("state.dsn", f"cannot open {where}: {e}".strip()) from e
         try:
-            return StateDB(self.path / DB_NAME)
+            return StateDB(self.path / DB_NAME, instance)
         except (sqlite3.Error, OSError) as e:
             raise ConfigError("state.dir", f"cannot open {self.path / DB_NAME}: {e}") from e
 

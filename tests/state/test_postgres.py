@@ -312,3 +312,24 @@ def _wait(d: Deferred[object]) -> object:
         reactor.iterate(0.05)
     assert done.is_set()
     return result[0]
+
+
+def test_challenge_records_name_their_instance_and_are_announced(dsn: str) -> None:
+    a, b = StateDB(dsn, "ns1"), StateDB(dsn, "ns2")
+    listener = psycopg.connect(dsn, autocommit=True)
+    try:
+        listener.execute("LISTEN csrproxy_challenges")
+        a.add_challenge("o1", "_acme-challenge.x", "va", "builtin")
+        b.add_challenge("o2", "_acme-challenge.y", "vb", "builtin")
+        b.add_challenge("o3", "_acme-challenge.z", "vp", "powerdns")
+        assert [c.value for c in a.own_challenges()] == ["va"]
+        assert a.others_challenges() == [("_acme-challenge.y", "vb")]
+        assert b.others_challenges() == [("_acme-challenge.x", "va")]
+        a.remove_challenge("_acme-challenge.x", "va")
+        assert b.others_challenges() == []
+        heard = [n.payload for n in listener.notifies(timeout=2.0, stop_after=4)]
+        assert heard == ["ns1", "ns2", "ns2", "ns1"]
+    finally:
+        listener.close()
+        a.close()
+        b.close()
