@@ -26,6 +26,7 @@ class Metrics:
 
     def __init__(self) -> None:
         disable_created_metrics()
+        self._instance: bytes | None = None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.orders = Counter(
@@ -151,7 +152,26 @@ class Metrics:
         self.registry.register(_PrunedCollector(pruned))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        text = generate_latest(self.registry)
+        return text if self._instance is None else _with_label(text, self._instance)
+
+    def label_instance(self, instance: str) -> None:
+        """Every sample gets ``instance="<instance>"`` (several instances behind one job)."""
+        self._instance = f'instance="{instance}"'.encode()
+
+
+def _with_label(text: bytes, label: bytes) -> bytes:
+    out = []
+    for line in text.split(b"\n"):
+        if line and not line.startswith(b"#"):
+            name, brace, rest = line.partition(b"{")
+            if brace:
+                line = name + b"{" + label + (b"," if not rest.startswith(b"}") else b"") + rest
+            else:
+                name, space, value = line.partition(b" ")
+                line = name + b"{" + label + b"}" + space + value
+        out.append(line)
+    return b"\n".join(out)
 
 
 class _DNSCollector(Collector):

@@ -11,7 +11,7 @@ from cryptography import x509
 from treq.client import HTTPClient
 from twisted.application.internet import TimerService
 from twisted.application.service import IServiceCollection, MultiService, Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from csrproxy.acme.breaker import QUIET as CA_QUIET
@@ -105,15 +105,35 @@ class CsrproxyService(MultiService):
             raise SystemExit(1) from None
 
 
-def load_account_key(state: StateDir, key_type: str = "ec256") -> AccountKey:
+def load_account_key(
+    state: StateDir, key_type: str = "ec256", cluster_key: str | None = None
+) -> AccountKey:
+    """The account key file in ``state``, made on the first start.
+
+    ``cluster_key`` is the thumbprint of the key the shared database's account was made
+    with: every instance must hold that key (the same file on each; the key never goes
+    into the database), so one missing or different is refused.
+    """
     pem = state.read_account_key()
+    copy = "copy account.key from an instance of the cluster into [state] dir (mode 0600)"
     if pem is not None:
         try:
-            return AccountKey.from_pem(pem)
+            key = AccountKey.from_pem(pem)
         except ValueError as e:
             raise ConfigError(
                 "state.dir", f"the account key in {state.path} is unusable: {e}"
             ) from e
+        if cluster_key is not None and key.thumbprint != cluster_key:
+            raise ConfigError(
+                "state.dir",
+                f"{state.path / 'account.key'} is not the cluster's account key "
+                f"(thumbprint {key.thumbprint}, the database's {cluster_key}): {copy}",
+            )
+        return key
+    if cluster_key is not None:
+        raise ConfigError(
+            "state.dir", f"the cluster's account key (thumbprint {cluster_key}) is missing: {copy}"
+        )
     key = AccountKey.generate(key_type)
     state.write_account_key(key.to_pem())
     log.info("new ACME account key written to {path}", path=str(state.path))
@@ -182,14 +202,13 @@ def make_publisher(
         return None if metrics is None else functools.partial(metrics.challenge_checked, backend)
 
     if config.dns.backend != "powerdns" or pdns is None:
-        checks = [s.check for s in config.dns.secondaries if s.check]
-        if not config.dns.secondaries:
+        # Every instance's DNS ([cluster] dns_peers) and every secondary's must serve it.
+        checks = [*config.cluster.dns_peers, *(s.check for s in config.dns.secondaries if s.check)]
+        if not checks:
             return ZonePublisher(zone), None
 
         def name_servers() -> Deferred[list[tuple[str, int]]]:
             own = dns_service.served_at() if dns_service is not None else []
-            if not checks:
-                return succeed(own)
             found = resolve_check_servers(checks, zone.origin, resolver(), "dns.secondaries")
             return found.addCallback(lambda theirs: own + [s for s in theirs if s not in own])
 
@@ -281,7 +300,15 @@ def readiness(
     probes.append(
         ("store", free_space_probe(state_dir, lambda: store.healthy, retry_write=retry_write))
     )
-    return Health(probes)
+
+    def info() -> dict[str, Any]:
+        db = store.db
+        return {
+            "instance": db.instance,
+            "database": {"backend": db.dialect.name, "where": db.where, "writable": store.healthy},
+        }
+
+    return Health(probes, info)
 
 
 def make_rrl(
@@ -320,8 +347,14 @@ def build_service(
     # migrates it nor resumes the first one's orders (StateInUse is a ConfigError).
     lock = StateLock(state.path)
     lock.acquire()
-    key = load_account_key(state, config.acme.account_key_type)
-    store = Store(reactor, state.open_db(config.state.dsn, config.cluster.instance))
+    db = state.open_db(config.state.dsn, config.cluster.instance)
+    account_row = db.account(config.acme.directory) if db.shared else None
+    key = load_account_key(
+        state,
+        config.acme.account_key_type,
+        account_row.get("key_thumbprint") if account_row is not None else None,
+    )
+    store = Store(reactor, db)
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
@@ -339,6 +372,8 @@ def build_service(
     record_serial(zone.serial)
     zone.on_serial(record_serial)
     metrics = Metrics()
+    if config.state.backend == "postgresql":  # instances behind one scrape job
+        metrics.label_instance(config.cluster.instance)
     acme = ACMEClient(
         reactor,
         http,
@@ -350,7 +385,9 @@ def build_service(
     )
 
     def remember_account(url: str) -> None:
-        d = store.run(store.db.save_account, config.acme.directory, url, "account.key")
+        d = store.run(
+            store.db.save_account, config.acme.directory, url, "account.key", key.thumbprint
+        )
         d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
 
     dns_service = (

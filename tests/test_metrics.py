@@ -37,3 +37,24 @@ def test_dns_rcodes_named_extended_ones_included() -> None:
     assert 'csrproxy_dns_queries_total{rcode="NOERROR"} 2.0' in text
     assert 'csrproxy_dns_queries_total{rcode="BADVERS"} 1.0' in text
     assert 'csrproxy_dns_queries_total{rcode="BADCOOKIE"} 1.0' in text
+
+
+def test_every_sample_carries_the_instance_when_asked() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from csrproxy.metrics import Metrics
+
+    metrics = Metrics()
+    metrics.acme_request("newOrder", 201)
+    metrics.issuance_seconds.observe(0.5)
+    metrics.orders_in_flight.set(2)
+    plain = metrics.render()
+    metrics.label_instance("ns1")
+    labelled = metrics.render()
+    samples = [
+        s for family in text_string_to_metric_families(labelled.decode()) for s in family.samples
+    ]
+    assert samples and all(s.labels.get("instance") == "ns1" for s in samples)
+    bare = [s for f in text_string_to_metric_families(plain.decode()) for s in f.samples]
+    assert len(bare) == len(samples)
+    assert {(s.name, s.value) for s in bare} == {(s.name, s.value) for s in samples}

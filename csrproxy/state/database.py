@@ -255,11 +255,20 @@ class StateDB(RenewalQueries):
 
     # -- account ------------------------------------------------------------
 
-    def save_account(self, directory: str, url: str, key_file: str) -> None:
+    def save_account(
+        self, directory: str, url: str, key_file: str, key_thumbprint: str | None = None
+    ) -> None:
+        """Record the account at ``directory``. The first key recorded stays the
+        database's: a row with another key's thumbprint is left as it is (the instance with
+        the other key is refused at its next start)."""
         self._write(
-            "INSERT INTO account (directory, url, key_file, created) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT(directory) DO UPDATE SET url = excluded.url, key_file = excluded.key_file",
-            (directory, url, key_file, time.time()),
+            "INSERT INTO account (directory, url, key_file, created, key_thumbprint) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(directory) DO UPDATE SET url = excluded.url, "
+            "key_file = excluded.key_file, "
+            "key_thumbprint = coalesce(account.key_thumbprint, excluded.key_thumbprint) "
+            "WHERE account.key_thumbprint IS NULL OR excluded.key_thumbprint IS NULL "
+            "OR account.key_thumbprint = excluded.key_thumbprint",
+            (directory, url, key_file, time.time(), key_thumbprint),
         )
 
     def account(self, directory: str) -> dict[str, Any] | None:

@@ -35,8 +35,14 @@ class Check:
 class Health:
     """Readiness as named checks, run when asked (they are cheap: no I/O but ``statvfs``)."""
 
-    def __init__(self, probes: Sequence[tuple[str, Probe]]) -> None:
+    def __init__(
+        self,
+        probes: Sequence[tuple[str, Probe]],
+        info: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         self.probes = list(probes)
+        #: What the document says besides the checks (the instance, the database).
+        self.info = info
         self._failing: set[str] = set()
 
     def checks(self) -> list[Check]:
@@ -65,6 +71,7 @@ class Health:
     def document(self) -> dict[str, Any]:
         checks = self.checks()
         return {
+            **(self.info() if self.info is not None else {}),
             "live": True,
             "ready": all(c.ok for c in checks),
             "checks": {c.name: {"ok": c.ok, "detail": c.detail} for c in checks},
