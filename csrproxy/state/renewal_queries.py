@@ -11,12 +11,17 @@ from typing import Any
 from csrproxy.state.engine import Connection, Cursor, Dialect
 from csrproxy.state.rows import _RENEWABLE, CertificateRow, cert_from_row
 
+#: Seconds a renewal is leased to the instance that read it due (far longer than an order
+#: takes: ``[acme] order_timeout`` is minutes).
+RENEWAL_LEASE = 900.0
+
 
 class RenewalQueries:
     """Mixed into :class:`csrproxy.state.database.StateDB`, which gives the connection."""
 
     conn: Connection
     dialect: Dialect
+    instance: str
 
     def _write(self, sql: str, args: Sequence[Any] | dict[str, Any]) -> Cursor:
         raise NotImplementedError
@@ -26,13 +31,31 @@ class RenewalQueries:
 
 
     def due_certificates(self, now: float, limit: int) -> list[CertificateRow]:
-        """Current certificates not parked whose renewal time has come, soonest first."""
-        rows = self.conn.execute(
-            f"SELECT * FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
-            "ORDER BY renew_at LIMIT ?",
-            (now, limit),
-        )
-        return [cert_from_row(r) for r in rows]
+        """Current certificates not parked whose renewal time has come, soonest first.
+
+        On a shared database (PostgreSQL) the rows returned are leased to this instance for
+        ``RENEWAL_LEASE`` seconds (``FOR UPDATE SKIP LOCKED``: instances asking together get
+        different rows), and rows another instance holds a lease on are left out: a renewal
+        runs on one instance, and on another once the lease of one that died ran out.
+        """
+        if self.dialect.name == "sqlite":
+            rows = self.conn.execute(
+                f"SELECT * FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
+                "ORDER BY renew_at LIMIT ?",
+                (now, limit),
+            )
+            return [cert_from_row(r) for r in rows]
+        with self.transaction() as conn:
+            claimed = conn.execute(
+                "UPDATE certificates SET lease_owner = ?, lease_until = ? WHERE id IN "
+                f"(SELECT id FROM certificates WHERE renew_at <= ? AND {_RENEWABLE} "
+                "AND (lease_until IS NULL OR lease_until < ? OR lease_owner = ?) "
+                "ORDER BY renew_at LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING *",
+                (self.instance, now + RENEWAL_LEASE, now, now, self.instance, limit),
+            ).fetchall()
+        found = [cert_from_row(r) for r in claimed]
+        found.sort(key=lambda row: row.renew_at or 0.0)
+        return found
 
     def schedule_unscheduled(self, recheck: float, limit: int) -> int:
         """Give up to ``limit`` current certificates without a renewal time one (a random
@@ -60,12 +83,15 @@ class RenewalQueries:
         """A renewal of ``cert_id`` succeeded: it is superseded, whatever request key the
         new certificate was recorded under (a row copied or restored under another key)."""
         self._write(
-            "UPDATE certificates SET superseded = coalesce(superseded, ?) WHERE id = ?",
+            "UPDATE certificates SET superseded = coalesce(superseded, ?), lease_until = NULL "
+            "WHERE id = ?",
             (time.time(), cert_id),
         )
 
     def renew_later(self, cert_id: str, when: float) -> None:
-        self._write("UPDATE certificates SET renew_at = ? WHERE id = ?", (when, cert_id))
+        self._write(
+            "UPDATE certificates SET renew_at = ?, lease_until = NULL WHERE id = ?", (when, cert_id)
+        )
 
     def ari_due(self, now: float, limit: int) -> list[tuple[str, str, float | None, float | None]]:
         """(id, chain, ari_start, ari_end) of renewable certificates whose ARI look-up is due."""

@@ -333,3 +333,25 @@ def test_challenge_records_name_their_instance_and_are_announced(dsn: str) -> No
         listener.close()
         a.close()
         b.close()
+
+
+def test_a_due_renewal_is_leased_to_one_instance(dsn: str) -> None:
+    from csrproxy.state.renewal_queries import RENEWAL_LEASE
+
+    a, b = StateDB(dsn, "ns1"), StateDB(dsn, "ns2")
+    try:
+        for i in range(4):
+            a.save_certificate(cert(f"c{i}", request_key=f"rk{i}"))
+            a.renew_later(f"c{i}", 100.0 + i)
+        mine = [r.id for r in a.due_certificates(1000.0, 2)]
+        theirs = [r.id for r in b.due_certificates(1000.0, 10)]
+        assert mine == ["c0", "c1"] and theirs == ["c2", "c3"]
+        assert a.due_certificates(1000.0, 10) == a.due_certificates(1000.0, 10)  # ours again
+        assert [r.id for r in a.due_certificates(1000.0, 10)] == ["c0", "c1"]
+        a.mark_renewed("c0")  # done: superseded and no longer leased
+        # ns1 died holding c1: once the lease ran out, ns2 takes it.
+        later = 1000.0 + RENEWAL_LEASE + 1
+        assert [r.id for r in b.due_certificates(later, 10)] == ["c1", "c2", "c3"]
+    finally:
+        a.close()
+        b.close()
