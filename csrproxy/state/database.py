@@ -283,13 +283,14 @@ class StateDB(RenewalQueries):
     # -- orders ---------------------------------------------------------------
 
     def save_order(self, order: OrderRow) -> None:
-        d = order.__dict__ | {"names": json.dumps(order.names)}
+        """Record ``order`` as this instance's (the one that runs it)."""
+        d = order.__dict__ | {"names": json.dumps(order.names), "owner": self.instance}
         self._write(
             upsert(
                 "orders",
                 "id",
                 "request_key csr names acme_url status error certificate_id replaces created "
-                "updated",
+                "updated owner",
             ),
             d,
         )
@@ -321,13 +322,21 @@ class StateDB(RenewalQueries):
         return [order_from_row(r) for r in rows]
 
     def unfinished_orders(self, limit: int = 100_000) -> list[OrderRow]:
-        """Orders that had not ended, oldest first (by the partial index of unfinished ones)."""
+        """Orders that had not ended, oldest first (by the partial index of unfinished ones):
+        on a shared database, only this instance's (the others run theirs)."""
         # The statuses as literals: only then can SQLite use the partial index.
-        rows = self.conn.execute(
-            f"SELECT * FROM orders WHERE status IN ({_UNFINISHED_SQL}) AND created > -1 "
-            "ORDER BY created LIMIT ?",
-            (limit,),
-        )
+        if self.dialect is SQLITE:
+            rows = self.conn.execute(
+                f"SELECT * FROM orders WHERE status IN ({_UNFINISHED_SQL}) AND created > -1 "
+                "ORDER BY created LIMIT ?",
+                (limit,),
+            )
+        else:
+            rows = self.conn.execute(
+                f"SELECT * FROM orders WHERE status IN ({_UNFINISHED_SQL}) AND created > -1 "
+                "AND (owner = ? OR owner IS NULL) ORDER BY created LIMIT ?",
+                (self.instance, limit),
+            )
         return [order_from_row(r) for r in rows]
 
     def order_with_chain(self, order_id: str) -> tuple[OrderRow, CertificateRow | None] | None:

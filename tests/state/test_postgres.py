@@ -355,3 +355,16 @@ def test_a_due_renewal_is_leased_to_one_instance(dsn: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_starting_instance_resumes_only_its_own_orders(dsn: str) -> None:
+    a, b = StateDB(dsn, "ns1"), StateDB(dsn, "ns2")
+    try:
+        a.save_order(OrderRow("oa", "rk1", b"csr", ["a.go.example.test"], status="pending"))
+        b.save_order(OrderRow("ob", "rk2", b"csr", ["b.go.example.test"], status="pending"))
+        assert [o.id for o in a.unfinished_orders()] == ["oa"]
+        assert [o.id for o in b.unfinished_orders()] == ["ob"]
+        assert a.order("ob") is not None  # any instance reads any order (async polls)
+    finally:
+        a.close()
+        b.close()

@@ -327,6 +327,7 @@ def test_read_only_database_is_store_unavailable(tmp_path: Path) -> None:
     ro._path = db.path
     ro.where = str(db.path)
     ro.dialect = SQLITE
+    ro.instance = ""
     ro.conn = sqlite3.connect(f"file:{db.path}?mode=ro", uri=True, check_same_thread=False)
     ro._removals = collections.deque()
     ro._in_batch = False
