@@ -11,7 +11,9 @@ after every (re)connection, so a lost notification only delays a record.
 Bounds: ``served`` holds at most what the database holds of the other instances'
 builtin records (one entry per row); at most one resync runs and one more is pending
 (requests in between coalesce); the listener thread has at most one call queued for
-the reactor however many notifications arrive.
+the reactor however many notifications arrive; callers of :meth:`ChallengeSync.resync`
+wait in a list (the daemon's few: health checks and tests), and the store's failure
+schedules one retry timer at most.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ POLL = 0.25
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0
 #: How long stopService waits for the listener thread to end.
 STOP_WAIT = 1.0
+#: After a resync fails, one more this soon (the store's connection is often replaced at
+#: the next call); then the periodic resyncs retry.
+RETRY_AFTER_FAILURE = 1.0
 
 Record = tuple[str, str]
 
@@ -121,6 +126,7 @@ class ChallengeSync(Service):
         self._waiting: list[Deferred[None]] = []  # for the resync after the running one
         self._current: list[Deferred[None]] = []  # for the running one
         self._read_failing = False
+        self._retry: Any = None  # the IDelayedCall of the retry after a failure, if any
         self._skipped: frozenset[str] = frozenset()
         self._exited: Deferred[None] = Deferred()
         self._logged_down = False
@@ -143,6 +149,9 @@ class ChallengeSync(Service):
         for name, value in self.served.elements():
             self.zone.remove_txt(name, value)
         self.served = Counter()
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
         waiters, self._current, self._waiting = self._current + self._waiting, [], []
         for d in waiters:
             d.callback(None)
@@ -209,8 +218,7 @@ class ChallengeSync(Service):
         if skipped and frozenset(skipped) != self._skipped:
             names = sorted(skipped)
             log.warn(
-                "zone sync skips {count} name(s) of other instances outside zone {zone}: "
-                "{names}",
+                "zone sync skips {count} name(s) of other instances outside zone {zone}: {names}",
                 count=len(names),
                 zone=self.zone.origin,
                 names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
@@ -222,11 +230,17 @@ class ChallengeSync(Service):
     def _read_failed(self, failure: Failure) -> Failure:
         if not self._read_failing:
             self._read_failing = True
+            if self.running:
+                self._retry = self.reactor.callLater(RETRY_AFTER_FAILURE, self._retried)
             log.error(
                 "zone sync cannot resync the other instances' records: {err}",
                 err=failure.getErrorMessage(),
             )
         return failure
+
+    def _retried(self) -> None:
+        self._retry = None
+        self.request_resync()
 
     def _finished(self, outcome: Failure | None) -> None:
         done, self._current = self._current, []
@@ -284,6 +298,8 @@ class ChallengeSync(Service):
                 if self._wait(delay):
                     break
                 delay = min(delay * 2, BACKOFF_MAX)
+        except Exception:
+            self._from_thread(self._crashed, Failure())
         finally:
             self._from_thread(self._listener_exited)
 
@@ -320,6 +336,12 @@ class ChallengeSync(Service):
                 where=self._where,
                 err=err.strip() or "connection closed",
             )
+
+    def _crashed(self, failure: Failure) -> None:
+        log.failure(
+            "zone sync listener stopped; other instances' records are no longer served",
+            failure,
+        )
 
     def _listener_exited(self) -> None:
         self.connected = False

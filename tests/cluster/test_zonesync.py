@@ -224,6 +224,29 @@ class ResyncTests(Base):
         self.assertEqual(len(texts), 2, texts)  # broken, and back
         self.assertEqual(self.zone.txt_values(A), ("v",))
 
+    def test_a_failed_read_is_retried_once_soon(self) -> None:
+        self.start()
+        self.db.broken = True
+        self.failureResultOf(self.sync.resync(), CsrproxyError)
+        self.assertEqual(self.db.reads, 2)
+        self.reactor.advance(zonesync.RETRY_AFTER_FAILURE)
+        self.assertEqual(self.db.reads, 3)  # the retry, failing again
+        self.reactor.advance(60)
+        self.assertEqual(self.db.reads, 3)  # then only the listener's periodic requests
+        self.db.broken = False
+        self.db.rows = [(A, "v")]
+        self.sync.request_resync()
+        self.assertEqual(self.zone.txt_values(A), ("v",))
+        self.db.broken = True
+        self.failureResultOf(self.sync.resync(), CsrproxyError)
+        self.sync.stopService()
+        retries = [
+            c
+            for c in self.reactor.getDelayedCalls()
+            if getattr(c, "func", None) == self.sync._retried
+        ]
+        self.assertEqual(retries, [])  # cancelled
+
     def test_names_outside_the_zone_are_skipped_and_logged_once(self) -> None:
         self.start()
         self.db.rows = [("_acme-challenge.x.elsewhere.test", "v")] * 3 + [
@@ -340,6 +363,18 @@ class ListenerTests(Base):
         self.assertTrue(all(c.closed for c in made))
         # Resyncs: at each connection (2), at each failed wait (7) and for ns1's change.
         self.assertEqual(self.db.reads, 2 + 7 + 1)
+
+    def test_a_bug_in_the_listener_is_logged(self) -> None:
+        def listen() -> Listening:
+            raise RuntimeError("bug")
+
+        self.sync._listen = listen
+        with capturedLogs() as logs:
+            self.sync._listen_loop()
+        [event] = logs
+        self.assertIn("no longer served", event["log_format"])
+        self.assertFalse(self.sync.connected)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def test_stop_interrupts_the_backoff(self) -> None:
         self.sync._wait = self.sync._stop.wait  # the real wait, stopped during it
