@@ -1,0 +1,1 @@
+"""Several csrproxy instances on one shared state database (issue 16)."""
