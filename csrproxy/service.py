@@ -30,6 +30,7 @@ from csrproxy.challenges.propagation import (
 from csrproxy.challenges.txtquery import TXTQuerier
 from csrproxy.challenges.watch import WatchedZone
 from csrproxy.challenges.zone import ZonePublisher
+from csrproxy.cluster.zonesync import ChallengeSync
 from csrproxy.config import Config
 from csrproxy.config.model import RRLConfig
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies, nsid_bytes
@@ -261,9 +262,10 @@ def readiness(
     dns_service: DNSServerService | None,
     store: Store,
     state_dir: str,
+    sync: ChallengeSync | None = None,
 ) -> Health:
     """The parts of readiness: the ACME account, the CA (its circuit breaker is closed), the
-    listeners, the state store."""
+    listeners, the state store, and (several instances) hearing the others' challenges."""
 
     def account() -> tuple[bool, str]:
         url = issuer.account_url
@@ -300,6 +302,17 @@ def readiness(
     probes.append(
         ("store", free_space_probe(state_dir, lambda: store.healthy, retry_write=retry_write))
     )
+    if sync is not None:
+        syncing = sync
+
+        def cluster() -> tuple[bool, str]:
+            last = syncing.last_resync
+            ago = "never" if last is None else f"{issuer.clock.seconds() - last:.0f}s ago"
+            if syncing.connected:
+                return True, f"listening for the other instances' challenges (resync {ago})"
+            return False, f"not listening for the other instances' challenges (resync {ago})"
+
+        probes.append(("cluster", cluster))
 
     def info() -> dict[str, Any]:
         db = store.db
@@ -453,7 +466,13 @@ def build_service(
         config.api.trusted_proxies,
     )
     listeners: list[APIListener] = []
-    health = readiness(issuer, listeners, dns_service, store, str(state.path))
+    # Another instance's challenge records, served here too (the built-in zone, shared DB).
+    sync = (
+        ChallengeSync(reactor, store, zone, config.state.dsn, config.cluster.instance)
+        if store.db.shared and config.state.dsn and config.dns.backend == "builtin"
+        else None
+    )
+    health = readiness(issuer, listeners, dns_service, store, str(state.path), sync)
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
     api = SigningAPI(
@@ -486,6 +505,8 @@ def build_service(
     PrunerService(pruner).setServiceParent(collection)
     if dns_service is not None:
         dns_service.setServiceParent(collection)
+        if sync is not None:
+            sync.setServiceParent(collection)
         if config.dns.secondaries:
             ZoneNotifier(reactor, zone, config.dns.secondaries).setServiceParent(collection)
 
