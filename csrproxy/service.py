@@ -30,6 +30,7 @@ from csrproxy.challenges.propagation import (
 from csrproxy.challenges.txtquery import TXTQuerier
 from csrproxy.challenges.watch import WatchedZone
 from csrproxy.challenges.zone import ZonePublisher
+from csrproxy.cluster.takeover import OrderLeases
 from csrproxy.cluster.zonesync import ChallengeSync
 from csrproxy.config import Config
 from csrproxy.config.model import RRLConfig
@@ -47,7 +48,7 @@ from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
-from csrproxy.issuance.recovery import earlier_orders, recover
+from csrproxy.issuance.recovery import Resumer, earlier_orders, recover
 from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
 from csrproxy.issuance.renewals import StoredRenewals
 from csrproxy.metrics import Metrics
@@ -151,12 +152,14 @@ class StateService(Service):
         issuer: Issuer,
         book: OrderBook,
         remove_names: Callable[[Iterable[str]], Deferred[None]] | None,
+        resumer: Resumer | None = None,
     ) -> None:
         self.store = store
         self.ledger = ledger
         self.issuer = issuer
         self.book = book
         self.remove_names = remove_names
+        self.resumer = resumer
         # Read now, while no other thread uses the database.
         self.leftovers = ledger.leftover_challenges()
         self.unfinished = ledger.unfinished_orders()
@@ -172,6 +175,7 @@ class StateService(Service):
                 self.leftovers,
                 self.unfinished,
                 self.remove_names,
+                self.resumer,
             )
         )
         d.addErrback(lambda f: log.failure("recovery failed", f))
@@ -497,9 +501,15 @@ def build_service(
     StateLockService(lock).setServiceParent(collection)  # first child: stopped last
     # Services stop in reverse order: the store after everything that asks it (the DNS
     # server, the API listeners, renewal), the pruner before the store.
+    resumer = Resumer(ledger, issuer, book)
     StateService(
-        store, ledger, issuer, book, pdns.remove_names if pdns is not None else None
+        store, ledger, issuer, book, pdns.remove_names if pdns is not None else None, resumer
     ).setServiceParent(collection)
+    if store.db.shared:  # orders of an instance that died are taken over by the others
+        store.db.order_lease = config.cluster.order_lease
+        OrderLeases(reactor, store, resumer.add, config.cluster.order_lease).setServiceParent(
+            collection
+        )
     pruner = Pruner(store, reactor, config.state.retention_days)
     metrics.watch_pruning(lambda: pruner.pruned)
     PrunerService(pruner).setServiceParent(collection)

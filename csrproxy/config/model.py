@@ -192,6 +192,9 @@ class ClusterConfig:
     #: Every instance's DNS (``host:port``): each must serve a challenge value before the
     #: challenge is answered.
     dns_peers: tuple[str, ...] = ()
+    #: Seconds an order stays this instance's without its heartbeat (every quarter of it);
+    #: then another instance takes it over.
+    order_lease: float = 60.0
 
 
 @dataclass(frozen=True)

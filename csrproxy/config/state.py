@@ -12,6 +12,8 @@ from csrproxy.config.reader import Table
 BACKENDS = ("sqlite", "postgresql")
 #: An instance name: what a host name label may be, a little longer.
 _INSTANCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# The shortest order lease: heartbeats every quarter of it must not be lost in a hiccup.
+MIN_LEASE = 4.0
 # More peers than this is a mistake, not a deployment.
 MAX_PEERS = 32
 
@@ -53,7 +55,12 @@ def parse_cluster(cluster: Table | None) -> ClusterConfig:
         host, colon, port = peer.strip().rpartition(":")
         if not colon or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
             raise cluster.error("dns_peers", f"{peer!r}: want host:port or [v6]:port")
-    config = ClusterConfig(instance=instance, dns_peers=tuple(p.strip() for p in peers))
+    lease = cluster.positive("order_lease", ClusterConfig.order_lease)
+    if lease < MIN_LEASE:
+        raise cluster.error("order_lease", f"must be at least {MIN_LEASE:g} seconds, not {lease:g}")
+    config = ClusterConfig(
+        instance=instance, dns_peers=tuple(p.strip() for p in peers), order_lease=lease
+    )
     cluster.done()
     return config
 

@@ -148,36 +148,35 @@ def _warn(failure: Failure, message: str, name: str) -> None:
     log.warn(message, name=name, err=failure.value)
 
 
-async def recover(
-    ledger: Ledger,
-    issuer: Issuer,
-    book: OrderBook,
-    leftovers: list[ChallengeRow],
-    unfinished: list[OrderRow],
-    remove_names: Callable[[Iterable[str]], Deferred[None]] | None = None,
-) -> None:
-    """Resume ``unfinished`` and settle ``leftovers`` (both read before the store's thread ran).
+class Resumer:
+    """Resumes orders, ``RESUMING`` at a time (:class:`ResumeQueue`), each with the challenge
+    records it had published (published again now, removed when it ends), and tracks each
+    in the order book so its async id answers. Recovery at start and a cluster's takeover
+    of a dead instance's orders both hand it rows."""
 
-    Everything up to the first resumed order's start happens before this returns
-    control, so records published again are served before the DNS server answers.
-    """
-    plan = plan_recovery(leftovers, unfinished, ledger.backend)
-    kept = [row for rows in plan.republish.values() for row in rows]
-    if kept:
-        log.info("publishing {n} challenge records of resumed orders again", n=len(kept))
-        republish(issuer, kept)
-    if len(plan.resume) > RESUME_LOG_LINES:
-        log.info(
-            "resuming {n} orders of an earlier run, {at_once} at once",
-            n=len(plan.resume),
-            at_once=RESUMING,
-        )
-    logged = [0]
+    def __init__(self, ledger: Ledger, issuer: Issuer, book: OrderBook) -> None:
+        self.ledger = ledger
+        self.issuer = issuer
+        self.book = book
+        self._records: dict[str, tuple[ChallengeRow, ...]] = {}
+        self._logged = 0
+        self.queue = ResumeQueue(self._start)
+        issuer.promote = self.queue.promote
 
-    def start(row: OrderRow) -> Deferred[None]:
-        own = plan.republish.get(row.id, ())
-        if logged[0] < RESUME_LOG_LINES:
-            logged[0] += 1
+    def add(self, rows: Sequence[OrderRow], records: Mapping[str, Sequence[ChallengeRow]]) -> None:
+        """Resume ``rows``; ``records`` holds each one's challenge records, by order id."""
+        kept = [row for order in rows for row in records.get(order.id, ())]
+        if kept:
+            log.info("publishing {n} challenge records of resumed orders again", n=len(kept))
+            republish(self.issuer, kept)
+        for order in rows:
+            self._records[order.id] = tuple(records.get(order.id, ()))
+        self.queue.add(rows)
+
+    def _start(self, row: OrderRow) -> Deferred[None]:
+        own = self._records.pop(row.id, ())
+        if self._logged < RESUME_LOG_LINES:
+            self._logged += 1
             log.info(
                 "resuming order {id} ({status}) for {names}",
                 id=row.id,
@@ -185,8 +184,8 @@ async def recover(
                 names=",".join(row.names),
             )
         # Its records go when it ends, before anyone waiting hears of it, as its own do.
-        settle = functools.partial(unpublish, ledger, issuer, own) if own else None
-        d = issuer.resume(row, settle).chain
+        settle = functools.partial(unpublish, self.ledger, self.issuer, own) if own else None
+        d = self.issuer.resume(row, settle).chain
         ended: Deferred[None] = Deferred()
 
         def end(result: object) -> object:
@@ -194,10 +193,32 @@ async def recover(
             return result
 
         d.addBoth(end)
-        book.track(tuple(row.names), d, row.id, row.request_key, key_label=order_key_label(row))
+        self.book.track(
+            tuple(row.names), d, row.id, row.request_key, key_label=order_key_label(row)
+        )
         return ended
 
-    queue = ResumeQueue(start)
-    issuer.promote = queue.promote
-    queue.add(plan.resume)
+
+async def recover(
+    ledger: Ledger,
+    issuer: Issuer,
+    book: OrderBook,
+    leftovers: list[ChallengeRow],
+    unfinished: list[OrderRow],
+    remove_names: Callable[[Iterable[str]], Deferred[None]] | None = None,
+    resumer: Resumer | None = None,
+) -> None:
+    """Resume ``unfinished`` and settle ``leftovers`` (both read before the store's thread ran).
+
+    Everything up to the first resumed order's start happens before this returns
+    control, so records published again are served before the DNS server answers.
+    """
+    plan = plan_recovery(leftovers, unfinished, ledger.backend)
+    if len(plan.resume) > RESUME_LOG_LINES:
+        log.info(
+            "resuming {n} orders of an earlier run, {at_once} at once",
+            n=len(plan.resume),
+            at_once=RESUMING,
+        )
+    (resumer or Resumer(ledger, issuer, book)).add(plan.resume, plan.republish)
     await remove_orphans(ledger, plan.remove, remove_names)

@@ -56,6 +56,8 @@ WAL_LIMIT = 64 * 1024 * 1024
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
 
 
+#: Seconds an order is leased to its instance by default; a heartbeat extends it.
+ORDER_LEASE = 60.0
 #: The PostgreSQL channel a change of the challenge records is announced on.
 CHALLENGES_CHANNEL = "csrproxy_challenges"
 #: The advisory lock PostgreSQL instances migrate under (any constant of our own).
@@ -73,6 +75,8 @@ class StateDB(RenewalQueries):
         ``instance`` names this instance in the rows it writes for others to see
         (``[cluster] instance``)."""
         self.instance = instance
+        #: Seconds an order is leased to the instance running it (shared databases).
+        self.order_lease = ORDER_LEASE
         #: (name, value) of challenge records unpublished but still on record; any thread
         #: may append, the next transaction deletes them (a leftover only costs a harmless
         #: removal at the next start).
@@ -283,17 +287,63 @@ class StateDB(RenewalQueries):
     # -- orders ---------------------------------------------------------------
 
     def save_order(self, order: OrderRow) -> None:
-        """Record ``order`` as this instance's (the one that runs it)."""
-        d = order.__dict__ | {"names": json.dumps(order.names), "owner": self.instance}
+        """Record ``order`` as this instance's (the one that runs it); on a shared database
+        leased to it for ``order_lease`` seconds (:meth:`extend_leases` keeps it)."""
+        lease = time.time() + self.order_lease if self.shared else None
+        d = order.__dict__ | {
+            "names": json.dumps(order.names),
+            "owner": self.instance,
+            "lease_until": lease,
+        }
         self._write(
             upsert(
                 "orders",
                 "id",
                 "request_key csr names acme_url status error certificate_id replaces created "
-                "updated owner",
+                "updated owner lease_until",
             ),
             d,
         )
+
+    def extend_leases(self, until: float) -> int:
+        """This instance still runs its unfinished orders: their leases last until ``until``."""
+        cur = self._write(
+            f"UPDATE orders SET lease_until = ? WHERE owner = ? AND status IN ({_UNFINISHED_SQL})",
+            (until, self.instance),
+        )
+        return int(cur.rowcount)
+
+    def take_over_orders(
+        self, now: float, limit: int
+    ) -> list[tuple[OrderRow, list[ChallengeRow]]]:
+        """Unfinished orders whose owner's lease ran out (it died), now this instance's, with
+        their challenge records (now this instance's too), oldest first. Instances asking
+        together get different orders (``FOR UPDATE SKIP LOCKED``). Shared databases only."""
+        if not self.shared:
+            return []
+        with self.transaction() as conn:
+            taken = [
+                order_from_row(r)
+                for r in conn.execute(
+                    "UPDATE orders SET owner = ?, lease_until = ? WHERE id IN (SELECT id FROM "
+                    f"orders WHERE status IN ({_UNFINISHED_SQL}) AND lease_until < ? "
+                    "AND owner != ? ORDER BY created LIMIT ? FOR UPDATE SKIP LOCKED) RETURNING *",
+                    (self.instance, now + self.order_lease, now, self.instance, limit),
+                ).fetchall()
+            ]
+            out = []
+            for order in sorted(taken, key=lambda o: o.created):
+                records = [
+                    ChallengeRow(**dict(r))
+                    for r in conn.execute(
+                        "UPDATE challenges SET instance = ? WHERE order_id = ? RETURNING *",
+                        (self.instance, order.id),
+                    ).fetchall()
+                ]
+                out.append((order, records))
+            if taken:
+                self._challenges_changed()
+        return out
 
     def update_order(self, order_id: str, **fields: Any) -> None:
         allowed = {"acme_url", "status", "error", "certificate_id"}

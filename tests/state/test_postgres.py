@@ -368,3 +368,26 @@ def test_a_starting_instance_resumes_only_its_own_orders(dsn: str) -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_an_order_whose_lease_ran_out_is_taken_over_once(dsn: str) -> None:
+    dead, a, b = StateDB(dsn, "ns3"), StateDB(dsn, "ns1"), StateDB(dsn, "ns2")
+    try:
+        dead.order_lease = 10.0
+        dead.save_order(OrderRow("o1", "rk", b"csr", ["a.go.example.test"], status="pending"))
+        dead.add_challenge("o1", "_acme-challenge.a.go.example.test", "v", "builtin")
+        row = a.order("o1")
+        assert row is not None and row.owner == "ns3" and row.lease_until is not None
+        assert a.take_over_orders(row.lease_until - 1, 10) == []  # still alive
+        assert dead.extend_leases(row.lease_until + 100) == 1
+        assert a.take_over_orders(row.lease_until + 50, 10) == []  # its heartbeat kept it
+        later = row.lease_until + 101
+        [(order, records)] = a.take_over_orders(later, 10)
+        assert b.take_over_orders(later, 10) == []  # one taker
+        assert (order.id, order.owner) == ("o1", "ns1")
+        assert [(r.value, r.instance) for r in records] == [("v", "ns1")]
+        assert [o.id for o in a.unfinished_orders()] == ["o1"]
+        assert dead.unfinished_orders() == []  # back up, it does not resume it too
+    finally:
+        for db in (dead, a, b):
+            db.close()

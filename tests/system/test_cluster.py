@@ -35,10 +35,19 @@ pytestmark = [
 
 
 class Cluster:
-    def __init__(self, pg: Postgres, pebble: Pebble, instances: list[Csrproxy]) -> None:
+    def __init__(
+        self,
+        pg: Postgres,
+        pebble: Pebble,
+        instances: list[Csrproxy],
+        work: Path,
+        ports: list[int],
+    ) -> None:
         self.pg = pg
         self.pebble = pebble
         self.instances = instances
+        self.work = work
+        self.ports = ports
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +58,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         start_postgres(tempfile.mkdtemp(prefix="csrproxy-pgcluster-")) as pg,
         start_pebble(str(work / "pebble"), f"127.0.0.1:{ports[0]}") as pebble,
     ):
-        instances = start_cluster(str(work), pebble, pg.dsn, ZONE, ports)
+        instances = start_cluster(
+            str(work), pebble, pg.dsn, ZONE, ports, overrides={"cluster": {"order_lease": 8}}
+        )
         try:
-            yield Cluster(pg, pebble, instances)
+            yield Cluster(pg, pebble, instances, work, ports)
         finally:
             for daemon in instances:
                 daemon.stop()
@@ -128,3 +139,76 @@ def test_an_instance_with_another_account_key_is_refused(
             },
             timeout=15,
         )
+
+
+def test_kill_9_mid_order_another_instance_finishes_it(cluster: Cluster) -> None:
+    """ns4 dies (SIGKILL) right after answering a challenge; once its lease (8 s) ran out
+    another instance takes the order over from its ACME URL and finishes it: the async id
+    answers the chain through ns1, no second ACME order, no challenge record left."""
+    import shutil
+
+    from csrproxy.testing.ports import free_udp_tcp_port
+
+    work = cluster.work / "ns4"
+    work.mkdir()
+    (work / "state").mkdir(mode=0o700)
+    shutil.copy(cluster.work / "ns1" / "state" / "account.key", work / "state" / "account.key")
+    peers = [f"127.0.0.1:{port}" for port in cluster.ports]
+    doomed = start_csrproxy(
+        str(work),
+        cluster.pebble,
+        free_udp_tcp_port(),
+        ZONE,
+        overrides={
+            "state": {"backend": "postgresql", "dsn": cluster.pg.dsn},
+            "cluster": {"instance": "ns4", "dns_peers": peers, "order_lease": 8},
+        },
+        env={"CSRPROXY_CRASH_AT": "after-challenge"},
+    )
+    try:
+        req = urllib.request.Request(
+            doomed.url + "/v1/sign",
+            data=make_csr([f"takeover.{ZONE}"]),
+            method="POST",
+            headers={"Prefer": "respond-async"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            assert resp.status == 202
+            order_id = json.loads(resp.read())["id"]
+        assert doomed.proc.wait(30) == -9, doomed.log_tail()
+        died = time.monotonic()
+        status = ""
+        for _ in range(600):
+            with urllib.request.urlopen(
+                f"{cluster.instances[0].url}/v1/orders/{order_id}", timeout=10
+            ) as resp:
+                status = json.loads(resp.read())["status"]
+            if status != "processing":
+                break
+            threading_wait(0.1)
+        took = time.monotonic() - died
+        assert status == "valid", status
+        print(f"taken over and finished {took:.1f}s after the kill")
+        with urllib.request.urlopen(
+            f"{cluster.instances[1].url}/v1/orders/{order_id}/certificate", timeout=10
+        ) as resp:
+            assert resp.read().startswith(b"-----BEGIN CERTIFICATE-----")
+        with psycopg.connect(cluster.pg.dsn) as conn:
+            row = conn.execute(
+                "SELECT owner, status, acme_url FROM orders WHERE id = %s", (order_id,)
+            ).fetchone()
+            left = conn.execute("SELECT count(*) FROM challenges").fetchone()
+        assert row is not None and row[0] in ("ns1", "ns2", "ns3") and row[1] == "issued", row
+        assert left is not None and left[0] == 0
+        created = doomed.log.read_text().count("created for takeover.")
+        assert created == 1, "one ACME order"
+        for daemon in cluster.instances:
+            assert "created for takeover." not in daemon.log.read_text()
+    finally:
+        doomed.stop()
+
+
+def threading_wait(seconds: float) -> None:
+    import threading
+
+    threading.Event().wait(seconds)
