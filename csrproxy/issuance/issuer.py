@@ -35,6 +35,7 @@ from csrproxy.acme.problems import (
     AuthorizationFailed,
     OrderFailed,
 )
+from csrproxy.cluster.remote import wait_for_certificate, wait_for_order
 from csrproxy.errors import (
     CAUnavailable,
     RateLimited,
@@ -53,7 +54,7 @@ from csrproxy.issuance.results import (
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.retry import Backoff
-from csrproxy.state.database import CertificateRow, OrderRow
+from csrproxy.state.database import CertificateRow, OrderRow, OrderRunningElsewhere
 
 log = Logger()
 
@@ -204,7 +205,40 @@ class Issuer:
             self.promote(key)
         if key in self._inflight:
             return succeed(self._admitted(csr, client, new_names=False))
-        return self.ledger.sign_lookup(key, csr.names).addCallback(self._looked_up, csr, client)
+        found = self.ledger.sign_lookup(key, csr.names)
+        if self.ledger.shared:  # the identical order may run on another instance
+            return found.addCallback(self._shared_lookup, csr, client)
+        return found.addCallback(self._looked_up, csr, client)
+
+    def _shared_lookup(
+        self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
+    ) -> Issuance | Deferred[Issuance]:
+        current, _ = found
+        if current is not None and CachedChain(
+            current.chain, current.not_before, current.not_after
+        ).fresh(self.clock.seconds()):
+            return self._looked_up(found, csr, client)  # a stored chain wins
+        remote = self.ledger.running_elsewhere(csr.request_key, self.clock.seconds())
+        return remote.addCallback(self._join_elsewhere, found, csr, client)
+
+    def _join_elsewhere(
+        self,
+        remote: OrderRow | None,
+        found: tuple[CertificateRow | None, bool],
+        csr: CheckedCSR,
+        client: str,
+    ) -> Issuance:
+        if remote is None or csr.request_key in self._inflight:
+            return self._looked_up(found, csr, client)
+        try:
+            self.admission.admit_client(client)
+        except RateLimited as e:
+            return Issuance(None, fail(e))
+        log.info("joining order {id} of another instance", id=remote.id)
+        lookup = self.ledger.order_with_chain
+        return Issuance(
+            remote.id, wait_for_order(self.clock, lookup, remote.id, self.order_timeout)
+        )
 
     def _looked_up(
         self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
@@ -348,7 +382,14 @@ class Issuer:
             self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
         )
         if resume_url is None:
-            await self.ledger.order_started(order_id, csr, replaces)
+            try:
+                await self.ledger.order_started(order_id, csr, replaces)
+            except OrderRunningElsewhere as e:  # placed on another instance just now
+                log.info("joining order {id} of another instance", id=e.order_id)
+                cert = await wait_for_certificate(
+                    self.clock, self.ledger.order_with_chain, e.order_id, self.order_timeout
+                )
+                return CachedChain(cert.chain, cert.not_before, cert.not_after)
         run = OrderRun(
             self.acme,
             csr.names,

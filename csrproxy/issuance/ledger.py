@@ -280,6 +280,17 @@ class Ledger:
             return succeed((current, before))
         return self.store.run(self.store.db.sign_lookup, request_key, list(names))
 
+    @property
+    def shared(self) -> bool:
+        """True when other instances share the state database."""
+        return self.store is not None and self.store.db.shared
+
+    def running_elsewhere(self, request_key: str, now: float) -> Deferred[OrderRow | None]:
+        """The unfinished order for ``request_key`` another live instance runs, if any."""
+        if self.store is None or not self.store.db.shared:
+            return succeed(None)
+        return self.store.run(self.store.db.running_elsewhere, request_key, now)
+
     def names_issued(self, names: Sequence[str]) -> Deferred[bool]:
         return self.sign_lookup("", names).addCallback(lambda found: found[1])
 

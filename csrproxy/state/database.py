@@ -24,6 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from csrproxy.state.engine import (
     POSTGRESQL,
     SQLITE,
@@ -54,6 +56,14 @@ WAL_LIMIT = 64 * 1024 * 1024
 
 #: A method of the database, its positional and keyword arguments.
 Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class OrderRunningElsewhere(Exception):
+    """Another instance runs the order for this CSR (``order_id``): join it."""
+
+    def __init__(self, order_id: str) -> None:
+        super().__init__(f"order {order_id} for this CSR runs on another instance")
+        self.order_id = order_id
 
 
 #: Seconds an order is leased to its instance by default; a heartbeat extends it.
@@ -295,15 +305,36 @@ class StateDB(RenewalQueries):
             "owner": self.instance,
             "lease_until": lease,
         }
-        self._write(
-            upsert(
-                "orders",
-                "id",
-                "request_key csr names acme_url status error certificate_id replaces created "
-                "updated owner lease_until",
-            ),
-            d,
+        sql = upsert(
+            "orders",
+            "id",
+            "request_key csr names acme_url status error certificate_id replaces created "
+            "updated owner lease_until",
         )
+        if not self.shared:
+            self._write(sql, d)
+            return
+        try:
+            self._write(sql, d)
+        except psycopg.errors.UniqueViolation:
+            # orders_one_running: another instance placed the order for this CSR first.
+            running = self.conn.execute(
+                f"SELECT id FROM orders WHERE request_key = ? AND status IN ({_UNFINISHED_SQL})",
+                (order.request_key,),
+            ).fetchone()
+            raise OrderRunningElsewhere(str(running[0]) if running else "") from None
+
+    def running_elsewhere(self, request_key: str, now: float) -> OrderRow | None:
+        """An unfinished order for ``request_key`` another live instance runs (its lease
+        has not run out), or None; always None unless the database is shared."""
+        if not self.shared:
+            return None
+        row = self.conn.execute(
+            f"SELECT * FROM orders WHERE request_key = ? AND status IN ({_UNFINISHED_SQL}) "
+            "AND owner != ? AND lease_until >= ? ORDER BY created DESC LIMIT 1",
+            (request_key, self.instance, now),
+        ).fetchone()
+        return order_from_row(row) if row else None
 
     def extend_leases(self, until: float) -> int:
         """This instance still runs its unfinished orders: their leases last until ``until``."""

@@ -140,6 +140,15 @@ _POSTGRES_REWRITES: Sequence[tuple[int, str, str]] = (
         "        FROM json_array_elements_text(certificates.names::json) AS value",
     ),
     (2, "newer.rowid > certificates.rowid", "newer.id > certificates.id"),
+    # Instances share a PostgreSQL database: one running order per CSR, whichever instance
+    # places it (an SQLite database may still hold two rows an old run left for one CSR).
+    (
+        4,
+        "ALTER TABLE account ADD COLUMN key_thumbprint TEXT;",
+        "ALTER TABLE account ADD COLUMN key_thumbprint TEXT;\n"
+        "    CREATE UNIQUE INDEX orders_one_running ON orders(request_key)\n"
+        "        WHERE status IN ('new', 'pending', 'ready', 'processing', 'valid');",
+    ),
 )
 
 

@@ -104,6 +104,25 @@ def test_thirty_certificates_through_three_apis_validated_by_one_dns(cluster: Cl
     assert left is not None and left[0] == 0, "every challenge record removed"
 
 
+def test_one_csr_at_three_instances_is_one_order(cluster: Cluster) -> None:
+    csr = make_csr([f"together.{ZONE}"])
+
+    def post(daemon: Csrproxy) -> tuple[int, bytes]:
+        req = urllib.request.Request(daemon.url + "/v1/sign", data=csr, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=90) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, [d for d in cluster.instances for _ in range(2)]))
+    assert {code for code, _ in results} == {200}, results
+    assert len({body for _, body in results}) == 1, "one certificate"
+    created = sum(d.log.read_text().count("created for together.") for d in cluster.instances)
+    assert created == 1, f"{created} ACME orders for one CSR"
+
+
 def test_one_account_and_every_instance_named(cluster: Cluster) -> None:
     docs = [health(d) for d in cluster.instances]
     assert [d["instance"] for d in docs] == ["ns1", "ns2", "ns3"]
