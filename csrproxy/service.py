@@ -41,9 +41,10 @@ from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
 from csrproxy.dns.zone import ChallengeZone, next_serial
 from csrproxy.errors import ConfigError, ListenError
-from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
 from csrproxy.issuance.ari import AriPoller, Window
 from csrproxy.issuance.cache import MemoryIssuedCache
+from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
@@ -432,7 +433,7 @@ def build_service(
     publisher, pdns = make_publisher(config, reactor, http, zone, dns_service, metrics)
     cache = MemoryIssuedCache(reactor.seconds)
     pol = config.policy
-    admission = Admission(
+    rules = Admission(
         reactor.seconds,
         Budgets(
             new_names_per_week=pol.new_names_per_week,
@@ -442,11 +443,15 @@ def build_service(
         ),
         registered_domain=pol.registered_domain,
         on_refusal=metrics.refusal,
-        persist=budget_recorder(store),
+        persist=None if store.db.shared else budget_recorder(store),
     )
-    # Before the store's thread starts: what an earlier run spent is still spent.
-    for prefix, since, limit in admission.restore_queries():
-        admission.restore(load_budgets(store.db, since, limit, prefix=prefix))
+    admission: AdmissionGate = rules
+    if store.db.shared:  # one budget for the cluster, decided in the database
+        admission = ClusterAdmission(store, rules)
+    else:
+        # Before the store's thread starts: what an earlier run spent is still spent.
+        for prefix, since, limit in rules.restore_queries():
+            rules.restore(load_budgets(store.db, since, limit, prefix=prefix))
     issuer = Issuer(
         reactor,
         acme,

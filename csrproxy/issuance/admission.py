@@ -17,6 +17,9 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred, fail, succeed
 
 from csrproxy.errors import RateLimited
 
@@ -31,6 +34,35 @@ ORDERS = "orders"
 SAME_NAMES = "same-names"  # key: the sorted names joined by ","
 NEW_NAMES = "new-names"  # key: the registered domain
 CLIENT = "client"  # key: the client id (its token's id, else its address)
+
+
+#: Gives back what a failed order should not cost.
+Refund = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Charge:
+    """One token an admission takes: from the bucket ``name`` (``capacity`` per ``period``
+    seconds), refused as ``reason`` with ``detail``."""
+
+    name: str
+    reason: str
+    detail: str
+    capacity: float
+    period: float
+
+
+class AdmissionGate(Protocol):
+    """What the issuer asks before it takes a request or places an order.
+
+    A refusal is a failed Deferred of :class:`RateLimited`; nothing is charged then.
+    """
+
+    def decide_client(self, client: str) -> Deferred[None]:
+        """Charge one sign request to ``client``."""
+
+    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
+        """Charge one new order for ``names`` (``new_names``: never issued before)."""
 
 
 class TokenBucket:
@@ -242,25 +274,88 @@ class Admission:
 
     def admit_client(self, client: str) -> None:
         """Charge one request to ``client``; raise :class:`RateLimited` when over budget."""
-        if self._clients is None:
+        charge = self.client_charge(client)
+        if self._clients is None or charge is None:
             return
         now = self.now()
         bucket = self._clients.get(client, now)
         wait = bucket.wait_for(1, now)
         if wait > 0:
-            raise self._refuse(
-                "client",
-                wait,
-                f"this client made more than {self.budgets.client_requests_per_hour} "
-                "sign requests in the last hour",
-            )
+            raise self._refuse(charge.reason, wait, charge.detail)
         bucket.take(1, now)
         self._changed([(f"{CLIENT}:{client}", bucket)])
 
     def domains(self, names: Iterable[str]) -> list[str]:
         return sorted({registered_domain_of(n, self.registered_domain) for n in names})
 
-    def admit_order(self, names: Iterable[str], new_names: bool) -> Callable[[], None]:
+    def charges(self, names: Iterable[str], new_names: bool) -> list[Charge]:
+        """The buckets one order for ``names`` costs a token of, in the order they are checked."""
+        names = sorted(names)
+        b = self.budgets
+        found: list[Charge] = []
+        if self._orders is not None:
+            found.append(
+                Charge(ORDERS, "orders", f"more than {b.orders_per_3h} orders in 3 h",
+                       b.orders_per_3h, THREE_HOURS)
+            )
+        if self._name_sets is not None:
+            found.append(
+                Charge(
+                    f"{SAME_NAMES}:{','.join(names)}",
+                    "same-names",
+                    f"more than {b.same_names_per_week} certificates for "
+                    "this exact set of names in a week",
+                    b.same_names_per_week,
+                    WEEK,
+                )
+            )
+        if new_names and self._domains is not None:
+            for domain in self.domains(names):
+                found.append(
+                    Charge(
+                        f"{NEW_NAMES}:{domain}",
+                        "new-names",
+                        f"more than {b.new_names_per_week} new certificates "
+                        f"for {domain} in a week",
+                        b.new_names_per_week,
+                        WEEK,
+                    )
+                )
+        return found
+
+    def client_charge(self, client: str) -> Charge | None:
+        """The bucket a sign request of ``client`` costs a token of (None: budget off)."""
+        if self._clients is None:
+            return None
+        return Charge(
+            f"{CLIENT}:{client}",
+            "client",
+            f"this client made more than {self.budgets.client_requests_per_hour} "
+            "sign requests in the last hour",
+            self.budgets.client_requests_per_hour,
+            HOUR,
+        )
+
+    def refuse(self, reason: str, wait: float, detail: str) -> RateLimited:
+        """The refusal of budget ``reason`` with room again in ``wait`` s (counted once)."""
+        return self._refuse(reason, wait, detail)
+
+    def decide_client(self, client: str) -> Deferred[None]:
+        """:meth:`admit_client`, answered at once."""
+        try:
+            self.admit_client(client)
+        except RateLimited as e:
+            return fail(e)
+        return succeed(None)
+
+    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
+        """:meth:`admit_order`, answered at once."""
+        try:
+            return succeed(self.admit_order(names, new_names))
+        except RateLimited as e:
+            return fail(e)
+
+    def admit_order(self, names: Iterable[str], new_names: bool) -> Refund:
         """Charge one new order for ``names``; ``new_names`` when that set was never issued.
 
         Raises :class:`RateLimited` without charging anything when a budget is short.
@@ -268,40 +363,16 @@ class Admission:
         (call it when the order fails).
         """
         now = self.now()
-        names = sorted(names)
         # (bucket, its persistent name, the reason a refusal gives, its detail)
         charges: list[tuple[TokenBucket, str, str, str]] = []
-        if self._orders is not None:
-            charges.append(
-                (
-                    self._orders,
-                    ORDERS,
-                    "orders",
-                    f"more than {self.budgets.orders_per_3h} orders in 3 h",
-                )
-            )
-        if self._name_sets is not None:
-            name_set = ",".join(names)
-            charges.append(
-                (
-                    self._name_sets.get(name_set, now),
-                    f"{SAME_NAMES}:{name_set}",
-                    "same-names",
-                    f"more than {self.budgets.same_names_per_week} certificates for "
-                    "this exact set of names in a week",
-                )
-            )
-        if new_names and self._domains is not None:
-            for domain in self.domains(names):
-                charges.append(
-                    (
-                        self._domains.get(domain, now),
-                        f"{NEW_NAMES}:{domain}",
-                        "new-names",
-                        f"more than {self.budgets.new_names_per_week} new certificates "
-                        f"for {domain} in a week",
-                    )
-                )
+        for c in self.charges(names, new_names):
+            if c.name == ORDERS:
+                assert self._orders is not None
+                bucket = self._orders
+            else:
+                prefix, _, key = c.name.partition(":")
+                bucket = self._maps()[prefix].get(key, now)
+            charges.append((bucket, c.name, c.reason, c.detail))
         for bucket, _, reason, detail in charges:
             wait = bucket.wait_for(1, now)
             if wait > 0:

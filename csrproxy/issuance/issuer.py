@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable
 
 from cryptography import x509
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,9 +38,8 @@ from csrproxy.acme.problems import (
 from csrproxy.cluster.remote import wait_for_certificate, wait_for_order
 from csrproxy.errors import (
     CAUnavailable,
-    RateLimited,
 )
-from csrproxy.issuance.admission import Admission
+from csrproxy.issuance.admission import AdmissionGate, Refund
 from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import CheckedCSR, check_csr
 from csrproxy.issuance.ledger import Ledger
@@ -75,7 +74,7 @@ class Issuer:
         *,
         ledger: Ledger,
         cache: IssuedCache,
-        admission: Admission,
+        admission: AdmissionGate,
         metrics: Metrics,
         poll_interval: float,
         poll_max: float,
@@ -204,7 +203,7 @@ class Issuer:
         if self.promote is not None:
             self.promote(key)
         if key in self._inflight:
-            return succeed(self._admitted(csr, client, new_names=False))
+            return self._admitted(csr, client, new_names=False)
         found = self.ledger.sign_lookup(key, csr.names)
         if self.ledger.shared:  # the identical order may run on another instance
             return found.addCallback(self._shared_lookup, csr, client)
@@ -227,22 +226,23 @@ class Issuer:
         found: tuple[CertificateRow | None, bool],
         csr: CheckedCSR,
         client: str,
-    ) -> Issuance:
+    ) -> Issuance | Deferred[Issuance]:
         if remote is None or csr.request_key in self._inflight:
             return self._looked_up(found, csr, client)
-        try:
-            self.admission.admit_client(client)
-        except RateLimited as e:
-            return Issuance(None, fail(e))
-        log.info("joining order {id} of another instance", id=remote.id)
-        lookup = self.ledger.order_with_chain
-        return Issuance(
-            remote.id, wait_for_order(self.clock, lookup, remote.id, self.order_timeout)
-        )
+        order_id = remote.id
+
+        def join(_: object) -> Issuance:
+            log.info("joining order {id} of another instance", id=order_id)
+            lookup = self.ledger.order_with_chain
+            return Issuance(
+                order_id, wait_for_order(self.clock, lookup, order_id, self.order_timeout)
+            )
+
+        return self.admission.decide_client(client).addCallbacks(join, _refused)
 
     def _looked_up(
         self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
-    ) -> Issuance:
+    ) -> Issuance | Deferred[Issuance]:
         current, issued_before = found
         if current is not None:
             stored = CachedChain(current.chain, current.not_before, current.not_after)
@@ -259,12 +259,10 @@ class Issuer:
                 return Issuance(None, fail(e))
         return self._admitted(csr, client, new_names=not issued_before)
 
-    def _admitted(self, csr: CheckedCSR, client: str, new_names: bool) -> Issuance:
-        try:
-            self.admission.admit_client(client)
-        except RateLimited as e:
-            return Issuance(None, fail(e))
-        return self._join_or_start(csr, new_names=new_names)
+    def _admitted(self, csr: CheckedCSR, client: str, new_names: bool) -> Deferred[Issuance]:
+        return self.admission.decide_client(client).addCallbacks(
+            lambda _: self._join_or_start(csr, new_names=new_names), _refused
+        )
 
     def renew(self, row: CertificateRow) -> Issuance:
         """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``."""
@@ -274,7 +272,8 @@ class Issuer:
             replaces: str | None = ari_cert_id(leaf)
         except ValueError:
             replaces = None
-        return self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
+        decided = self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
+        return Issuance(None, decided.addCallback(lambda issuance: issuance.chain))
 
     def resume(self, row: OrderRow, settle: Callable[[], Deferred[None]] | None = None) -> Issuance:
         """Finish (or redo) an order recorded by an earlier run; joins later identical requests.
@@ -305,7 +304,7 @@ class Issuer:
         new_names: bool,
         replaces: str | None = None,
         renewal: bool = False,
-    ) -> Issuance:
+    ) -> Deferred[Issuance]:
         """Wait on the identical order in flight, or charge the order budgets and start one.
 
         While the CA is known to be failing (the breaker is open, or its probe is out) no
@@ -317,13 +316,20 @@ class Issuer:
         inflight = self._inflight.get(csr.request_key)
         if inflight is not None:
             order_id, shared = inflight
-            return Issuance(order_id, shared.wait())
+            return succeed(Issuance(order_id, shared.wait()))
         try:
             self.breaker.check()
-            refund = self.admission.admit_order(csr.names, new_names)
-        except (CAUnavailable, RateLimited) as e:
-            return Issuance(None, fail(e))
-        return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
+        except CAUnavailable as e:
+            return succeed(Issuance(None, fail(e)))
+
+        def admitted(refund: Refund) -> Issuance:
+            inflight = self._inflight.get(csr.request_key)
+            if inflight is not None:  # started while this one was decided (shared database)
+                refund()
+                return Issuance(inflight[0], inflight[1].wait())
+            return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
+
+        return self.admission.decide_order(csr.names, new_names).addCallbacks(admitted, _refused)
 
     def _start(
         self,
@@ -451,7 +457,7 @@ class Issuer:
         """The one fresh order for a resumed order that failed: a new order at the CA,
         charged to the order budgets like any (refused with :class:`RateLimited`)."""
         issued_before = await self.ledger.names_issued(csr.names)
-        refund = self.admission.admit_order(csr.names, not issued_before)
+        refund = await self.admission.decide_order(csr.names, not issued_before)
         try:
             return await obtain_chain(run)
         except BaseException:
@@ -472,3 +478,10 @@ class Issuer:
     def _cached(self, request_key: str, chain: CachedChain) -> str:
         self.cache.put(request_key, chain)
         return chain.pem
+
+
+def _refused(failure: Failure) -> Issuance | Failure:
+    """A refused admission as the Issuance that fails with it (a cancelled wait stays one)."""
+    if failure.check(CancelledError):
+        return failure
+    return Issuance(None, fail(failure))

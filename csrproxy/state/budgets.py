@@ -4,11 +4,16 @@ The rows are opaque here (:mod:`csrproxy.issuance.admission` names and reads
 them).  The daemon writes them through :class:`~csrproxy.state.store.Store`, whose
 one thread commits calls in the order they were made: a charge recorded before an
 order's own row is on disk no later than that row, even after a ``kill -9``.
+
+On a shared database (PostgreSQL) the rows are the budgets themselves:
+:func:`settle_budgets` decides in one transaction, the rows locked, so that instances
+spend one budget between them (:mod:`csrproxy.issuance.cluster_admission`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -20,6 +25,17 @@ log = Logger()
 
 #: A bucket as stored: its name, its tokens and when they were counted (epoch seconds).
 BudgetRow = tuple[str, float, float]
+T = TypeVar("T")
+
+# Makes each missing row (as given: full) and locks every row, in one statement: an
+# upsert, unlike INSERT DO NOTHING then SELECT FOR UPDATE, cannot miss a row the pruner
+# deletes in between. Rows are taken in the order given (unnest keeps it).
+_LOCK = (
+    "INSERT INTO budgets (name, tokens, stamp) SELECT * FROM unnest(?::text[], "
+    "?::double precision[], ?::double precision[]) ON CONFLICT (name) "
+    "DO UPDATE SET tokens = budgets.tokens RETURNING name, tokens, stamp"
+)
+_SET = "UPDATE budgets SET tokens = ?, stamp = ? WHERE name = ?"
 
 
 def save_budgets(db: StateDB, rows: Sequence[BudgetRow]) -> None:
@@ -30,6 +46,30 @@ def save_budgets(db: StateDB, rows: Sequence[BudgetRow]) -> None:
             "DO UPDATE SET tokens = excluded.tokens, stamp = excluded.stamp",
             rows,
         )
+
+
+def settle_budgets(
+    db: StateDB,
+    full: Sequence[BudgetRow],
+    decide: Callable[[dict[str, BudgetRow]], tuple[Sequence[BudgetRow], T]],
+) -> T:
+    """Lock the rows of ``full`` and let ``decide`` change them, in one transaction.
+
+    PostgreSQL only. A missing row is first made as given in ``full`` (a full bucket,
+    what no row means). Rows are locked in the order of their names, so that two
+    instances never wait on each other in a cycle. ``decide`` gets the locked rows by
+    name and returns the rows to write and its result; another instance deciding on
+    any of these rows waits until this one commits.
+    """
+    ordered = sorted(full)
+    with db.transaction() as conn:
+        columns = [list(column) for column in zip(*ordered, strict=True)] or [[], [], []]
+        rows = conn.execute(_LOCK, columns).fetchall()
+        locked = {str(n): (str(n), float(t), float(s)) for n, t, s in rows}
+        changed, result = decide(locked)
+        if changed:
+            conn.executemany(_SET, [(t, s, n) for n, t, s in sorted(changed)])
+    return result
 
 
 def load_budgets(db: StateDB, since: float, limit: int, prefix: str = "") -> list[BudgetRow]:

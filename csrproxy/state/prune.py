@@ -63,7 +63,8 @@ ORDERS_DELETE = (
 # Budgets have no index on their stamp: walk the primary key, ``chunk`` rows a step.
 BUDGETS_FIRST = "SELECT name, stamp FROM budgets WHERE name >= '' ORDER BY name LIMIT :chunk"
 BUDGETS_NEXT = "SELECT name, stamp FROM budgets WHERE name > :name ORDER BY name LIMIT :chunk"
-DELETE_BUDGET = "DELETE FROM budgets WHERE name = ?"
+# The stamp again: a row an instance charged since it was read stays (shared database).
+DELETE_BUDGET = "DELETE FROM budgets WHERE name = :name AND stamp < :cutoff"
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ def _walk_budgets(
     if after:
         args["name"] = after[0]
     rows = conn.execute(BUDGETS_NEXT if after else BUDGETS_FIRST, args).fetchall()
-    gone = [(r[0],) for r in rows if r[1] < cutoff]
+    gone = [{"name": r[0], "cutoff": cutoff} for r in rows if r[1] < cutoff]
     conn.executemany(DELETE_BUDGET, gone)
     last = (rows[-1][0],) if rows else ()
     return Step(len(gone), len(rows), more=len(rows) == chunk, after=last)

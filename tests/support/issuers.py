@@ -8,7 +8,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.order import DNS01Responder
-from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
 from csrproxy.issuance.cache import MemoryIssuedCache
 from csrproxy.issuance.csr import CheckedCSR
 from csrproxy.issuance.issuer import Issuer
@@ -24,7 +24,7 @@ def make_issuer(
     acme: ACMEClient,
     responder: DNS01Responder,
     *,
-    admission: Admission | None = None,
+    admission: AdmissionGate | None = None,
     metrics: Metrics | None = None,
     ledger: Ledger | None = None,
     **kwargs: Any,

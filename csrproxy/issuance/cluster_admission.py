@@ -1,0 +1,150 @@
+"""Admission budgets counted once for every instance on a shared database (issue 16).
+
+Each decision is one transaction on the store thread
+(:func:`csrproxy.state.budgets.settle_budgets`): the rows of the buckets the request
+costs are made if missing (full) and locked by one upsert, in the order of their names (no
+deadlock between instances; a row the pruner deletes meanwhile is made again), refilled to the
+caller's ``now`` with :class:`~csrproxy.issuance.admission.TokenBucket`'s arithmetic,
+and either every one gives a token or none does.  Another instance deciding on one of
+those rows waits for the commit, so a budget of N is N for the cluster.
+
+The clock is the deciding instance's (reactor time, epoch seconds); instances are
+expected NTP-synced.  A stamp ahead of ``now`` (a clock behind the others) counts from
+``now``: a skew of s seconds refills at most ``s * capacity / period`` tokens early.
+
+Bounds: one store call per decision, one transaction of three statements (the upsert,
+the update of the rows taken from when admitted, the commit), holding the locks only for
+it; the rows are the buckets (one per budget and key), pruned by the ``budgets`` rule
+(:mod:`csrproxy.state.prune`) once untouched for a week, like the rows the
+single-instance path persists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from csrproxy.issuance.admission import Admission, BudgetRow, Charge, Refund, TokenBucket
+from csrproxy.state.budgets import settle_budgets
+from csrproxy.state.store import Store
+
+log = Logger()
+
+#: What a decision comes back with: None when admitted, else the short charge and its wait.
+Shortfall = tuple[Charge, float] | None
+
+
+def take_one(
+    charges: Sequence[Charge], now: float
+) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], Shortfall]]:
+    """The decision on locked rows: a token from every bucket of ``charges``, or none."""
+
+    def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], Shortfall]:
+        buckets = []
+        for c in charges:
+            bucket = _bucket(c, locked, now)
+            wait = bucket.wait_for(1, now)
+            if wait > 0:
+                return [], (c, wait)
+            buckets.append((c.name, bucket))
+        for _, bucket in buckets:
+            bucket.take(1, now)
+        return [(name, b.tokens, b.stamp) for name, b in buckets], None
+
+    return decide
+
+
+def give_one_back(
+    charges: Sequence[Charge], now: float
+) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]]:
+    """The decision on locked rows that gives a token back to every bucket of ``charges``."""
+
+    def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], None]:
+        changed = []
+        for c in charges:
+            bucket = _bucket(c, locked, now)
+            bucket.give_back(1, now)
+            changed.append((c.name, bucket.tokens, bucket.stamp))
+        return changed, None
+
+    return decide
+
+
+def _bucket(charge: Charge, locked: dict[str, BudgetRow], now: float) -> TokenBucket:
+    _, tokens, stamp = locked.get(charge.name, (charge.name, charge.capacity, now))
+    return TokenBucket.restored(charge.capacity, charge.period, tokens, stamp, now)
+
+
+def _full(charges: Sequence[Charge], now: float) -> list[BudgetRow]:
+    return [(c.name, c.capacity, now) for c in charges]
+
+
+class ClusterAdmission:
+    """:class:`~csrproxy.issuance.admission.AdmissionGate` over the shared ``budgets`` rows.
+
+    ``rules`` says which buckets a request costs and words the refusals (and counts them
+    through its ``on_refusal``); its own in-memory buckets are not used.
+    """
+
+    def __init__(self, store: Store, rules: Admission) -> None:
+        self.store = store
+        self.rules = rules
+
+    def decide_client(self, client: str) -> Deferred[None]:
+        charge = self.rules.client_charge(client)
+        if charge is None:
+            return succeed(None)
+        return self._decide([charge])
+
+    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
+        charges = self.rules.charges(names, new_names)
+        if not charges:
+            return succeed(lambda: None)
+        # Failed orders still count against the CA's order limit, not against certificates.
+        refundable = [c for c in charges if c.reason != "orders"]
+        return self._decide(charges).addCallback(lambda _: lambda: self._give_back(refundable))
+
+    def _decide(self, charges: list[Charge]) -> Deferred[None]:
+        now = self.rules.now()
+        # Not the store's Deferred: a caller giving up (a client gone) must not lose the
+        # decision, whose tokens are then given back (nothing was started with them).
+        out: Deferred[None] = Deferred()
+
+        def decided(short: Shortfall) -> None:
+            if out.called:
+                if short is None:
+                    self._give_back(charges)
+                return
+            if short is None:
+                out.callback(None)
+            else:
+                charge, wait = short
+                out.errback(self.rules.refuse(charge.reason, wait, charge.detail))
+
+        def failed(failure: Failure) -> None:
+            if not out.called:
+                out.errback(failure)
+
+        self.store.run(
+            settle_budgets, self.store.db, _full(charges, now), take_one(charges, now)
+        ).addCallbacks(decided, failed)
+        return out
+
+    def _give_back(self, charges: list[Charge]) -> None:
+        if not charges:
+            return
+        now = self.rules.now()
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "admission budgets not given back ({names}): {err}",
+                names=",".join(c.name for c in charges),
+                err=failure.getErrorMessage(),
+            )
+
+        self.store.run(
+            settle_budgets, self.store.db, _full(charges, now), give_one_back(charges, now)
+        ).addErrback(failed)
