@@ -34,6 +34,10 @@ pytestmark = [
 ]
 
 
+#: The cluster's budget of new orders in 3 h: the tests above use 32; the last spends it.
+ORDERS = 40
+
+
 class Cluster:
     def __init__(
         self,
@@ -59,7 +63,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         start_pebble(str(work / "pebble"), f"127.0.0.1:{ports[0]}") as pebble,
     ):
         instances = start_cluster(
-            str(work), pebble, pg.dsn, ZONE, ports, overrides={"cluster": {"order_lease": 8}}
+            str(work),
+            pebble,
+            pg.dsn,
+            ZONE,
+            ports,
+            overrides={"cluster": {"order_lease": 8}, "policy": {"orders_per_3h": ORDERS}},
         )
         try:
             yield Cluster(pg, pebble, instances, work, ports)
@@ -181,6 +190,7 @@ def test_kill_9_mid_order_another_instance_finishes_it(cluster: Cluster) -> None
         overrides={
             "state": {"backend": "postgresql", "dsn": cluster.pg.dsn},
             "cluster": {"instance": "ns4", "dns_peers": peers, "order_lease": 8},
+            "policy": {"orders_per_3h": ORDERS},
         },
         env={"CSRPROXY_CRASH_AT": "after-challenge"},
     )
@@ -225,6 +235,28 @@ def test_kill_9_mid_order_another_instance_finishes_it(cluster: Cluster) -> None
             assert "created for takeover." not in daemon.log.read_text()
     finally:
         doomed.stop()
+
+
+def test_the_order_budget_is_the_clusters(cluster: Cluster) -> None:
+    """Orders placed through all three instances spend one budget of ORDERS: once it is
+    spent, every instance refuses, with the same reason."""
+    codes: list[int] = []
+    refusals: list[dict[str, object]] = []
+    for i in range(3 * ORDERS):
+        code, body = sign(cluster.instances[i % 3], f"budget{i}.{ZONE}")
+        codes.append(code)
+        if code == 429:
+            refusals.append(json.loads(body))
+            if len(refusals) == 6:
+                break
+    first = codes.index(429)
+    assert all(code == 429 for code in codes[first:]), codes
+    assert len(refusals) == 6, "two refusals from each instance in a row"
+    assert {str(r["type"]).rsplit("/", 1)[-1] for r in refusals} == {"rate-limited"}, refusals
+    with psycopg.connect(cluster.pg.dsn) as conn:
+        placed = conn.execute("SELECT count(*) FROM orders").fetchone()
+    assert placed is not None and placed[0] <= ORDERS, placed
+    print(f"budget of {ORDERS}: {placed[0]} orders on record, refused from the {first + 1}th")
 
 
 def threading_wait(seconds: float) -> None:
