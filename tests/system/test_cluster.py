@@ -145,6 +145,23 @@ def test_one_account_and_every_instance_named(cluster: Cluster) -> None:
     assert len(accounts) == 1 and accounts[0][1], accounts
 
 
+def test_csrproxy_admin_reads_the_shared_database(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from csrproxy.admin import main
+
+    for daemon in cluster.instances:  # any instance's configuration: the same database
+        config = ["--config", str(daemon.config)]
+        assert main([*config, "certificates"]) == 0
+        listing = capsys.readouterr().out
+        assert sum(f"cluster{i}.{ZONE}" in listing for i in range(30)) == 30
+        assert main([*config, "orders", "--unfinished"]) == 0
+        capsys.readouterr()
+    config = ["--config", str(cluster.instances[0].config)]
+    assert main([*config, "backup", "/tmp/never"]) == 2
+    assert "pg_dump" in capsys.readouterr().err
+
+
 def test_an_instance_with_another_account_key_is_refused(
     cluster: Cluster, tmp_path: Path
 ) -> None:
