@@ -32,7 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.dns.zone import ChallengeZone
-from csrproxy.state.database import CHALLENGES_CHANNEL
+from csrproxy.state.cluster_queries import CHALLENGES_CHANNEL
 from csrproxy.state.engine import redacted, with_options
 from csrproxy.state.store import Store
 

@@ -53,7 +53,8 @@ from csrproxy.issuance.results import (
 from csrproxy.metrics import Metrics
 from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.retry import Backoff
-from csrproxy.state.database import CertificateRow, OrderRow, OrderRunningElsewhere
+from csrproxy.state.cluster_queries import OrderRunningElsewhere
+from csrproxy.state.database import CertificateRow, OrderRow
 
 log = Logger()
 
