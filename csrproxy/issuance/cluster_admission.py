@@ -128,7 +128,7 @@ class ClusterAdmission:
             if not out.called:
                 out.errback(failure)
 
-        self.store.run(
+        self.store.run_alone(
             settle_budgets, self.store.db, _full(charges, now), take_one(charges, now)
         ).addCallbacks(decided, failed)
         return out
@@ -145,6 +145,6 @@ class ClusterAdmission:
                 err=failure.getErrorMessage(),
             )
 
-        self.store.run(
+        self.store.run_alone(
             settle_budgets, self.store.db, _full(charges, now), give_one_back(charges, now)
         ).addErrback(failed)

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from typing import Any
 
 from cryptography import x509
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -38,6 +40,7 @@ from csrproxy.acme.problems import (
 from csrproxy.cluster.remote import wait_for_certificate, wait_for_order
 from csrproxy.errors import (
     CAUnavailable,
+    RateLimited,
 )
 from csrproxy.issuance.admission import AdmissionGate, Refund
 from csrproxy.issuance.cache import CachedChain, IssuedCache
@@ -58,6 +61,10 @@ from csrproxy.state.database import CertificateRow, OrderRow
 
 log = Logger()
 
+#: A request refused by a budget its identical requests on other instances just spent
+#: looks for their order this many times, this many seconds apart, before it is refused.
+JOIN_TRIES = 4
+JOIN_WAIT = 0.25
 #: How long after the CA's look-up of a challenge record its authorization is polled
 #: (when that is sooner than the poll schedule): the CA asks from several places, then
 #: decides; a poll that comes too early is one extra request.
@@ -330,7 +337,28 @@ class Issuer:
                 return Issuance(inflight[0], inflight[1].wait())
             return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
 
-        return self.admission.decide_order(csr.names, new_names).addCallbacks(admitted, _refused)
+        decided = self.admission.decide_order(csr.names, new_names)
+        if self.ledger.shared and not renewal:
+            # Identical requests decided together on several instances: the budget refused
+            # this one because the others took it; join the order one of them places.
+            decided.addErrback(self._refused_but_running, csr)
+        return decided.addCallbacks(admitted, _refused)
+
+    def _refused_but_running(self, failure: Failure, csr: CheckedCSR) -> Any:
+        if not failure.check(RateLimited):
+            return failure
+        return Deferred.fromCoroutine(self._find_running(failure, csr))
+
+    async def _find_running(self, failure: Failure, csr: CheckedCSR) -> Any:
+        for _ in range(JOIN_TRIES):
+            remote = await self.ledger.running_elsewhere(csr.request_key, self.clock.seconds())
+            if remote is not None:
+                log.info("joining order {id} of another instance", id=remote.id)
+                lookup = self.ledger.order_with_chain
+                chain = wait_for_order(self.clock, lookup, remote.id, self.order_timeout)
+                raise _Joined(Issuance(remote.id, chain))
+            await deferLater(self.clock, JOIN_WAIT, lambda: None)
+        return failure
 
     def _start(
         self,
@@ -348,8 +376,12 @@ class Issuer:
         ``csr`` is checked already, or (a resumed order) the DER to check when its turn
         comes, with its ``request_key`` on record.
         """
+        if refund is not None:
+            refund = _once(refund)
         if isinstance(csr, CheckedCSR):
-            run = Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, renewal))
+            run = Deferred.fromCoroutine(
+                self._run(csr, order_id, replaces, resume_url, renewal, refund)
+            )
             key = csr.request_key
         else:
             assert request_key is not None
@@ -383,6 +415,7 @@ class Issuer:
         replaces: str | None = None,
         resume_url: str | None = None,
         renewal: bool = False,
+        refund: Callable[[], None] | None = None,
     ) -> CachedChain:
         await self.ensure_account()
         schedule = PollSchedule(
@@ -393,6 +426,8 @@ class Issuer:
                 await self.ledger.order_started(order_id, csr, replaces)
             except OrderRunningElsewhere as e:  # placed on another instance just now
                 log.info("joining order {id} of another instance", id=e.order_id)
+                if refund is not None:  # no order of ours: its budgets are not spent
+                    refund()
                 cert = await wait_for_certificate(
                     self.clock, self.ledger.order_with_chain, e.order_id, self.order_timeout
                 )
@@ -481,8 +516,30 @@ class Issuer:
         return chain.pem
 
 
+def _once(call: Callable[[], None]) -> Callable[[], None]:
+    """``call`` that runs the first time only (a refund is given back once)."""
+    called = [False]
+
+    def once() -> None:
+        if not called[0]:
+            called[0] = True
+            call()
+
+    return once
+
+
+class _Joined(Exception):
+    """A refused request that joined the identical order of another instance instead."""
+
+    def __init__(self, issuance: Issuance) -> None:
+        super().__init__("joined")
+        self.issuance = issuance
+
+
 def _refused(failure: Failure) -> Issuance | Failure:
     """A refused admission as the Issuance that fails with it (a cancelled wait stays one)."""
+    if isinstance(failure.value, _Joined):
+        return failure.value.issuance
     if failure.check(CancelledError):
         return failure
     return Issuance(None, fail(failure))

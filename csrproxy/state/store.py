@@ -126,6 +126,8 @@ class Store:
         self._healthy = True
         self._writes_at_failure = 0
         self._waiting: list[tuple[Call, Deferred[Any]]] = []
+        #: ids of the waiting calls' Deferreds that run alone (:meth:`run_alone`).
+        self._alone: set[int] = set()
         self._busy = False
 
     def start(self) -> None:
@@ -146,8 +148,22 @@ class Store:
 
     def run(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
         """Call ``method(*args, **kwargs)`` on the store thread."""
+        return self._enqueue(False, method, args, kwargs)
+
+    def run_alone(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
+        """As :meth:`run`, in a transaction of its own, never grouped with other calls: for
+        a call that locks rows in an order of its own (several instances lock the same
+        rows; grouped calls would lock them in the order they came, and two instances could
+        wait on each other)."""
+        return self._enqueue(True, method, args, kwargs)
+
+    def _enqueue(
+        self, alone: bool, method: Callable[..., T], args: Any, kwargs: Any
+    ) -> Deferred[T]:
         d: Deferred[T] = Deferred()
         self._waiting.append(((method, args, kwargs), d))
+        if alone:
+            self._alone.add(id(d))
         if not self._busy:
             self._next()
 
@@ -176,7 +192,14 @@ class Store:
         return d.addCallbacks(ok, failed)
 
     def _next(self) -> None:
-        batch, self._waiting = self._waiting, []
+        # The calls waiting, in order, up to the first that runs alone (or that one alone).
+        count = 1
+        if id(self._waiting[0][1]) not in self._alone:
+            while count < len(self._waiting) and id(self._waiting[count][1]) not in self._alone:
+                count += 1
+        batch, self._waiting = self._waiting[:count], self._waiting[count:]
+        for _, waiting in batch:
+            self._alone.discard(id(waiting))
         self._busy = True
         if len(batch) == 1:
             (method, args, kwargs), _ = batch[0]

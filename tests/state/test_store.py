@@ -270,6 +270,31 @@ class StoreThreadTests(TestCase):
         self.assertEqual(sorted((r.id, r.status) for r in rows), [("o1", "new"), ("o2", "pending")])
 
     @defer.inlineCallbacks
+    def test_a_call_run_alone_is_never_grouped(self) -> Any:
+        groups: list[list[str]] = []
+        real = self.store.db.batch
+
+        def batch(calls: Any) -> Any:
+            groups.append([args[0].id for _, args, _ in calls])
+            return real(calls)
+
+        self.store.db.batch = batch  # type: ignore[method-assign]
+        db = self.store.db
+        ran: list[str] = []
+
+        def alone(order: OrderRow) -> None:
+            ran.append(order.id)
+            db.save_order(order)
+
+        waits = [self.store.run(db.save_order, OrderRow("o0", "rk", b"c", []))]  # busy now
+        waits += [self.store.run(db.save_order, OrderRow(f"o{i}", "rk", b"c", [])) for i in (1, 2)]
+        waits.append(self.store.run_alone(alone, OrderRow("o3", "rk", b"c", [])))
+        waits += [self.store.run(db.save_order, OrderRow(f"o{i}", "rk", b"c", [])) for i in (4, 5)]
+        yield defer.gatherResults(waits)
+        self.assertEqual(groups, [["o1", "o2"], ["o4", "o5"]])
+        self.assertEqual(ran, ["o3"])  # between the two groups, on its own
+
+    @defer.inlineCallbacks
     def test_a_failed_write_in_a_batch_leaves_nothing_behind(self) -> Any:
         def failing() -> None:
             with self.store.db.transaction() as conn:
