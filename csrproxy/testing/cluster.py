@@ -57,7 +57,9 @@ def start_cluster(
             }
             for section, values in (overrides or {}).items():
                 config.setdefault(section, {}).update(values)
-            started.append(start_csrproxy(str(work), pebble, port, zone, overrides=config))
+            started.append(
+                start_csrproxy(str(work), pebble, port, zone, overrides=config, timeout=60)
+            )
     except BaseException:
         for daemon in started:
             daemon.stop()
