@@ -12,6 +12,9 @@ from csrproxy.testing.daemon import Csrproxy, start_csrproxy
 from csrproxy.testing.pebble import Pebble, start_pebble
 from csrproxy.testing.ports import free_udp_tcp_port
 
+# The throwaway PostgreSQL fixtures (postgres_server, dsn) for the tests that use them.
+pytest_plugins = ["tests.support.postgres"]
+
 ZONE = "go.example.test"
 
 

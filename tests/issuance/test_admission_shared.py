@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from csrproxy.issuance.admission import THREE_HOURS, WEEK, Admission, Budgets
 from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.state.budgets import load_budgets
 from csrproxy.state.database import StateDB
-from csrproxy.testing.postgres import Postgres, available, start_postgres
+from csrproxy.testing.postgres import available
 from tests.support.renewals import InlineStore
 
 pytestmark = [
@@ -34,17 +33,6 @@ pytestmark = [
 NOW = 1_800_000_000.0
 NAMES = ["a.go.example.com"]
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Postgres]:
-    with start_postgres(tempfile.mkdtemp(prefix="csrproxy-pgtest-")) as pg:
-        yield pg
-
-
-@pytest.fixture
-def dsn(server: Postgres) -> str:
-    return server.fresh_database(f"budgets_{next(_names)}")
 
 
 class Instance:

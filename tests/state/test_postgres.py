@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import tempfile
 import threading
 from collections.abc import Iterator
 
@@ -23,7 +22,7 @@ from csrproxy.state.engine import POSTGRESQL, postgres_ddl
 from csrproxy.state.prune import BUDGETS, EXPIRED, ORDERS, SUPERSEDED, auto_vacuum, prune_step
 from csrproxy.state.schema import MIGRATIONS
 from csrproxy.state.serials import load_serial, save_serial
-from csrproxy.testing.postgres import Postgres, available, start_postgres
+from csrproxy.testing.postgres import Postgres, available
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,17 +30,6 @@ pytestmark = [
 ]
 
 _names = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Postgres]:
-    with start_postgres(tempfile.mkdtemp(prefix="csrproxy-pgtest-")) as pg:
-        yield pg
-
-
-@pytest.fixture
-def dsn(server: Postgres) -> str:
-    return server.fresh_database(f"state_{next(_names)}")
 
 
 @pytest.fixture
@@ -263,11 +251,11 @@ def test_pruning(db: StateDB) -> None:
 
 
 def test_a_dropped_connection_fails_one_call_then_reconnects(
-    db: StateDB, server: Postgres, dsn: str
+    db: StateDB, postgres_server: Postgres, dsn: str
 ) -> None:
     db.save_certificate(cert())
     dbname = dsn.rsplit("/", 1)[1].split("?")[0]
-    assert server.terminate_connections(dbname) >= 1
+    assert postgres_server.terminate_connections(dbname) >= 1
     with pytest.raises(psycopg.OperationalError):
         db.certificate("c1")
     assert db.certificate("c1") is not None
@@ -275,7 +263,9 @@ def test_a_dropped_connection_fails_one_call_then_reconnects(
     assert db.certificate("c2") is not None
 
 
-def test_the_store_turns_unhealthy_and_back(db: StateDB, server: Postgres, dsn: str) -> None:
+def test_the_store_turns_unhealthy_and_back(
+    db: StateDB, postgres_server: Postgres, dsn: str
+) -> None:
     from twisted.internet import reactor
 
     from csrproxy.state.store import Store, StoreUnavailable
@@ -284,7 +274,7 @@ def test_the_store_turns_unhealthy_and_back(db: StateDB, server: Postgres, dsn: 
     store.start()
     try:
         dbname = dsn.rsplit("/", 1)[1].split("?")[0]
-        server.terminate_connections(dbname)
+        postgres_server.terminate_connections(dbname)
         failed = _wait(store.run(db.save_certificate, cert()))
         assert isinstance(failed, StoreUnavailable), failed
         assert not store.healthy
