@@ -6,7 +6,6 @@ Two instances ("ns1", "ns2"), each its own StateDB on one fresh database, decide
 
 from __future__ import annotations
 
-import itertools
 import random
 import threading
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ pytestmark = [
 
 NOW = 1_800_000_000.0
 NAMES = ["a.go.example.com"]
-_names = itertools.count()
 
 
 class Instance:

@@ -7,7 +7,6 @@ what only a server has: instances migrating together, a dropped connection.
 
 from __future__ import annotations
 
-import itertools
 import json
 import threading
 from collections.abc import Iterator
@@ -29,7 +28,6 @@ pytestmark = [
     pytest.mark.skipif(not available(), reason="PostgreSQL server binaries not installed"),
 ]
 
-_names = itertools.count()
 
 
 @pytest.fixture
