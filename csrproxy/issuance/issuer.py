@@ -42,7 +42,7 @@ from csrproxy.errors import (
     CAUnavailable,
     RateLimited,
 )
-from csrproxy.issuance.admission import AdmissionGate, Refund
+from csrproxy.issuance.admission import SAME_NAMES, AdmissionGate, Refund
 from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import CheckedCSR, check_csr
 from csrproxy.issuance.ledger import Ledger
@@ -220,10 +220,7 @@ class Issuer:
     def _shared_lookup(
         self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
     ) -> Issuance | Deferred[Issuance]:
-        current, _ = found
-        if current is not None and CachedChain(
-            current.chain, current.not_before, current.not_after
-        ).fresh(self.clock.seconds()):
+        if self._fresh(found[0]) is not None:
             return self._looked_up(found, csr, client)  # a stored chain wins
         remote = self.ledger.running_elsewhere(csr.request_key, self.clock.seconds())
         return remote.addCallback(self._join_elsewhere, found, csr, client)
@@ -238,26 +235,32 @@ class Issuer:
         if remote is None or csr.request_key in self._inflight:
             return self._looked_up(found, csr, client)
         order_id = remote.id
+        return self.admission.decide_client(client).addCallbacks(
+            lambda _: self._joined(order_id), _refused
+        )
 
-        def join(_: object) -> Issuance:
-            log.info("joining order {id} of another instance", id=order_id)
-            lookup = self.ledger.order_with_chain
-            return Issuance(
-                order_id, wait_for_order(self.clock, lookup, order_id, self.order_timeout)
-            )
+    def _joined(self, order_id: str) -> Issuance:
+        """The Issuance of the order ``order_id`` another instance runs."""
+        log.info("joining order {id} of another instance", id=order_id)
+        lookup = self.ledger.order_with_chain
+        return Issuance(order_id, wait_for_order(self.clock, lookup, order_id, self.order_timeout))
 
-        return self.admission.decide_client(client).addCallbacks(join, _refused)
+    def _fresh(self, current: CertificateRow | None) -> CachedChain | None:
+        """``current``'s chain when it has most of its life left (served, not renewed)."""
+        if current is None:
+            return None
+        stored = CachedChain(current.chain, current.not_before, current.not_after)
+        return stored if stored.fresh(self.clock.seconds()) else None
 
     def _looked_up(
         self, found: tuple[CertificateRow | None, bool], csr: CheckedCSR, client: str
     ) -> Issuance | Deferred[Issuance]:
-        current, issued_before = found
-        if current is not None:
-            stored = CachedChain(current.chain, current.not_before, current.not_after)
-            if stored.fresh(self.clock.seconds()):
-                self.metrics.cache_hits.inc()
-                self.cache.put(csr.request_key, stored)
-                return Issuance(None, succeed(stored.pem))
+        _, issued_before = found
+        stored = self._fresh(found[0])
+        if stored is not None:
+            self.metrics.cache_hits.inc()
+            self.cache.put(csr.request_key, stored)
+            return Issuance(None, succeed(stored.pem))
         if csr.request_key not in self._inflight:
             try:
                 # Before the client's budget: a client retrying after Retry-After while
@@ -345,7 +348,9 @@ class Issuer:
         return decided.addCallbacks(admitted, _refused)
 
     def _refused_but_running(self, failure: Failure, csr: CheckedCSR) -> Any:
-        if not failure.check(RateLimited):
+        # Only the budget identical requests share: any other refusal answers at once (a
+        # client flooding new CSRs past the order budget costs no look-ups and no wait).
+        if not isinstance(failure.value, RateLimited) or failure.value.reason != SAME_NAMES:
             return failure
         return Deferred.fromCoroutine(self._find_running(failure, csr))
 
@@ -353,10 +358,7 @@ class Issuer:
         for _ in range(JOIN_TRIES):
             remote = await self.ledger.running_elsewhere(csr.request_key, self.clock.seconds())
             if remote is not None:
-                log.info("joining order {id} of another instance", id=remote.id)
-                lookup = self.ledger.order_with_chain
-                chain = wait_for_order(self.clock, lookup, remote.id, self.order_timeout)
-                raise _Joined(Issuance(remote.id, chain))
+                raise _Joined(self._joined(remote.id))
             await deferLater(self.clock, JOIN_WAIT, lambda: None)
         return failure
 

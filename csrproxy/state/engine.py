@@ -157,25 +157,26 @@ def _only_comments(statement: str) -> bool:
 class Row(tuple[Any, ...]):
     """A result row by position or by column name, like ``sqlite3.Row``."""
 
-    _names: Sequence[str]
+    _index: Mapping[str, int]
 
-    def __new__(cls, names: Sequence[str], values: Sequence[Any]) -> Row:
+    def __new__(cls, index: Mapping[str, int], values: Sequence[Any]) -> Row:
         row = super().__new__(cls, values)
-        row._names = names
+        row._index = index
         return row
 
     def __getitem__(self, key: Any) -> Any:
         if isinstance(key, str):
-            return super().__getitem__(self._names.index(key))
+            return super().__getitem__(self._index[key])
         return super().__getitem__(key)
 
     def keys(self) -> list[str]:
-        return list(self._names)
+        return list(self._index)
 
 
 def _row_factory(cursor: Any) -> Any:
-    names = [c.name for c in cursor.description or ()]
-    return lambda values: Row(names, values)
+    # One column index per result, shared by its rows (dict(row) reads every column).
+    index = {c.name: i for i, c in enumerate(cursor.description or ())}
+    return lambda values: Row(index, values)
 
 
 def with_options(dsn: str) -> str:

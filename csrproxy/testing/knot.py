@@ -36,7 +36,6 @@ class Knot(Daemon):
     port: int = 0
     zone: str = ""
     tsig_secret: str = ""  # base64
-    workdir: str = ""
 
     @property
     def dns_server(self) -> str:
@@ -137,7 +136,7 @@ zone:
     with open(path, "w") as f:
         f.write(conf)
     log_path = os.path.join(workdir, "knot.log")
-    knot = Knot(log_path, port=port, zone=zone, tsig_secret=secret, workdir=root)
+    knot = Knot(log_path, port=port, zone=zone, tsig_secret=secret)
 
     def ready() -> bool:  # it answers (SERVFAIL until its first transfer)
         dns_query(port, zone, "SOA", timeout=0.5)

@@ -26,6 +26,7 @@ from csrproxy.testing.daemon import Csrproxy, start_csrproxy
 from csrproxy.testing.pebble import Pebble, start_pebble
 from csrproxy.testing.postgres import Postgres, available, start_postgres
 from tests.conftest import ZONE
+from tests.support.api import post_sign
 from tests.support.keys import make_csr
 
 pytestmark = [
@@ -78,12 +79,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def sign(daemon: Csrproxy, name: str) -> tuple[int, bytes]:
-    req = urllib.request.Request(daemon.url + "/v1/sign", data=make_csr([name]), method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=90) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
+    return post_sign(daemon, make_csr([name]))
 
 
 def health(daemon: Csrproxy) -> dict[str, object]:
@@ -115,17 +111,9 @@ def test_thirty_certificates_through_three_apis_validated_by_one_dns(cluster: Cl
 
 def test_one_csr_at_three_instances_is_one_order(cluster: Cluster) -> None:
     csr = make_csr([f"together.{ZONE}"])
-
-    def post(daemon: Csrproxy) -> tuple[int, bytes]:
-        req = urllib.request.Request(daemon.url + "/v1/sign", data=csr, method="POST")
-        try:
-            with urllib.request.urlopen(req, timeout=90) as resp:
-                return resp.status, resp.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read()
-
     with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(post, [d for d in cluster.instances for _ in range(2)]))
+        twice = [d for d in cluster.instances for _ in range(2)]
+        results = list(pool.map(lambda daemon: post_sign(daemon, csr), twice))
     assert {code for code, _ in results} == {200}, results
     assert len({body for _, body in results}) == 1, "one certificate"
     created = sum(d.log.read_text().count("created for together.") for d in cluster.instances)
@@ -215,18 +203,13 @@ def test_kill_9_mid_order_another_instance_finishes_it(cluster: Cluster) -> None
     try:
 
         def place(i: int) -> str | None:
-            req = urllib.request.Request(
-                doomed.url + "/v1/sign",
-                data=make_csr([f"takeover{i}.{ZONE}"]),
-                method="POST",
-                headers={"Prefer": "respond-async"},
-            )
+            csr = make_csr([f"takeover{i}.{ZONE}"])
             try:
-                with urllib.request.urlopen(req, timeout=30) as resp:
-                    assert resp.status == 202
-                    return str(json.loads(resp.read())["id"])
+                code, body = post_sign(doomed, csr, {"Prefer": "respond-async"}, timeout=30)
             except OSError:  # it died before answering this one
                 return None
+            assert code == 202, body
+            return str(json.loads(body)["id"])
 
         with ThreadPoolExecutor(3) as pool:
             placed = [order_id for order_id in pool.map(place, range(3)) if order_id]

@@ -22,18 +22,10 @@ from csrproxy.client import obtain_certificate
 from csrproxy.testing.daemon import Csrproxy, to_toml, twistd_argv
 from csrproxy.testing.pebble import Pebble
 from tests.conftest import ZONE
+from tests.support.api import post_sign
 from tests.support.keys import make_csr
 
 pytestmark = pytest.mark.integration
-
-
-def post(daemon: Csrproxy, body: bytes) -> tuple[int, bytes]:
-    req = urllib.request.Request(daemon.url + "/v1/sign", data=body, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.status, resp.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 def acme_requests(daemon: Csrproxy, endpoint: str) -> float:
@@ -70,12 +62,12 @@ def test_issues_end_to_end(daemon: Csrproxy, pebble: Pebble, dns_port: int, tmp_
 
 def test_name_outside_policy_is_refused_without_an_order(daemon: Csrproxy) -> None:
     before = acme_requests(daemon, "newOrder")
-    code, body = post(daemon, make_csr(["www.example.org"]))
+    code, body = post_sign(daemon, make_csr(["www.example.org"]))
     assert code == 403
     doc = json.loads(body)
     assert doc["type"].endswith("/name-not-allowed")
     assert doc["names"] == ["www.example.org"]
-    code, body = post(daemon, b"not a csr")
+    code, body = post_sign(daemon, b"not a csr")
     assert code == 400
     assert acme_requests(daemon, "newOrder") == before
 
