@@ -49,6 +49,14 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
             registry=r,
         )
+        self.challenge_cache_wait_seconds = Histogram(
+            "csrproxy_challenge_cache_wait_seconds",
+            "Waits before answering a challenge while resolvers may still hold an older"
+            " answer for its name (csrproxy's own earlier answers, or one TTL when other"
+            " name servers serve the zone)",
+            buckets=(0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60),
+            registry=r,
+        )
         self.admission_refusals = Counter(
             "csrproxy_admission_refusals",
             "Requests refused by csrproxy's own admission control or access rules, by reason",
@@ -118,6 +126,9 @@ class Metrics:
         self.renewal_pass_seconds.observe(seconds)
         if parked:
             self.renewals.labels("parked").inc(parked)
+
+    def challenge_cache_wait(self, seconds: float) -> None:
+        self.challenge_cache_wait_seconds.observe(seconds)
 
     def challenge_checked(self, backend: str, seconds: float) -> None:
         self.challenge_check_seconds.labels(backend).observe(seconds)

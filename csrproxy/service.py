@@ -19,6 +19,7 @@ from csrproxy.acme.breaker import STALE as CA_STALE
 from csrproxy.acme.client import ACMEClient
 from csrproxy.acme.jws import AccountKey, eab_binding
 from csrproxy.acme.order import Checkpoint, DNS01Responder, OrderOptions
+from csrproxy.challenges.caches import CacheWait
 from csrproxy.challenges.powerdns import PowerDNSPublisher
 from csrproxy.challenges.propagation import (
     CheckedPublisher,
@@ -246,6 +247,27 @@ def make_publisher(
     return CheckedPublisher(publisher, checker), publisher
 
 
+def make_cache_wait(
+    config: Config,
+    reactor: Any,
+    zone: ChallengeZone,
+    dns_service: DNSServerService | None,
+    metrics: Metrics,
+) -> CacheWait:
+    """What the issuer waits for before answering challenges: the copies of our own
+    listeners' answers, and one TTL for every name server we do not see answer."""
+    pdns = config.dns.powerdns
+    if config.dns.backend == "powerdns" and pdns is not None:
+        return CacheWait(reactor, unobserved_ttl=pdns.ttl, on_wait=metrics.challenge_cache_wait)
+    others = bool(config.cluster.dns_peers or config.dns.secondaries) or dns_service is None
+    return CacheWait(
+        reactor,
+        answered=dns_service.answers.until if dns_service is not None else None,
+        unobserved_ttl=zone.challenge_ttl if others else None,
+        on_wait=metrics.challenge_cache_wait,
+    )
+
+
 def ari_fetcher(
     acme: ACMEClient,
 ) -> Callable[[str], Deferred[Window | None]]:
@@ -468,6 +490,7 @@ def build_service(
         on_account=remember_account,
         watch=zone.watch if pdns is None else None,
         checkpoint=checkpoint,
+        settle=make_cache_wait(config, reactor, zone, dns_service, metrics).settle,
     )
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),

@@ -47,6 +47,7 @@ __all__ = [
     "OrderOptions",
     "OrderRun",
     "PollSchedule",
+    "Settle",
     "Watch",
     "complete_order",
     "dns01_value",
@@ -64,6 +65,11 @@ Checkpoint = Callable[[str], None]
 #: identifier -> a Deferred of the clock time to poll its authorization at, fired once the
 #: CA has been seen looking up its challenge record (cancel it to stop watching).
 Watch = Callable[[str], Deferred[float]]
+
+
+#: identifiers -> a Deferred that fires when no resolver can still hold an answer for
+#: their challenge names older than the values now served (csrproxy.challenges.caches).
+Settle = Callable[[Sequence[str]], Deferred[None]]
 
 
 def no_checkpoint(point: str) -> None:
@@ -97,7 +103,8 @@ class OrderRun:
     published before what it returns has completed; ``csr_spki`` is the CSR's
     SubjectPublicKeyInfo when the caller has it at hand; ``watch(identifier)``, when
     given, fires with the clock time at which to poll the authorization once the CA has
-    been seen looking up its challenge record.
+    been seen looking up its challenge record; ``settle(identifiers)``, when given, is
+    awaited once every value is served and before any challenge is answered.
     """
 
     client: ACMEClient
@@ -111,6 +118,7 @@ class OrderRun:
     csr_spki: bytes | None = None
     watch: Watch | None = None
     checkpoint: Checkpoint = no_checkpoint
+    settle: Settle | None = None
 
 
 @dataclass
@@ -236,25 +244,38 @@ class _OrderSteps:
                 )
 
     async def authorize_all(self, order: Order, authzs: Mapping[str, Authorization]) -> None:
-        # Wait for every authorization to settle before cleanup may run.
-        results = await DeferredList(
-            [
-                Deferred.fromCoroutine(self.authorize(u, authzs.get(u)))
-                for u in order.authorizations
-            ],
-            consumeErrors=True,
+        """Publish every pending authorization's value and see all served, wait out any
+        cached older answer, then answer every challenge (none before all are served:
+        a resolver asked between two values would cache a set missing one)."""
+        pending = await self._settled(
+            [Deferred.fromCoroutine(self.publish(u, authzs.get(u))) for u in order.authorizations]
         )
+        identifiers = [p[0] for p in pending if p is not None]
+        if identifiers and self.run.settle is not None:
+            await self.run.settle(identifiers)
+        await self._settled(
+            [Deferred.fromCoroutine(self.answer(*p)) for p in pending if p is not None]
+        )
+
+    async def _settled(self, steps: list[Deferred[Any]]) -> list[Any]:
+        # Wait for every step to settle (cleanup must not run while one still publishes),
+        # then raise the first failure.
+        results = await DeferredList(steps, consumeErrors=True)
         for ok, result in results:
             if not ok:
                 cast(Failure, result).raiseException()
+        return [result for _, result in results]
 
-    async def authorize(self, url: str, authz: Authorization | None) -> None:
+    async def publish(
+        self, url: str, authz: Authorization | None
+    ) -> tuple[str, Authorization, Challenge] | None:
+        """Publish the value of the authorization at ``url``; None if it is already valid."""
         if authz is None:
             authz = await self.client.authorization(url, self.schedule.deadline)
         ident = authz.identifier.value
         if authz.status is Status.VALID:
             log.info("authorization for {name} already valid", name=ident)
-            return
+            return None
         if authz.status is not Status.PENDING:
             raise AuthorizationFailed(ident, authz.problem)
         challenge = authz.challenge("dns-01")
@@ -263,6 +284,10 @@ class _OrderSteps:
         value = dns01_value(self.client.key, challenge.token)
         self.published.append((ident, value))
         await self.run.responder.publish(ident, value)
+        return ident, authz, challenge
+
+    async def answer(self, ident: str, authz: Authorization, challenge: Challenge) -> None:
+        """Answer the challenge whose value is served, and poll until it is decided."""
         watch = self.run.watch
         seen = watch(ident) if watch is not None else None
         try:

@@ -71,7 +71,8 @@ class PowerDNSConfig:
     server_id: str = "localhost"
     #: The PowerDNS zone that holds the records (default: ``[dns] zone``).
     zone: str = ""
-    ttl: int = 60
+    #: TTL of the challenge TXT RRsets: an order waits this plus 1 s after they are served.
+    ttl: int = 1
     #: ``host:port`` servers that must answer a TXT value before the challenge is answered;
     #: empty means the zone's NS names, resolved.
     check_servers: tuple[str, ...] = ()
@@ -131,7 +132,9 @@ class DNSConfig:
     nameservers: tuple[str, ...] = ()
     records: tuple[str, ...] = ()
     ttl: int = 300
-    challenge_ttl: int = 10
+    #: TTL of challenge TXT answers and the SOA minimum (negative answers): each order
+    #: waits up to this (plus 1 s) for resolvers to drop an older answer, so keep it short.
+    challenge_ttl: int = 1
     #: "builtin" (our own authoritative server) or "powerdns" (records pushed to its API).
     backend: str = "builtin"
     powerdns: PowerDNSConfig | None = None

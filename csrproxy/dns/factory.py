@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.names import dns, server
 from twisted.python.failure import Failure
 
+from csrproxy.dns.answered import AnswerLog
 from csrproxy.dns.cached import (
     CACHE_REPLY_BYTES,
     Entry,
@@ -74,6 +75,7 @@ class ZoneServerFactory(server.DNSServerFactory):
     and a reply to a valid server cookie bypasses ``rrl``. With ``require_cookies``, a UDP
     query with a COOKIE but no valid server cookie is answered BADCOOKIE (RFC 7873 5.2.3,
     5.2.4) with a fresh one; queries without a COOKIE and TCP queries are answered.
+    Every reply sent for a challenge name is noted in ``answer_log`` when given.
     """
 
     protocol = DNSStreamProtocol
@@ -91,6 +93,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         cookies: ServerCookies | None = None,
         require_cookies: bool = False,
         transfers: ZoneTransfers | None = None,
+        answer_log: AnswerLog | None = None,
     ) -> None:
         super().__init__(authorities=[zone])
         self.canRecurse = False
@@ -104,6 +107,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.cookies = cookies
         self.require_cookies = require_cookies
         self.transfers = transfers if transfers is not None else ZoneTransfers(reactor, zone, {})
+        self.answer_log = answer_log
         self.connections: set[Any] = set()  # type: ignore[assignment]
         self._version = zone.version
         self._udp_memo: dict[bytes, Memo] = {}
@@ -409,6 +413,8 @@ class ZoneServerFactory(server.DNSServerFactory):
                 return
             if decision == SLIP:
                 data = slipped(data, end)
+        if self.answer_log is not None:
+            self.answer_log.answered_reply(data)
         if self.on_rcode is not None:
             self.on_rcode(rcode)
         protocol.writeReply(data, address)

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 
+from csrproxy.dns.answered import AnswerLog
 from csrproxy.dns.cookies import ServerCookies
 from csrproxy.dns.factory import ZoneServerFactory
 from csrproxy.dns.limits import (
@@ -113,6 +114,8 @@ class DNSServerService(Service):
             message_timeout=tcp_message_timeout,
             on_refusal=on_refusal,
         )
+        #: When each challenge name's answers leave the caches that took them.
+        self.answers = AnswerLog(reactor.seconds, lambda: zone.challenge_ttl)
         self.factory = ZoneServerFactory(
             reactor,
             zone,
@@ -123,6 +126,7 @@ class DNSServerService(Service):
             cookies=cookies,
             require_cookies=require_cookies,
             transfers=ZoneTransfers(reactor, zone, transfer_keys or {}),
+            answer_log=self.answers,
         )
         self.ports: list[IListeningPort] = []
         #: ``(host, port)`` of each UDP listener once bound.

@@ -90,7 +90,7 @@ class ChallengeZone(common.ResolverBase):
         records: Sequence[str],
         *,
         ttl: int = 300,
-        challenge_ttl: int = 10,
+        challenge_ttl: int = 1,
         hostmaster: str | None = None,
         serial: int | None = None,
         clock: Callable[[], float] = time.time,

@@ -28,6 +28,7 @@ from csrproxy.acme.order import (
     OrderOptions,
     OrderRun,
     PollSchedule,
+    Settle,
     complete_order,
     no_checkpoint,
     obtain_chain,
@@ -92,6 +93,7 @@ class Issuer:
         on_account: Callable[[str], None] | None = None,
         watch: Callable[[str], Deferred[None]] | None = None,
         checkpoint: Checkpoint | None = None,
+        settle: Settle | None = None,
     ) -> None:
         self.clock = clock
         self.acme = acme
@@ -111,6 +113,8 @@ class Issuer:
         self._zone_watch = watch
         #: Called at each named point of every order run (crash tests); else a no-op.
         self.checkpoint: Checkpoint = checkpoint or no_checkpoint
+        #: Waits out resolvers' copies of older answers before challenges are answered.
+        self.settle = settle
         #: request key -> the order in flight for it, and that order's id.
         self._inflight: dict[str, tuple[str, SharedResult]] = {}
         #: Starts the waiting resumed order of a request key, if any (recovery's queue).
@@ -446,6 +450,7 @@ class Issuer:
             csr_spki=csr.spki_der,
             watch=self._watch if self._zone_watch is not None else None,
             checkpoint=self.checkpoint,
+            settle=self.settle,
         )
         started = self.clock.seconds()
         self.metrics.orders_in_flight.inc()

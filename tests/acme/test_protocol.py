@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.certs import ari_cert_id, chain_issuer_cns, top_issuer_cn
@@ -27,7 +27,7 @@ from csrproxy.acme.order import (
     obtain_chain,
 )
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, ACMETransportError
-from csrproxy.errors import BadCSR
+from csrproxy.errors import BadCSR, PublishError
 from csrproxy.testing.crashpoints import POINTS, crash_checkpoint_from_env
 from tests.acme.test_client import ACCOUNT_KEY, ACMETestMixin, csr_der
 from tests.support.fakeacme import BASE, FlakyHTTP
@@ -407,3 +407,73 @@ class CrashCheckpointTests(SynchronousTestCase):
 
     def test_the_crash_tests_points_are_the_order_checkpoints(self) -> None:
         self.assertEqual(POINTS, CHECKPOINTS)
+
+
+class PublishBeforeAnswerTests(ProtocolTestCase):
+    """Every value is published and served, and older copies waited out, before any
+    challenge is answered: a resolver asked in between would cache a set missing one."""
+
+    def test_no_challenge_is_answered_before_every_value_is_served_and_settled(self) -> None:
+        names = ["x.go.example.test", "*.x.go.example.test", "y.go.example.test"]
+        inner, slow, settled = self.responder, Deferred[None](), Deferred[None]()
+        settle_calls: list[tuple[list[str], int]] = []
+
+        class SlowY:
+            def publish(self, identifier: str, value: str) -> Deferred[None]:
+                done = inner.publish(identifier, value)
+                return slow if identifier == "y.go.example.test" else done
+
+            def unpublish(self, identifier: str, value: str) -> Deferred[None]:
+                return inner.unpublish(identifier, value)
+
+        def settle(identifiers: Sequence[str]) -> Deferred[None]:
+            settle_calls.append((sorted(identifiers), self.ca.requests["challenge"]))
+            return settled
+
+        schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + 300)
+        run = OrderRun(
+            self.make_client(), names, csr_der(names), SlowY(), schedule, settle=settle
+        )
+        d = Deferred.fromCoroutine(obtain_chain(run))
+
+        def spin() -> None:
+            for _ in range(100):
+                self.agent.flush()
+                self.clock.advance(0.01)
+
+        spin()
+        self.assertEqual(len(inner.published), 3)
+        self.assertEqual((settle_calls, self.ca.requests["challenge"]), ([], 0))
+        slow.callback(None)
+        spin()
+        self.assertEqual(
+            settle_calls,
+            [(["x.go.example.test", "x.go.example.test", "y.go.example.test"], 0)],
+        )
+        self.assertEqual(self.ca.requests["challenge"], 0)
+        settled.callback(None)
+        [chain] = self.drive(d)
+        self.assertIsInstance(chain, IssuedChain)
+        self.assertEqual(self.ca.requests["challenge"], 3)
+        self.assertEqual(dict(inner.live), {})
+
+    def test_a_failed_publish_answers_nothing_and_removes_every_value(self) -> None:
+        names = ["a.go.example.test", "b.go.example.test"]
+        inner = self.responder
+
+        class FailB:
+            def publish(self, identifier: str, value: str) -> Deferred[None]:
+                done = inner.publish(identifier, value)
+                if identifier == "b.go.example.test":
+                    return fail(PublishError("builtin", "no"))
+                return done
+
+            def unpublish(self, identifier: str, value: str) -> Deferred[None]:
+                return inner.unpublish(identifier, value)
+
+        schedule = PollSchedule(0.05, 1.0, self.clock.seconds() + 300)
+        run = OrderRun(self.make_client(), names, csr_der(names), FailB(), schedule)
+        [failure] = self.drive(Deferred.fromCoroutine(obtain_chain(run)))
+        self.assertTrue(failure.check(PublishError))
+        self.assertEqual(self.ca.requests["challenge"], 0)
+        self.assertEqual(dict(inner.live), {})
