@@ -8,6 +8,7 @@ failures become csrproxy's typed errors in :mod:`csrproxy.issuance.results`.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -283,10 +284,12 @@ class Issuer:
         """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``."""
         csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
         leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
-        try:
-            replaces: str | None = ari_cert_id(leaf)
-        except ValueError:
-            replaces = None
+        replaces: str | None = None
+        # The CA refuses an ARI ``replaces`` naming an expired certificate or one already
+        # replaced: such a renewal is an ordinary order of the same names.
+        if row.superseded is None and row.not_after > self.clock.seconds():
+            with contextlib.suppress(ValueError):  # a certificate without an AKI
+                replaces = ari_cert_id(leaf)
         decided = self._join_or_start(csr, new_names=False, replaces=replaces, renewal=True)
         return Issuance(None, decided.addCallback(lambda issuance: issuance.chain))
 

@@ -65,6 +65,20 @@ class IssuerRenewalTests(SynchronousTestCase):
         self.assertEqual(self.drive(issue_now(self.issuer, csr, "client").chain), second)
         self.assertEqual(self.ca.requests["newOrder"], orders)
 
+    def test_no_replaces_for_an_expired_or_already_replaced_certificate(self) -> None:
+        # Let's Encrypt refuses such orders: they go as ordinary orders of the same names.
+        for change in ("expired", "superseded"):
+            csr = check_csr(make_csr([f"{change}.{ZONE}"]))
+            self.drive(issue_now(self.issuer, csr, "client").chain)
+            row = self.successResultOf(self.issuer.ledger.current(csr.request_key))
+            assert row is not None
+            if change == "expired":
+                row.not_after = self.clock.seconds()
+            else:
+                row.superseded = self.clock.seconds()
+            self.assertIsInstance(self.drive(self.issuer.renew(row).chain), str)
+            self.assertNotIn("replaces", self.ca.order_payloads[-1], change)
+
     def test_a_stored_csr_that_no_longer_passes_fails(self) -> None:
         csr = check_csr(make_csr([f"r.{ZONE}"]))
         self.drive(issue_now(self.issuer, csr, "client").chain)
