@@ -66,6 +66,14 @@ class BadRequest(CsrproxyError):
     status = 400
 
 
+class ProfileNotAllowed(CsrproxyError):
+    """The request asks for a certificate profile ``[policy] profiles`` does not allow,
+    or the CA's directory does not offer."""
+
+    problem = "profile-not-allowed"
+    status = 400
+
+
 class NameNotAllowed(CsrproxyError):
     """One or more names of the CSR are outside ``[policy] names``."""
 

@@ -520,6 +520,7 @@ def build_service(
         key_types=pol.key_types,
         max_names=pol.max_names,
         sync_timeout=config.api.sync_timeout,
+        profiles=pol.profiles,
     )
 
     top = CsrproxyService()

@@ -37,6 +37,7 @@ from csrproxy.acme.messages import (
 from csrproxy.acme.problems import ACMEProblem, ACMEProtocolError, DeadlineExceeded
 from csrproxy.acme.response import ACMEResponse
 from csrproxy.acme.transport import ACMETransport
+from csrproxy.errors import ProfileNotAllowed
 from csrproxy.retry import RetryTimer, parse_retry_after
 
 log = Logger()
@@ -127,6 +128,11 @@ class ACMEClient:
     def requests(self) -> Counter[tuple[str, int]]:
         """ACME requests made, by (endpoint kind, HTTP status)."""
         return self.transport.requests
+
+    @property
+    def offered_profiles(self) -> frozenset[str] | None:
+        """The profiles the CA's directory offers; None until the directory is loaded."""
+        return None if self._directory is None else self._directory.profiles
 
     async def directory(self, deadline: float | None = None) -> Directory:
         """The CA's directory, fetched once per process (retried until ``deadline``)."""
@@ -243,12 +249,21 @@ class ACMEClient:
         profile: str | None = None,
         replaces: str | None = None,
         deadline: float | None = None,
+        require_profile: bool = False,
     ) -> Order:
+        """Place an order; ``profile`` is asked for when the directory offers it, else the
+        order goes without (once warned) or, with ``require_profile``, is not placed:
+        :class:`ProfileNotAllowed`."""
         directory = await self.directory(deadline)
         payload: dict[str, Any] = {"identifiers": [{"type": "dns", "value": n} for n in names]}
         if profile is not None:
             if profile in directory.profiles:
                 payload["profile"] = profile
+            elif require_profile:
+                raise ProfileNotAllowed(
+                    f"the CA does not offer the profile {profile!r}"
+                    f" (it offers: {', '.join(sorted(directory.profiles)) or 'none'})"
+                )
             elif not self._warned_profile:
                 self._warned_profile = True
                 log.warn(

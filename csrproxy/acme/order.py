@@ -92,6 +92,9 @@ class OrderOptions:
     preferred_chain: str | None = None
     #: Ask for this profile when the directory's ``meta.profiles`` lists it.
     profile: str | None = None
+    #: The profile was the request's own: not offered means no order (else: ordered
+    #: without, the configured profile being a preference).
+    strict_profile: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,6 +160,7 @@ async def obtain_chain(run: OrderRun) -> IssuedChain:
         profile=run.options.profile,
         replaces=run.replaces,
         deadline=run.schedule.deadline,
+        require_profile=run.options.strict_profile,
     )
     log.info("order {order} created for {names}", order=order.url, names=",".join(run.names))
     # The authorizations are read while the order URL is recorded: reading changes nothing

@@ -163,6 +163,9 @@ class PolicyConfig:
     subject: str | None = None
     key_types: tuple[str, ...] = CSR_KEY_TYPES
     max_names: int = 100
+    #: Certificate profiles a request may ask for (POST /v1/sign "profile"), if the CA's
+    #: directory offers them; empty: requests get [acme] profile.
+    profiles: tuple[str, ...] = ()
     #: The registered domain the new-names budget is counted for (default: the last two
     #: labels of [dns] zone).
     registered_domain: str = ""

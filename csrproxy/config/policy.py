@@ -31,6 +31,11 @@ def parse_policy(policy: Table, zone: str) -> PolicyConfig:
             raise policy.error("key_types", f"{kt!r} is not one of {', '.join(CSR_KEY_TYPES)}")
     if not key_types:
         raise policy.error("key_types", "needs at least one key type")
+    profiles = policy.strings("profiles", PolicyConfig.profiles)
+    for profile in profiles:
+        # RFC 8555 leaves profile names to the CA; Let's Encrypt's are short lowercase words.
+        if not profile or len(profile) > 64 or not profile.isprintable() or " " in profile:
+            raise policy.error("profiles", f"{profile!r} is not a profile name")
     registered = policy.get("registered_domain", str, PolicyConfig.registered_domain)
     registered = registered.strip().rstrip(".").lower() or ".".join(zone.split(".")[-2:])
 
@@ -46,6 +51,7 @@ def parse_policy(policy: Table, zone: str) -> PolicyConfig:
         subject=subject,
         key_types=key_types,
         max_names=policy.positive_int("max_names", PolicyConfig.max_names),
+        profiles=profiles,
         registered_domain=registered,
         new_names_per_week=budget("new_names_per_week"),
         orders_per_3h=budget("orders_per_3h"),

@@ -7,6 +7,7 @@ self-signature, key type and size, and its names).  Whether the names are
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from csrproxy.errors import BadCSR, KeyNotAllowed
+from csrproxy.errors import BadCSR, BadRequest, KeyNotAllowed
 from csrproxy.names import CSR_KEY_TYPES, is_ldh_label, key_label
 
 DEFAULT_MAX_NAMES = 100
@@ -39,6 +40,8 @@ class CheckedCSR:
     key_type: str
     #: The subject as an RFC 4514 string (for seed mode's exact comparison).
     subject: str = ""
+    #: The certificate profile the request asked for (None: the configured one).
+    profile: str | None = None
 
     @functools.cached_property
     def key_label(self) -> str:
@@ -50,10 +53,16 @@ class CheckedCSR:
 
     @functools.cached_property
     def request_key(self) -> str:
-        """Identifies identical requests: same public key and same set of names."""
+        """Identifies identical requests: same public key, same set of names, and the same
+        profile when one is asked for (without one, the key is what it always was)."""
+        asked = b"" if self.profile is None else b"\0profile=" + self.profile.encode()
         return hashlib.sha256(
-            self.spki_der + b"\0" + ",".join(sorted(self.names)).encode()
+            self.spki_der + b"\0" + ",".join(sorted(self.names)).encode() + asked
         ).hexdigest()
+
+    def with_profile(self, profile: str | None) -> CheckedCSR:
+        """This CSR asked with ``profile`` (itself when that changes nothing)."""
+        return self if profile == self.profile else dataclasses.replace(self, profile=profile)
 
 
 #: Deepest nesting of JSON arrays and objects accepted in a body (``{"csr": ...}`` is 1).
@@ -95,6 +104,12 @@ def json_body(body: bytes) -> Any:
 
 def csr_bytes_from_body(body: bytes, content_type: str | None) -> bytes:
     """The PEM or DER CSR carried by an HTTP body (raw PEM, DER, or JSON ``{"csr": PEM}``)."""
+    return sign_body(body, content_type)[0]
+
+
+def sign_body(body: bytes, content_type: str | None) -> tuple[bytes, str | None]:
+    """The CSR carried by a ``POST /v1/sign`` body (raw PEM, DER, or JSON ``{"csr": PEM}``)
+    and the JSON body's ``"profile"``, if any."""
     stripped = body.strip()
     if not stripped:
         raise BadCSR('the request body is empty; send a PEM or DER CSR or JSON {"csr": "<PEM>"}')
@@ -103,8 +118,11 @@ def csr_bytes_from_body(body: bytes, content_type: str | None) -> bytes:
         doc = json_body(stripped)
         if not isinstance(doc, dict) or not isinstance(doc.get("csr"), str):
             raise BadCSR('the JSON body must be an object with a string field "csr"')
-        return str(doc["csr"]).encode("utf-8", "replace")
-    return stripped
+        profile = doc.get("profile")
+        if profile is not None and not isinstance(profile, str):
+            raise BadRequest('"profile" must be a string')
+        return str(doc["csr"]).encode("utf-8", "replace"), profile
+    return stripped, None
 
 
 def public_key_label(body: bytes, content_type: str | None, key_types: Collection[str]) -> str:

@@ -9,6 +9,7 @@ failures become csrproxy's typed errors in :mod:`csrproxy.issuance.results`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +43,7 @@ from csrproxy.acme.problems import (
 from csrproxy.cluster.remote import wait_for_certificate, wait_for_order
 from csrproxy.errors import (
     CAUnavailable,
+    ProfileNotAllowed,
     RateLimited,
 )
 from csrproxy.issuance.admission import SAME_NAMES, AdmissionGate, Refund
@@ -213,6 +215,9 @@ class Issuer:
         if cached is not None:
             self.metrics.cache_hits.inc()
             return succeed(Issuance(None, succeed(cached.pem)))
+        offered = self.acme.offered_profiles
+        if csr.profile is not None and offered is not None and csr.profile not in offered:
+            return succeed(Issuance(None, fail(_not_offered(csr.profile, offered))))
         if self.promote is not None:
             self.promote(key)
         if key in self._inflight:
@@ -283,6 +288,7 @@ class Issuer:
     def renew(self, row: CertificateRow) -> Issuance:
         """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``."""
         csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
+        csr = csr.with_profile(row.profile)  # the profile its request asked for
         leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
         replaces: str | None = None
         # The CA refuses an ARI ``replaces`` naming an expired certificate or one already
@@ -312,7 +318,15 @@ class Issuer:
                 d.addBoth(lambda result: settle().addCallback(lambda _: result))
             return Issuance(order_id, d)
         return self._start(
-            row.csr, row.id, None, row.replaces, row.acme_url or "", False, settle, row.request_key
+            row.csr,
+            row.id,
+            None,
+            row.replaces,
+            row.acme_url or "",
+            False,
+            settle,
+            row.request_key,
+            row.profile,
         )
 
     def _join_or_start(
@@ -379,11 +393,12 @@ class Issuer:
         renewal: bool,
         settle: Callable[[], Deferred[None]] | None = None,
         request_key: str | None = None,
+        profile: str | None = None,
     ) -> Issuance:
         """The one path every order takes: run, translate failures, cache, track.
 
         ``csr`` is checked already, or (a resumed order) the DER to check when its turn
-        comes, with its ``request_key`` on record.
+        comes, with its ``request_key`` and ``profile`` on record.
         """
         if refund is not None:
             refund = _once(refund)
@@ -394,7 +409,7 @@ class Issuer:
             key = csr.request_key
         else:
             assert request_key is not None
-            run = self._resumed(csr, order_id, replaces, resume_url or "")
+            run = self._resumed(csr, order_id, replaces, resume_url or "", profile)
             key = request_key
         if settle is not None:
             run.addBoth(lambda result: settle().addCallback(lambda _: result))
@@ -447,7 +462,7 @@ class Issuer:
             csr.der,
             self.ledger.responder(self.responder, order_id),
             schedule,
-            self.order_options,
+            self._options(csr),
             replaces,
             on_order=self.ledger.order_created(order_id),
             csr_spki=csr.spki_der,
@@ -511,19 +526,30 @@ class Issuer:
             raise
 
     def _resumed(
-        self, der: bytes, order_id: str, replaces: str | None, resume_url: str
+        self, der: bytes, order_id: str, replaces: str | None, resume_url: str, profile: str | None
     ) -> Deferred[CachedChain]:
         try:
-            csr = check_csr(der, key_types=CSR_KEY_TYPES, max_names=10_000)
+            csr = check_csr(der, key_types=CSR_KEY_TYPES, max_names=10_000).with_profile(profile)
         except Exception as e:  # a row this version cannot use must not come back each start
             log.error("order {id} cannot be resumed: {err}", id=order_id, err=str(e))
             self.ledger.order_failed(order_id, f"not resumable: {e}")
             return fail(e)
         return Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, False))
 
+    def _options(self, csr: CheckedCSR) -> OrderOptions:
+        """The configured order options, with the profile the request asked for."""
+        if csr.profile is None:
+            return self.order_options
+        return dataclasses.replace(self.order_options, profile=csr.profile, strict_profile=True)
+
     def _cached(self, request_key: str, chain: CachedChain) -> str:
         self.cache.put(request_key, chain)
         return chain.pem
+
+
+def _not_offered(profile: str, offered: frozenset[str]) -> ProfileNotAllowed:
+    listed = ", ".join(sorted(offered)) or "none"
+    return ProfileNotAllowed(f"the CA does not offer the profile {profile!r} (it offers: {listed})")
 
 
 def _once(call: Callable[[], None]) -> Callable[[], None]:

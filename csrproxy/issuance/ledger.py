@@ -198,7 +198,14 @@ class Ledger:
     ) -> Deferred[Any]:
         if self.store is None:
             return succeed(None)
-        row = OrderRow(order_id, csr.request_key, csr.der, list(csr.names), replaces=replaces)
+        row = OrderRow(
+            order_id,
+            csr.request_key,
+            csr.der,
+            list(csr.names),
+            replaces=replaces,
+            profile=csr.profile,
+        )
         return self._run(self.store.db.save_order, row)
 
     def order_created(self, order_id: str) -> Callable[[str], Deferred[Any]]:
@@ -234,6 +241,7 @@ class Ledger:
             acme_url=chain.certificate_url,
             renew_at=lifetime_due(not_before, not_after, self.rng),
             ari_next=now + self.rng.random() * self.ari_recheck,
+            profile=csr.profile,
         )
         if self.store is not None:
             recorded: CertificateRow = await self.store.run(

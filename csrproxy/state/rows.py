@@ -35,6 +35,8 @@ class OrderRow:
     #: The instance running it and until when (a cluster's lease; schema 5).
     owner: str | None = None
     lease_until: float | None = None
+    #: The certificate profile the request asked for (schema 6; None: the configured one).
+    profile: str | None = None
 
 
 @dataclass
@@ -70,6 +72,8 @@ class CertificateRow:
     #: The instance renewing it and until when (a cluster's lease; schema 5).
     lease_owner: str | None = None
     lease_until: float | None = None
+    #: The certificate profile its request asked for (schema 6), which renewals ask again.
+    profile: str | None = None
 
 
 @dataclass

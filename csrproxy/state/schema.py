@@ -127,6 +127,12 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE certificates ADD COLUMN lease_until REAL;
     ALTER TABLE account ADD COLUMN key_thumbprint TEXT;
     """,
+    # 6: the certificate profile a request asked for (POST /v1/sign "profile"), kept with
+    # its order and certificate so that a resumed order and every renewal ask for it again.
+    """
+    ALTER TABLE orders ADD COLUMN profile TEXT;
+    ALTER TABLE certificates ADD COLUMN profile TEXT;
+    """,
 )
 
 # What PostgreSQL says differently in the steps that rewrite rows (the rest is translated

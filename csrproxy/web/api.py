@@ -29,13 +29,14 @@ from csrproxy.errors import (
     MethodNotAllowed,
     NotFound,
     OrderNotReady,
+    ProfileNotAllowed,
 )
 from csrproxy.issuance.csr import (
     DEFAULT_MAX_NAMES,
     CheckedCSR,
     check_csr,
-    csr_bytes_from_body,
     public_key_label,
+    sign_body,
 )
 from csrproxy.issuance.ledger import CertificateRow, certificate_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
@@ -111,6 +112,7 @@ class SigningAPI:
         key_types: Collection[str] = CSR_KEY_TYPES,
         max_names: int = DEFAULT_MAX_NAMES,
         sync_timeout: float = 50.0,
+        profiles: Collection[str] = (),
     ) -> None:
         self.signer = signer
         self.certificates = certificates
@@ -125,6 +127,8 @@ class SigningAPI:
         self.key_types = key_types
         self.max_names = max_names
         self.sync_timeout = sync_timeout
+        #: The certificate profiles a request may ask for ([policy] profiles).
+        self.profiles = frozenset(profiles)
 
     # -- plumbing -------------------------------------------------------------
 
@@ -169,12 +173,18 @@ class SigningAPI:
         return (token.client_id if token is not None else address), token
 
     def _csr_from(self, request: IRequest) -> CheckedCSR:
+        """The checked CSR of a sign request, with the profile it asks for (the JSON body's
+        ``"profile"``, else the ``profile`` query parameter)."""
         ctype = request.getHeader(b"content-type")
-        return check_csr(
-            csr_bytes_from_body(self._body(request), ctype.decode("latin-1") if ctype else None),
-            key_types=self.key_types,
-            max_names=self.max_names,
-        )
+        der, profile = sign_body(self._body(request), ctype.decode("latin-1") if ctype else None)
+        if profile is None:
+            asked = (request.args or {}).get(b"profile")
+            profile = asked[0].decode("utf-8", "replace") if asked else None
+        if profile is not None and profile not in self.profiles:
+            allowed = ", ".join(sorted(self.profiles)) or "none: the configured profile is used"
+            raise ProfileNotAllowed(f"the profile {profile[:64]!r} is not allowed ({allowed})")
+        csr = check_csr(der, key_types=self.key_types, max_names=self.max_names)
+        return csr.with_profile(profile)
 
     # -- routes ---------------------------------------------------------------
 

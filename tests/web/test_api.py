@@ -82,6 +82,7 @@ class APITestCase(SynchronousTestCase):
         gate: ClientGate | None = None,
         subject: str | None = None,
         sync_timeout: float = 50.0,
+        profiles: tuple[str, ...] = (),
     ) -> None:
         self.admission = Admission(
             self.clock.seconds, budgets, ZONE.split(".", 1)[1], self.metrics.refusal
@@ -109,6 +110,7 @@ class APITestCase(SynchronousTestCase):
             ),
             max_body=8192,
             sync_timeout=sync_timeout,
+            profiles=profiles,
         )
         # StubTreq writes bodies synchronously (no cooperator on the global reactor).
         self.client: Any = StubTreq(self.api.app.resource())
@@ -279,6 +281,43 @@ class SignTests(APITestCase):
         again = issue_now(self.issuer, check_csr(make_csr([f"c.{ZONE}"])), "client")
         self.drive(again.chain)
         self.assertEqual(self.ca.requests["newOrder"], 1, "the order was restarted")
+
+
+class ProfileRequestTests(APITestCase):
+    def test_an_allowed_profile_offered_by_the_ca_is_ordered(self) -> None:
+        self.ca.faults.profiles = ("classic", "shortlived")
+        self.build(profiles=("shortlived", "tlsserver"))
+        pem = make_csr([f"p.{ZONE}"]).decode()
+        body = json.dumps({"csr": pem, "profile": "shortlived"}).encode()
+        code, _, out = self.post(body, "application/json")
+        self.assertEqual(code, 200, out)
+        self.assertEqual(self.ca.order_payloads[-1]["profile"], "shortlived")
+        # The query parameter does the same for a PEM or DER body.
+        code, _, out = self.request(
+            "POST",
+            "/v1/sign?profile=shortlived",
+            make_csr([f"q.{ZONE}"]),
+            Content_Type="application/pkcs10",
+        )
+        self.assertEqual(code, 200, out)
+        self.assertEqual(self.ca.order_payloads[-1]["profile"], "shortlived")
+        # Allowed here but not offered by the CA: 400, no order.
+        orders = self.ca.requests["newOrder"]
+        body = json.dumps({"csr": pem, "profile": "tlsserver"}).encode()
+        doc = self.problem(*self.post(body, "application/json"))
+        self.assertTrue(doc["type"].endswith("/profile-not-allowed"), doc)
+        self.assertIn("does not offer", doc["detail"])
+        self.assertEqual(self.ca.requests["newOrder"], orders)
+
+    def test_a_profile_the_operator_does_not_allow_is_refused(self) -> None:
+        pem = make_csr([f"p.{ZONE}"]).decode()
+        for asked in ("shortlived", 7):
+            body = json.dumps({"csr": pem, "profile": asked}).encode()
+            code, headers, out = self.post(body, "application/json")
+            self.assertEqual(code, 400, out)
+            doc = self.problem(code, headers, out)
+            self.assertTrue(doc["type"].endswith(("/profile-not-allowed", "/bad-request")), doc)
+        self.assertEqual(self.ca.requests["newOrder"], 0)
 
 
 class AsyncTests(APITestCase):
