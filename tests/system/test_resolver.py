@@ -131,6 +131,7 @@ def test_two_orders_for_one_name_back_to_back(setup: Setup) -> None:
     print(f"back to back: first order {first:.2f} s, second {second:.2f} s ({code})")
     assert code == 200, body
     assert sans(body) == [name]
+    assert x509.load_pem_x509_certificate(body).public_key() == EC256_B.public_key()
 
 
 def wildcard_and_base(daemon: Csrproxy, zone: str, orders: int, what: str) -> None:
