@@ -246,6 +246,35 @@ def make_publisher(
     return CheckedPublisher(publisher, checker), publisher
 
 
+def serve_caa(config: Config, zone: ChallengeZone) -> Callable[[str], None] | None:
+    """The apex CAA of ``[dns] caa`` (built-in backend): each CA identity for any account
+    now; the call returned names the account once its URL is known (None: no CAA)."""
+    if not config.dns.caa or config.dns.backend != "builtin":
+        return None
+    identities = config.dns.caa_identities
+    if not identities:
+        # A guessed identity that is not the CA's would lock the CA out of the zone.
+        log.warn(
+            "no CAA record served: csrproxy does not know the CAA identity of the CA at"
+            " {directory}; set [dns] caa_identities (e.g. [\"letsencrypt.org\"]) or caa = false",
+            directory=config.acme.directory,
+        )
+        return None
+    try:
+        zone.set_caa([(identity, None) for identity in identities])
+    except ValueError as e:
+        raise ConfigError("dns.records", str(e)) from None
+
+    def account_known(url: str) -> None:
+        try:
+            # One account for every CA today; each CA its own once there are several.
+            zone.set_caa([(identity, url) for identity in identities])
+        except ValueError as e:
+            log.error("CAA not limited to the account: {err}", err=str(e))
+
+    return account_known
+
+
 def ari_fetcher(
     acme: ACMEClient,
 ) -> Callable[[str], Deferred[Window | None]]:
@@ -402,7 +431,11 @@ def build_service(
         eab=eab_binding(config.acme.eab_kid, config.acme.eab_hmac_key),
     )
 
+    caa_account = serve_caa(config, zone)
+
     def remember_account(url: str) -> None:
+        if caa_account is not None:
+            caa_account(url)
         d = store.run(
             store.db.save_account, config.acme.directory, url, "account.key", key.thumbprint
         )
