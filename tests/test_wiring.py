@@ -13,10 +13,11 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.application.service import IService, IServiceCollection
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import EventLoggingObserver
 from twisted.logger import globalLogPublisher
 from twisted.names import dns as names_dns
@@ -26,6 +27,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy import tap
+from csrproxy.challenges.powerdns import PowerDNSPublisher
 from csrproxy.config import parse_config
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies
 from csrproxy.dns.notify import ZoneNotifier
@@ -197,3 +199,30 @@ class CAAWiringTests(BuildCase):
         self.assertIsNone(serve_caa(replace(config, dns=replace(config.dns, caa=False)), zone))
         powerdns = replace(config.dns, backend="powerdns")
         self.assertIsNone(serve_caa(replace(config, dns=powerdns), zone))
+
+    def test_powerdns_gets_the_rrset_once_the_account_is_known(self) -> None:
+        class Publisher:
+            def __init__(self) -> None:
+                self.asked: list[Any] = []
+
+            def set_caa(self, issuers: Any) -> Deferred[None]:
+                self.asked.append(issuers)
+                return succeed(None)
+
+        config = parse_config(
+            {
+                "acme": {"directory": "https://acme.zerossl.com/v2/DV90"},
+                "dns": {"zone": "go.example.test", "backend": "powerdns",
+                        "powerdns": {"api_url": "http://127.0.0.1:8081", "api_key": "k"}},
+                "policy": {"names": ["{label}.go.example.test"]},
+                "state": {"dir": "/nonexistent"},
+            }
+        )  # fmt: skip
+        zone = ChallengeZone("go.example.test", ["ns1.go.example.test"], [])
+        publisher = Publisher()
+        push = serve_caa(config, zone, cast(PowerDNSPublisher, publisher))
+        assert push is not None
+        self.assertEqual(publisher.asked, [])
+        push(self.ACCOUNT)
+        self.assertEqual(publisher.asked, [[("sectigo.com", self.ACCOUNT)]])
+        self.assertEqual(zone.caa_records(), ())
