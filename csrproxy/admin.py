@@ -131,7 +131,7 @@ def account_info(config: Config, state: StateDir, db: StateDB) -> dict[str, Any]
         "jwk_thumbprint": key.thumbprint,
     }
     if url:
-        doc["caa_example"] = f'0 issue "<your CA>; accounturi={url}"'
+        doc["caa_example"] = f'0 issue "<your CA>; accounturi={url}; validationmethods=dns-01"'
     return doc
 
 

@@ -35,6 +35,16 @@ def is_ldh_label(label: str) -> bool:
     return bool(_LDH.match(label))
 
 
+def is_issuer_domain(text: str) -> bool:
+    """True for a CA's issuer domain name (RFC 8659 4.2: LDH labels, dot-separated)."""
+    # isprintable: _LDH's "$" would let a label end in a newline.
+    return (
+        len(text) <= 253
+        and text.isprintable()
+        and all(is_ldh_label(label) for label in text.lower().split("."))
+    )
+
+
 @dataclass(frozen=True)
 class NamePattern:
     """One ``[policy] names`` entry, split into labels."""

@@ -268,6 +268,56 @@ def make_cache_wait(
     )
 
 
+def serve_caa(
+    config: Config, zone: ChallengeZone, pdns: PowerDNSPublisher | None = None
+) -> Callable[[str], None] | None:
+    """The apex CAA of ``[dns] caa``: the call returned names the account once its URL is
+    known (None: no CAA). The built-in zone allows each CA identity for any account until
+    then; PowerDNS (``pdns``) gets the apex CAA RRset once the account is known."""
+    if not config.dns.caa or (config.dns.backend != "builtin" and pdns is None):
+        return None
+    identities = config.dns.caa_identities
+    if not identities:
+        # A guessed identity that is not the CA's would lock the CA out of the zone.
+        log.warn(
+            "no CAA record served: csrproxy does not know the CAA identity of the CA at"
+            ' {directory}; set [dns] caa_identities (e.g. ["letsencrypt.org"]) or caa = false',
+            directory=config.acme.directory,
+        )
+        return None
+
+    def issuers(url: str | None) -> list[tuple[str, str | None]]:
+        # One account for every CA today; each CA its own once there are several.
+        return [(identity, url) for identity in identities]
+
+    if pdns is not None:
+        publisher = pdns
+
+        def push(url: str) -> None:
+            try:
+                written = publisher.set_caa(issuers(url))
+            except ValueError as e:
+                log.error("CAA not written to PowerDNS: {err}", err=str(e))
+                return
+            written.addErrback(
+                lambda f: log.error("CAA not written to PowerDNS: {err}", err=f.value)
+            )
+
+        return push
+    try:
+        zone.set_caa(issuers(None))
+    except ValueError as e:
+        raise ConfigError("dns.records", str(e)) from None
+
+    def account_known(url: str) -> None:
+        try:
+            zone.set_caa(issuers(url))
+        except ValueError as e:
+            log.error("CAA not limited to the account: {err}", err=str(e))
+
+    return account_known
+
+
 def ari_fetcher(
     acme: ACMEClient,
 ) -> Callable[[str], Deferred[Window | None]]:
@@ -424,12 +474,6 @@ def build_service(
         eab=eab_binding(config.acme.eab_kid, config.acme.eab_hmac_key),
     )
 
-    def remember_account(url: str) -> None:
-        d = store.run(
-            store.db.save_account, config.acme.directory, url, "account.key", key.thumbprint
-        )
-        d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
-
     dns_service = (
         DNSServerService(
             reactor,
@@ -453,6 +497,16 @@ def build_service(
         else None
     )
     publisher, pdns = make_publisher(config, reactor, http, zone, dns_service, metrics)
+    caa_account = serve_caa(config, zone, pdns)
+
+    def remember_account(url: str) -> None:
+        if caa_account is not None:
+            caa_account(url)
+        d = store.run(
+            store.db.save_account, config.acme.directory, url, "account.key", key.thumbprint
+        )
+        d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
+
     cache = MemoryIssuedCache(reactor.seconds)
     pol = config.policy
     rules = Admission(

@@ -12,10 +12,14 @@ import shutil
 import signal
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 from treq.client import HTTPClient
 from twisted.application.service import IService, IServiceCollection
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import EventLoggingObserver
+from twisted.logger import globalLogPublisher
 from twisted.names import dns as names_dns
 from twisted.names.common import ResolverBase
 from twisted.names.server import DNSServerFactory
@@ -23,13 +27,17 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import Agent, HTTPConnectionPool
 
 from csrproxy import tap
+from csrproxy.challenges.powerdns import PowerDNSPublisher
+from csrproxy.config import parse_config
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies
 from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.protocols import DNSDatagramProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
+from csrproxy.dns.zone import ChallengeZone
+from csrproxy.errors import ConfigError
 from csrproxy.http import BytesProducer, VerifyingPolicy
-from csrproxy.service import AccountService, StateService
+from csrproxy.service import AccountService, StateService, serve_caa
 
 CONFIG = """
 [acme]
@@ -61,7 +69,9 @@ def walk(service: IService) -> Iterator[IService]:
             yield from walk(child)
 
 
-class WiringTests(SynchronousTestCase):
+class BuildCase(SynchronousTestCase):
+    """Builds the daemon from CONFIG, as ``twistd csrproxy`` does."""
+
     def build(self, extra: str = "", dns: str = "") -> IService:
         work = tempfile.mkdtemp(prefix="csrproxy-test-wiring-")
         self.addCleanup(shutil.rmtree, work, True)
@@ -74,6 +84,8 @@ class WiringTests(SynchronousTestCase):
         options.parseOptions(["--config", path])
         return tap.makeService(options)
 
+
+class WiringTests(BuildCase):
     def test_acme_goes_through_treq_over_one_pooled_agent(self) -> None:
         top = self.build()
         account = next(s for s in walk(top) if isinstance(s, AccountService))
@@ -128,3 +140,89 @@ class WiringTests(SynchronousTestCase):
         self.assertEqual(cookies.rotation, 7200)
         self.assertTrue(dns_service.factory.require_cookies)
         self.assertIsNone(dns_service.factory.nsid)
+
+
+class CAAWiringTests(BuildCase):
+    """The apex CAA follows the account the issuer finds (``serve_caa``)."""
+
+    ACCOUNT = "https://127.0.0.1:14000/my-account/1"
+
+    def parts(self, top: IService) -> tuple[Any, Any]:
+        account = next(s for s in walk(top) if isinstance(s, AccountService))
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        return account.issuer, dns_service.zone
+
+    def values(self, zone: Any) -> list[tuple[bytes, bytes]]:
+        return [(r.tag, r.value) for r in zone.caa_records()]
+
+    def test_any_account_until_known_then_ours(self) -> None:
+        issuer, zone = self.parts(self.build(dns='caa_identities = ["letsencrypt.org"]\n'))
+        open_value = b"letsencrypt.org; validationmethods=dns-01"
+        self.assertEqual(self.values(zone), [(b"issue", open_value), (b"issuewild", open_value)])
+        serial = zone.serial
+        issuer._on_account(self.ACCOUNT)  # what the issuer calls when it finds the account
+        locked = f"letsencrypt.org; accounturi={self.ACCOUNT}; validationmethods=dns-01"
+        self.assertEqual(
+            self.values(zone), [(b"issue", locked.encode()), (b"issuewild", locked.encode())]
+        )
+        self.assertNotEqual(zone.serial, serial)
+
+    def test_unknown_ca_serves_none_and_warns_once(self) -> None:
+        events = EventLoggingObserver()
+        globalLogPublisher.addObserver(events)
+        self.addCleanup(globalLogPublisher.removeObserver, events)
+        issuer, zone = self.parts(self.build())  # pebble's loopback directory
+        issuer._on_account(self.ACCOUNT)
+        self.assertEqual(zone.caa_records(), ())
+        warned = [e for e in events if "CAA" in e.get("log_format", "")]
+        self.assertEqual(len(warned), 1)
+        self.assertIn("caa_identities", warned[0]["log_format"])
+
+    def test_off(self) -> None:
+        issuer, zone = self.parts(self.build(dns='caa = false\ncaa_identities = ["pki.goog"]\n'))
+        issuer._on_account(self.ACCOUNT)
+        self.assertEqual(zone.caa_records(), ())
+
+    def test_static_issue_at_the_apex_is_a_config_error(self) -> None:
+        config = parse_config(
+            {
+                "acme": {"directory": "https://acme-v02.api.letsencrypt.org/directory"},
+                "dns": {"zone": "go.example.test", "records": ['@ CAA 0 issue "letsencrypt.org"']},
+                "policy": {"names": ["{label}.go.example.test"]},
+                "state": {"dir": "/nonexistent"},
+            }
+        )
+        zone = ChallengeZone("go.example.test", ["ns1.go.example.test"], config.dns.records)
+        with self.assertRaises(ConfigError) as e:
+            serve_caa(config, zone)
+        self.assertEqual(e.exception.key, "dns.records")
+        self.assertIsNone(serve_caa(replace(config, dns=replace(config.dns, caa=False)), zone))
+        powerdns = replace(config.dns, backend="powerdns")
+        self.assertIsNone(serve_caa(replace(config, dns=powerdns), zone))
+
+    def test_powerdns_gets_the_rrset_once_the_account_is_known(self) -> None:
+        class Publisher:
+            def __init__(self) -> None:
+                self.asked: list[Any] = []
+
+            def set_caa(self, issuers: Any) -> Deferred[None]:
+                self.asked.append(issuers)
+                return succeed(None)
+
+        config = parse_config(
+            {
+                "acme": {"directory": "https://acme.zerossl.com/v2/DV90"},
+                "dns": {"zone": "go.example.test", "backend": "powerdns",
+                        "powerdns": {"api_url": "http://127.0.0.1:8081", "api_key": "k"}},
+                "policy": {"names": ["{label}.go.example.test"]},
+                "state": {"dir": "/nonexistent"},
+            }
+        )  # fmt: skip
+        zone = ChallengeZone("go.example.test", ["ns1.go.example.test"], [])
+        publisher = Publisher()
+        push = serve_caa(config, zone, cast(PowerDNSPublisher, publisher))
+        assert push is not None
+        self.assertEqual(publisher.asked, [])
+        push(self.ACCOUNT)
+        self.assertEqual(publisher.asked, [[("sectigo.com", self.ACCOUNT)]])
+        self.assertEqual(zone.caa_records(), ())

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 from urllib.parse import quote
@@ -40,6 +40,7 @@ from csrproxy.challenges.powerdns_errors import (
 )
 from csrproxy.challenges.zone import CHALLENGE_LABEL, challenge_name
 from csrproxy.config import PowerDNSConfig
+from csrproxy.dns.records import caa_issuer_value
 from csrproxy.retry import RetryTimer
 
 log = Logger()
@@ -120,6 +121,10 @@ class PowerDNSPublisher:
         self._on_change = on_change
         self._names: dict[str, _NameState] = {}
         self._live: set[str] = set()
+        # The apex CAA set last asked for, and the calls waiting for a write of it.
+        self._caa_wanted: list[str] = []
+        self._caa_waiters: list[Deferred[None]] = []
+        self._caa_busy = False
 
     def __repr__(self) -> str:
         # The config's repr hides the key; keep ours free of it as well.
@@ -158,6 +163,46 @@ class PowerDNSPublisher:
             return self._sync(name, state)
         # Another order still needs the same value: PowerDNS already has the right set.
         return succeed(None)
+
+    # -- CAA at the apex ----------------------------------------------------
+
+    def set_caa(self, issuers: Sequence[tuple[str, str | None]]) -> Deferred[None]:
+        """Replace the CAA RRset at the zone's apex with an ``issue`` and an ``issuewild``
+        record per ``(identity, account_url)``, as ``ChallengeZone.set_caa`` serves them;
+        fires once PowerDNS accepted the latest set asked for (writes are serialised, and
+        one waiting write takes every later call). The apex CAA RRset is csrproxy's from
+        then on: CAA records of the operator's there are replaced. Raises ``ValueError``
+        for no issuers, a bad identity or URL."""
+        if not issuers:
+            raise ValueError("no CA to name in CAA")
+        contents: list[str] = []
+        for identity, account_url in issuers:
+            value = caa_issuer_value(identity, account_url).decode("ascii")
+            contents.extend(f'0 {tag} "{value}"' for tag in ("issue", "issuewild"))
+        self._caa_wanted = sorted(set(contents))
+        waiter: Deferred[None] = Deferred()
+        self._caa_waiters.append(waiter)
+        if not self._caa_busy:
+            self._write_caa()
+        return waiter
+
+    def _write_caa(self) -> None:
+        self._caa_busy = True
+        waiters, self._caa_waiters = self._caa_waiters, []
+
+        def done(result: Failure | None) -> None:
+            for waiter in waiters:
+                if not waiter.called:
+                    if isinstance(result, Failure):
+                        waiter.errback(result)
+                    else:
+                        waiter.callback(None)
+            if self._caa_waiters:
+                self._write_caa()
+            else:
+                self._caa_busy = False
+
+        Deferred.fromCoroutine(self._write(self.zone, self._caa_wanted, "CAA")).addBoth(done)
 
     # -- start-up clean-up ------------------------------------------------
 
@@ -250,17 +295,21 @@ class PowerDNSPublisher:
 
     # -- HTTP ---------------------------------------------------------------
 
-    async def _write(self, name: str, values: list[str]) -> None:
-        """PATCH the whole set ``values`` at ``name`` (DELETE when empty), retrying."""
+    async def _write(self, name: str, values: list[str], rtype: str = "TXT") -> None:
+        """PATCH the whole set ``values`` at ``name`` (DELETE when empty), retrying; TXT
+        values are quoted here, another type's are PowerDNS record content already."""
         changetype = "REPLACE" if values else "DELETE"
         rrset: dict[str, Any] = {
             "name": name + ".",
-            "type": "TXT",
+            "type": rtype,
             "ttl": self.config.ttl,
             "changetype": changetype,
         }
         if values:
-            rrset["records"] = [{"content": _quote_txt(v), "disabled": False} for v in values]
+            rrset["records"] = [
+                {"content": _quote_txt(v) if rtype == "TXT" else v, "disabled": False}
+                for v in values
+            ]
         body = json.dumps({"rrsets": [rrset]}).encode()
         started = self.clock.seconds()
         give_up = started + self.config.api_timeout

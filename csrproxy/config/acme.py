@@ -5,11 +5,31 @@ from __future__ import annotations
 import base64
 import binascii
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from csrproxy.config.model import ACMEConfig
 from csrproxy.config.reader import Table
 
 ACCOUNT_KEY_TYPES = ("ec256", "ec384", "rsa2048", "rsa3072", "rsa4096")
+
+#: The CAA identity (RFC 8659 issuer domain name) of well-known CAs, by how their ACME
+#: directory's host name ends.
+KNOWN_CAA_IDENTITIES = (
+    ("letsencrypt.org", "letsencrypt.org"),
+    ("zerossl.com", "sectigo.com"),
+    ("pki.goog", "pki.goog"),
+    ("buypass.com", "buypass.com"),
+)
+
+
+def caa_identity(directory: str) -> str | None:
+    """The CAA identity of the CA at ``directory`` (an ACME directory URL) when it is a
+    known one (:data:`KNOWN_CAA_IDENTITIES`), else None."""
+    host = (urlsplit(directory).hostname or "").rstrip(".").lower()
+    for suffix, identity in KNOWN_CAA_IDENTITIES:
+        if host == suffix or host.endswith("." + suffix):
+            return identity
+    return None
 
 
 def parse_acme(acme: Table) -> ACMEConfig:

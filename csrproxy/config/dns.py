@@ -7,14 +7,17 @@ import base64
 import binascii
 import ipaddress
 
+from csrproxy.config.acme import caa_identity
 from csrproxy.config.model import DNSConfig, PowerDNSConfig, RRLConfig, SecondaryConfig
 from csrproxy.config.reader import Table
 from csrproxy.dns.cookies import MAX_NSID, MIN_ROTATION, nsid_bytes
+from csrproxy.names import is_issuer_domain
 
 BACKENDS = ("builtin", "powerdns")
 
 
-def parse_dns(dns: Table) -> DNSConfig:
+def parse_dns(dns: Table, directory: str = "") -> DNSConfig:
+    """``[dns]``; ``directory`` (``[acme] directory``) gives the default CAA identity."""
     zone = dns.get("zone", str).strip().rstrip(".").lower()
     if not zone or "." not in zone:
         raise dns.error("zone", f"{zone!r} is not a DNS zone name")
@@ -41,11 +44,38 @@ def parse_dns(dns: Table) -> DNSConfig:
         require_cookies=dns.get("require_cookies", bool, DNSConfig.require_cookies),
         secondaries=parse_secondaries(dns),
         check_timeout=dns.positive("check_timeout", DNSConfig.check_timeout),
+        caa=dns.get("caa", bool, DNSConfig.caa),
+        caa_identities=parse_caa_identities(dns, directory),
     )
     if config.require_cookies and not config.cookies:
         raise dns.error("require_cookies", "needs cookies = true (no cookies to require)")
     dns.done()
     return config
+
+
+# More CAs than this in CAA is a mistake (each costs two records in every CAA answer).
+MAX_CAA_IDENTITIES = 8
+
+
+def parse_caa_identities(dns: Table, directory: str) -> tuple[str, ...]:
+    """``caa_identities`` (lowercase, duplicates dropped), else the known identity of the
+    CA at ``directory``, else none."""
+    if "caa_identities" not in dns.data:
+        dns.strings("caa_identities", ())  # known to done()
+        known = caa_identity(directory)
+        return (known,) if known is not None else ()
+    found: list[str] = []
+    for entry in dns.strings("caa_identities"):
+        identity = entry.strip().rstrip(".").lower()
+        if not is_issuer_domain(identity):
+            raise dns.error("caa_identities", f"{entry!r} is not a CA's domain name (RFC 8659)")
+        if identity not in found:
+            found.append(identity)
+    if not found:
+        raise dns.error("caa_identities", "is empty: to serve no CAA, set caa = false")
+    if len(found) > MAX_CAA_IDENTITIES:
+        raise dns.error("caa_identities", f"at most {MAX_CAA_IDENTITIES}, not {len(found)}")
+    return tuple(found)
 
 
 def parse_cookie_rotation(dns: Table) -> int:

@@ -36,7 +36,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     document = Table(data)
     acme = parse_acme(document.table("acme"))
     api = parse_api(document.table("api", required=False))
-    dns = parse_dns(document.table("dns"))
+    dns = parse_dns(document.table("dns"), acme.directory)
     policy = parse_policy(document.table("policy"), dns.zone)
     state = parse_state(document.table("state"))
     renewal = parse_renewal(document.table("renewal", required=False))

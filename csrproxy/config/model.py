@@ -154,6 +154,12 @@ class DNSConfig:
     #: With secondaries: how long every name server may take to serve a challenge value
     #: before the order fails (seconds).
     check_timeout: float = 60.0
+    #: CAA issue and issuewild at the apex (served, or written into PowerDNS) allowing
+    #: only these CA identities, only our ACME account and only dns-01 (RFC 8657).
+    caa: bool = True
+    #: The CAs' CAA identities ("letsencrypt.org"): as configured, else the known one of
+    #: [acme] directory's CA; empty when unknown (no CAA served, warned at start).
+    caa_identities: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

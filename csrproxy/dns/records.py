@@ -18,6 +18,8 @@ from twisted.names import dns
 from twisted.python import util as tputil
 from zope.interface import implementer
 
+from csrproxy.names import is_issuer_domain
+
 CAA = 257
 
 TYPE_CODES = {
@@ -55,12 +57,44 @@ class Record_CAA(tputil.FancyEqMixin, tputil.FancyStrMixin):  # noqa: N801 (twis
     def decode(self, strio: IO[bytes], length: int | None = None) -> None:
         if length is None:
             raise ValueError("a CAA record needs its RDATA length")
+        if length < 2:
+            raise EOFError("CAA RDATA shorter than its flags and tag length")
         self.flags, tag_length = struct.unpack("!BB", dns.readPrecisely(strio, 2))
+        if tag_length > length - 2:
+            # twisted.names reads a record cut short as EOFError: so is a tag past RDATA.
+            raise EOFError("CAA tag longer than its RDATA")
         self.tag = dns.readPrecisely(strio, tag_length)
         self.value = dns.readPrecisely(strio, length - 2 - tag_length)
 
     def __hash__(self) -> int:
         return hash((self.flags, self.tag, self.value))
+
+
+# twisted.names' Message finds a record class by its type in this table (built from its
+# own Record_* classes): with CAA in it, a CAA record a Message decodes is a Record_CAA,
+# not an UnknownRecord. Messages are still twisted's; only this RDATA is ours.
+dns.Message._recordTypes.setdefault(CAA, Record_CAA)
+
+#: RFC 8657 section 4: a CA that honours CAA may validate only by the methods listed.
+CAA_VALIDATION_METHODS = ("dns-01",)
+
+
+def caa_issuer_value(identity: str, account_uri: str | None) -> bytes:
+    """The value of a CAA ``issue``/``issuewild`` record naming ``identity`` (the CA's
+    issuer domain name, RFC 8659 4.2), limited to ``account_uri`` when given and to
+    dns-01 (RFC 8657): ``b"letsencrypt.org; accounturi=URL; validationmethods=dns-01"``.
+
+    Raises ``ValueError`` for an identity that is not a domain name or a URI that cannot
+    be a parameter value (RFC 8659: printable ASCII without ``;``)."""
+    if not is_issuer_domain(identity):
+        raise ValueError(f"{identity!r} is not a CA's domain name (RFC 8659 4.2)")
+    parts = [identity]
+    if account_uri is not None:
+        if not account_uri or any(not 0x21 <= ord(c) <= 0x7E or c == ";" for c in account_uri):
+            raise ValueError(f"{account_uri!r} cannot be a CAA accounturi (RFC 8657 3)")
+        parts.append(f"accounturi={account_uri}")
+    parts.append("validationmethods=" + ",".join(CAA_VALIDATION_METHODS))
+    return "; ".join(parts).encode("ascii")
 
 
 class Mailbox(dns.Name):

@@ -18,6 +18,11 @@ SOA_REFRESH, SOA_RETRY, SOA_EXPIRE = 3600, 600, 604800
 # RFC 8482 section 4.2: the synthesised answer to ANY.
 RFC8482_HINFO = (b"RFC8482", b"")
 MAX_CNAME_CHAIN = 8
+# A re-registered account is locked out while resolvers hold the old accounturi; Let's
+# Encrypt caches for 60 s at most, so a longer CAA TTL buys nothing.
+CAA_MAX_TTL = 60
+# CAs named in the generated CAA (two records each): a primary and its fallbacks.
+MAX_CAA_ISSUERS = 8
 
 Records = list[dns.RRHeader]
 Result = tuple[Records, Records, Records]
@@ -38,15 +43,22 @@ def next_serial(serial: int, now: int) -> int:
 def _set_change(before: tuple[Any, ...], after: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
     # The records deleted and added when the RRset ``before`` becomes ``after``, each
     # taken as a set of its distinct RDATA: a secondary holds one copy of each.
-    old: dict[tuple[bytes, ...], Any] = {}
-    new: dict[tuple[bytes, ...], Any] = {}
+    old: dict[object, Any] = {}
+    new: dict[object, Any] = {}
     for records, distinct in ((before, old), (after, new)):
         for record in records:
-            distinct.setdefault(tuple(record.data), record)
+            distinct.setdefault(_rdata(record), record)
     return (
         [record for data, record in old.items() if data not in new],
         [record for data, record in new.items() if data not in old],
     )
+
+
+def _rdata(record: Any) -> object:
+    # What makes two records of one RRset the same record: their RDATA, not their TTL.
+    if isinstance(record, dns.Record_TXT):
+        return tuple(record.data)
+    return (record.flags, record.tag, record.value)  # the apex CAA
 
 
 class NameNotFound(dns.AuthoritativeDomainError):
@@ -80,7 +92,8 @@ class ChallengeZone(common.ResolverBase):
     ``ConfigError("dns.records", ...)``. Challenge TXT values are a multiset per name,
     served with ``challenge_ttl``; every change raises the SOA ``serial`` and ``version``,
     and is kept in ``history`` (the :class:`ZoneHistory` given, else one with the default
-    bounds) as the change of the distinct TXT records at its name, for IXFR.
+    bounds) as the change of the distinct TXT records at its name, for IXFR. The apex CAA
+    records :meth:`set_caa` generates are served beside the static ones, and change alike.
     """
 
     def __init__(
@@ -152,6 +165,7 @@ class ChallengeZone(common.ResolverBase):
                 )
             self._static[owner] = {rtype: tuple(recs) for rtype, recs in node.items()}
         self._challenges: dict[bytes, list[str]] = {}
+        self._caa: tuple[rr.Record_CAA, ...] = ()  # set_caa's, after the static ones
         self._nodes: dict[bytes, Node] = dict(self._static)
         self._existing: dict[bytes, int] = {}  # name -> number of nodes at or below it
         for owner in self._static:
@@ -274,19 +288,27 @@ class ChallengeZone(common.ResolverBase):
                 for v in values
             )
             node[dns.TXT] = node.get(dns.TXT, ()) + txt
+        if key == self._origin and self._caa:
+            node[rr.CAA] = node.get(rr.CAA, ()) + self._caa
         if node:
             self._nodes[key] = node
         else:
             self._nodes.pop(key, None)
+        self._changed(key, dns.TXT, before, node.get(dns.TXT, ()))
+
+    def _changed(
+        self, key: bytes, rtype: int, before: tuple[Any, ...], after: tuple[Any, ...]
+    ) -> None:
+        # The serial moves; history keeps the change of the RRset (key, rtype) for IXFR.
         old_serial = self._serial
         self._serial = next_serial(self._serial, int(self._clock()))
-        deleted, added = _set_change(before, node.get(dns.TXT, ()))
+        deleted, added = _set_change(before, after)
         self.history.record(
             Change(
                 old_serial,
                 self._serial,
-                tuple(dns.RRHeader(key, dns.TXT, dns.IN, r.ttl, r, auth=True) for r in deleted),
-                tuple(dns.RRHeader(key, dns.TXT, dns.IN, r.ttl, r, auth=True) for r in added),
+                tuple(dns.RRHeader(key, rtype, dns.IN, r.ttl, r, auth=True) for r in deleted),
+                tuple(dns.RRHeader(key, rtype, dns.IN, r.ttl, r, auth=True) for r in added),
             )
         )
         self._update_soa()
@@ -314,6 +336,58 @@ class ChallengeZone(common.ResolverBase):
         apex[dns.SOA] = (soa,)
         self._nodes[self._origin] = apex
         self.version += 1
+
+    # -- CAA at the apex ----------------------------------------------------
+
+    @property
+    def caa_ttl(self) -> int:
+        """The TTL of the generated CAA records: the zone's, at most ``CAA_MAX_TTL``."""
+        return min(self.ttl, CAA_MAX_TTL)
+
+    def set_caa(self, issuers: Sequence[tuple[str, str | None]]) -> None:
+        """Serve at the apex, for each ``(identity, account_url)`` of ``issuers``, a CAA
+        ``issue`` and an ``issuewild`` record (RFC 8659) allowing only that CA, only that
+        account (RFC 8657 ``accounturi``; any account while the URL is None) and only
+        dns-01: ``0 issue "letsencrypt.org; accounturi=URL; validationmethods=dns-01"``.
+
+        Replaces what an earlier call set (an empty ``issuers`` serves none); a change
+        raises the serial and is kept for IXFR, the same records again change nothing.
+        Raises ``ValueError`` for a bad identity or URL (see
+        :func:`~csrproxy.dns.records.caa_issuer_value`), for more than
+        ``MAX_CAA_ISSUERS``, and when the static records hold an ``issue`` or
+        ``issuewild`` at the apex: a CA allowed there unconditionally would undo the lock.
+        """
+        if len(issuers) > MAX_CAA_ISSUERS:
+            raise ValueError(f"at most {MAX_CAA_ISSUERS} CAs in CAA, not {len(issuers)}")
+        static = self._static.get(self._origin, {}).get(rr.CAA, ())
+        if issuers and any(r.tag in (b"issue", b"issuewild") for r in static):
+            raise ValueError(
+                "the records hold a CAA issue or issuewild at the apex: csrproxy generates"
+                " those (remove them, or set [dns] caa = false)"
+            )
+        records: list[rr.Record_CAA] = []
+        for identity, account_url in issuers:
+            value = rr.caa_issuer_value(identity, account_url)
+            for tag in (b"issue", b"issuewild"):
+                record = rr.Record_CAA(0, tag, value, self.caa_ttl)
+                if record not in records:
+                    records.append(record)
+        if tuple(records) == self._caa:
+            return
+        self._caa = tuple(records)
+        apex = dict(self._nodes[self._origin])
+        before = apex.get(rr.CAA, ())
+        after = static + self._caa
+        if after:
+            apex[rr.CAA] = after
+        else:
+            apex.pop(rr.CAA, None)
+        self._nodes[self._origin] = apex
+        self._changed(self._origin, rr.CAA, before, after)
+
+    def caa_records(self) -> tuple[rr.Record_CAA, ...]:
+        """The CAA records :meth:`set_caa` generated, served after the static ones."""
+        return self._caa
 
     # -- answering ---------------------------------------------------------
 

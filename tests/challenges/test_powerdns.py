@@ -124,10 +124,12 @@ class FakePowerDNS:
     def _apply(self, request: IRequest, zone: str, rrsets: list[dict[str, Any]]) -> bytes:
         for rrset in rrsets:
             name = rrset["name"]
-            if not name.endswith("." + zone):
+            if not (name == zone or name.endswith("." + zone)):
                 return self._error(request, 422, f"RRset {name} IN TXT: Name is out of zone")
             for record in rrset.get("records", []):
                 content = record["content"]
+                if rrset["type"] == "CAA":
+                    content = content.split(" ", 2)[-1]  # flags tag "value"
                 if not (content.startswith('"') and content.endswith('"')) or "bad" in content:
                     return self._error(
                         request, 422, f"Record {name}/TXT '{content}': Parsing record content"

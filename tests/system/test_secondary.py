@@ -14,6 +14,7 @@ import base64
 import json
 import os
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -60,7 +61,11 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         ) as knot,
     ):
         # Checked where NOTIFY goes: Knot's address and port (the default of `check`).
-        dns = {"secondaries": [knot.secondary_config()], "check_timeout": CHECK_TIMEOUT}
+        dns = {
+            "secondaries": [knot.secondary_config()],
+            "check_timeout": CHECK_TIMEOUT,
+            "caa_identities": ["letsencrypt.org"],  # pebble is no CA csrproxy knows
+        }
         overrides = {"dns": dns}
         with start_csrproxy(
             str(work / "csrproxy"), pebble, dns_port, ZONE, overrides=overrides
@@ -124,6 +129,25 @@ def test_a_transfer_without_the_key_or_with_a_wrong_one_is_refused(setup: Setup)
     right = dns.tsigkeyring.from_text({TSIG_NAME: setup.secret})
     reply = transfer(setup, right)
     assert reply.rcode() == dns.rcode.NOERROR and reply.answer
+
+
+def test_the_secondary_serves_the_apex_caa_with_our_account(setup: Setup) -> None:
+    import dns.message
+    import dns.query
+
+    with urllib.request.urlopen(setup.daemon.url + "/v1/health", timeout=5) as resp:
+        account = json.loads(resp.read())["account"]
+    value = f'"letsencrypt.org; accounturi={account}; validationmethods=dns-01"'
+    wanted = [f"0 issue {value}", f"0 issuewild {value}"]
+    found: list[str] = []
+    pause = threading.Event()
+    deadline = time.monotonic() + 10  # NOTIFY, then Knot's IXFR
+    while found != wanted and time.monotonic() < deadline:
+        query = dns.message.make_query(ZONE, "CAA")
+        answer = dns.query.udp(query, "127.0.0.1", port=setup.knot.port, timeout=2)
+        found = sorted(rdata.to_text() for rrset in answer.answer for rdata in rrset)
+        pause.wait(0.05)
+    assert found == wanted
 
 
 def test_with_the_secondary_stopped_orders_fail_within_check_timeout(setup: Setup) -> None:
