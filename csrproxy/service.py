@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from cryptography import x509
@@ -34,7 +34,8 @@ from csrproxy.challenges.zone import ZonePublisher
 from csrproxy.cluster.takeover import OrderLeases
 from csrproxy.cluster.zonesync import ChallengeSync
 from csrproxy.config import Config
-from csrproxy.config.model import RRLConfig
+from csrproxy.config.acme import caa_identity
+from csrproxy.config.model import FallbackConfig, RRLConfig
 from csrproxy.dns.cookies import COOKIE_SECRET, ServerCookies, nsid_bytes
 from csrproxy.dns.notify import ZoneNotifier
 from csrproxy.dns.rrl import ResponseRateLimiter
@@ -58,7 +59,7 @@ from csrproxy.state.budgets import budget_recorder, load_budgets
 from csrproxy.state.lock import StateLock, StateLockService
 from csrproxy.state.prune import Pruner, PrunerService
 from csrproxy.state.serials import SerialRecorder, load_serial
-from csrproxy.state.store import StateDir, Store
+from csrproxy.state.store import ACCOUNT_KEY, StateDir, Store, account_key_file
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
 from csrproxy.web.health import Health, Probe, free_space_probe
@@ -110,16 +111,19 @@ class CsrproxyService(MultiService):
 
 
 def load_account_key(
-    state: StateDir, key_type: str = "ec256", cluster_key: str | None = None
+    state: StateDir,
+    key_type: str = "ec256",
+    cluster_key: str | None = None,
+    name: str = ACCOUNT_KEY,
 ) -> AccountKey:
-    """The account key file in ``state``, made on the first start.
+    """The account key file ``name`` in ``state``, made on the first start.
 
     ``cluster_key`` is the thumbprint of the key the shared database's account was made
     with: every instance must hold that key (the same file on each; the key never goes
     into the database), so one missing or different is refused.
     """
-    pem = state.read_account_key()
-    copy = "copy account.key from an instance of the cluster into [state] dir (mode 0600)"
+    pem = state.read_account_key(name)
+    copy = f"copy {name} from an instance of the cluster into [state] dir (mode 0600)"
     if pem is not None:
         try:
             key = AccountKey.from_pem(pem)
@@ -130,7 +134,7 @@ def load_account_key(
         if cluster_key is not None and key.thumbprint != cluster_key:
             raise ConfigError(
                 "state.dir",
-                f"{state.path / 'account.key'} is not the cluster's account key "
+                f"{state.path / name} is not the cluster's account key "
                 f"(thumbprint {key.thumbprint}, the database's {cluster_key}): {copy}",
             )
         return key
@@ -139,7 +143,7 @@ def load_account_key(
             "state.dir", f"the cluster's account key (thumbprint {cluster_key}) is missing: {copy}"
         )
     key = AccountKey.generate(key_type)
-    state.write_account_key(key.to_pem())
+    state.write_account_key(key.to_pem(), name)
     log.info("new ACME account key written to {path}", path=str(state.path))
     return key
 
@@ -268,34 +272,56 @@ def make_cache_wait(
     )
 
 
+def caa_issuers(config: Config) -> list[tuple[str, tuple[str, ...]]] | None:
+    """``(directory, CAA identities)`` of every configured CA, [acme]'s first; None (and one
+    warning) when one CA's identity is unknown: CAA without it would lock that CA out."""
+    cas = [(config.acme.directory, config.dns.caa_identities)]
+    for fb in config.acme.fallback:
+        identity = fb.caa_identity or caa_identity(fb.acme.directory)
+        cas.append((fb.acme.directory, (identity,) if identity else ()))
+    for directory, identities in cas:
+        if not identities:
+            # A guessed identity that is not the CA's would lock the CA out of the zone.
+            log.warn(
+                "no CAA record served: csrproxy does not know the CAA identity of the CA at"
+                ' {directory}; set [dns] caa_identities (e.g. ["letsencrypt.org"]), a'
+                " fallback's caa_identity, or caa = false",
+                directory=directory,
+            )
+            return None
+    return cas
+
+
 def serve_caa(
     config: Config, zone: ChallengeZone, pdns: PowerDNSPublisher | None = None
-) -> Callable[[str], None] | None:
-    """The apex CAA of ``[dns] caa``: the call returned names the account once its URL is
-    known (None: no CAA). The built-in zone allows each CA identity for any account until
-    then; PowerDNS (``pdns``) gets the apex CAA RRset once the account is known."""
+) -> Callable[[str, str], None] | None:
+    """The apex CAA of ``[dns] caa``: ``issue`` and ``issuewild`` for every configured CA's
+    identity; the call returned, ``(directory, account URL)``, names a CA's account once it
+    is known (None: no CAA). The built-in zone allows each CA identity for any account
+    until then; PowerDNS (``pdns``) gets the apex CAA RRset once every account is known."""
     if not config.dns.caa or (config.dns.backend != "builtin" and pdns is None):
         return None
-    identities = config.dns.caa_identities
-    if not identities:
-        # A guessed identity that is not the CA's would lock the CA out of the zone.
-        log.warn(
-            "no CAA record served: csrproxy does not know the CAA identity of the CA at"
-            ' {directory}; set [dns] caa_identities (e.g. ["letsencrypt.org"]) or caa = false',
-            directory=config.acme.directory,
-        )
+    cas = caa_issuers(config)
+    if cas is None:
         return None
+    accounts: dict[str, str] = {}
 
-    def issuers(url: str | None) -> list[tuple[str, str | None]]:
-        # One account for every CA today; each CA its own once there are several.
-        return [(identity, url) for identity in identities]
+    def issuers() -> list[tuple[str, str | None]]:
+        return [
+            (identity, accounts.get(directory))
+            for directory, identities in cas
+            for identity in identities
+        ]
 
     if pdns is not None:
         publisher = pdns
 
-        def push(url: str) -> None:
+        def push(directory: str, url: str) -> None:
+            accounts[directory] = url
+            if len(accounts) < len(cas):
+                return  # a CA not named yet: PowerDNS keeps the operator's records till then
             try:
-                written = publisher.set_caa(issuers(url))
+                written = publisher.set_caa(issuers())
             except ValueError as e:
                 log.error("CAA not written to PowerDNS: {err}", err=str(e))
                 return
@@ -305,17 +331,91 @@ def serve_caa(
 
         return push
     try:
-        zone.set_caa(issuers(None))
+        zone.set_caa(issuers())
     except ValueError as e:
         raise ConfigError("dns.records", str(e)) from None
 
-    def account_known(url: str) -> None:
+    def account_known(directory: str, url: str) -> None:
+        accounts[directory] = url
         try:
-            zone.set_caa(issuers(url))
+            zone.set_caa(issuers())
         except ValueError as e:
             log.error("CAA not limited to the account: {err}", err=str(e))
 
     return account_known
+
+
+def fallback_issuer(
+    config: Config,
+    fallback: FallbackConfig,
+    reactor: Any,
+    http: HTTPClient,
+    state: StateDir,
+    primary: Issuer,
+    metrics: Metrics,
+    account_recorder: Callable[[str, AccountKey], Callable[[str], None]],
+) -> Issuer:
+    """The issuer of one ``[[acme.fallback]]`` CA: its own account key file, client and
+    budgets; the primary's ledger, cache, challenges and in-flight orders."""
+    ca = fallback.acme
+    store = primary.ledger.store
+    assert store is not None
+    account_row = store.db.account(ca.directory) if store.db.shared else None
+    key = load_account_key(
+        state,
+        ca.account_key_type,
+        account_row.get("key_thumbprint") if account_row is not None else None,
+        account_key_file(ca.directory, primary=False),
+    )
+    client = ACMEClient(
+        reactor,
+        http,
+        ca.directory,
+        key,
+        request_timeout=ca.request_timeout,
+        on_request=metrics.acme_request,
+        eab=eab_binding(ca.eab_kid, ca.eab_hmac_key),
+    )
+    # Budgets of its own, in memory (a restart refills them; PostgreSQL instances each
+    # count their own): this CA's limits are not [acme]'s.
+    admission = Admission(
+        reactor.seconds,
+        Budgets(
+            new_names_per_week=fallback.new_names_per_week,
+            orders_per_3h=fallback.orders_per_3h,
+            same_names_per_week=fallback.same_names_per_week,
+            client_requests_per_hour=0,
+        ),
+        registered_domain=config.policy.registered_domain,
+        on_refusal=metrics.refusal,
+    )
+    return Issuer(
+        reactor,
+        client,
+        primary.responder,
+        ledger=primary.ledger,
+        cache=primary.cache,
+        admission=admission,
+        metrics=metrics,
+        poll_interval=ca.poll_interval,
+        poll_max=ca.poll_max,
+        order_timeout=ca.order_timeout,
+        contact=ca.contact,
+        order_options=OrderOptions(ca.preferred_chain, ca.profile),
+        on_account=account_recorder(ca.directory, key),
+        watch=primary._zone_watch,
+        checkpoint=primary.checkpoint,
+        settle=primary.settle,
+        inflight=primary._inflight,
+    )
+
+
+def link_fallbacks(issuers: Sequence[Issuer]) -> None:
+    """Each CA's issuer hands an order it cannot take to the others, in config order; a CA
+    known to be failing (its breaker open) ends its orders at once for them."""
+    for each in issuers:
+        each.others = [other for other in issuers if other is not each]
+        each.acme.transport.fail_fast = len(issuers) > 1
 
 
 def ari_fetcher(
@@ -425,12 +525,24 @@ def make_rrl(
 
 
 def build_service(
-    config: Config, reactor: Any, http: HTTPClient, checkpoint: Checkpoint | None = None
+    config: Config,
+    reactor: Any,
+    http: HTTPClient,
+    checkpoint: Checkpoint | None = None,
+    http_for: Callable[[str | None], HTTPClient] | None = None,
 ) -> CsrproxyService:
     """Everything the daemon runs, as one MultiService.
 
     ``checkpoint`` is called at named points of every order (crash tests install one).
+    ``http_for(ca_certs)`` makes the HTTP client of a fallback CA whose ``ca_certs``
+    differ from ``[acme]``'s (``http`` serves every CA without it).
     """
+
+    def client_for(cafile: str | None) -> HTTPClient:
+        if http_for is None or cafile == config.acme.ca_certs:
+            return http
+        return http_for(cafile)
+
     state = StateDir(config.state.dir)
     state.prepare()
     # Before the account key and the database: a second daemon on this directory neither
@@ -499,13 +611,23 @@ def build_service(
     publisher, pdns = make_publisher(config, reactor, http, zone, dns_service, metrics)
     caa_account = serve_caa(config, zone, pdns)
 
-    def remember_account(url: str) -> None:
-        if caa_account is not None:
-            caa_account(url)
-        d = store.run(
-            store.db.save_account, config.acme.directory, url, "account.key", key.thumbprint
-        )
-        d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
+    def account_recorder(directory: str, key: AccountKey) -> Callable[[str], None]:
+        """The issuer's ``on_account`` for the CA at ``directory``: CAA and the record."""
+        primary = directory == config.acme.directory
+
+        def remember(url: str) -> None:
+            if caa_account is not None:
+                caa_account(directory, url)
+            d = store.run(
+                store.db.save_account,
+                directory,
+                url,
+                account_key_file(directory, primary),
+                key.thumbprint,
+            )
+            d.addErrback(lambda f: log.warn("account not recorded: {err}", err=f.value))
+
+        return remember
 
     cache = MemoryIssuedCache(reactor.seconds)
     pol = config.policy
@@ -541,11 +663,25 @@ def build_service(
         order_timeout=config.acme.order_timeout,
         contact=config.acme.contact,
         order_options=OrderOptions(config.acme.preferred_chain, config.acme.profile),
-        on_account=remember_account,
+        on_account=account_recorder(config.acme.directory, key),
         watch=zone.watch if pdns is None else None,
         checkpoint=checkpoint,
         settle=make_cache_wait(config, reactor, zone, dns_service, metrics).settle,
     )
+    fallbacks = [
+        fallback_issuer(
+            config,
+            fb,
+            reactor,
+            client_for(fb.acme.ca_certs),
+            state,
+            issuer,
+            metrics,
+            account_recorder,
+        )
+        for fb in config.acme.fallback
+    ]
+    link_fallbacks([issuer, *fallbacks])
     gate = ClientGate(
         load_tokens(config.api.tokens_file) if config.api.tokens_file else (),
         config.api.allow_from,
@@ -623,7 +759,8 @@ def build_service(
         listener = APIListener(reactor, description, site)
         listener.setServiceParent(collection)
         listeners.append(listener)
-    AccountService(issuer).setServiceParent(collection)
+    for each in (issuer, *fallbacks):
+        AccountService(each).setServiceParent(collection)
     if isinstance(publisher, CheckedPublisher) and isinstance(publisher.checker.query, TXTQuerier):
         OnStop(publisher.checker.query.close).setServiceParent(collection)
     ca_watch = TimerService(CA_QUIET, issuer.breaker.look_if_quiet, CA_QUIET)

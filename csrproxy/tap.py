@@ -150,7 +150,10 @@ def makeService(options: Options) -> IService:
             raise SystemExit(2) from None
     try:
         http = make_http_client(reactor, config.acme.ca_certs)
-        service = build_service(config, reactor, http, checkpoint)
+        # A fallback CA with ca_certs of its own gets a client that trusts them.
+        service = build_service(
+            config, reactor, http, checkpoint, lambda cafile: make_http_client(reactor, cafile)
+        )
     except ConfigError as e:
         sys.stderr.write(f"csrproxy: configuration error: {e}\n")
         raise SystemExit(2) from None

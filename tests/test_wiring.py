@@ -223,6 +223,6 @@ class CAAWiringTests(BuildCase):
         push = serve_caa(config, zone, cast(PowerDNSPublisher, publisher))
         assert push is not None
         self.assertEqual(publisher.asked, [])
-        push(self.ACCOUNT)
+        push(config.acme.directory, self.ACCOUNT)
         self.assertEqual(publisher.asked, [[("sectigo.com", self.ACCOUNT)]])
         self.assertEqual(zone.caa_records(), ())

@@ -107,6 +107,9 @@ class ACMETransport:
         self._on_request = on_request
         #: Refuses requests while the CA is known to be failing; told how each one went.
         self.breaker = breaker
+        #: A request the open breaker refuses fails at once instead of waiting for the
+        #: breaker's probe (set when another CA can take the order: ``[[acme.fallback]]``).
+        self.fail_fast = False
         #: Called with our account URL when the CA says it does not know it; fires with the
         #: account's URL once it was found or registered again (None: the problem is raised).
         self.on_account_gone: Callable[[str], Deferred[str]] | None = None
@@ -296,6 +299,8 @@ class ACMETransport:
                 await self._wait(timer, None, e)
                 continue
             except CAUnavailable as e:
+                if self.fail_fast:
+                    raise
                 await self._wait(timer, e.retry_after, e)
                 continue
             if resp.status == 429 or resp.status >= 500:

@@ -36,6 +36,22 @@ class ACMEConfig:
     preferred_chain: str | None = None
     #: Certificate profile to ask for when the CA's directory offers it.
     profile: str | None = None
+    #: ``[[acme.fallback]]``: the CAs an order goes to, in turn, when this one refuses it
+    #: for a reason another CA would not share (rate limited, unavailable, a server error).
+    fallback: tuple[FallbackConfig, ...] = ()
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    """One ``[[acme.fallback]]`` table: a CA of its own, with its own account and budgets."""
+
+    acme: ACMEConfig
+    #: Its CAA identity (RFC 8659), when its directory's host is not a known CA's.
+    caa_identity: str | None = None
+    #: Its budgets (0: off); a CA other than Let's Encrypt publishes other limits, or none.
+    orders_per_3h: int = 250
+    new_names_per_week: int = 0
+    same_names_per_week: int = 0
 
 
 @dataclass(frozen=True)

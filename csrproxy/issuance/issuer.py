@@ -49,6 +49,7 @@ from csrproxy.errors import (
 from csrproxy.issuance.admission import SAME_NAMES, AdmissionGate, Refund
 from csrproxy.issuance.cache import CachedChain, IssuedCache
 from csrproxy.issuance.csr import CheckedCSR, check_csr
+from csrproxy.issuance.fallback import another_ca_may_issue
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.results import (
     NOT_FROM_A_CRASH,
@@ -97,6 +98,7 @@ class Issuer:
         watch: Callable[[str], Deferred[None]] | None = None,
         checkpoint: Checkpoint | None = None,
         settle: Settle | None = None,
+        inflight: dict[str, tuple[str, SharedResult]] | None = None,
     ) -> None:
         self.clock = clock
         self.acme = acme
@@ -118,8 +120,14 @@ class Issuer:
         self.checkpoint: Checkpoint = checkpoint or no_checkpoint
         #: Waits out resolvers' copies of older answers before challenges are answered.
         self.settle = settle
-        #: request key -> the order in flight for it, and that order's id.
-        self._inflight: dict[str, tuple[str, SharedResult]] = {}
+        #: request key -> the order in flight for it, and that order's id (one map for the
+        #: issuers of every CA: a CSR has one order in flight, whichever CA runs it).
+        self._inflight: dict[str, tuple[str, SharedResult]] = {} if inflight is None else inflight
+        #: The CA this issuer orders from, as certificates and orders record it.
+        self.ca: str = acme.directory_url
+        #: The issuers of the other CAs (``[[acme.fallback]]``), in the order to try them
+        #: when this CA refuses an order for a reason of its own.
+        self.others: list[Issuer] = []
         #: Starts the waiting resumed order of a request key, if any (recovery's queue).
         self.promote: Callable[[str], None] | None = None
         self._account: SharedResult | None = None
@@ -271,7 +279,7 @@ class Issuer:
             self.metrics.cache_hits.inc()
             self.cache.put(csr.request_key, stored)
             return Issuance(None, succeed(stored.pem))
-        if csr.request_key not in self._inflight:
+        if csr.request_key not in self._inflight and not self.others:
             try:
                 # Before the client's budget: a client retrying after Retry-After while
                 # the CA is down must not use it up.
@@ -286,7 +294,11 @@ class Issuer:
         )
 
     def renew(self, row: CertificateRow) -> Issuance:
-        """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``."""
+        """A new certificate for the CSR ``row`` was issued for, with ARI ``replaces``;
+        asked of the CA that issued it first."""
+        issuing = self._issuer_of(row.ca)
+        if issuing is not self:
+            return issuing.renew(row)
         csr = check_csr(row.csr, key_types=CSR_KEY_TYPES, max_names=10_000)
         csr = csr.with_profile(row.profile)  # the profile its request asked for
         leaf = x509.load_pem_x509_certificate(row.chain.encode("ascii"))
@@ -307,6 +319,9 @@ class Issuer:
         again for the order).  Recovery calls it when the order's turn comes
         (:class:`csrproxy.issuance.resumes.ResumeQueue`).
         """
+        issuing = self._issuer_of(row.ca)
+        if issuing is not self:  # the order is at a fallback CA: only it knows its URL
+            return issuing.resume(row, settle)
         inflight = self._inflight.get(row.request_key)
         if inflight is not None:
             # Another order for the same CSR already runs (two rows left for one request):
@@ -336,12 +351,15 @@ class Issuer:
         new_names: bool,
         replaces: str | None = None,
         renewal: bool = False,
+        tried: frozenset[str] = frozenset(),
     ) -> Deferred[Issuance]:
         """Wait on the identical order in flight, or charge the order budgets and start one.
 
         While the CA is known to be failing (the breaker is open, or its probe is out) no
         order starts: the chain fails at once with :class:`CAUnavailable` and its
-        ``retry_after``, nothing charged, nothing asked of the CA.
+        ``retry_after``, nothing charged, nothing asked of the CA. With other CAs
+        (``others``), such a CA and one whose budget is spent hand the order to the next
+        CA not in ``tried``.
         """
         if self.promote is not None:
             self.promote(csr.request_key)
@@ -352,21 +370,65 @@ class Issuer:
         try:
             self.breaker.check()
         except CAUnavailable as e:
-            return succeed(Issuance(None, fail(e)))
+            return self._elsewhere(Failure(e), csr, new_names, renewal, tried)
 
         def admitted(refund: Refund) -> Issuance:
             inflight = self._inflight.get(csr.request_key)
             if inflight is not None:  # started while this one was decided (shared database)
                 refund()
                 return Issuance(inflight[0], inflight[1].wait())
-            return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
+            return self._start(
+                csr, secrets.token_hex(16), refund, replaces, None, renewal, tried=tried
+            )
 
         decided = self.admission.decide_order(csr.names, new_names)
         if self.ledger.shared and not renewal:
             # Identical requests decided together on several instances: the budget refused
             # this one because the others took it; join the order one of them places.
             decided.addErrback(self._refused_but_running, csr)
+        if self.others:
+            decided.addErrback(self._refused_here, csr, new_names, renewal, tried)
         return decided.addCallbacks(admitted, _refused)
+
+    def _refused_here(
+        self,
+        failure: Failure,
+        csr: CheckedCSR,
+        new_names: bool,
+        renewal: bool,
+        tried: frozenset[str],
+    ) -> Any:
+        # This CA's budget is spent (or the request joined another instance's order):
+        # the next CA with room takes the order.
+        if not failure.check(RateLimited):
+            return failure
+        return self._elsewhere(failure, csr, new_names, renewal, tried).addCallback(_handed_on)
+
+    def _elsewhere(
+        self,
+        failure: Failure,
+        csr: CheckedCSR,
+        new_names: bool,
+        renewal: bool,
+        tried: frozenset[str],
+    ) -> Deferred[Issuance]:
+        """The order at the next CA not yet tried, when this one cannot take it (its
+        breaker is open, its budget spent); else the Issuance failing with ``failure``."""
+        tried = tried | {self.ca}
+        for other in self.others:
+            if other.ca not in tried:
+                log.info(
+                    "{ca} cannot take the order for {names} ({err}); trying {other}",
+                    ca=self.ca,
+                    names=",".join(csr.names),
+                    err=failure.getErrorMessage(),
+                    other=other.ca,
+                )
+                # An ARI replaces is the issuing CA's id of its certificate: not another's.
+                return other._join_or_start(
+                    csr, new_names=new_names, renewal=renewal, tried=tried
+                )
+        return succeed(Issuance(None, fail(failure)))
 
     def _refused_but_running(self, failure: Failure, csr: CheckedCSR) -> Any:
         # Only the budget identical requests share: any other refusal answers at once (a
@@ -394,6 +456,7 @@ class Issuer:
         settle: Callable[[], Deferred[None]] | None = None,
         request_key: str | None = None,
         profile: str | None = None,
+        tried: frozenset[str] = frozenset(),
     ) -> Issuance:
         """The one path every order takes: run, translate failures, cache, track.
 
@@ -404,7 +467,7 @@ class Issuer:
             refund = _once(refund)
         if isinstance(csr, CheckedCSR):
             run = Deferred.fromCoroutine(
-                self._run(csr, order_id, replaces, resume_url, renewal, refund)
+                self._run(csr, order_id, replaces, resume_url, renewal, refund, tried)
             )
             key = csr.request_key
         else:
@@ -440,6 +503,7 @@ class Issuer:
         resume_url: str | None = None,
         renewal: bool = False,
         refund: Callable[[], None] | None = None,
+        tried: frozenset[str] = frozenset(),
     ) -> CachedChain:
         await self.ensure_account()
         schedule = PollSchedule(
@@ -447,7 +511,7 @@ class Issuer:
         )
         if resume_url is None:
             try:
-                await self.ledger.order_started(order_id, csr, replaces)
+                await self.ledger.order_started(order_id, csr, replaces, self.ca)
             except OrderRunningElsewhere as e:  # placed on another instance just now
                 log.info("joining order {id} of another instance", id=e.order_id)
                 if refund is not None:  # no order of ours: its budgets are not spent
@@ -472,6 +536,7 @@ class Issuer:
         )
         started = self.clock.seconds()
         self.metrics.orders_in_flight.inc()
+        fallback: tuple[Issuer, Exception] | None = None
         try:
             chain = None
             if resume_url:  # "" is an order recorded before the CA had made it
@@ -480,17 +545,67 @@ class Issuer:
                     chain = await self._order_again(run, csr)
             if chain is None:
                 chain = await obtain_chain(run)
-            row = await self.ledger.order_valid(order_id, csr, chain, renewal)
+            row = await self.ledger.order_valid(order_id, csr, chain, renewal, self.ca)
         except Exception as e:
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
-            self.ledger.order_failed(order_id, str(e))
-            raise
+            other = self._next_ca(tried) if another_ca_may_issue(e) else None
+            if other is None:
+                self.ledger.order_failed(order_id, str(e))
+                raise
+            fallback = (other, e)
         finally:
             self.metrics.orders_in_flight.dec()
+        if fallback is not None:
+            if refund is not None:  # this CA issued nothing: only its order counts
+                refund()
+            other, error = fallback
+            return await other._fall_back(csr, order_id, renewal, tried | {self.ca}, error)
+        assert chain is not None
         self.metrics.orders.labels("valid").inc()
         self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
         return CachedChain(chain.pem, row.not_before, row.not_after)
+
+    def _next_ca(self, tried: frozenset[str]) -> Issuer | None:
+        """The first other CA not in ``tried`` (nor this one)."""
+        return next((o for o in self.others if o.ca not in tried and o.ca != self.ca), None)
+
+    def _issuer_of(self, ca: str | None) -> Issuer:
+        """The issuer of the CA ``ca`` (a directory URL as rows record it); this one for
+        None or a CA no longer configured."""
+        if ca is None or ca == self.ca:
+            return self
+        return next((o for o in self.others if o.ca == ca), self)
+
+    async def _fall_back(
+        self,
+        csr: CheckedCSR,
+        order_id: str,
+        renewal: bool,
+        tried: frozenset[str],
+        error: Exception,
+    ) -> CachedChain:
+        """Run the order another CA failed (``error``, a reason of its own) at this one,
+        within this CA's budgets; else hand it on, or fail with ``error``."""
+        try:
+            self.breaker.check()
+            issued_before = await self.ledger.names_issued(csr.names)
+            refund = _once(await self.admission.decide_order(csr.names, not issued_before))
+        except (CAUnavailable, RateLimited) as refused:
+            other = self._next_ca(tried | {self.ca})
+            if other is None:
+                self.ledger.order_failed(order_id, str(error))
+                raise error from refused
+            return await other._fall_back(csr, order_id, renewal, tried | {self.ca}, error)
+        log.info(
+            "ordering {names} from {ca}: {err}", names=",".join(csr.names), ca=self.ca, err=error
+        )
+        self.metrics.orders.labels("fallback").inc()
+        try:
+            return await self._run(csr, order_id, None, None, renewal, refund, tried)
+        except BaseException:
+            refund()
+            raise
 
     def _watch(self, identifier: str) -> Deferred[float]:
         assert self._zone_watch is not None
@@ -570,6 +685,11 @@ class _Joined(Exception):
     def __init__(self, issuance: Issuance) -> None:
         super().__init__("joined")
         self.issuance = issuance
+
+
+def _handed_on(issuance: Issuance) -> None:
+    """A refusal that another CA's order (or its refusal) answers instead."""
+    raise _Joined(issuance)
 
 
 def _refused(failure: Failure) -> Issuance | Failure:

@@ -194,7 +194,7 @@ class Ledger:
         return self.store.run(method, *args, **kwargs)
 
     def order_started(
-        self, order_id: str, csr: CheckedCSR, replaces: str | None = None
+        self, order_id: str, csr: CheckedCSR, replaces: str | None = None, ca: str | None = None
     ) -> Deferred[Any]:
         if self.store is None:
             return succeed(None)
@@ -205,6 +205,7 @@ class Ledger:
             list(csr.names),
             replaces=replaces,
             profile=csr.profile,
+            ca=ca,
         )
         return self._run(self.store.db.save_order, row)
 
@@ -222,7 +223,12 @@ class Ledger:
         return inner if self.store is None else RecordingResponder(inner, self, order_id)
 
     async def order_valid(
-        self, order_id: str, csr: CheckedCSR, chain: IssuedChain, renewal: bool = False
+        self,
+        order_id: str,
+        csr: CheckedCSR,
+        chain: IssuedChain,
+        renewal: bool = False,
+        ca: str | None = None,
     ) -> CertificateRow:
         leaf = x509.load_pem_x509_certificate(chain.pem.encode("ascii"))
         not_before = leaf.not_valid_before_utc.timestamp()
@@ -242,6 +248,7 @@ class Ledger:
             renew_at=lifetime_due(not_before, not_after, self.rng),
             ari_next=now + self.rng.random() * self.ari_recheck,
             profile=csr.profile,
+            ca=ca,
         )
         if self.store is not None:
             recorded: CertificateRow = await self.store.run(

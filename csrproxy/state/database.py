@@ -304,7 +304,7 @@ class StateDB(RenewalQueries, ClusterQueries):
             "orders",
             "id",
             "request_key csr names acme_url status error certificate_id replaces created "
-            "updated owner lease_until profile",
+            "updated owner lease_until profile ca",
         )
         if not self.shared:
             self._write(sql, d)
@@ -543,7 +543,7 @@ _SAVE_CERTIFICATE = upsert(
     "id",
     "request_key csr names spki_sha256 chain not_before not_after order_id acme_url created "
     "last_requested revoked signed_by names_key superseded renew_at dormant ari_start ari_end "
-    "ari_next profile",
+    "ari_next profile ca",
 )
 _REMOVE_CHALLENGE = (
     "DELETE FROM challenges WHERE id IN "

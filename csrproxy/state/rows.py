@@ -37,6 +37,8 @@ class OrderRow:
     lease_until: float | None = None
     #: The certificate profile the request asked for (schema 6; None: the configured one).
     profile: str | None = None
+    #: The directory URL of the CA it was placed with (schema 7; None: [acme]'s).
+    ca: str | None = None
 
 
 @dataclass
@@ -74,6 +76,9 @@ class CertificateRow:
     lease_until: float | None = None
     #: The certificate profile its request asked for (schema 6), which renewals ask again.
     profile: str | None = None
+    #: The directory URL of the CA that issued it (schema 7; None: [acme]'s): renewals
+    #: ask it first.
+    ca: str | None = None
 
 
 @dataclass

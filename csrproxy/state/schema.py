@@ -133,6 +133,12 @@ MIGRATIONS: Sequence[str] = (
     ALTER TABLE orders ADD COLUMN profile TEXT;
     ALTER TABLE certificates ADD COLUMN profile TEXT;
     """,
+    # 7: the CA ([acme] or an [[acme.fallback]], by directory URL) an order was placed with
+    # and a certificate issued by: a resumed order goes back to it, a renewal asks it first.
+    """
+    ALTER TABLE orders ADD COLUMN ca TEXT;
+    ALTER TABLE certificates ADD COLUMN ca TEXT;
+    """,
 )
 
 # What PostgreSQL says differently in the steps that rewrite rows (the rest is translated

@@ -7,6 +7,7 @@ is reached from the reactor through :class:`Store`.  No business rules live here
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import stat
@@ -51,6 +52,14 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dfd)
 
 
+def account_key_file(directory: str, primary: bool = True) -> str:
+    """The file name of the account key for the CA at ``directory``: ``account.key`` for
+    ``[acme]``'s, ``account-<12 hex digits of its URL's SHA-256>.key`` for a fallback's."""
+    if primary:
+        return ACCOUNT_KEY
+    return f"account-{hashlib.sha256(directory.encode()).hexdigest()[:12]}.key"
+
+
 class StateDir:
     """The state directory and the files in it."""
 
@@ -67,9 +76,10 @@ class StateDir:
         if not os.access(self.path, os.W_OK | os.X_OK):
             raise ConfigError("state.dir", f"{self.path} is not writable")
 
-    def read_account_key(self) -> bytes | None:
-        """The account key PEM, or None when there is none yet; refuses a key others can read."""
-        path = self.path / ACCOUNT_KEY
+    def read_account_key(self, name: str = ACCOUNT_KEY) -> bytes | None:
+        """The account key PEM (the file ``name``: :func:`account_key_file`), or None when
+        there is none yet; refuses a key others can read."""
+        path = self.path / name
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -82,8 +92,8 @@ class StateDir:
             )
         return path.read_bytes()
 
-    def write_account_key(self, pem: bytes) -> None:
-        path = self.path / ACCOUNT_KEY
+    def write_account_key(self, pem: bytes, name: str = ACCOUNT_KEY) -> None:
+        path = self.path / name
         if path.exists():
             raise FileExistsError(f"{path} exists; the account key is written once")
         atomic_write(path, pem)

@@ -334,3 +334,55 @@ class NSIDAndCookieConfigTests(ConfigTestCase):
         with self.assertRaises(ConfigError) as e:
             parse_config(data)
         self.assertIn("at least 7200 seconds", str(e.exception))
+
+
+class FallbackConfigTests(ConfigTestCase):
+    def with_fallbacks(self, *tables: dict[str, Any]) -> dict[str, Any]:
+        data = minimal()
+        data["acme"] |= {"contact": ["mailto:ops@example.test"], "order_timeout": 120}
+        data["acme"]["fallback"] = list(tables)
+        return data
+
+    def test_a_fallback_is_a_ca_of_its_own_with_the_primarys_defaults(self) -> None:
+        config = parse_config(
+            self.with_fallbacks(
+                {"directory": "https://acme.zerossl.com/v2/DV90", "eab_kid": "k",
+                 "eab_hmac_key": "aGVsbG8", "orders_per_3h": 100},
+                {"directory": "https://other.test/dir", "caa_identity": "Other.Test."},
+            )
+        )  # fmt: skip
+        first, second = config.acme.fallback
+        self.assertEqual(first.acme.directory, "https://acme.zerossl.com/v2/DV90")
+        self.assertEqual((first.acme.eab_kid, first.orders_per_3h), ("k", 100))
+        self.assertEqual(first.acme.contact, ("mailto:ops@example.test",))
+        self.assertEqual(first.acme.order_timeout, 120)
+        self.assertEqual((first.new_names_per_week, first.caa_identity), (0, None))
+        self.assertEqual(second.caa_identity, "other.test")
+        self.assertIsNone(second.acme.eab_kid, "EAB is each CA's own")
+        self.assertEqual(second.acme.fallback, ())
+
+    def test_mistakes_name_the_fallback_and_key(self) -> None:
+        self.assertKey(self.with_fallbacks({}), "acme.fallback[0].directory")
+        self.assertKey(
+            self.with_fallbacks({"directory": "https://ca.test/dir"}), "acme.fallback[0].directory"
+        )
+        self.assertKey(
+            self.with_fallbacks({"directory": "https://b.test/dir", "orders_per_3h": -1}),
+            "acme.fallback[0].orders_per_3h",
+        )
+        self.assertKey(
+            self.with_fallbacks({"directory": "https://b.test/dir", "caa_identity": "no way"}),
+            "acme.fallback[0].caa_identity",
+        )
+        self.assertKey(
+            self.with_fallbacks({"directory": "https://b.test/dir", "fallback": []}),
+            "acme.fallback[0].fallback",
+        )
+        self.assertKey(
+            self.with_fallbacks({"directory": "https://b.test/dir", "typo": 1}),
+            "acme.fallback[0].typo",
+        )
+        self.assertKey(
+            self.with_fallbacks(*({"directory": f"https://{i}.test/dir"} for i in range(5))),
+            "acme.fallback",
+        )
