@@ -419,18 +419,20 @@ def link_fallbacks(issuers: Sequence[Issuer]) -> None:
 
 
 def ari_fetcher(
-    acme: ACMEClient,
-) -> Callable[[str], Deferred[Window | None]]:
-    """The ARI poller's fetch: the ARI window of a chain's leaf, None without ARI."""
+    acme: ACMEClient, others: Sequence[ACMEClient] = ()
+) -> Callable[[str, str | None], Deferred[Window | None]]:
+    """The ARI poller's fetch: the ARI window of a chain's leaf, asked of the CA that issued
+    it (``acme`` for None or a CA no longer configured); None without ARI."""
+    by_ca = {client.directory_url: client for client in others}
 
-    async def fetch(chain_pem: str) -> Window | None:
+    async def fetch(chain_pem: str, ca: str | None) -> Window | None:
         leaf = x509.load_pem_x509_certificate(chain_pem.encode("ascii"))
-        window = await acme.renewal_info(leaf)
+        window = await by_ca.get(ca or "", acme).renewal_info(leaf)
         if window is None:
             return None
         return window.start.timestamp(), window.end.timestamp(), window.retry_after
 
-    return lambda pem: Deferred.fromCoroutine(fetch(pem))
+    return lambda pem, ca: Deferred.fromCoroutine(fetch(pem, ca))
 
 
 def readiness(
@@ -784,7 +786,7 @@ def build_service(
         ari = AriPoller(
             reactor,
             renewals,
-            ari_fetcher(acme),
+            ari_fetcher(acme, [f.acme for f in fallbacks]),
             parallel=ren.ari_parallel,
             per_second=ren.ari_per_second,
             recheck=ren.ari_recheck,

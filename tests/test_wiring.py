@@ -226,3 +226,36 @@ class CAAWiringTests(BuildCase):
         push(config.acme.directory, self.ACCOUNT)
         self.assertEqual(publisher.asked, [[("sectigo.com", self.ACCOUNT)]])
         self.assertEqual(zone.caa_records(), ())
+
+
+class ARIFetcherTests(SynchronousTestCase):
+    """A certificate's ARI window is asked of the CA that issued it."""
+
+    def test_each_certificate_asks_its_own_ca(self) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
+        from csrproxy.acme.client import ACMEClient
+        from csrproxy.service import ari_fetcher
+        from csrproxy.testing.tls import make_tls_files
+
+        asked: list[str] = []
+
+        class Client:
+            def __init__(self, url: str) -> None:
+                self.directory_url = url
+
+            async def renewal_info(self, leaf: x509.Certificate) -> None:
+                asked.append(self.directory_url)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cert = make_tls_files(tmp)[2]
+            with open(cert, "rb") as f:
+                pem = x509.load_pem_x509_certificate(f.read()).public_bytes(
+                    serialization.Encoding.PEM
+                )
+        primary, second = Client("https://a.test/dir"), Client("https://b.test/dir")
+        fetch = ari_fetcher(cast(ACMEClient, primary), [cast(ACMEClient, second)])
+        for ca in (None, "https://b.test/dir", "https://gone.test/dir"):
+            self.assertIsNone(self.successResultOf(fetch(pem.decode(), ca)))
+        self.assertEqual(asked, ["https://a.test/dir", "https://b.test/dir", "https://a.test/dir"])

@@ -25,8 +25,9 @@ log = Logger()
 
 #: What a look-up gives: (start, end, retry_after seconds or None), or None without ARI.
 Window = tuple[float, float, float | None]
-#: A due row: (certificate id, chain PEM, stored window start, stored window end).
-AriRow = tuple[str, str, float | None, float | None]
+#: A due row: (certificate id, chain PEM, stored window start, stored window end, the
+#: directory URL of the CA that issued it or None for [acme]'s).
+AriRow = tuple[str, str, float | None, float | None, str | None]
 
 
 class AriSource(Protocol):
@@ -48,7 +49,7 @@ class AriPoller:
         self,
         clock: IReactorTime,
         source: AriSource,
-        fetch: Callable[[str], Deferred[Window | None]],
+        fetch: Callable[[str, str | None], Deferred[Window | None]],
         *,
         parallel: int = 4,
         per_second: float = 20.0,
@@ -60,7 +61,7 @@ class AriPoller:
     ) -> None:
         self.clock = clock
         self.source = source
-        #: fetch(chain PEM) -> the window, None when the CA offers no ARI.
+        #: fetch(chain PEM, its CA) -> the window, None when the CA offers no ARI.
         self.fetch = fetch
         self.parallel = parallel
         self.spacing = 1.0 / per_second
@@ -142,9 +143,9 @@ class AriPoller:
                 self._taken.discard(row[0])
 
     async def _look(self, row: AriRow) -> None:
-        cert_id, chain, old_start, old_end = row
+        cert_id, chain, old_start, old_end, ca = row
         try:
-            found = await self.fetch(chain)
+            found = await self.fetch(chain, ca)
         except Exception as e:
             self.failures += 1
             self._report("failed")

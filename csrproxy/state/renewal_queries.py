@@ -93,14 +93,17 @@ class RenewalQueries:
             "UPDATE certificates SET renew_at = ?, lease_until = NULL WHERE id = ?", (when, cert_id)
         )
 
-    def ari_due(self, now: float, limit: int) -> list[tuple[str, str, float | None, float | None]]:
-        """(id, chain, ari_start, ari_end) of renewable certificates whose ARI look-up is due."""
+    def ari_due(
+        self, now: float, limit: int
+    ) -> list[tuple[str, str, float | None, float | None, str | None]]:
+        """(id, chain, ari_start, ari_end, ca) of renewable certificates whose ARI look-up
+        is due."""
         rows = self.conn.execute(
-            f"SELECT id, chain, ari_start, ari_end FROM certificates WHERE ari_next <= ? "
+            f"SELECT id, chain, ari_start, ari_end, ca FROM certificates WHERE ari_next <= ? "
             f"AND {_RENEWABLE} ORDER BY ari_next LIMIT ?",
             (now, limit),
         )
-        return [(r[0], r[1], r[2], r[3]) for r in rows]
+        return [(r[0], r[1], r[2], r[3], r[4]) for r in rows]
 
     def ari_looked(
         self,

@@ -10,7 +10,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.issuance.ari import AriPoller, Window
+from csrproxy.issuance.ari import AriPoller, AriRow, Window
 from csrproxy.state.database import StateDB
 from tests.support.renewals import DAY, SyncRenewals, add_certificates
 
@@ -30,7 +30,7 @@ class AriPollerTests(SynchronousTestCase):
         self.asked: list[float] = []
         self.answer: Window | Exception | str | None = "hold"
 
-    def fetch(self, chain: str) -> Deferred[Window | None]:
+    def fetch(self, chain: str, ca: str | None = None) -> Deferred[Window | None]:
         self.asked.append(self.clock.seconds())
         if isinstance(self.answer, Exception):
             return fail(self.answer)
@@ -134,9 +134,7 @@ class AriPollerTests(SynchronousTestCase):
         calls = [0]
         due = self.source.ari_due
 
-        def counted(
-            now: float, limit: int
-        ) -> Deferred[list[tuple[str, str, float | None, float | None]]]:
+        def counted(now: float, limit: int) -> Deferred[list[AriRow]]:
             calls[0] += 1
             return due(now, limit)
 
