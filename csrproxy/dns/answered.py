@@ -15,10 +15,7 @@ of queries for made-up challenge names costs a wait of at most one TTL, never me
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
-
-from twisted.names import dns
 
 #: The first label of every dns-01 challenge name, as it is on the wire (length byte first).
 CHALLENGE_LABEL = b"\x0f_acme-challenge"
@@ -44,7 +41,7 @@ class AnswerLog:
         self._horizon = 0.0
 
     def answered(self, name: bytes) -> None:
-        """A reply for ``name`` (lower case, no trailing dot) was sent just now."""
+        """A reply for ``name`` (its wire form, lower case) was sent just now."""
         until = self.clock() + self.ttl()
         if len(self._until) >= self.max_names and name not in self._until:
             self._horizon = max(self._horizon, *self._until.values())
@@ -54,23 +51,29 @@ class AnswerLog:
 
     def answered_reply(self, reply: bytes) -> None:
         """Note ``reply`` (a DNS message) when its question is a challenge name; any other
-        reply costs one comparison."""
-        if reply[12:28].lower() == CHALLENGE_LABEL:
-            wire = io.BytesIO(reply)
-            wire.seek(12)
-            name = dns.Name()
-            try:
-                name.decode(wire)
-            except Exception:
-                return  # not a name: nothing a cache could keep
-            self.answered(name.name.lower())
+        reply costs one comparison. The question's name is uncompressed (RFC 1035 4.1.4
+        lets compression point only backwards), so its lowercased wire bytes are the key,
+        as the memo's are (``csrproxy.dns.cached``)."""
+        if reply[12:28].lower() != CHALLENGE_LABEL:
+            return
+        end, size = 12, len(reply)
+        while end < size and 0 < reply[end] < 64:
+            end += 1 + reply[end]
+        if end < size and reply[end] == 0:
+            self.answered(reply[12 : end + 1].lower())
 
     def until(self, name: str) -> float:
         """The clock time after which no cache holds an answer we sent for ``name``
         (``_acme-challenge.<...>``); 0 when we never sent one (or long ago)."""
-        key = name.rstrip(".").lower().encode("ascii", "replace")
-        kept = self._until.get(key, 0.0)
+        kept = self._until.get(wire_name(name), 0.0)
         return max(kept, self._horizon)
 
     def __len__(self) -> int:
         return len(self._until)
+
+
+def wire_name(name: str) -> bytes:
+    """``name`` (text, any case, trailing dot or not) as the lowercased wire bytes of a
+    question's name: the key of :class:`AnswerLog`."""
+    labels = name.rstrip(".").lower().encode("ascii", "replace").split(b".")
+    return b"".join(bytes((len(label),)) + label for label in labels if label) + b"\0"

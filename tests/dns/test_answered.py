@@ -6,7 +6,7 @@ import dns.message
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from csrproxy.dns.answered import AnswerLog
+from csrproxy.dns.answered import AnswerLog, wire_name
 from csrproxy.dns.factory import ZoneServerFactory
 from csrproxy.dns.zone import ChallengeZone
 from csrproxy.testing.dns import reply_to
@@ -30,24 +30,24 @@ class AnswerLogTests(SynchronousTestCase):
         self.assertEqual(self.log.until(NAME), 0.0)
 
     def test_an_answer_lives_for_the_ttl_from_the_last_one(self) -> None:
-        self.log.answered(NAME.encode())
+        self.log.answered(wire_name(NAME))
         self.clock.advance(3)
-        self.log.answered(NAME.encode())
+        self.log.answered(wire_name(NAME))
         self.assertEqual(self.log.until(NAME), 1008.0)
         self.assertEqual(self.log.until(NAME.upper() + "."), 1008.0)
 
     def test_a_shorter_ttl_later_does_not_shorten_an_earlier_copy(self) -> None:
-        self.log.answered(NAME.encode())
+        self.log.answered(wire_name(NAME))
         self.ttl = 1.0
-        self.log.answered(NAME.encode())
+        self.log.answered(wire_name(NAME))
         self.assertEqual(self.log.until(NAME), 1005.0)
 
     def test_a_full_log_folds_into_one_horizon_for_every_name(self) -> None:
         for i in range(3):
-            self.log.answered(f"_acme-challenge.n{i}.go.example.test".encode())
+            self.log.answered(wire_name(f"_acme-challenge.n{i}.go.example.test"))
             self.clock.advance(1)
         self.assertEqual(len(self.log), 3)
-        self.log.answered(b"_acme-challenge.n3.go.example.test")
+        self.log.answered(wire_name("_acme-challenge.n3.go.example.test"))
         # The three kept were folded: any name now waits for the latest of them.
         self.assertEqual(len(self.log), 1)
         self.assertEqual(self.log.until("_acme-challenge.unseen.go.example.test"), 1007.0)
@@ -77,5 +77,10 @@ class AnswerLogTests(SynchronousTestCase):
         self.assertEqual(self.log.until(NAME), 1009.0)
 
     def test_a_reply_that_is_not_a_name_is_ignored(self) -> None:
-        self.log.answered_reply(b"\0" * 12 + b"\x0f_acme-challenge\x3f")
+        for bad in (
+            b"\x0f_acme-challenge\x3f",
+            b"\x0f_acme-challenge\xc0\x0c",
+            b"\x0f_acme-challenge",
+        ):
+            self.log.answered_reply(b"\0" * 12 + bad)
         self.assertEqual(len(self.log), 0)
