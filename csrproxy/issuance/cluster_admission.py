@@ -27,7 +27,15 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from csrproxy.issuance.admission import Admission, BudgetRow, Charge, Refund, TokenBucket
+from csrproxy.issuance.admission import (
+    ORDERS,
+    RESET_STAMP,
+    Admission,
+    BudgetRow,
+    Charge,
+    Refund,
+    TokenBucket,
+)
 from csrproxy.state.budgets import settle_budgets
 from csrproxy.state.store import Store
 
@@ -40,7 +48,8 @@ Shortfall = tuple[Charge, float] | None
 def take_one(
     charges: Sequence[Charge], now: float
 ) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], Shortfall]]:
-    """The decision on locked rows: a token from every bucket of ``charges``, or none."""
+    """The decision on locked rows: a token from every bucket of ``charges`` (those with
+    ``take``; the others only need one), or none."""
 
     def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], Shortfall]:
         buckets = []
@@ -49,10 +58,44 @@ def take_one(
             wait = bucket.wait_for(1, now)
             if wait > 0:
                 return [], (c, wait)
-            buckets.append((c.name, bucket))
+            if c.take:
+                buckets.append((c.name, bucket))
         for _, bucket in buckets:
             bucket.take(1, now)
         return [(name, b.tokens, b.stamp) for name, b in buckets], None
+
+    return decide
+
+
+def take_regardless(
+    charges: Sequence[Charge], now: float
+) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]]:
+    """The decision on locked rows that takes a token from every bucket of ``charges``, even
+    one already empty (a failure the CA counted is counted)."""
+
+    def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], None]:
+        changed = []
+        for c in charges:
+            bucket = _bucket(c, locked, now)
+            bucket.take(1, now)
+            changed.append((c.name, bucket.tokens, bucket.stamp))
+        return changed, None
+
+    return decide
+
+
+def reset(
+    charges: Sequence[Charge], now: float
+) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]]:
+    """The decision on looked-at rows that makes each bucket of ``charges`` that has a row
+    and is not full full again, stamped :data:`RESET_STAMP` (pruned as stale)."""
+
+    def decide(found: dict[str, BudgetRow]) -> tuple[list[BudgetRow], None]:
+        changed = []
+        for c in charges:
+            if c.name in found and not _bucket(c, found, now).full(now):
+                changed.append((c.name, c.capacity, RESET_STAMP))
+        return changed, None
 
     return decide
 
@@ -99,13 +142,49 @@ class ClusterAdmission:
             return succeed(None)
         return self._decide([charge])
 
-    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
-        charges = self.rules.charges(names, new_names)
+    def decide_order(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> Deferred[Refund]:
+        charges = self.rules.charges(names, new_names, replaces)
         if not charges:
             return succeed(lambda: None)
         # Failed orders still count against the CA's order limit, not against certificates.
-        refundable = [c for c in charges if c.reason != "orders"]
+        refundable = [c for c in charges if c.take and c.name != ORDERS]
         return self._decide(charges).addCallback(lambda _: lambda: self._give_back(refundable))
+
+    def authorization_failed(self, identifier: str) -> None:
+        charges = self.rules.failure_charges(identifier)
+        if charges:
+            now = self.rules.now()
+            self._settle("failed authorization not counted", charges,
+                         _full(charges, now), take_regardless(charges, now))  # fmt: skip
+
+    def authorizations_valid(self, names: Iterable[str]) -> None:
+        charges = self.rules.reset_charges(names)
+        if charges:
+            now = self.rules.now()
+            self._settle("failures in a row not reset", charges, [], reset(charges, now),
+                         peek=[c.name for c in charges])  # fmt: skip
+
+    def _settle(
+        self,
+        what: str,
+        charges: list[Charge],
+        full: list[BudgetRow],
+        decide: Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]],
+        peek: Sequence[str] = (),
+    ) -> None:
+        """A change nobody waits for; its failure is logged."""
+
+        def failed(failure: Failure) -> None:
+            log.warn(
+                "admission budgets: {what} ({names}): {err}",
+                what=what,
+                names=",".join(c.name for c in charges),
+                err=failure.getErrorMessage(),
+            )
+
+        self.store.run_alone(settle_budgets, self.store.db, full, decide, peek).addErrback(failed)
 
     def _decide(self, charges: list[Charge]) -> Deferred[None]:
         now = self.rules.now()
@@ -116,7 +195,7 @@ class ClusterAdmission:
         def decided(short: Shortfall) -> None:
             if out.called:
                 if short is None:
-                    self._give_back(charges)
+                    self._give_back([c for c in charges if c.take])
                 return
             if short is None:
                 out.callback(None)
@@ -128,8 +207,10 @@ class ClusterAdmission:
             if not out.called:
                 out.errback(failure)
 
+        taken = [c for c in charges if c.take]
+        peek = [c.name for c in charges if not c.take]
         self.store.run_alone(
-            settle_budgets, self.store.db, _full(charges, now), take_one(charges, now)
+            settle_budgets, self.store.db, _full(taken, now), take_one(charges, now), peek
         ).addCallbacks(decided, failed)
         return out
 
@@ -137,14 +218,4 @@ class ClusterAdmission:
         if not charges:
             return
         now = self.rules.now()
-
-        def failed(failure: Failure) -> None:
-            log.warn(
-                "admission budgets not given back ({names}): {err}",
-                names=",".join(c.name for c in charges),
-                err=failure.getErrorMessage(),
-            )
-
-        self.store.run_alone(
-            settle_budgets, self.store.db, _full(charges, now), give_one_back(charges, now)
-        ).addErrback(failed)
+        self._settle("not given back", charges, _full(charges, now), give_one_back(charges, now))

@@ -340,7 +340,7 @@ class Issuer:
                 return Issuance(inflight[0], inflight[1].wait())
             return self._start(csr, secrets.token_hex(16), refund, replaces, None, renewal)
 
-        decided = self.admission.decide_order(csr.names, new_names)
+        decided = self.admission.decide_order(csr.names, new_names, replaces)
         if self.ledger.shared and not renewal:
             # Identical requests decided together on several instances: the budget refused
             # this one because the others took it; join the order one of them places.
@@ -459,12 +459,15 @@ class Issuer:
                 chain = await obtain_chain(run)
             row = await self.ledger.order_valid(order_id, csr, chain, renewal)
         except Exception as e:
+            if isinstance(e, AuthorizationFailed):  # the CA counts it against the identifier
+                self.admission.authorization_failed(e.identifier)
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
             self.ledger.order_failed(order_id, str(e))
             raise
         finally:
             self.metrics.orders_in_flight.dec()
+        self.admission.authorizations_valid(csr.names)  # no failures in a row any more
         self.metrics.orders.labels("valid").inc()
         self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
         return CachedChain(chain.pem, row.not_before, row.not_after)
@@ -495,7 +498,7 @@ class Issuer:
         """The one fresh order for a resumed order that failed: a new order at the CA,
         charged to the order budgets like any (refused with :class:`RateLimited`)."""
         issued_before = await self.ledger.names_issued(csr.names)
-        refund = await self.admission.decide_order(csr.names, not issued_before)
+        refund = await self.admission.decide_order(csr.names, not issued_before, run.replaces)
         try:
             return await obtain_chain(run)
         except BaseException:

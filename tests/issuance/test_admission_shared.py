@@ -42,9 +42,11 @@ class Instance:
         rules = Admission(lambda: clock[0], budgets, "example.com", self.refusals.append)
         self.admission = ClusterAdmission(InlineStore(self.db), rules)  # type: ignore[arg-type]
 
-    def order(self, names: list[str] = NAMES, new: bool = False) -> Any:
+    def order(
+        self, names: list[str] = NAMES, new: bool = True, replaces: str | None = None
+    ) -> Any:
         """The refund when admitted, else the :class:`RateLimited`."""
-        return _now(self.admission.decide_order(names, new))
+        return _now(self.admission.decide_order(names, new, replaces))
 
     def client(self, client: str) -> Any:
         """None when admitted, else the :class:`RateLimited`."""
@@ -106,16 +108,16 @@ def test_every_kind_of_budget_is_shared(dsn: str, clock: list[float]) -> None:
         assert isinstance(refused, RateLimited) and refused.reason == "new-names"
         assert refused.retry_after == pytest.approx(WEEK / 2)
         assert callable(ns1.order(["z.other.org"], True))
-        assert callable(ns1.order(["z.example.com"], False))  # a renewal: no new names
+        assert callable(ns1.order(["z.example.com"], False))  # a renewal: no new names, no order
 
         for instance in (ns1, ns2):
             assert callable(instance.order(["same.other.org"], False))
         assert callable(ns1.order(["same.other.org"], False))
         refused = ns2.order(["same.other.org"], False)
         assert isinstance(refused, RateLimited) and refused.reason == "same-names"
-        # A refusal takes nothing: the orders budget counts only the admitted ones.
+        # A refusal takes nothing: the orders budget counts only the admitted new name sets.
         orders = load_budgets(ns1.db, 0, 1, prefix="orders")
-        assert orders == [("orders", 100 - 7, NOW)]
+        assert orders == [("orders", 100 - 3, NOW)]
 
 
 def test_a_refund_gives_one_back_to_the_cluster(dsn: str, clock: list[float]) -> None:
@@ -159,7 +161,7 @@ def test_concurrent_admissions_never_exceed_the_budget(dsn: str, clock: list[flo
         try:
             start.wait()
             for _ in range(50):
-                got = instance.order(pick.choice(name_sets), pick.random() < 0.5)
+                got = instance.order(pick.choice(name_sets), True)
                 outcomes[instance.db.instance].append(
                     "admitted" if callable(got) else got.reason
                 )
@@ -195,19 +197,19 @@ def test_through_the_store_thread(dsn: str, clock: list[float]) -> None:
     rules = Admission(lambda: clock[0], Budgets(0, 6, 0, 0), "example.com", refusals.append)
     admission = ClusterAdmission(store, rules)
     try:
-        decisions = [admission.decide_order([f"{i}.example.com"], False) for i in range(10)]
+        decisions = [admission.decide_order([f"{i}.example.com"], True) for i in range(10)]
         results = [_wait(d) for d in decisions]
         assert sum(callable(r) for r in results) == 6
         assert [r.reason for r in results if isinstance(r, RateLimited)] == ["orders"] * 4
         assert refusals == ["orders"] * 4
 
         clock[0] += THREE_HOURS / 6
-        gone = admission.decide_order(NAMES, False)
+        gone = admission.decide_order(NAMES, True)
         gone.cancel()  # the client went away while the database decided
         _wait(gone)
         assert isinstance(_wait(store.run(lambda: None)), type(None))
         # The token taken for the cancelled decision is back: the next one gets it.
-        assert callable(_wait(admission.decide_order(NAMES, False)))
+        assert callable(_wait(admission.decide_order(NAMES, True)))
     finally:
         store.stop()
 
