@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from csrproxy.errors import RateLimited
-from csrproxy.issuance.admission import THREE_HOURS, WEEK, Admission, Budgets
+from csrproxy.issuance.admission import HOUR, THREE_HOURS, WEEK, Admission, Budgets
 from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.state.budgets import load_budgets
 from csrproxy.state.database import StateDB
@@ -118,6 +118,51 @@ def test_every_kind_of_budget_is_shared(dsn: str, clock: list[float]) -> None:
         # A refusal takes nothing: the orders budget counts only the admitted new name sets.
         orders = load_budgets(ns1.db, 0, 1, prefix="orders")
         assert orders == [("orders", 100 - 3, NOW)]
+
+
+def test_the_exemptions_are_the_same(dsn: str, clock: list[float]) -> None:
+    with two(dsn, Budgets(1, 1, 2, 0, 0, 0), clock) as (ns1, ns2):
+        assert callable(ns1.order(["r.example.com"], True))
+        assert ns2.order(["s.example.com"], True).reason == "orders"
+        assert callable(ns2.order(["r.example.com"], False))  # a same-set renewal: no order
+        refused = ns1.order(["r.example.com"], False)
+        assert isinstance(refused, RateLimited) and refused.reason == "same-names"
+        for instance in (ns1, ns2, ns1):  # an ARI renewal pays nothing at all
+            assert callable(instance.order(["r.example.com"], True, replaces="aki.serial"))
+        assert load_budgets(ns1.db, 0, 1, prefix="orders") == [("orders", 0.0, NOW)]
+
+
+def test_failed_authorizations_are_shared(dsn: str, clock: list[float]) -> None:
+    with two(dsn, Budgets(0, 0, 0, 0, 2, 0), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("*.F.example.com")
+        ns2.admission.authorization_failed("f.example.com")
+        assert callable(ns1.order(["ok.example.com"]))
+        for instance in (ns1, ns2):
+            refused = instance.order(["ok.example.com", "f.example.com"])
+            assert isinstance(refused, RateLimited) and refused.reason == "failed-authorizations"
+            assert refused.retry_after == pytest.approx(HOUR / 2)
+        clock[0] += HOUR / 2
+        assert callable(ns2.order(["f.example.com"]))
+        # Checking made no rows: only the failures did.
+        assert [r[0] for r in load_budgets(ns1.db, 0, 100)] == ["failed-authz:f.example.com"]
+
+
+def test_a_pause_is_shared_and_a_valid_authorization_lifts_it(
+    dsn: str, clock: list[float]
+) -> None:
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 2), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        ns2.admission.authorization_failed("p.example.com")
+        clock[0] += 400 * 86400.0  # never refilled
+        for instance in (ns1, ns2):
+            for replaces in (None, "aki.serial"):
+                refused = instance.order(["p.example.com"], replaces=replaces)
+                assert isinstance(refused, RateLimited) and refused.reason == "paused"
+                assert refused.retry_after is None
+        ns2.admission.authorizations_valid(["p.example.com", "q.example.com"])
+        assert callable(ns1.order(["p.example.com"]))
+        # The reset row is stamped 0 (pruned as stale); none was made for q.
+        assert load_budgets(ns1.db, 0, 100) == [("consecutive-failures:p.example.com", 2.0, 0.0)]
 
 
 def test_a_refund_gives_one_back_to_the_cluster(dsn: str, clock: list[float]) -> None:
