@@ -12,15 +12,20 @@ The clock is the deciding instance's (reactor time, epoch seconds); instances ar
 expected NTP-synced.  A stamp ahead of ``now`` (a clock behind the others) counts from
 ``now``: a skew of s seconds refills at most ``s * capacity / period`` tokens early.
 
-Bounds: one store call per decision, one transaction of three statements (the upsert,
-the update of the rows taken from when admitted, the commit), holding the locks only for
-it; the rows are the buckets (one per budget and key), pruned by the ``budgets`` rule
-(:mod:`csrproxy.state.prune`) once untouched for a week, like the rows the
-single-instance path persists.
+Bounds: one store call per decision, one transaction of four statements (the upsert,
+the look at the rows only checked, the update of the rows taken from when admitted, the
+commit), holding the locks only for it; the rows are the buckets (one per budget and key),
+pruned by the ``budgets`` rule (:mod:`csrproxy.state.prune`) once untouched for a week,
+like the rows the single-instance path persists (failures in a row: once reset).  A
+failed authorization is one more store call; a valid order one more only for names this
+instance knows to have failures in a row (it failed them, or its decision saw their row:
+a failure elsewhere after the decision is not reset by it, a count too high, never too
+low), at most :data:`MAX_FAILING` names remembered.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, succeed
@@ -28,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.issuance.admission import (
+    CONSECUTIVE,
     ORDERS,
     RESET_STAMP,
     Admission,
@@ -43,18 +49,25 @@ log = Logger()
 
 #: What a decision comes back with: None when admitted, else the short charge and its wait.
 Shortfall = tuple[Charge, float] | None
+#: Names of failures-in-a-row buckets an instance remembers as not full (oldest forgotten).
+MAX_FAILING = 100_000
 
 
 def take_one(
-    charges: Sequence[Charge], now: float
+    charges: Sequence[Charge], now: float, failing: list[str] | None = None
 ) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], Shortfall]]:
     """The decision on locked rows: a token from every bucket of ``charges`` (those with
-    ``take``; the others only need one), or none."""
+    ``take``; the others only need one), or none.  The failures-in-a-row buckets found not
+    full are added to ``failing``."""
 
     def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], Shortfall]:
         buckets = []
         for c in charges:
             bucket = _bucket(c, locked, now)
+            known = failing is not None and c.name in locked
+            if known and c.name.startswith(CONSECUTIVE) and not bucket.full(now):
+                assert failing is not None
+                failing.append(c.name)
             wait = bucket.wait_for(1, now)
             if wait > 0:
                 return [], (c, wait)
@@ -135,6 +148,15 @@ class ClusterAdmission:
     def __init__(self, store: Store, rules: Admission) -> None:
         self.store = store
         self.rules = rules
+        #: Failures-in-a-row buckets known not full (a valid order resets only those).
+        self._failing: OrderedDict[str, None] = OrderedDict()
+
+    def _remember_failing(self, names: Iterable[str]) -> None:
+        for name in names:
+            self._failing[name] = None
+            self._failing.move_to_end(name)
+        while len(self._failing) > MAX_FAILING:
+            self._failing.popitem(last=False)
 
     def decide_client(self, client: str) -> Deferred[None]:
         charge = self.rules.client_charge(client)
@@ -154,13 +176,16 @@ class ClusterAdmission:
 
     def authorization_failed(self, identifier: str) -> None:
         charges = self.rules.failure_charges(identifier)
+        self._remember_failing(c.name for c in charges if c.name.startswith(CONSECUTIVE))
         if charges:
             now = self.rules.now()
             self._settle("failed authorization not counted", charges,
                          _full(charges, now), take_regardless(charges, now))  # fmt: skip
 
     def authorizations_valid(self, names: Iterable[str]) -> None:
-        charges = self.rules.reset_charges(names)
+        charges = [c for c in self.rules.reset_charges(names) if c.name in self._failing]
+        for c in charges:
+            del self._failing[c.name]
         if charges:
             now = self.rules.now()
             self._settle("failures in a row not reset", charges, [], reset(charges, now),
@@ -192,7 +217,10 @@ class ClusterAdmission:
         # decision, whose tokens are then given back (nothing was started with them).
         out: Deferred[None] = Deferred()
 
+        failing: list[str] = []
+
         def decided(short: Shortfall) -> None:
+            self._remember_failing(failing)
             if out.called:
                 if short is None:
                     self._give_back([c for c in charges if c.take])
@@ -210,7 +238,7 @@ class ClusterAdmission:
         taken = [c for c in charges if c.take]
         peek = [c.name for c in charges if not c.take]
         self.store.run_alone(
-            settle_budgets, self.store.db, _full(taken, now), take_one(charges, now), peek
+            settle_budgets, self.store.db, _full(taken, now), take_one(charges, now, failing), peek
         ).addCallbacks(decided, failed)
         return out
 

@@ -165,6 +165,18 @@ def test_a_pause_is_shared_and_a_valid_authorization_lifts_it(
         assert load_budgets(ns1.db, 0, 100) == [("consecutive-failures:p.example.com", 2.0, 0.0)]
 
 
+def test_a_valid_order_resets_a_count_another_instance_made(
+    dsn: str, clock: list[float]
+) -> None:
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 3), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        ns2.admission.authorizations_valid(["p.example.com"])  # ns2 knows of no failure
+        assert load_budgets(ns1.db, 0, 10) == [("consecutive-failures:p.example.com", 2.0, NOW)]
+        assert callable(ns2.order(["p.example.com"]))  # its decision sees the count
+        ns2.admission.authorizations_valid(["p.example.com"])
+        assert load_budgets(ns1.db, 0, 10) == [("consecutive-failures:p.example.com", 3.0, 0.0)]
+
+
 def test_a_refund_gives_one_back_to_the_cluster(dsn: str, clock: list[float]) -> None:
     with two(dsn, Budgets(0, 5, 1, 0), clock) as (ns1, ns2):
         refund = ns1.order()
