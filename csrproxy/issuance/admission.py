@@ -3,15 +3,9 @@
 Pure logic with an injected clock.  Every budget is a token bucket
 (:mod:`csrproxy.issuance.buckets`) that holds ``capacity`` tokens and refills them
 evenly over ``period`` seconds, so a full bucket allows a burst of ``capacity`` and then
-``capacity`` per ``period``.  A refusal names its budget and says when the bucket has
-room again (a paused identifier never has: no ``Retry-After``).
-
-Which orders pay what, as Let's Encrypt applies its limits: an ARI renewal (``replaces``)
-pays nothing; a renewal of a set of names issued before pays only the same-names budget;
-a new set of names pays the orders budget, the same-names budget and the new-names budget
-of every registered domain among its names.  Every order is first checked against the
-failed-authorization budgets of its identifiers (ARI renewals too for the pause: the CA
-refuses a paused identifier in any order), which only failed authorizations spend.
+``capacity`` per ``period``.  Which buckets a request pays is
+:mod:`csrproxy.issuance.limits` (Let's Encrypt's rules).  A refusal names its budget and
+says when the bucket has room again (a paused identifier never has: no ``Retry-After``).
 
 Every bucket has a persistent name (``orders``, ``same-names:<names>``,
 ``new-names:<domain>``, ``client:<id>``, ``failed-authz:<identifier>``,
@@ -24,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -32,9 +25,40 @@ from twisted.logger import Logger
 
 from csrproxy.errors import RateLimited
 from csrproxy.issuance.buckets import BucketMap, TokenBucket
-from csrproxy.issuance.domains import identifier_of, registered_domain
+from csrproxy.issuance.limits import (
+    CLIENT,
+    CONSECUTIVE,
+    FAILED_AUTHZ,
+    HOUR,
+    NEVER,
+    NEW_NAMES,
+    ORDERS,
+    REASONS,
+    RESET_STAMP,
+    SAME_NAMES,
+    THREE_HOURS,
+    WEEK,
+    Budgets,
+    Charge,
+    client_charge,
+    failure_charges,
+    order_charges,
+    registered_domain_of,
+    reset_charges,
+)
 
 __all__ = [
+    "CLIENT",
+    "CONSECUTIVE",
+    "FAILED_AUTHZ",
+    "HOUR",
+    "NEW_NAMES",
+    "ORDERS",
+    "REASONS",
+    "RESET_STAMP",
+    "SAME_NAMES",
+    "THREE_HOURS",
+    "WEEK",
     "Admission",
     "AdmissionGate",
     "BucketMap",
@@ -48,53 +72,12 @@ __all__ = [
 
 log = Logger()
 
-WEEK = 7 * 24 * 3600.0
-THREE_HOURS = 3 * 3600.0
-HOUR = 3600.0
-#: The period of a budget that never refills (consecutive failures: only a valid
-#: authorization or the operator resets it).
-NEVER = math.inf
-
 #: A bucket as stored: its persistent name, its tokens and when they were counted.
 BudgetRow = tuple[str, float, float]
-#: The persistent names of buckets: ``orders``, then ``<prefix>:<key>`` per keyed budget.
-ORDERS = "orders"
-SAME_NAMES = "same-names"  # key: the sorted names joined by ","
-NEW_NAMES = "new-names"  # key: the registered domain
-CLIENT = "client"  # key: the client id (its token's id, else its address)
-FAILED_AUTHZ = "failed-authz"  # key: the identifier (lower case, no "*.")
-CONSECUTIVE = "consecutive-failures"  # key: the identifier
-#: The stamp of a reset row (consecutive failures): full since forever, so the ``budgets``
-#: pruning rule removes it (:mod:`csrproxy.state.prune` keeps the other such rows).
-RESET_STAMP = 0.0
-
-#: The ``reason`` of each refusal (and the ``reason`` label of the refusal counter).
-REASONS = {
-    ORDERS: "orders",
-    SAME_NAMES: "same-names",
-    NEW_NAMES: "new-names",
-    CLIENT: "client",
-    FAILED_AUTHZ: "failed-authorizations",
-    CONSECUTIVE: "paused",
-}
-
-
 #: Gives back what a failed order should not cost.
 Refund = Callable[[], None]
-
-
-@dataclass(frozen=True)
-class Charge:
-    """One token an admission takes: from the bucket ``name`` (``capacity`` per ``period``
-    seconds), refused as ``reason`` with ``detail``.  With ``take`` False the bucket is only
-    checked for a token (failed authorizations spend it, not orders)."""
-
-    name: str
-    reason: str
-    detail: str
-    capacity: float
-    period: float
-    take: bool = True
+#: Let's Encrypt's limits with csrproxy's margins.
+DEFAULT_BUDGETS = Budgets()
 
 
 class AdmissionGate(Protocol):
@@ -119,51 +102,6 @@ class AdmissionGate(Protocol):
         """Every identifier of ``names`` has a valid authorization: no failures in a row."""
 
 
-@dataclass(frozen=True)
-class Budgets:
-    """The limits; 0 turns a budget off.
-
-    Let's Encrypt's published limits (2026) and the defaults here:
-
-    - new orders per account: 300 per 3 h (refill 1 per 36 s); default 250, a margin for
-      orders placed by other clients of the account and for clock differences;
-    - new certificates per registered domain (Public Suffix List; an IPv4 address, an
-      IPv6 /64): 50 per 7 days across all accounts; default 45, the same margin;
-    - certificates for one exact set of names: 5 per 7 days, no override; default 5;
-    - failed authorizations per identifier per account: 5 per hour; default 5;
-    - consecutive failed authorizations per identifier per account: 1,152, then the CA
-      pauses the identifier until it is unpaused; default 1,152 (the CA refills one a
-      day; here only a valid authorization or ``csrproxy-admin unpause`` resets the count,
-      which never pauses later than the CA would).
-
-    An ARI renewal (``replaces``) is exempt from all of them; another renewal of a set
-    of names issued before is exempt from the orders and registered-domain limits.
-    """
-
-    #: New certificates (a set of names never issued before) per registered domain per week.
-    new_names_per_week: int = 45
-    #: New orders per 3 hours (Let's Encrypt: 300 per account).
-    orders_per_3h: int = 250
-    #: Certificates for one exact set of names per week (Let's Encrypt: 5, no override).
-    same_names_per_week: int = 5
-    #: Sign requests per client (bearer token, else address) per hour.
-    client_requests_per_hour: int = 60
-    #: Failed authorizations per identifier per hour (Let's Encrypt: 5 per account).
-    failed_authorizations_per_hour: int = 5
-    #: Failed authorizations of one identifier in a row, then it is paused (Let's Encrypt:
-    #: 1,152).
-    consecutive_failed_authorizations: int = 1152
-
-
-def registered_domain_of(name: str, registered: str = "") -> str:
-    """``registered`` (an explicit override) when ``name`` is it or below it, else the
-    name's registered domain by the Public Suffix List."""
-    ident = identifier_of(name)
-    if registered and (ident == registered or ident.endswith("." + registered)):
-        return registered
-    return registered_domain(ident)
-
-
 class Admission:
     """Decides, before any order is made, whether it fits every budget.
 
@@ -178,7 +116,7 @@ class Admission:
     def __init__(
         self,
         now: Callable[[], float],
-        budgets: Budgets = Budgets(),
+        budgets: Budgets = DEFAULT_BUDGETS,
         registered_domain: str = "",
         on_refusal: Callable[[str], None] | None = None,
         persist: Callable[[list[BudgetRow]], object] | None = None,
@@ -289,108 +227,20 @@ class Admission:
     def charges(
         self, names: Iterable[str], new_names: bool, replaces: str | None = None
     ) -> list[Charge]:
-        """The buckets one order for ``names`` costs (or checks) a token of, in the order
-        they are checked: see the module docstring for who pays what."""
-        names = sorted(names)
-        identifiers = sorted({identifier_of(n) for n in names})
-        b = self.budgets
-        found: list[Charge] = []
-        if CONSECUTIVE in self._keyed:
-            # Every order, ARI renewals too: the CA refuses a paused identifier in any order.
-            found += [
-                Charge(
-                    f"{CONSECUTIVE}:{ident}",
-                    REASONS[CONSECUTIVE],
-                    f"{ident} is paused after {b.consecutive_failed_authorizations} failed "
-                    "authorizations in a row; make its challenges pass, unpause it at the CA "
-                    f"(the link in the CA's refusal), then run `csrproxy-admin unpause {ident}`",
-                    b.consecutive_failed_authorizations,
-                    NEVER,
-                    take=False,
-                )
-                for ident in identifiers
-            ]
-        if replaces is not None:
-            # An ARI renewal is exempt from every limit as long as the certificate it
-            # replaces was not replaced already: the issuer renews only current
-            # certificates (a successor issued here would be current instead); one
-            # replaced through another client of the same account is not known here.
-            return found
-        if FAILED_AUTHZ in self._keyed:
-            found += [
-                Charge(
-                    f"{FAILED_AUTHZ}:{ident}",
-                    REASONS[FAILED_AUTHZ],
-                    f"more than {b.failed_authorizations_per_hour} failed authorizations "
-                    f"for {ident} in an hour",
-                    b.failed_authorizations_per_hour,
-                    HOUR,
-                    take=False,
-                )
-                for ident in identifiers
-            ]
-        if new_names and self._orders is not None:
-            # A renewal of a set issued before is exempt from the CA's orders limit.
-            found.append(
-                Charge(ORDERS, REASONS[ORDERS], f"more than {b.orders_per_3h} orders in 3 h",
-                       b.orders_per_3h, THREE_HOURS)
-            )  # fmt: skip
-        if SAME_NAMES in self._keyed:
-            found.append(
-                Charge(
-                    f"{SAME_NAMES}:{','.join(names)}",
-                    REASONS[SAME_NAMES],
-                    f"more than {b.same_names_per_week} certificates for "
-                    "this exact set of names in a week",
-                    b.same_names_per_week,
-                    WEEK,
-                )
-            )
-        if new_names and NEW_NAMES in self._keyed:
-            found += [
-                Charge(
-                    f"{NEW_NAMES}:{domain}",
-                    REASONS[NEW_NAMES],
-                    f"more than {b.new_names_per_week} new certificates for {domain} in a week",
-                    b.new_names_per_week,
-                    WEEK,
-                )
-                for domain in self.domains(names)
-            ]
-        return found
+        """:func:`~csrproxy.issuance.limits.order_charges` under these budgets."""
+        return order_charges(self.budgets, names, new_names, replaces, self.registered_domain)
 
     def failure_charges(self, identifier: str) -> list[Charge]:
-        """The buckets one failed authorization of ``identifier`` takes a token of."""
-        ident = identifier_of(identifier)
-        return [
-            Charge(f"{prefix}:{ident}", REASONS[prefix], "", m.capacity, m.period)
-            for prefix, m in self._keyed.items()
-            if prefix in (FAILED_AUTHZ, CONSECUTIVE)
-        ]
+        """:func:`~csrproxy.issuance.limits.failure_charges` under these budgets."""
+        return failure_charges(self.budgets, identifier)
 
     def reset_charges(self, names: Iterable[str]) -> list[Charge]:
-        """The consecutive-failure buckets a valid authorization of each of ``names`` resets."""
-        m = self._keyed.get(CONSECUTIVE)
-        if m is None:
-            return []
-        idents = sorted({identifier_of(n) for n in names})
-        return [
-            Charge(f"{CONSECUTIVE}:{i}", REASONS[CONSECUTIVE], "", m.capacity, NEVER, False)
-            for i in idents
-        ]
+        """:func:`~csrproxy.issuance.limits.reset_charges` under these budgets."""
+        return reset_charges(self.budgets, names)
 
     def client_charge(self, client: str) -> Charge | None:
-        """The bucket a sign request of ``client`` costs a token of (None: budget off)."""
-        if CLIENT not in self._keyed:
-            return None
-        return Charge(
-            f"{CLIENT}:{client}",
-            REASONS[CLIENT],
-            f"this client made more than {self.budgets.client_requests_per_hour} "
-            "sign requests in the last hour",
-            self.budgets.client_requests_per_hour,
-            HOUR,
-        )
+        """:func:`~csrproxy.issuance.limits.client_charge` under these budgets."""
+        return client_charge(self.budgets, client)
 
     def refuse(self, reason: str, wait: float, detail: str) -> RateLimited:
         """The refusal of budget ``reason`` with room again in ``wait`` s (counted once)."""

@@ -40,7 +40,7 @@ DAY = 86400.0
 #: Days after which an untouched admission budget is full again (the longest budget window).
 BUDGET_DAYS = 7.0
 #: Budget rows that stay until reset, whatever their age (``CONSECUTIVE`` in
-#: :mod:`csrproxy.issuance.admission`): one per identifier that failed since its last
+#: :mod:`csrproxy.issuance.limits`): one per identifier that failed since its last
 #: valid authorization.
 UNTIL_RESET = "consecutive-failures:"
 
