@@ -228,3 +228,17 @@ class LetsEncryptRuleTests(SynchronousTestCase):
         for _ in range(2000):
             a.authorization_failed("f.example.com")
         a.admit_order(["f.example.com"], True)
+
+
+class ClusterMemoryTests(SynchronousTestCase):
+    def test_the_names_known_to_fail_are_bounded(self) -> None:
+        from typing import cast
+
+        from csrproxy.issuance import cluster_admission
+        from csrproxy.state.store import Store
+
+        self.patch(cluster_admission, "MAX_FAILING", 10)
+        gate = cluster_admission.ClusterAdmission(cast(Store, None), Admission(Clock().seconds))
+        gate._remember_failing(f"consecutive-failures:n{i}.example.com" for i in range(1000))
+        self.assertEqual(len(gate._failing), 10)
+        self.assertIn("consecutive-failures:n999.example.com", gate._failing)
