@@ -177,6 +177,17 @@ def test_a_valid_order_resets_a_count_another_instance_made(
         assert load_budgets(ns1.db, 0, 10) == [("consecutive-failures:p.example.com", 3.0, 0.0)]
 
 
+def test_unpause_takes_effect_at_once_for_the_cluster(dsn: str, clock: list[float]) -> None:
+    from csrproxy.admin import unpause
+
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 1), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        assert ns2.order(["p.example.com"]).reason == "paused"
+        message = unpause(ns2.db, "p.example.com")
+        assert "forgotten" in message and "restart" not in message
+        assert callable(ns1.order(["p.example.com"]))
+
+
 def test_a_refund_gives_one_back_to_the_cluster(dsn: str, clock: list[float]) -> None:
     with two(dsn, Budgets(0, 5, 1, 0), clock) as (ns1, ns2):
         refund = ns1.order()
