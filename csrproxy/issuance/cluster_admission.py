@@ -81,10 +81,11 @@ def take_one(
 
 
 def take_regardless(
-    charges: Sequence[Charge], now: float
+    charges: Sequence[Charge], now: float, paused: list[str] | None = None
 ) -> Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]]:
     """The decision on locked rows that takes a token from every bucket of ``charges``, even
-    one already empty (a failure the CA counted is counted)."""
+    one already empty (a failure the CA counted is counted).  A failures-in-a-row bucket
+    this empties (its identifier now paused) is added to ``paused``."""
 
     def decide(locked: dict[str, BudgetRow]) -> tuple[list[BudgetRow], None]:
         changed = []
@@ -92,6 +93,8 @@ def take_regardless(
             bucket = _bucket(c, locked, now)
             bucket.take(1, now)
             changed.append((c.name, bucket.tokens, bucket.stamp))
+            if paused is not None and c.name.startswith(CONSECUTIVE) and 0 <= bucket.tokens < 1:
+                paused.append(c.name.partition(":")[2])
         return changed, None
 
     return decide
@@ -132,6 +135,12 @@ def give_one_back(
 def _bucket(charge: Charge, locked: dict[str, BudgetRow], now: float) -> TokenBucket:
     _, tokens, stamp = locked.get(charge.name, (charge.name, charge.capacity, now))
     return TokenBucket.restored(charge.capacity, charge.period, tokens, stamp, now)
+
+
+def _log_paused(names: Sequence[str]) -> None:
+    for name in names:
+        log.warn("{name} paused: as many failed authorizations in a row as the CA allows",
+                 name=name)  # fmt: skip
 
 
 def _full(charges: Sequence[Charge], now: float) -> list[BudgetRow]:
@@ -179,8 +188,10 @@ class ClusterAdmission:
         self._remember_failing(c.name for c in charges if c.name.startswith(CONSECUTIVE))
         if charges:
             now = self.rules.now()
+            paused: list[str] = []
             self._settle("failed authorization not counted", charges,
-                         _full(charges, now), take_regardless(charges, now))  # fmt: skip
+                         _full(charges, now), take_regardless(charges, now, paused)
+                         ).addCallback(lambda _: _log_paused(paused))  # fmt: skip
 
     def authorizations_valid(self, names: Iterable[str]) -> None:
         charges = [c for c in self.rules.reset_charges(names) if c.name in self._failing]
@@ -198,8 +209,8 @@ class ClusterAdmission:
         full: list[BudgetRow],
         decide: Callable[[dict[str, BudgetRow]], tuple[list[BudgetRow], None]],
         peek: Sequence[str] = (),
-    ) -> None:
-        """A change nobody waits for; its failure is logged."""
+    ) -> Deferred[None]:
+        """A change nobody waits for; its failure is logged (the Deferred never fails)."""
 
         def failed(failure: Failure) -> None:
             log.warn(
@@ -209,7 +220,9 @@ class ClusterAdmission:
                 err=failure.getErrorMessage(),
             )
 
-        self.store.run_alone(settle_budgets, self.store.db, full, decide, peek).addErrback(failed)
+        return self.store.run_alone(settle_budgets, self.store.db, full, decide, peek).addErrback(
+            failed
+        )
 
     def _decide(self, charges: list[Charge]) -> Deferred[None]:
         now = self.rules.now()

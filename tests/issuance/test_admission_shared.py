@@ -150,9 +150,20 @@ def test_failed_authorizations_are_shared(dsn: str, clock: list[float]) -> None:
 def test_a_pause_is_shared_and_a_valid_authorization_lifts_it(
     dsn: str, clock: list[float]
 ) -> None:
+    from typing import cast
+
+    from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+
+    logged: list[LogEvent] = []
+    observer = cast(ILogObserver, logged.append)
+    globalLogPublisher.addObserver(observer)
     with two(dsn, Budgets(0, 0, 0, 0, 0, 2), clock) as (ns1, ns2):
         ns1.admission.authorization_failed("p.example.com")
         ns2.admission.authorization_failed("p.example.com")
+        globalLogPublisher.removeObserver(observer)
+        paused = [formatEvent(e) for e in logged if "paused" in formatEvent(e)]
+        assert paused == ["p.example.com paused: as many failed authorizations in a row as "
+                          "the CA allows"]  # fmt: skip
         clock[0] += 400 * 86400.0  # never refilled
         for instance in (ns1, ns2):
             for replaces in (None, "aki.serial"):
