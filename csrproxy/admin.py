@@ -7,6 +7,7 @@
     csrproxy-admin --config FILE account                  account URL and public key (for CAA)
     csrproxy-admin --config FILE backup FILE              copy the state database, live
     csrproxy-admin --config FILE restore FILE             put a backup in place (daemon stopped)
+    csrproxy-admin --config FILE unpause NAME             forget NAME's failures in a row
 
 ``ID`` is a certificate's row id (as listed), an order id, or the certificate id an
 installation was given (``CSRProxy-Certificate-Id``: its newest certificate).  The
@@ -34,6 +35,8 @@ from csrproxy.acme.client import REVOCATION_REASONS
 from csrproxy.acme.jws import AccountKey
 from csrproxy.config import Config, load_config
 from csrproxy.errors import ConfigError, CsrproxyError
+from csrproxy.issuance.admission import CONSECUTIVE
+from csrproxy.issuance.domains import identifier_of
 from csrproxy.issuance.ledger import CERTIFICATE_ID_SECRET, CertificateIds
 from csrproxy.state.database import DB_NAME, UNFINISHED, CertificateRow, OrderRow, StateDB
 from csrproxy.state.lock import StateInUse, StateLock, in_use
@@ -306,6 +309,22 @@ def restore(state: StateDir, source: Path) -> str:
     return done
 
 
+def unpause(db: StateDB, name: str) -> str:
+    """Forget the failed authorizations in a row of ``name`` (its pause): what csrproxy
+    counts, not the CA's pause, which its own unpause link lifts (in the CA's refusal)."""
+    ident = identifier_of(name)
+    with db.transaction() as conn:
+        gone = conn.execute("DELETE FROM budgets WHERE name = ?", (f"{CONSECUTIVE}:{ident}",))
+        found = gone.rowcount > 0
+    if not found:
+        return f"{ident} has no failed authorizations in a row: nothing to unpause"
+    done = f"{ident}: its failed authorizations in a row are forgotten"
+    if not db.shared:
+        # One instance keeps its budgets in memory and writes them; it reads them at start.
+        done += "; restart csrproxy for it to take effect"
+    return done
+
+
 def _backup_or_restore(state: StateDir, command: str, file: str) -> int:
     try:
         if command == "backup":
@@ -341,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "restore", help="replace the state database with the backup FILE (csrproxy stopped)"
     )
     res.add_argument("file", metavar="FILE")
+    unp = sub.add_parser(
+        "unpause",
+        help="forget NAME's failed authorizations in a row (csrproxy refuses a paused name; "
+        "unpause it at the CA too)",
+    )
+    unp.add_argument("name", metavar="NAME")
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
@@ -374,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(doc, indent=2))
         elif args.command == "account":
             print(json.dumps(account_info(config, state, db), indent=2))
+        elif args.command == "unpause":
+            print(unpause(db, args.name))
         elif args.command == "revoke":
             revoke(config, state, db, args.id, args.reason)
         return 0

@@ -208,12 +208,13 @@ class SubjectNotAllowed(CsrproxyError):
 
 class RateLimited(CsrproxyError):
     """csrproxy's own admission control refused; ``reason`` names the budget, ``retry_after``
-    is the number of seconds until it has room again."""
+    is the number of seconds until it has room again (None: never by itself, e.g. a paused
+    identifier, which needs the operator)."""
 
     problem = "rate-limited"
     status = 429
 
-    def __init__(self, detail: str, reason: str, retry_after: float) -> None:
+    def __init__(self, detail: str, reason: str, retry_after: float | None) -> None:
         super().__init__(detail)
         self.reason = reason
         self.retry_after = retry_after

@@ -640,6 +640,8 @@ def build_service(
             orders_per_3h=pol.orders_per_3h,
             same_names_per_week=pol.same_names_per_week,
             client_requests_per_hour=pol.client_requests_per_hour,
+            failed_authorizations_per_hour=pol.failed_authorizations_per_hour,
+            consecutive_failed_authorizations=pol.consecutive_failed_authorizations,
         ),
         registered_domain=pol.registered_domain,
         on_refusal=metrics.refusal,

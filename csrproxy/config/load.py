@@ -37,7 +37,7 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     acme = parse_acme(document.table("acme"))
     api = parse_api(document.table("api", required=False))
     dns = parse_dns(document.table("dns"), acme.directory)
-    policy = parse_policy(document.table("policy"), dns.zone)
+    policy = parse_policy(document.table("policy"))
     state = parse_state(document.table("state"))
     renewal = parse_renewal(document.table("renewal", required=False))
     cluster = parse_cluster(document.table("cluster", required=False))

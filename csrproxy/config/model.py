@@ -188,13 +188,16 @@ class PolicyConfig:
     #: Certificate profiles a request may ask for (POST /v1/sign "profile"), if the CA's
     #: directory offers them; empty: requests get [acme] profile.
     profiles: tuple[str, ...] = ()
-    #: The registered domain the new-names budget is counted for (default: the last two
-    #: labels of [dns] zone).
+    #: Names at or below it count for it in the new-names budget; every other name (and
+    #: every name when empty, the default) for its registered domain by the Public Suffix
+    #: List. The budgets below: csrproxy.issuance.admission.Budgets; 0 turns one off.
     registered_domain: str = ""
     new_names_per_week: int = 45
     orders_per_3h: int = 250
     same_names_per_week: int = 5
     client_requests_per_hour: int = 60
+    failed_authorizations_per_hour: int = 5
+    consecutive_failed_authorizations: int = 1152
 
 
 @dataclass(frozen=True)

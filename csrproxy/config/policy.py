@@ -7,8 +7,9 @@ from csrproxy.config.reader import Table
 from csrproxy.names import CSR_KEY_TYPES, NamePattern, subject_common_name
 
 
-def parse_policy(policy: Table, zone: str) -> PolicyConfig:
-    """``[policy]``; the registered domain defaults to the last two labels of ``zone``."""
+def parse_policy(policy: Table) -> PolicyConfig:
+    """``[policy]``; the registered domain of a name comes from the Public Suffix List
+    unless ``registered_domain`` names it."""
     subject = policy.get("subject", str, PolicyConfig.subject)
     if subject is None:
         names = policy.strings("names")
@@ -37,7 +38,7 @@ def parse_policy(policy: Table, zone: str) -> PolicyConfig:
         if not profile or len(profile) > 64 or not profile.isprintable() or " " in profile:
             raise policy.error("profiles", f"{profile!r} is not a profile name")
     registered = policy.get("registered_domain", str, PolicyConfig.registered_domain)
-    registered = registered.strip().rstrip(".").lower() or ".".join(zone.split(".")[-2:])
+    registered = registered.strip().rstrip(".").lower()
 
     def budget(key: str) -> int:
         """A budget (the CA's rate limits and our own); 0 turns it off."""
@@ -57,6 +58,8 @@ def parse_policy(policy: Table, zone: str) -> PolicyConfig:
         orders_per_3h=budget("orders_per_3h"),
         same_names_per_week=budget("same_names_per_week"),
         client_requests_per_hour=budget("client_requests_per_hour"),
+        failed_authorizations_per_hour=budget("failed_authorizations_per_hour"),
+        consecutive_failed_authorizations=budget("consecutive_failed_authorizations"),
     )
     policy.done()
     return config

@@ -1,12 +1,15 @@
 """Admission control: token buckets that keep the publisher inside the CA's limits.
 
-Pure logic with an injected clock.  Every budget is a token bucket that holds
-``capacity`` tokens and refills them evenly over ``period`` seconds, so a full
-bucket allows a burst of ``capacity`` and then ``capacity`` per ``period``.
-A refusal names its budget and says when the bucket has room again.
+Pure logic with an injected clock.  Every budget is a token bucket
+(:mod:`csrproxy.issuance.buckets`) that holds ``capacity`` tokens and refills them
+evenly over ``period`` seconds, so a full bucket allows a burst of ``capacity`` and then
+``capacity`` per ``period``.  Which buckets a request pays is
+:mod:`csrproxy.issuance.limits` (Let's Encrypt's rules).  A refusal names its budget and
+says when the bucket has room again (a paused identifier never has: no ``Retry-After``).
 
 Every bucket has a persistent name (``orders``, ``same-names:<names>``,
-``new-names:<domain>``, ``client:<id>``): each change is handed to ``persist`` as
+``new-names:<domain>``, ``client:<id>``, ``failed-authz:<identifier>``,
+``consecutive-failures:<identifier>``): each change is handed to ``persist`` as
 ``(name, tokens, stamp)`` rows and :meth:`Admission.restore` rebuilds the buckets
 from them, so a restart does not refill a spent budget.
 """
@@ -14,46 +17,71 @@ from them, so a restart does not refill a spent budget.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
 
 from csrproxy.errors import RateLimited
+from csrproxy.issuance.buckets import BucketMap, TokenBucket
+from csrproxy.issuance.limits import (
+    CLIENT,
+    CONSECUTIVE,
+    FAILED_AUTHZ,
+    HOUR,
+    NEVER,
+    NEW_NAMES,
+    ORDERS,
+    REASONS,
+    RESET_STAMP,
+    SAME_NAMES,
+    THREE_HOURS,
+    WEEK,
+    Budgets,
+    Charge,
+    client_charge,
+    failure_charges,
+    order_charges,
+    registered_domain_of,
+    reset_charges,
+)
 
-WEEK = 7 * 24 * 3600.0
-THREE_HOURS = 3 * 3600.0
-HOUR = 3600.0
+__all__ = [
+    "CLIENT",
+    "CONSECUTIVE",
+    "FAILED_AUTHZ",
+    "HOUR",
+    "NEW_NAMES",
+    "ORDERS",
+    "REASONS",
+    "RESET_STAMP",
+    "SAME_NAMES",
+    "THREE_HOURS",
+    "WEEK",
+    "Admission",
+    "AdmissionGate",
+    "BucketMap",
+    "BudgetRow",
+    "Budgets",
+    "Charge",
+    "Refund",
+    "TokenBucket",
+    "registered_domain_of",
+]
+
+log = Logger()
 
 #: A bucket as stored: its persistent name, its tokens and when they were counted.
 BudgetRow = tuple[str, float, float]
-#: The persistent names of buckets: ``orders``, then ``<prefix>:<key>`` per keyed budget.
-ORDERS = "orders"
-SAME_NAMES = "same-names"  # key: the sorted names joined by ","
-NEW_NAMES = "new-names"  # key: the registered domain
-CLIENT = "client"  # key: the client id (its token's id, else its address)
-
-
 #: Gives back what a failed order should not cost.
 Refund = Callable[[], None]
-
-
-@dataclass(frozen=True)
-class Charge:
-    """One token an admission takes: from the bucket ``name`` (``capacity`` per ``period``
-    seconds), refused as ``reason`` with ``detail``."""
-
-    name: str
-    reason: str
-    detail: str
-    capacity: float
-    period: float
+#: Let's Encrypt's limits with csrproxy's margins.
+DEFAULT_BUDGETS = Budgets()
 
 
 class AdmissionGate(Protocol):
-    """What the issuer asks before it takes a request or places an order.
+    """What the issuer asks before it takes a request or places an order, and tells after.
 
     A refusal is a failed Deferred of :class:`RateLimited`; nothing is charged then.
     """
@@ -61,137 +89,34 @@ class AdmissionGate(Protocol):
     def decide_client(self, client: str) -> Deferred[None]:
         """Charge one sign request to ``client``."""
 
-    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
-        """Charge one new order for ``names`` (``new_names``: never issued before)."""
+    def decide_order(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> Deferred[Refund]:
+        """Charge one new order for ``names`` (``new_names``: that set was never issued;
+        ``replaces``: the ARI id of the certificate it renews)."""
 
+    def authorization_failed(self, identifier: str) -> None:
+        """The CA failed an authorization of ``identifier`` (charged in the background)."""
 
-class TokenBucket:
-    """``capacity`` tokens, refilled at ``capacity / period`` per second."""
-
-    __slots__ = ("capacity", "rate", "stamp", "tokens")
-
-    def __init__(self, capacity: float, period: float, now: float) -> None:
-        self.capacity = capacity
-        self.rate = capacity / period
-        self.tokens = capacity
-        self.stamp = now
-
-    @classmethod
-    def restored(
-        cls, capacity: float, period: float, tokens: float, stamp: float, now: float
-    ) -> TokenBucket:
-        """The bucket that held ``tokens`` at ``stamp``, refilled since then at today's rate.
-
-        At most ``capacity`` tokens (a budget lowered since keeps no more than its new
-        size); a stamp later than ``now`` (the clock went back) counts from ``now``.
-        """
-        bucket = cls(capacity, period, now)
-        bucket.tokens = min(capacity, tokens)
-        bucket.stamp = min(stamp, now)
-        return bucket
-
-    def _refill(self, now: float) -> None:
-        if now > self.stamp:
-            self.tokens = min(self.capacity, self.tokens + (now - self.stamp) * self.rate)
-            self.stamp = now
-
-    def wait_for(self, n: float, now: float) -> float:
-        """Seconds until ``n`` tokens are there (0 when they are there now)."""
-        self._refill(now)
-        if self.tokens >= n:
-            return 0.0
-        if n > self.capacity:
-            return float("inf")
-        return (n - self.tokens) / self.rate
-
-    def take(self, n: float, now: float) -> None:
-        self._refill(now)
-        self.tokens -= n
-
-    def give_back(self, n: float, now: float) -> None:
-        self._refill(now)
-        self.tokens = min(self.capacity, self.tokens + n)
-
-    def full(self, now: float) -> bool:
-        self._refill(now)
-        return self.tokens >= self.capacity
-
-
-class BucketMap:
-    """Buckets by key, made full on first use; full buckets are the first to be forgotten."""
-
-    def __init__(self, capacity: float, period: float, max_keys: int = 100_000) -> None:
-        self.capacity = capacity
-        self.period = period
-        self.max_keys = max_keys
-        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()
-
-    def get(self, key: str, now: float) -> TokenBucket:
-        bucket = self._buckets.get(key)
-        if bucket is None:
-            if len(self._buckets) >= self.max_keys:
-                self._evict(now)
-            bucket = self._buckets[key] = TokenBucket(self.capacity, self.period, now)
-        else:
-            self._buckets.move_to_end(key)
-        return bucket
-
-    def put(self, key: str, bucket: TokenBucket, now: float) -> None:
-        """Hold ``bucket`` for ``key`` as its most recently used (within ``max_keys``)."""
-        if key not in self._buckets and len(self._buckets) >= self.max_keys:
-            self._evict(now)
-        self._buckets[key] = bucket
-        self._buckets.move_to_end(key)
-
-    def _evict(self, now: float) -> None:
-        # A full bucket carries no state: forget those first (down to 90%), oldest first;
-        # scanning once per tenth of max_keys insertions keeps this amortised O(1).
-        target = self.max_keys - max(1, self.max_keys // 10)
-        for key in list(self._buckets):
-            if len(self._buckets) <= target:
-                break
-            if self._buckets[key].full(now):
-                del self._buckets[key]
-        if len(self._buckets) >= self.max_keys:
-            self._buckets.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._buckets)
-
-
-@dataclass(frozen=True)
-class Budgets:
-    """The limits; 0 turns a budget off."""
-
-    #: New certificates (a set of names never issued before) per registered domain per week.
-    new_names_per_week: int = 45
-    #: New orders per 3 hours (Let's Encrypt: 300 per account).
-    orders_per_3h: int = 250
-    #: Certificates for one exact set of names per week (Let's Encrypt: 5, no override).
-    same_names_per_week: int = 5
-    #: Sign requests per client (bearer token, else address) per hour.
-    client_requests_per_hour: int = 60
-
-
-def registered_domain_of(name: str, registered: str) -> str:
-    """``registered`` when ``name`` is it or below it, else the name's last two labels."""
-    name = name.removeprefix("*.")
-    if name == registered or name.endswith("." + registered):
-        return registered
-    return ".".join(name.rsplit(".", 2)[-2:])
+    def authorizations_valid(self, names: Iterable[str]) -> None:
+        """Every identifier of ``names`` has a valid authorization: no failures in a row."""
 
 
 class Admission:
     """Decides, before any order is made, whether it fits every budget.
 
-    ``persist``, when given, is called once after each change (a charge, a refund)
-    with the rows of exactly the buckets that change touched; it must not raise.
+    ``registered_domain``, when given, is an override: names at or below it count for it,
+    every other name for its registered domain by the Public Suffix List.
+
+    ``persist``, when given, is called once after each change (a charge, a refund, a
+    failed or valid authorization) with the rows of exactly the buckets that change
+    touched; it must not raise.
     """
 
     def __init__(
         self,
         now: Callable[[], float],
-        budgets: Budgets = Budgets(),
+        budgets: Budgets = DEFAULT_BUDGETS,
         registered_domain: str = "",
         on_refusal: Callable[[str], None] | None = None,
         persist: Callable[[list[BudgetRow]], object] | None = None,
@@ -203,16 +128,23 @@ class Admission:
         self._persist = persist
         b = budgets
         self._orders = TokenBucket(b.orders_per_3h, THREE_HOURS, now()) if b.orders_per_3h else None
-        self._domains = BucketMap(b.new_names_per_week, WEEK) if b.new_names_per_week else None
-        self._name_sets = BucketMap(b.same_names_per_week, WEEK) if b.same_names_per_week else None
-        self._clients = (
-            BucketMap(b.client_requests_per_hour, HOUR) if b.client_requests_per_hour else None
-        )
+        # Each map holds at most its max_keys buckets (100,000), full ones forgotten first.
+        periods = {
+            NEW_NAMES: (b.new_names_per_week, WEEK),
+            SAME_NAMES: (b.same_names_per_week, WEEK),
+            CLIENT: (b.client_requests_per_hour, HOUR),
+            FAILED_AUTHZ: (b.failed_authorizations_per_hour, HOUR),
+            CONSECUTIVE: (b.consecutive_failed_authorizations, NEVER),
+        }
+        self._keyed = {
+            prefix: BucketMap(capacity, period)
+            for prefix, (capacity, period) in periods.items()
+            if capacity
+        }
 
     def _maps(self) -> dict[str, BucketMap]:
         """The keyed budgets turned on, by the prefix of their buckets' names."""
-        maps = {NEW_NAMES: self._domains, SAME_NAMES: self._name_sets, CLIENT: self._clients}
-        return {prefix: m for prefix, m in maps.items() if m is not None}
+        return self._keyed
 
     def _changed(self, buckets: list[tuple[str, TokenBucket]]) -> None:
         if self._persist is not None and buckets:
@@ -227,7 +159,8 @@ class Admission:
         now = self.now()
         queries = [(ORDERS, now - THREE_HOURS, 1)] if self._orders is not None else []
         for prefix, m in self._maps().items():
-            queries.append((prefix + ":", now - m.period, m.max_keys))
+            since = now - m.period if math.isfinite(m.period) else 0.0
+            queries.append((prefix + ":", since, m.max_keys))
         return queries
 
     def restore(self, rows: Iterable[BudgetRow]) -> int:
@@ -270,15 +203,17 @@ class Admission:
     def _refuse(self, reason: str, wait: float, detail: str) -> RateLimited:
         if self._on_refusal is not None:
             self._on_refusal(reason)
-        return RateLimited(detail, reason, max(1.0, wait))
+        # A budget that never refills (a paused identifier) has no time to retry after.
+        return RateLimited(detail, reason, max(1.0, wait) if math.isfinite(wait) else None)
 
     def admit_client(self, client: str) -> None:
         """Charge one request to ``client``; raise :class:`RateLimited` when over budget."""
         charge = self.client_charge(client)
-        if self._clients is None or charge is None:
+        clients = self._keyed.get(CLIENT)
+        if clients is None or charge is None:
             return
         now = self.now()
-        bucket = self._clients.get(client, now)
+        bucket = clients.get(client, now)
         wait = bucket.wait_for(1, now)
         if wait > 0:
             raise self._refuse(charge.reason, wait, charge.detail)
@@ -286,55 +221,26 @@ class Admission:
         self._changed([(f"{CLIENT}:{client}", bucket)])
 
     def domains(self, names: Iterable[str]) -> list[str]:
+        """The distinct registered domains of ``names``, sorted."""
         return sorted({registered_domain_of(n, self.registered_domain) for n in names})
 
-    def charges(self, names: Iterable[str], new_names: bool) -> list[Charge]:
-        """The buckets one order for ``names`` costs a token of, in the order they are checked."""
-        names = sorted(names)
-        b = self.budgets
-        found: list[Charge] = []
-        if self._orders is not None:
-            found.append(
-                Charge(ORDERS, "orders", f"more than {b.orders_per_3h} orders in 3 h",
-                       b.orders_per_3h, THREE_HOURS)
-            )
-        if self._name_sets is not None:
-            found.append(
-                Charge(
-                    f"{SAME_NAMES}:{','.join(names)}",
-                    "same-names",
-                    f"more than {b.same_names_per_week} certificates for "
-                    "this exact set of names in a week",
-                    b.same_names_per_week,
-                    WEEK,
-                )
-            )
-        if new_names and self._domains is not None:
-            for domain in self.domains(names):
-                found.append(
-                    Charge(
-                        f"{NEW_NAMES}:{domain}",
-                        "new-names",
-                        f"more than {b.new_names_per_week} new certificates "
-                        f"for {domain} in a week",
-                        b.new_names_per_week,
-                        WEEK,
-                    )
-                )
-        return found
+    def charges(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> list[Charge]:
+        """:func:`~csrproxy.issuance.limits.order_charges` under these budgets."""
+        return order_charges(self.budgets, names, new_names, replaces, self.registered_domain)
+
+    def failure_charges(self, identifier: str) -> list[Charge]:
+        """:func:`~csrproxy.issuance.limits.failure_charges` under these budgets."""
+        return failure_charges(self.budgets, identifier)
+
+    def reset_charges(self, names: Iterable[str]) -> list[Charge]:
+        """:func:`~csrproxy.issuance.limits.reset_charges` under these budgets."""
+        return reset_charges(self.budgets, names)
 
     def client_charge(self, client: str) -> Charge | None:
-        """The bucket a sign request of ``client`` costs a token of (None: budget off)."""
-        if self._clients is None:
-            return None
-        return Charge(
-            f"{CLIENT}:{client}",
-            "client",
-            f"this client made more than {self.budgets.client_requests_per_hour} "
-            "sign requests in the last hour",
-            self.budgets.client_requests_per_hour,
-            HOUR,
-        )
+        """:func:`~csrproxy.issuance.limits.client_charge` under these budgets."""
+        return client_charge(self.budgets, client)
 
     def refuse(self, reason: str, wait: float, detail: str) -> RateLimited:
         """The refusal of budget ``reason`` with room again in ``wait`` s (counted once)."""
@@ -348,40 +254,49 @@ class Admission:
             return fail(e)
         return succeed(None)
 
-    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
+    def decide_order(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> Deferred[Refund]:
         """:meth:`admit_order`, answered at once."""
         try:
-            return succeed(self.admit_order(names, new_names))
+            return succeed(self.admit_order(names, new_names, replaces))
         except RateLimited as e:
             return fail(e)
 
-    def admit_order(self, names: Iterable[str], new_names: bool) -> Refund:
-        """Charge one new order for ``names``; ``new_names`` when that set was never issued.
+    def _bucket(self, name: str, now: float, make: bool) -> TokenBucket | None:
+        if name == ORDERS:
+            return self._orders
+        prefix, _, key = name.partition(":")
+        m = self._keyed[prefix]
+        return m.get(key, now) if make else m.peek(key)
+
+    def admit_order(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> Refund:
+        """Charge one new order for ``names``; ``new_names`` when that set was never issued,
+        ``replaces`` for an ARI renewal.
 
         Raises :class:`RateLimited` without charging anything when a budget is short.
         Returns a function that gives back what only issued certificates should cost
         (call it when the order fails).
         """
         now = self.now()
-        # (bucket, its persistent name, the reason a refusal gives, its detail)
-        charges: list[tuple[TokenBucket, str, str, str]] = []
-        for c in self.charges(names, new_names):
-            if c.name == ORDERS:
-                assert self._orders is not None
-                bucket = self._orders
-            else:
-                prefix, _, key = c.name.partition(":")
-                bucket = self._maps()[prefix].get(key, now)
-            charges.append((bucket, c.name, c.reason, c.detail))
-        for bucket, _, reason, detail in charges:
+        taken: list[tuple[str, TokenBucket]] = []
+        for c in self.charges(names, new_names, replaces):
+            # A bucket only checked is not made: no bucket is a full one.
+            bucket = self._bucket(c.name, now, make=c.take)
+            if bucket is None:
+                continue
             wait = bucket.wait_for(1, now)
             if wait > 0:
-                raise self._refuse(reason, wait, detail)
-        for bucket, _, _, _ in charges:
+                raise self._refuse(c.reason, wait, c.detail)
+            if c.take:
+                taken.append((c.name, bucket))
+        for _, bucket in taken:
             bucket.take(1, now)
-        self._changed([(name, bucket) for bucket, name, _, _ in charges])
+        self._changed(taken)
         # Failed orders still count against the CA's order limit, not against certificates.
-        refundable = [(name, b) for b, name, reason, _ in charges if reason != "orders"]
+        refundable = [(name, b) for name, b in taken if name != ORDERS]
 
         def refund() -> None:
             now = self.now()
@@ -390,3 +305,32 @@ class Admission:
             self._changed(refundable)
 
         return refund
+
+    def authorization_failed(self, identifier: str) -> None:
+        """Charge a failed authorization of ``identifier``: one of its failures per hour and
+        one of its failures in a row (none left: it is paused)."""
+        now = self.now()
+        changed: list[tuple[str, TokenBucket]] = []
+        for c in self.failure_charges(identifier):
+            bucket = self._bucket(c.name, now, make=True)
+            assert bucket is not None
+            bucket.take(1, now)
+            changed.append((c.name, bucket))
+            if c.reason == REASONS[CONSECUTIVE] and 0 <= bucket.tokens < 1:
+                log.warn(
+                    "{name} paused: {n} failed authorizations in a row",
+                    name=c.name.partition(":")[2],
+                    n=int(c.capacity),
+                )
+        self._changed(changed)
+
+    def authorizations_valid(self, names: Iterable[str]) -> None:
+        """Reset the failures in a row of each of ``names`` (they have valid authorizations)."""
+        now = self.now()
+        changed: list[tuple[str, TokenBucket]] = []
+        for c in self.reset_charges(names):
+            bucket = self._bucket(c.name, now, make=False)
+            if bucket is not None and not bucket.full(now):
+                bucket.reset(RESET_STAMP)
+                changed.append((c.name, bucket))
+        self._changed(changed)

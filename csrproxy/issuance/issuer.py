@@ -381,7 +381,7 @@ class Issuer:
                 csr, secrets.token_hex(16), refund, replaces, None, renewal, tried=tried
             )
 
-        decided = self.admission.decide_order(csr.names, new_names)
+        decided = self.admission.decide_order(csr.names, new_names, replaces)
         if self.ledger.shared and not renewal:
             # Identical requests decided together on several instances: the budget refused
             # this one because the others took it; join the order one of them places.
@@ -547,6 +547,8 @@ class Issuer:
                 chain = await obtain_chain(run)
             row = await self.ledger.order_valid(order_id, csr, chain, renewal, self.ca)
         except Exception as e:
+            if isinstance(e, AuthorizationFailed):  # the CA counts it against the identifier
+                self.admission.authorization_failed(e.identifier)
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
             other = self._next_ca(tried) if another_ca_may_issue(e) else None
@@ -562,6 +564,7 @@ class Issuer:
             other, error = fallback
             return await other._fall_back(csr, order_id, renewal, tried | {self.ca}, error)
         assert chain is not None
+        self.admission.authorizations_valid(csr.names)  # no failures in a row any more
         self.metrics.orders.labels("valid").inc()
         self.metrics.issuance_seconds.observe(self.clock.seconds() - started)
         return CachedChain(chain.pem, row.not_before, row.not_after)
@@ -633,7 +636,7 @@ class Issuer:
         """The one fresh order for a resumed order that failed: a new order at the CA,
         charged to the order budgets like any (refused with :class:`RateLimited`)."""
         issued_before = await self.ledger.names_issued(csr.names)
-        refund = await self.admission.decide_order(csr.names, not issued_before)
+        refund = await self.admission.decide_order(csr.names, not issued_before, run.replaces)
         try:
             return await obtain_chain(run)
         except BaseException:

@@ -36,6 +36,8 @@ _LOCK = (
     "DO UPDATE SET tokens = budgets.tokens RETURNING name, tokens, stamp"
 )
 _SET = "UPDATE budgets SET tokens = ?, stamp = ? WHERE name = ?"
+# Rows only looked at: never made, not locked (a check racing a charge is harmless).
+_PEEK = "SELECT name, tokens, stamp FROM budgets WHERE name = ANY(?::text[])"
 
 
 def save_budgets(db: StateDB, rows: Sequence[BudgetRow]) -> None:
@@ -52,6 +54,7 @@ def settle_budgets(
     db: StateDB,
     full: Sequence[BudgetRow],
     decide: Callable[[dict[str, BudgetRow]], tuple[Sequence[BudgetRow], T]],
+    peek: Sequence[str] = (),
 ) -> T:
     """Lock the rows of ``full`` and let ``decide`` change them, in one transaction.
 
@@ -59,12 +62,15 @@ def settle_budgets(
     what no row means). Rows are locked in the order of their names, so that two
     instances never wait on each other in a cycle. ``decide`` gets the locked rows by
     name and returns the rows to write and its result; another instance deciding on
-    any of these rows waits until this one commits.
+    any of these rows waits until this one commits.  The rows named in ``peek`` that
+    exist are handed to ``decide`` too, neither made nor locked; ``decide`` may write them.
     """
     ordered = sorted(full)
     with db.transaction() as conn:
         columns = [list(column) for column in zip(*ordered, strict=True)] or [[], [], []]
         rows = conn.execute(_LOCK, columns).fetchall()
+        if peek:
+            rows += conn.execute(_PEEK, [sorted(peek)]).fetchall()
         locked = {str(n): (str(n), float(t), float(s)) for n, t, s in rows}
         changed, result = decide(locked)
         if changed:

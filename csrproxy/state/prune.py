@@ -7,7 +7,9 @@ With ``cutoff = now - retention_days`` days:
 - a current certificate goes once it expired before the cutoff (its installation has not
   renewed for the whole retention period);
 - a finished order (``issued`` or ``invalid``) goes once it ended before the cutoff;
-- an admission budget goes once untouched for :data:`BUDGET_DAYS` (it is full again).
+- an admission budget goes once untouched for :data:`BUDGET_DAYS` (it is full again), but
+  a count of failed authorizations in a row (:data:`UNTIL_RESET`) never refills: it goes
+  only once reset (stamped 0 then).
 
 Each rule runs in steps of at most ``chunk`` rows, one transaction each, on the rule's
 index, so that a step never holds the store thread (and the write lock) for long.  After a
@@ -37,6 +39,10 @@ log = Logger()
 DAY = 86400.0
 #: Days after which an untouched admission budget is full again (the longest budget window).
 BUDGET_DAYS = 7.0
+#: Budget rows that stay until reset, whatever their age (``CONSECUTIVE`` in
+#: :mod:`csrproxy.issuance.limits`): one per identifier that failed since its last
+#: valid authorization.
+UNTIL_RESET = "consecutive-failures:"
 
 SUPERSEDED = "superseded_certificates"
 EXPIRED = "expired_certificates"
@@ -133,7 +139,11 @@ def _walk_budgets(
     if after:
         args["name"] = after[0]
     rows = conn.execute(BUDGETS_NEXT if after else BUDGETS_FIRST, args).fetchall()
-    gone = [{"name": r[0], "cutoff": cutoff} for r in rows if r[1] < cutoff]
+    gone = [
+        {"name": r[0], "cutoff": cutoff}
+        for r in rows
+        if r[1] < cutoff and (r[1] <= 0 or not str(r[0]).startswith(UNTIL_RESET))
+    ]
     conn.executemany(DELETE_BUDGET, gone)
     last = (rows[-1][0],) if rows else ()
     return Step(len(gone), len(rows), more=len(rows) == chunk, after=last)

@@ -110,10 +110,23 @@ class APIAndPolicyKeyTests(SynchronousTestCase):
         self.assertEqual(config.api.allow_from, ())
         self.assertIsNone(config.api.tokens_file)
         self.assertEqual(config.policy.max_names, 100)
-        self.assertEqual(config.policy.registered_domain, "example.test")
+        self.assertEqual(config.policy.registered_domain, "")  # the Public Suffix List's
         self.assertEqual(config.policy.new_names_per_week, 45)
         self.assertEqual(config.policy.orders_per_3h, 250)
+        self.assertEqual(config.policy.same_names_per_week, 5)
+        self.assertEqual(config.policy.failed_authorizations_per_hour, 5)
+        self.assertEqual(config.policy.consecutive_failed_authorizations, 1152)
         self.assertIn("ec256", config.policy.key_types)
+
+    def test_budget_keys(self) -> None:
+        data = minimal()
+        data["policy"]["registered_domain"] = "Example.TEST."
+        data["policy"]["failed_authorizations_per_hour"] = 0
+        data["policy"]["consecutive_failed_authorizations"] = 10
+        policy = parse_config(data).policy
+        self.assertEqual(policy.registered_domain, "example.test")
+        self.assertEqual(policy.failed_authorizations_per_hour, 0)
+        self.assertEqual(policy.consecutive_failed_authorizations, 10)
 
     def test_seed_mode_names_default_to_the_cn(self) -> None:
         data = minimal()
@@ -136,6 +149,8 @@ class APIAndPolicyKeyTests(SynchronousTestCase):
             ("policy", "max_names", 0),
             ("policy", "orders_per_3h", -1),
             ("policy", "client_requests_per_hour", 1.5),
+            ("policy", "failed_authorizations_per_hour", -1),
+            ("policy", "consecutive_failed_authorizations", "many"),
         ]
         for section, key, value in cases:
             data = minimal()

@@ -33,14 +33,24 @@ class PendingGate:
         self.clients: list[Deferred[None]] = []
         self.orders: list[Deferred[Refund]] = []
         self.refunds = 0
+        self.failed: list[str] = []
+        self.valid: list[str] = []
 
     def decide_client(self, client: str) -> Deferred[None]:
         self.clients.append(Deferred())
         return self.clients[-1]
 
-    def decide_order(self, names: Iterable[str], new_names: bool) -> Deferred[Refund]:
+    def decide_order(
+        self, names: Iterable[str], new_names: bool, replaces: str | None = None
+    ) -> Deferred[Refund]:
         self.orders.append(Deferred())
         return self.orders[-1]
+
+    def authorization_failed(self, identifier: str) -> None:
+        self.failed.append(identifier)
+
+    def authorizations_valid(self, names: Iterable[str]) -> None:
+        self.valid.extend(names)
 
     def refund(self) -> None:
         self.refunds += 1

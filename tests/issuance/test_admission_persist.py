@@ -56,11 +56,28 @@ class PersistTests(SynchronousTestCase):
             ],
         )
 
-    def test_a_renewal_charges_no_new_names(self) -> None:
+    def test_a_renewal_charges_only_the_same_names(self) -> None:
         a = self.admission(Budgets(45, 250, 5, 0))
         a.admit_order(NAMES, False)
         [rows] = self.calls
-        self.assertEqual([name for name, _, _ in rows], ["orders", f"same-names:{','.join(NAMES)}"])
+        self.assertEqual([name for name, _, _ in rows], [f"same-names:{','.join(NAMES)}"])
+
+    def test_failed_and_valid_authorizations_are_persisted(self) -> None:
+        a = self.admission(Budgets(0, 0, 0, 0, 5, 1152))
+        a.admit_order(NAMES, True)  # only checked: nothing to write
+        self.assertEqual(self.calls, [])
+        a.authorization_failed("*.A.go.example.com")
+        self.assertEqual(
+            self.calls,
+            [[("failed-authz:a.go.example.com", 4.0, 1000.0),
+              ("consecutive-failures:a.go.example.com", 1151.0, 1000.0)]],
+        )  # fmt: skip
+        self.calls.clear()
+        a.authorizations_valid(NAMES)  # b never failed: no row for it
+        self.assertEqual(self.calls, [[("consecutive-failures:a.go.example.com", 1152.0, 0.0)]])
+        self.calls.clear()
+        a.authorizations_valid(NAMES)  # nothing to reset any more
+        self.assertEqual(self.calls, [])
 
     def test_refund_is_persisted_without_the_orders_budget(self) -> None:
         a = self.admission(Budgets(45, 250, 5, 0))
@@ -121,7 +138,7 @@ class RestoreTests(SynchronousTestCase):
     def test_every_kind_of_bucket_is_restored(self) -> None:
         now = self.clock.seconds()
         for name, names, new, reason in [
-            ("orders", ["x.other.org"], False, "orders"),
+            ("orders", ["x.other.org"], True, "orders"),
             ("same-names:a.example.com", ["a.example.com"], False, "same-names"),
             ("new-names:example.com", ["z.example.com"], True, "new-names"),
         ]:
@@ -140,9 +157,9 @@ class RestoreTests(SynchronousTestCase):
         # Stored under a budget of 10 with 8 left; the operator lowered it to 3.
         b = self.restarted([("orders", 8.0, now)], Budgets(0, 3, 0, 0))
         for _ in range(3):
-            b.admit_order(NAMES, False)
+            b.admit_order(NAMES, True)
         with self.assertRaises(RateLimited) as e:
-            b.admit_order(NAMES, False)
+            b.admit_order(NAMES, True)
         self.assertAlmostEqual(e.exception.retry_after, THREE_HOURS / 3, msg="the new rate")
 
     def test_ignored_rows(self) -> None:
@@ -169,7 +186,7 @@ class RestoreTests(SynchronousTestCase):
     def test_newest_max_keys_rows_per_budget(self) -> None:
         now = self.clock.seconds()
         a = Admission(self.clock.seconds, Budgets(0, 0, 0, 1))
-        a._clients = BucketMap(1, HOUR, max_keys=3)
+        a._keyed["client"] = BucketMap(1, HOUR, max_keys=3)
         rows: list[BudgetRow] = [(f"client:{i}", 0.0, now - 100 + i) for i in range(10)]
         self.assertEqual(a.restore(reversed(rows)), 3)
         for i in range(7, 10):
@@ -185,6 +202,8 @@ class RestoreTests(SynchronousTestCase):
                 ("orders", now - THREE_HOURS, 1),
                 ("new-names:", now - WEEK, 100_000),
                 ("client:", now - HOUR, 100_000),
+                ("failed-authz:", now - HOUR, 100_000),
+                ("consecutive-failures:", 0.0, 100_000),  # never refilled: every row
             ],
         )
 
@@ -235,6 +254,23 @@ class RestartTests(SynchronousTestCase):
         with self.assertRaises(RateLimited) as e:
             again.admit_order(["c.go.example.com"], True)
         self.assertEqual(e.exception.reason, "orders", "three orders in all, refund or not")
+
+    def test_a_pause_survives_a_restart_and_a_week(self) -> None:
+        budgets = Budgets(0, 0, 0, 0, 0, 2)
+        first, _ = self.run_admission(budgets)
+        first.authorization_failed("p.go.example.com")
+        first.authorization_failed("p.go.example.com")
+        self.clock.advance(WEEK * 10)
+        again, _ = self.run_admission(budgets)
+        self.assertEqual(self.restored, 1)
+        with self.assertRaises(RateLimited) as e:
+            again.admit_order(["p.go.example.com"], True)
+        self.assertEqual(e.exception.reason, "paused")
+        self.assertIsNone(e.exception.retry_after)
+        again.authorizations_valid(["p.go.example.com"])  # the reset is written stamped 0
+        third, _ = self.run_admission(budgets)
+        self.assertEqual(self.restored, 0)
+        third.admit_order(["p.go.example.com"], True)
 
     def test_a_week_later_nothing_is_loaded(self) -> None:
         budgets = Budgets(1, 1, 1, 1)

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
 from csrproxy.errors import RateLimited
-from csrproxy.issuance.admission import THREE_HOURS, WEEK, Admission, Budgets
+from csrproxy.issuance.admission import HOUR, THREE_HOURS, WEEK, Admission, Budgets
 from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.state.budgets import load_budgets
 from csrproxy.state.database import StateDB
@@ -42,9 +42,11 @@ class Instance:
         rules = Admission(lambda: clock[0], budgets, "example.com", self.refusals.append)
         self.admission = ClusterAdmission(InlineStore(self.db), rules)  # type: ignore[arg-type]
 
-    def order(self, names: list[str] = NAMES, new: bool = False) -> Any:
+    def order(
+        self, names: list[str] = NAMES, new: bool = True, replaces: str | None = None
+    ) -> Any:
         """The refund when admitted, else the :class:`RateLimited`."""
-        return _now(self.admission.decide_order(names, new))
+        return _now(self.admission.decide_order(names, new, replaces))
 
     def client(self, client: str) -> Any:
         """None when admitted, else the :class:`RateLimited`."""
@@ -106,16 +108,95 @@ def test_every_kind_of_budget_is_shared(dsn: str, clock: list[float]) -> None:
         assert isinstance(refused, RateLimited) and refused.reason == "new-names"
         assert refused.retry_after == pytest.approx(WEEK / 2)
         assert callable(ns1.order(["z.other.org"], True))
-        assert callable(ns1.order(["z.example.com"], False))  # a renewal: no new names
+        assert callable(ns1.order(["z.example.com"], False))  # a renewal: no new names, no order
 
         for instance in (ns1, ns2):
             assert callable(instance.order(["same.other.org"], False))
         assert callable(ns1.order(["same.other.org"], False))
         refused = ns2.order(["same.other.org"], False)
         assert isinstance(refused, RateLimited) and refused.reason == "same-names"
-        # A refusal takes nothing: the orders budget counts only the admitted ones.
+        # A refusal takes nothing: the orders budget counts only the admitted new name sets.
         orders = load_budgets(ns1.db, 0, 1, prefix="orders")
-        assert orders == [("orders", 100 - 7, NOW)]
+        assert orders == [("orders", 100 - 3, NOW)]
+
+
+def test_the_exemptions_are_the_same(dsn: str, clock: list[float]) -> None:
+    with two(dsn, Budgets(1, 1, 2, 0, 0, 0), clock) as (ns1, ns2):
+        assert callable(ns1.order(["r.example.com"], True))
+        assert ns2.order(["s.example.com"], True).reason == "orders"
+        assert callable(ns2.order(["r.example.com"], False))  # a same-set renewal: no order
+        refused = ns1.order(["r.example.com"], False)
+        assert isinstance(refused, RateLimited) and refused.reason == "same-names"
+        for instance in (ns1, ns2, ns1):  # an ARI renewal pays nothing at all
+            assert callable(instance.order(["r.example.com"], True, replaces="aki.serial"))
+        assert load_budgets(ns1.db, 0, 1, prefix="orders") == [("orders", 0.0, NOW)]
+
+
+def test_failed_authorizations_are_shared(dsn: str, clock: list[float]) -> None:
+    with two(dsn, Budgets(0, 0, 0, 0, 2, 0), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("*.F.example.com")
+        ns2.admission.authorization_failed("f.example.com")
+        assert callable(ns1.order(["ok.example.com"]))
+        for instance in (ns1, ns2):
+            refused = instance.order(["ok.example.com", "f.example.com"])
+            assert isinstance(refused, RateLimited) and refused.reason == "failed-authorizations"
+            assert refused.retry_after == pytest.approx(HOUR / 2)
+        clock[0] += HOUR / 2
+        assert callable(ns2.order(["f.example.com"]))
+        # Checking made no rows: only the failures did.
+        assert [r[0] for r in load_budgets(ns1.db, 0, 100)] == ["failed-authz:f.example.com"]
+
+
+def test_a_pause_is_shared_and_a_valid_authorization_lifts_it(
+    dsn: str, clock: list[float]
+) -> None:
+    from typing import cast
+
+    from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+
+    logged: list[LogEvent] = []
+    observer = cast(ILogObserver, logged.append)
+    globalLogPublisher.addObserver(observer)
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 2), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        ns2.admission.authorization_failed("p.example.com")
+        globalLogPublisher.removeObserver(observer)
+        paused = [formatEvent(e) for e in logged if "paused" in formatEvent(e)]
+        assert paused == ["p.example.com paused: as many failed authorizations in a row as "
+                          "the CA allows"]  # fmt: skip
+        clock[0] += 400 * 86400.0  # never refilled
+        for instance in (ns1, ns2):
+            for replaces in (None, "aki.serial"):
+                refused = instance.order(["p.example.com"], replaces=replaces)
+                assert isinstance(refused, RateLimited) and refused.reason == "paused"
+                assert refused.retry_after is None
+        ns2.admission.authorizations_valid(["p.example.com", "q.example.com"])
+        assert callable(ns1.order(["p.example.com"]))
+        # The reset row is stamped 0 (pruned as stale); none was made for q.
+        assert load_budgets(ns1.db, 0, 100) == [("consecutive-failures:p.example.com", 2.0, 0.0)]
+
+
+def test_a_valid_order_resets_a_count_another_instance_made(
+    dsn: str, clock: list[float]
+) -> None:
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 3), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        ns2.admission.authorizations_valid(["p.example.com"])  # ns2 knows of no failure
+        assert load_budgets(ns1.db, 0, 10) == [("consecutive-failures:p.example.com", 2.0, NOW)]
+        assert callable(ns2.order(["p.example.com"]))  # its decision sees the count
+        ns2.admission.authorizations_valid(["p.example.com"])
+        assert load_budgets(ns1.db, 0, 10) == [("consecutive-failures:p.example.com", 3.0, 0.0)]
+
+
+def test_unpause_takes_effect_at_once_for_the_cluster(dsn: str, clock: list[float]) -> None:
+    from csrproxy.admin import unpause
+
+    with two(dsn, Budgets(0, 0, 0, 0, 0, 1), clock) as (ns1, ns2):
+        ns1.admission.authorization_failed("p.example.com")
+        assert ns2.order(["p.example.com"]).reason == "paused"
+        message = unpause(ns2.db, "p.example.com")
+        assert "forgotten" in message and "restart" not in message
+        assert callable(ns1.order(["p.example.com"]))
 
 
 def test_a_refund_gives_one_back_to_the_cluster(dsn: str, clock: list[float]) -> None:
@@ -159,7 +240,7 @@ def test_concurrent_admissions_never_exceed_the_budget(dsn: str, clock: list[flo
         try:
             start.wait()
             for _ in range(50):
-                got = instance.order(pick.choice(name_sets), pick.random() < 0.5)
+                got = instance.order(pick.choice(name_sets), True)
                 outcomes[instance.db.instance].append(
                     "admitted" if callable(got) else got.reason
                 )
@@ -195,19 +276,19 @@ def test_through_the_store_thread(dsn: str, clock: list[float]) -> None:
     rules = Admission(lambda: clock[0], Budgets(0, 6, 0, 0), "example.com", refusals.append)
     admission = ClusterAdmission(store, rules)
     try:
-        decisions = [admission.decide_order([f"{i}.example.com"], False) for i in range(10)]
+        decisions = [admission.decide_order([f"{i}.example.com"], True) for i in range(10)]
         results = [_wait(d) for d in decisions]
         assert sum(callable(r) for r in results) == 6
         assert [r.reason for r in results if isinstance(r, RateLimited)] == ["orders"] * 4
         assert refusals == ["orders"] * 4
 
         clock[0] += THREE_HOURS / 6
-        gone = admission.decide_order(NAMES, False)
+        gone = admission.decide_order(NAMES, True)
         gone.cancel()  # the client went away while the database decided
         _wait(gone)
         assert isinstance(_wait(store.run(lambda: None)), type(None))
         # The token taken for the cancelled decision is back: the next one gets it.
-        assert callable(_wait(admission.decide_order(NAMES, False)))
+        assert callable(_wait(admission.decide_order(NAMES, True)))
     finally:
         store.stop()
 

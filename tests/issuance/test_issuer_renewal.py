@@ -7,12 +7,14 @@ from typing import Any
 from cryptography import x509
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.certs import ari_cert_id
 from csrproxy.acme.client import ACMEClient
 from csrproxy.challenges.zone import ZonePublisher, challenge_name
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.csr import check_csr
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.support.driving import run_until_fired
@@ -87,3 +89,35 @@ class IssuerRenewalTests(SynchronousTestCase):
         row.csr = b"garbage"
         with self.assertRaises(Exception):  # noqa: B017  (the CSR's own error)
             self.issuer.renew(row)
+
+
+class RenewalBudgetTests(SynchronousTestCase):
+    """As Let's Encrypt applies its limits: an ARI renewal pays none of them."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.ca = FakeCA()
+        self.ca.faults.ari = True
+        http, self.agent = self.ca.client()
+        zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
+        self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
+        acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
+        # One order, one certificate per set of names, one new certificate per domain.
+        self.admission = Admission(self.clock.seconds, Budgets(1, 1, 1, 0, 5, 1152))
+        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone), admission=self.admission)
+
+    def drive(self, d: Deferred[Any]) -> Any:
+        return run_until_fired(d, self.agent.flush, self.clock)[0]
+
+    def test_an_ari_renewal_is_placed_with_every_budget_spent(self) -> None:
+        csr = check_csr(make_csr([f"r.{ZONE}"]))
+        self.drive(issue_now(self.issuer, csr, "client").chain)
+        refused = self.drive(issue_now(self.issuer, check_csr(make_csr([f"s.{ZONE}"])), "c").chain)
+        self.assertIsInstance(refused, Failure)
+        self.assertEqual(refused.value.reason, "orders")
+        for _ in range(2):
+            row = self.successResultOf(self.issuer.ledger.current(csr.request_key))
+            assert row is not None
+            renewed = self.drive(self.issuer.renew(row).chain)
+            self.assertIsInstance(renewed, str, renewed)
+            self.assertIn("replaces", self.ca.order_payloads[-1])

@@ -209,7 +209,7 @@ class ResumeTests(SynchronousTestCase):
     def test_the_fresh_order_is_charged_to_the_order_budget(self) -> None:
         admission = Admission(self.clock.seconds, Budgets(0, 1, 0, 0))
         issuer = self.issuer(admission)
-        admission.admit_order(["other.example.test"], False)  # the budget's one order is spent
+        admission.admit_order(["other.example.test"], True)  # the budget's one order is spent
         row, _ = self.crashed_order(status="invalid", challenge_status="invalid")
         waiter = issuer.resume(row).chain
         failure = self.drive(waiter)

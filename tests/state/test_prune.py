@@ -154,6 +154,18 @@ class RuleTests(SynchronousTestCase):
         self.assertEqual(counts.budgets, 1)
         self.assertEqual(rule_cutoff(BUDGETS, NOW, 365), NOW - 7 * DAY)
 
+    def test_failures_in_a_row_stay_until_reset(self) -> None:
+        from csrproxy.issuance.admission import CONSECUTIVE, RESET_STAMP
+        from csrproxy.state.prune import UNTIL_RESET
+
+        self.assertEqual(UNTIL_RESET, CONSECUTIVE + ":")
+        add_budget(self.db, "consecutive-failures:old.example.test", NOW - 400 * DAY)
+        add_budget(self.db, "consecutive-failures:reset.example.test", RESET_STAMP)
+        add_budget(self.db, "failed-authz:old.example.test", NOW - 7 * DAY - 1)
+        counts = prune(self.db, NOW, retention_days=365)
+        self.assertEqual(ids(self.db, "budgets"), {"consecutive-failures:old.example.test"})
+        self.assertEqual(counts.budgets, 2)
+
     def test_nothing_to_prune_is_one_step_per_rule_and_no_rows(self) -> None:
         add_certificate(self.db, "kept", not_after=NOW)
         self.assertEqual(prune(self.db, NOW, RETENTION), PruneCounts())

@@ -16,7 +16,7 @@ from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
 
-NO_BUDGETS = Budgets(0, 0, 0, 0)
+NO_BUDGETS = Budgets(0, 0, 0, 0, 0, 0)
 
 
 def make_issuer(

@@ -3,7 +3,9 @@ fault-injecting proxy, and the number of requests one certificate costs."""
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,7 @@ from csrproxy.testing.faultprocess import start_faultproxy
 from csrproxy.testing.pebble import Pebble, start_pebble
 from csrproxy.testing.ports import free_udp_tcp_port
 from tests.conftest import ZONE
+from tests.support.keys import make_csr
 
 pytestmark = pytest.mark.integration
 
@@ -152,6 +155,38 @@ def test_retries_through_a_fault_injecting_proxy(tmp_path: Path) -> None:
             proxy.stop()
     assert sum(injected.values()) >= 5, injected
     assert counts.get("POST /finalize-order/", 0) <= 2, counts
+
+
+def test_a_ca_rate_limit_past_the_deadline_is_answered_with_its_retry_after(
+    tmp_path: Path,
+) -> None:
+    """The CA's rateLimited refusal (here the fault proxy's) with a Retry-After longer than
+    the order may wait: the client hears 429 and the CA's Retry-After."""
+    dns_port = free_udp_tcp_port()
+    with start_pebble(str(tmp_path / "pebble"), f"127.0.0.1:{dns_port}") as pebble:
+        proxy = start_faultproxy(
+            str(tmp_path / "proxy"), pebble, ["POST:/order-plz:rateLimited:7200:count=0"]
+        )
+        try:
+            with start_csrproxy(
+                str(tmp_path / "d"),
+                pebble,
+                dns_port,
+                ZONE,
+                overrides={"acme": {"directory": proxy.directory}},
+            ) as daemon:
+                req = urllib.request.Request(
+                    daemon.url + "/v1/sign", data=make_csr([f"limited.{ZONE}"]), method="POST"
+                )
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(req, timeout=90)
+        finally:
+            proxy.stop()
+    assert refused.value.code == 429
+    retry_after = int(refused.value.headers["Retry-After"])
+    assert 7100 <= retry_after <= 7200, retry_after
+    doc = json.loads(refused.value.read())
+    assert doc["acme_type"].endswith(":rateLimited"), doc
 
 
 def test_requests_per_certificate(tmp_path: Path) -> None:

@@ -47,7 +47,7 @@ from tests.support.renewals import InlineStore
 
 ZONE = "go.example.test"
 URL = "http://api.test"
-NO_BUDGETS = Budgets(0, 0, 0, 0)
+NO_BUDGETS = Budgets(0, 0, 0, 0, 0, 0)
 
 
 def spki(key: Any) -> bytes:
@@ -409,6 +409,44 @@ class AdmissionTests(APITestCase):
         self.assertEqual(self.problem(code, headers, body)["reason"], "new-names")
         # A renewal (same names, new key) is not a new name set.
         self.assertEqual(self.post(make_csr([f"n0.{ZONE}"], EC256_B))[0], 200)
+
+    def test_failed_authorizations_refuse_the_name_before_any_order(self) -> None:
+        self.build(Budgets(0, 0, 0, 0, failed_authorizations_per_hour=2,
+                           consecutive_failed_authorizations=0))  # fmt: skip
+        self.ca.faults.invalid_names = {f"bad.{ZONE}"}
+        for _ in range(2):
+            self.assertEqual(self.post(make_csr([f"bad.{ZONE}"]))[0], 502)
+        placed = self.ca.requests["newOrder"]
+        code, headers, body = self.post(make_csr([f"good.{ZONE}", f"bad.{ZONE}"]))
+        self.assertEqual(code, 429)
+        doc = self.problem(code, headers, body)
+        self.assertEqual(doc["reason"], "failed-authorizations")
+        self.assertIn(f"failed authorizations for bad.{ZONE} in an hour", doc["detail"])
+        [retry_after] = headers.getRawHeaders("retry-after")
+        self.assertTrue(1790 <= int(retry_after) <= 1800, retry_after)  # one failure's refill
+        self.assertEqual(self.ca.requests["newOrder"], placed)
+        self.assertIn(b'reason="failed-authorizations"', self.metrics.render())
+        self.assertEqual(self.post(make_csr([f"good.{ZONE}"]))[0], 200)
+
+    def test_a_paused_name_is_refused_without_retry_after(self) -> None:
+        self.build(Budgets(0, 0, 0, 0, failed_authorizations_per_hour=0,
+                           consecutive_failed_authorizations=2))  # fmt: skip
+        name = f"p.{ZONE}"
+        self.ca.faults.invalid_names = {name}
+        self.assertEqual(self.post(make_csr([name]))[0], 502)
+        self.ca.faults.invalid_names = set()
+        self.assertEqual(self.post(make_csr([name]))[0], 200)  # valid: the count starts again
+        self.ca.faults.invalid_names = {name}
+        for _ in range(2):
+            self.assertEqual(self.post(make_csr([name], EC256_B))[0], 502)
+        placed = self.ca.requests["newOrder"]
+        code, headers, body = self.post(make_csr([name], EC256_B))
+        self.assertEqual(code, 429)
+        doc = self.problem(code, headers, body)
+        self.assertEqual(doc["reason"], "paused")
+        self.assertIn(f"csrproxy-admin unpause {name}", doc["detail"])
+        self.assertIsNone(headers.getRawHeaders("retry-after"))
+        self.assertEqual(self.ca.requests["newOrder"], placed)
 
     def test_client_budget(self) -> None:
         self.build(Budgets(0, 0, 0, client_requests_per_hour=2))
