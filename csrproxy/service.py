@@ -376,8 +376,11 @@ def fallback_issuer(
         on_request=metrics.acme_request,
         eab=eab_binding(ca.eab_kid, ca.eab_hmac_key),
     )
-    # Budgets of its own, in memory (a restart refills them; PostgreSQL instances each
-    # count their own): this CA's limits are not [acme]'s.
+    # Budgets of its own: this CA's limits are not [acme]'s. Their rows are named apart
+    # (the prefix below) and kept across restarts on SQLite; on PostgreSQL each instance
+    # counts its own in memory.
+    scope = f"ca-{account_key_file(ca.directory, primary=False)[8:20]}/"
+    record = budget_recorder(store)
     admission = Admission(
         reactor.seconds,
         Budgets(
@@ -388,7 +391,14 @@ def fallback_issuer(
         ),
         registered_domain=config.policy.registered_domain,
         on_refusal=metrics.refusal,
+        persist=None
+        if store.db.shared
+        else lambda rows: record([(scope + name, tokens, stamp) for name, tokens, stamp in rows]),
     )
+    if not store.db.shared:
+        for prefix, since, limit in admission.restore_queries():
+            rows = load_budgets(store.db, since, limit, prefix=scope + prefix)
+            admission.restore([(name[len(scope) :], tokens, stamp) for name, tokens, stamp in rows])
     return Issuer(
         reactor,
         client,

@@ -259,3 +259,22 @@ class ARIFetcherTests(SynchronousTestCase):
         for ca in (None, "https://b.test/dir", "https://gone.test/dir"):
             self.assertIsNone(self.successResultOf(fetch(pem.decode(), ca)))
         self.assertEqual(asked, ["https://a.test/dir", "https://b.test/dir", "https://a.test/dir"])
+
+
+class FallbackWiringTests(BuildCase):
+    def test_each_fallback_ca_is_an_issuer_of_its_own_linked_to_the_others(self) -> None:
+        top = self.build(
+            '\n[[acme.fallback]]\ndirectory = "https://second.test/dir"\n'
+            'caa_identity = "second.test"\norders_per_3h = 7\n'
+        )
+        primary, second = [s.issuer for s in walk(top) if isinstance(s, AccountService)]
+        self.assertEqual(second.ca, "https://second.test/dir")
+        self.assertEqual((primary.others, second.others), ([second], [primary]))
+        self.assertIs(second._inflight, primary._inflight, "one order per CSR, any CA")
+        self.assertIs(second.ledger, primary.ledger)
+        self.assertTrue(primary.acme.transport.fail_fast and second.acme.transport.fail_fast)
+        self.assertIsNot(second.acme.key, primary.acme.key, "an account of its own")
+        self.assertEqual(cast(Any, second.admission).budgets.orders_per_3h, 7)
+        state = next(s for s in walk(top) if isinstance(s, StateService)).store.db
+        key_files = sorted(p.name for p in state.path.parent.glob("account*.key"))
+        self.assertEqual(len(key_files), 2, key_files)
