@@ -142,6 +142,21 @@ class Admission:
             if capacity
         }
 
+    def new_names_room(self, domain: str) -> float:
+        """New certificates the new-names budget of the registered domain ``domain`` has
+        room for now (``inf`` when that budget is off); asking creates no bucket.
+
+        On a shared database it is this instance's last view (the decisions themselves are
+        the database's): a zone chooser's hint, not a promise."""
+        names = self._keyed.get(NEW_NAMES)
+        if names is None:
+            return math.inf
+        bucket = names.peek(domain.lower().rstrip("."))
+        if bucket is None:
+            return float(names.capacity)
+        bucket.wait_for(0, self.now())  # refills it to now
+        return bucket.tokens
+
     def _maps(self) -> dict[str, BucketMap]:
         """The keyed budgets turned on, by the prefix of their buckets' names."""
         return self._keyed

@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 
 from csrproxy.issuance.admission import (
     CONSECUTIVE,
+    NEW_NAMES,
     ORDERS,
     RESET_STAMP,
     Admission,
@@ -159,6 +160,17 @@ class ClusterAdmission:
         self.rules = rules
         #: Failures-in-a-row buckets known not full (a valid order resets only those).
         self._failing: OrderedDict[str, None] = OrderedDict()
+        #: Registered domain -> until when its new-names budget refused this instance (a
+        #: zone chooser's hint: :meth:`new_names_room`); at most MAX_FAILING domains.
+        self._spent: dict[str, float] = {}
+
+    def new_names_room(self, domain: str) -> float:
+        """0 while the new-names budget of ``domain`` last refused an order here and has no
+        room yet; else what the rules say when nothing is known (the budget's capacity)."""
+        until = self._spent.get(domain.lower().rstrip("."))
+        if until is not None and until > self.rules.now():
+            return 0.0
+        return self.rules.new_names_room(domain)
 
     def _remember_failing(self, names: Iterable[str]) -> None:
         for name in names:
@@ -242,6 +254,11 @@ class ClusterAdmission:
                 out.callback(None)
             else:
                 charge, wait = short
+                prefix, _, key = charge.name.partition(":")
+                if prefix == NEW_NAMES:
+                    if len(self._spent) >= MAX_FAILING:
+                        self._spent.clear()
+                    self._spent[key] = now + wait
                 out.errback(self.rules.refuse(charge.reason, wait, charge.detail))
 
         def failed(failure: Failure) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -10,6 +12,7 @@ from csrproxy.issuance.admission import (
     CONSECUTIVE,
     FAILED_AUTHZ,
     HOUR,
+    NEW_NAMES,
     REASONS,
     THREE_HOURS,
     WEEK,
@@ -242,3 +245,21 @@ class ClusterMemoryTests(SynchronousTestCase):
         gate._remember_failing(f"consecutive-failures:n{i}.example.com" for i in range(1000))
         self.assertEqual(len(gate._failing), 10)
         self.assertIn("consecutive-failures:n999.example.com", gate._failing)
+
+
+class NewNamesRoomTests(SynchronousTestCase):
+    """What a zone chooser asks: how many new certificates a registered domain has room for."""
+
+    def test_room_counts_down_and_refills_and_asking_makes_no_bucket(self) -> None:
+        clock = Clock()
+        admission = Admission(clock.seconds, Budgets(new_names_per_week=2))
+        self.assertEqual(admission.new_names_room("example.com"), 2)
+        self.assertEqual(len(admission._keyed[NEW_NAMES]), 0)
+        admission.admit_order(["a.example.com"], True)
+        admission.admit_order(["b.example.com"], True)
+        self.assertEqual(admission.new_names_room("Example.COM."), 0)
+        self.assertEqual(admission.new_names_room("example.net"), 2)
+        clock.advance(WEEK / 2)
+        self.assertAlmostEqual(admission.new_names_room("example.com"), 1)
+        off = Admission(clock.seconds, Budgets(new_names_per_week=0))
+        self.assertEqual(off.new_names_room("example.com"), math.inf)

@@ -304,3 +304,15 @@ def _wait(d: Deferred[Any]) -> Any:
         reactor.iterate(0.05)
     assert result, "no answer from the store thread"
     return result[0]
+
+
+def test_a_spent_new_names_budget_is_remembered_as_no_room(dsn: str, clock: list[float]) -> None:
+    # The zone chooser's hint: the instance a budget refused knows it has no room till then.
+    with two(dsn, Budgets(1, 100, 3, 0), clock) as (ns1, ns2):
+        assert ns1.admission.new_names_room("example.com") == 1
+        assert callable(ns1.order(["x.example.com"], True))
+        assert isinstance(ns2.order(["y.example.com"], True), RateLimited)
+        assert ns2.admission.new_names_room("example.com") == 0
+        assert ns2.admission.new_names_room("other.org") == 1
+        clock[0] += WEEK
+        assert ns2.admission.new_names_room("example.com") == 1
