@@ -47,6 +47,7 @@ from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
 from csrproxy.issuance.ari import AriPoller, Window
 from csrproxy.issuance.cache import MemoryIssuedCache
 from csrproxy.issuance.cluster_admission import ClusterAdmission
+from csrproxy.issuance.domains import registered_domain
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
@@ -54,11 +55,12 @@ from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.recovery import Resumer, earlier_orders, recover
 from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
 from csrproxy.issuance.renewals import StoredRenewals
-from csrproxy.metrics import Metrics
+from csrproxy.metrics import RCODES, Metrics
 from csrproxy.state.budgets import budget_recorder, load_budgets
 from csrproxy.state.lock import StateLock, StateLockService
 from csrproxy.state.prune import Pruner, PrunerService
 from csrproxy.state.serials import SerialRecorder, load_serial
+from csrproxy.state.status_queries import status_rows
 from csrproxy.state.store import ACCOUNT_KEY, StateDir, Store, account_key_file
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
@@ -66,6 +68,7 @@ from csrproxy.web.health import Health, Probe, free_space_probe
 from csrproxy.web.limits import LimitedSite
 from csrproxy.web.listener import APIListener
 from csrproxy.web.problems import problem_document
+from csrproxy.web.status import CAStatus, Snapshot, StatusPage
 
 log = Logger()
 
@@ -428,6 +431,55 @@ def link_fallbacks(issuers: Sequence[Issuer]) -> None:
         each.acme.transport.fail_fast = len(issuers) > 1
 
 
+def status_page(
+    config: Config,
+    reactor: Any,
+    health: Health,
+    issuers: Sequence[Issuer],
+    store: Store,
+    metrics: Metrics,
+) -> StatusPage | None:
+    """The ``[status]`` page (None when off): readiness, every CA with its budgets for the
+    zone's registered domain, the database's orders and renewals due, the DNS counters."""
+    if not config.status.enabled or config.status.tokens_file is None:
+        return None
+    try:
+        tokens = load_tokens(config.status.tokens_file)
+    except ConfigError as e:
+        raise ConfigError("status.tokens_file", e.detail) from None
+    domains = sorted({registered_domain(config.dns.zone)})
+    due_days = config.status.due_days
+
+    def ca(issuer: Issuer) -> CAStatus:
+        breaker = issuer.breaker
+        room = getattr(issuer.admission, "new_names_room", None)
+        budgets = (
+            [(f"new certificates for {d} (7 days)", float(room(d))) for d in domains]
+            if room is not None
+            else []
+        )
+        detail = f"{breaker.failures} failures in a row"
+        return CAStatus(issuer.ca, issuer.account_url, str(breaker.state), detail, budgets)
+
+    def snapshot() -> Deferred[Snapshot]:
+        now = reactor.seconds()
+        rows = store.run(status_rows, store.db, now + due_days * 86400.0)
+        return rows.addCallback(
+            lambda found: Snapshot(
+                now=now,
+                instance=config.cluster.instance,
+                checks=health.checks(),
+                cas=[ca(i) for i in issuers],
+                rows=found,
+                due_days=due_days,
+                rcodes=[(RCODES.get(k, str(k)), v) for k, v in sorted(metrics.dns_rcodes.items())],
+                rrl=[(" ".join(k), v) for k, v in sorted(metrics.dns_rrl_counts.items())],
+            )
+        )
+
+    return StatusPage(tokens, snapshot)
+
+
 def ari_fetcher(
     acme: ACMEClient, others: Sequence[ACMEClient] = ()
 ) -> Callable[[str, str | None], Deferred[Window | None]]:
@@ -725,6 +777,7 @@ def build_service(
         max_names=pol.max_names,
         sync_timeout=config.api.sync_timeout,
         profiles=pol.profiles,
+        status=status_page(config, reactor, health, [issuer, *fallbacks], store, metrics),
     )
 
     top = CsrproxyService()

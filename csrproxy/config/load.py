@@ -15,6 +15,7 @@ from csrproxy.config.policy import parse_policy
 from csrproxy.config.reader import Table
 from csrproxy.config.renewal import parse_renewal
 from csrproxy.config.state import parse_cluster, parse_state
+from csrproxy.config.status import parse_status
 from csrproxy.errors import ConfigError
 
 
@@ -41,7 +42,10 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     state = parse_state(document.table("state"))
     renewal = parse_renewal(document.table("renewal", required=False))
     cluster = parse_cluster(document.table("cluster", required=False))
+    status = parse_status(document.table("status", required=False))
     if cluster.dns_peers and state.backend != "postgresql":
         raise ConfigError("cluster.dns_peers", 'needs [state] backend = "postgresql"')
     document.done()
-    return Config(acme, api, dns, policy, state, renewal, source=source, cluster=cluster)
+    return Config(
+        acme, api, dns, policy, state, renewal, source=source, cluster=cluster, status=status
+    )

@@ -248,6 +248,17 @@ class RenewalConfig:
 
 
 @dataclass(frozen=True)
+class StatusConfig:
+    """``[status]``: the operator's status page, ``GET /status`` on the API listeners."""
+
+    enabled: bool = False
+    #: Who may see it: a file in the API tokens' format (required when enabled).
+    tokens_file: str | None = None
+    #: Certificates due for renewal within this many days are listed.
+    due_days: float = 7.0
+
+
+@dataclass(frozen=True)
 class Config:
     acme: ACMEConfig
     api: APIConfig
@@ -257,3 +268,4 @@ class Config:
     renewal: RenewalConfig = RenewalConfig()
     source: str = field(default="", compare=False)
     cluster: ClusterConfig = ClusterConfig()
+    status: StatusConfig = StatusConfig()

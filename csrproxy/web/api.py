@@ -49,6 +49,7 @@ from csrproxy.web.auth import ClientGate, Token
 from csrproxy.web.connections import RefusalTally
 from csrproxy.web.health import Health
 from csrproxy.web.problems import PROBLEM_JSON, json_answer, problem_document, retry_after_of
+from csrproxy.web.status import StatusPage
 
 log = Logger()
 
@@ -113,6 +114,7 @@ class SigningAPI:
         max_names: int = DEFAULT_MAX_NAMES,
         sync_timeout: float = 50.0,
         profiles: Collection[str] = (),
+        status: StatusPage | None = None,
     ) -> None:
         self.signer = signer
         self.certificates = certificates
@@ -129,6 +131,8 @@ class SigningAPI:
         self.sync_timeout = sync_timeout
         #: The certificate profiles a request may ask for ([policy] profiles).
         self.profiles = frozenset(profiles)
+        #: The operator's status page (``[status] enabled``), else None: 404.
+        self.status = status
 
     # -- plumbing -------------------------------------------------------------
 
@@ -194,6 +198,26 @@ class SigningAPI:
         self.gate.check_address(self._address(request))
         request.setHeader(b"Content-Type", self.metrics.content_type.encode())
         return bytes(self.metrics.render())
+
+    @app.route("/status", methods=["GET"])
+    def status_page(self, request: IRequest) -> Deferred[bytes]:
+        """The operator's status page: 404 unless enabled, 401 without a status token."""
+        if self.status is None:
+            raise NotFound("no such route: /status (the status page is off)")
+        self._count(request, "/status")
+        self.gate.check_address(self._address(request))
+        auth = request.getHeader(b"authorization")
+        try:
+            self.status.check(auth.decode("latin-1") if auth else None)
+        except CsrproxyError:
+            request.setHeader(b"WWW-Authenticate", b'Basic realm="csrproxy status"')
+            raise
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(
+            b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'"
+        )
+        return self.status.render()
 
     @app.route("/v1/sign", methods=["POST"])
     def sign(self, request: IRequest) -> Deferred[bytes]:

@@ -10,7 +10,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from treq.testing import StubTreq
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
@@ -30,6 +30,7 @@ from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from csrproxy.web.health import Health, free_space_probe
 from csrproxy.web.problems import problem_document
+from csrproxy.web.status import StatusPage
 from tests.acme.test_client import ACCOUNT_KEY
 from tests.support.fakeacme import BASE, FakeCA
 from tests.support.issuers import make_issuer
@@ -83,6 +84,7 @@ class APITestCase(SynchronousTestCase):
         subject: str | None = None,
         sync_timeout: float = 50.0,
         profiles: tuple[str, ...] = (),
+        status: StatusPage | None = None,
     ) -> None:
         self.admission = Admission(
             self.clock.seconds, budgets, ZONE.split(".", 1)[1], self.metrics.refusal
@@ -111,6 +113,7 @@ class APITestCase(SynchronousTestCase):
             max_body=8192,
             sync_timeout=sync_timeout,
             profiles=profiles,
+            status=status,
         )
         # StubTreq writes bodies synchronously (no cooperator on the global reactor).
         self.client: Any = StubTreq(self.api.app.resource())
@@ -318,6 +321,30 @@ class ProfileRequestTests(APITestCase):
             doc = self.problem(code, headers, out)
             self.assertTrue(doc["type"].endswith(("/profile-not-allowed", "/bad-request")), doc)
         self.assertEqual(self.ca.requests["newOrder"], 0)
+
+
+class StatusRouteTests(APITestCase):
+    def test_off_by_default(self) -> None:
+        code, _, body = self.request("GET", "/status")
+        self.assertEqual(code, 404, body)
+
+    def test_a_status_token_sees_the_page_and_nobody_else(self) -> None:
+        from tests.web.test_status import TOKEN, snapshot
+
+        page = StatusPage(parse_tokens(token_hash(TOKEN) + "\n"), lambda: succeed(snapshot()))
+        self.build(status=page)
+        code, headers, body = self.request("GET", "/status")
+        self.assertEqual(code, 401, body)
+        self.assertEqual(
+            headers.getRawHeaders("www-authenticate"), ['Basic realm="csrproxy status"']
+        )
+        code, headers, body = self.request("GET", "/status", Authorization=f"Bearer {TOKEN}")
+        self.assertEqual(code, 200, body)
+        self.assertEqual(headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"])
+        csp = headers.getRawHeaders("content-security-policy") or [""]
+        self.assertIn("default-src 'none'", csp[0])
+        self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store"])
+        self.assertIn(b"<h2>Readiness</h2>", body)
 
 
 class AsyncTests(APITestCase):
