@@ -142,16 +142,17 @@ class Admission:
             if capacity
         }
 
-    def new_names_room(self, domain: str) -> float:
-        """New certificates the new-names budget of the registered domain ``domain`` has
-        room for now (``inf`` when that budget is off); asking creates no bucket.
+    def new_names_room(self, name: str) -> float:
+        """New certificates the new-names budget of ``name``'s registered domain (a zone's
+        apex, or the domain itself) has room for now (``inf`` when that budget is off);
+        asking creates no bucket.
 
         On a shared database it is this instance's last view (the decisions themselves are
         the database's): a zone chooser's hint, not a promise."""
         names = self._keyed.get(NEW_NAMES)
         if names is None:
             return math.inf
-        bucket = names.peek(domain.lower().rstrip("."))
+        bucket = names.peek(registered_domain_of(name, self.registered_domain))
         if bucket is None:
             return float(names.capacity)
         bucket.wait_for(0, self.now())  # refills it to now

@@ -43,6 +43,7 @@ from csrproxy.issuance.admission import (
     Refund,
     TokenBucket,
 )
+from csrproxy.issuance.limits import registered_domain_of
 from csrproxy.state.budgets import settle_budgets
 from csrproxy.state.store import Store
 
@@ -164,13 +165,14 @@ class ClusterAdmission:
         #: zone chooser's hint: :meth:`new_names_room`); at most MAX_FAILING domains.
         self._spent: dict[str, float] = {}
 
-    def new_names_room(self, domain: str) -> float:
-        """0 while the new-names budget of ``domain`` last refused an order here and has no
-        room yet; else what the rules say when nothing is known (the budget's capacity)."""
-        until = self._spent.get(domain.lower().rstrip("."))
+    def new_names_room(self, name: str) -> float:
+        """0 while the new-names budget of ``name``'s registered domain last refused an
+        order here and has no room yet; else what the rules say when nothing is known (the
+        budget's capacity)."""
+        until = self._spent.get(registered_domain_of(name, self.rules.registered_domain))
         if until is not None and until > self.rules.now():
             return 0.0
-        return self.rules.new_names_room(domain)
+        return self.rules.new_names_room(name)
 
     def _remember_failing(self, names: Iterable[str]) -> None:
         for name in names:
