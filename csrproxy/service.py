@@ -41,6 +41,7 @@ from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
 from csrproxy.dns.zone import ChallengeZone, next_serial
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
 from csrproxy.issuance.ari import AriPoller, Window
@@ -191,7 +192,7 @@ def make_publisher(
     config: Config,
     reactor: Any,
     http: HTTPClient,
-    zone: ChallengeZone,
+    zone: ChallengeZone | Zones,
     dns_service: DNSServerService | None = None,
     metrics: Metrics | None = None,
 ) -> tuple[DNS01Responder, PowerDNSPublisher | None]:
@@ -250,7 +251,7 @@ def make_publisher(
 def make_cache_wait(
     config: Config,
     reactor: Any,
-    zone: ChallengeZone,
+    zone: ChallengeZone | Zones,
     dns_service: DNSServerService | None,
     metrics: Metrics,
 ) -> CacheWait:
@@ -269,10 +270,10 @@ def make_cache_wait(
 
 
 def serve_caa(
-    config: Config, zone: ChallengeZone, pdns: PowerDNSPublisher | None = None
+    config: Config, zone: ChallengeZone | Zones, pdns: PowerDNSPublisher | None = None
 ) -> Callable[[str], None] | None:
     """The apex CAA of ``[dns] caa``: the call returned names the account once its URL is
-    known (None: no CAA). The built-in zone allows each CA identity for any account until
+    known (None: no CAA). Each built-in zone allows each CA identity for any account until
     then; PowerDNS (``pdns``) gets the apex CAA RRset once the account is known."""
     if not config.dns.caa or (config.dns.backend != "builtin" and pdns is None):
         return None
@@ -304,18 +305,43 @@ def serve_caa(
             )
 
         return push
+    zones = list(Zones.of(zone))  # every apex gets the same CAA
     try:
-        zone.set_caa(issuers(None))
+        for each in zones:
+            each.set_caa(issuers(None))
     except ValueError as e:
         raise ConfigError("dns.records", str(e)) from None
 
     def account_known(url: str) -> None:
         try:
-            zone.set_caa(issuers(url))
+            for each in zones:
+                each.set_caa(issuers(url))
         except ValueError as e:
             log.error("CAA not limited to the account: {err}", err=str(e))
 
     return account_known
+
+
+def make_zones(config: Config, store: Store, reactor: Any) -> Zones:
+    """One zone per ``[dns] zones`` entry, the same records and nameservers in each, its
+    serial kept in the state database under its origin."""
+    built = []
+    for origin in config.dns.zones:
+        # The serial rises past the one recorded: secondaries take the zone after a restart.
+        recorded = load_serial(store.db, origin)
+        zone = WatchedZone(
+            origin,
+            config.dns.nameservers,
+            config.dns.records,
+            ttl=config.dns.ttl,
+            challenge_ttl=config.dns.challenge_ttl,
+            serial=None if recorded is None else next_serial(recorded, int(reactor.seconds())),
+        )
+        record_serial = SerialRecorder(store, origin)
+        record_serial(zone.serial)
+        zone.on_serial(record_serial)
+        built.append(zone)
+    return Zones(built)
 
 
 def ari_fetcher(
@@ -448,19 +474,7 @@ def build_service(
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
-    # The serial rises past the one recorded: secondaries take the zone after a restart.
-    recorded = load_serial(store.db, config.dns.zone)
-    zone = WatchedZone(
-        config.dns.zone,
-        config.dns.nameservers,
-        config.dns.records,
-        ttl=config.dns.ttl,
-        challenge_ttl=config.dns.challenge_ttl,
-        serial=None if recorded is None else next_serial(recorded, int(reactor.seconds())),
-    )
-    record_serial = SerialRecorder(store, config.dns.zone)
-    record_serial(zone.serial)
-    zone.on_serial(record_serial)
+    zone = make_zones(config, store, reactor)
     metrics = Metrics()
     if config.state.backend == "postgresql":  # instances behind one scrape job
         metrics.label_instance(config.cluster.instance)
@@ -601,7 +615,8 @@ def build_service(
         if sync is not None:
             sync.setServiceParent(collection)
         if config.dns.secondaries:
-            ZoneNotifier(reactor, zone, config.dns.secondaries).setServiceParent(collection)
+            for each in zone:  # each zone's NOTIFY to every secondary
+                ZoneNotifier(reactor, each, config.dns.secondaries).setServiceParent(collection)
 
     def refused(path: bytes, status: int) -> None:
         metrics.http_request("refused", status)

@@ -35,6 +35,7 @@ from csrproxy.dns.protocols import DNSDatagramProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError
 from csrproxy.http import BytesProducer, VerifyingPolicy
 from csrproxy.service import AccountService, StateService, serve_caa
@@ -106,7 +107,8 @@ class WiringTests(BuildCase):
         datagram = DNSDatagramProtocol(dns_service.factory)
         self.assertIsInstance(datagram, names_dns.DNSDatagramProtocol)
         self.assertIsInstance(dns_service.factory.buildProtocol(None), names_dns.DNSProtocol)
-        self.assertIsInstance(dns_service.zone, ResolverBase)
+        self.assertIsInstance(dns_service.zone, Zones)
+        self.assertIsInstance(dns_service.zone.first, ResolverBase)
         self.assertIsInstance(dns_service.factory.rrl, ResponseRateLimiter)  # on by default
 
     def test_notify_only_with_secondaries(self) -> None:
@@ -118,7 +120,7 @@ class WiringTests(BuildCase):
         )
         [notifier] = [s for s in walk(top) if isinstance(s, ZoneNotifier)]
         dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
-        self.assertIs(notifier.zone, dns_service.zone)
+        self.assertIs(notifier.zone, dns_service.zone.first)
         self.assertEqual([(t.host, t.port) for t in notifier.targets], [("192.0.2.53", 53)])
 
     def test_dns_cookies_on_with_the_secret_from_the_state_database(self) -> None:
@@ -142,6 +144,33 @@ class WiringTests(BuildCase):
         self.assertIsNone(dns_service.factory.nsid)
 
 
+class ZonesWiringTests(BuildCase):
+    """``[dns] zones``: every zone served, notified, locked by CAA and its serial kept."""
+
+    ZONES = 'zones = ["go.example.test", "go-other.example.net"]\n'
+
+    def test_every_zone_served_notified_and_locked(self) -> None:
+        secret = base64.b64encode(bytes(32)).decode()
+        top = self.build(
+            f'[[dns.secondaries]]\naddress = "192.0.2.53"\ntsig_name = "xfr"\n'
+            f'tsig_secret = "{secret}"\n',
+            dns=self.ZONES + 'caa_identities = ["letsencrypt.org"]\n',
+        )
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        zones = dns_service.zone
+        self.assertEqual(zones.origins, ("go.example.test", "go-other.example.net"))
+        notifiers = [s for s in walk(top) if isinstance(s, ZoneNotifier)]
+        self.assertEqual([n.zone for n in notifiers], list(zones))
+        for zone in zones:
+            self.assertEqual([r.tag for r in zone.caa_records()], [b"issue", b"issuewild"])
+            soa: Any = zone.soa_header().payload
+            self.assertEqual(soa.mname.name, b"ns1.go.example.test")
+        issuer: Any = next(s for s in walk(top) if isinstance(s, AccountService)).issuer
+        issuer._on_account("https://ca.test/acct/1")
+        for zone in zones:
+            self.assertIn(b"accounturi=https://ca.test/acct/1", zone.caa_records()[0].value)
+
+
 class CAAWiringTests(BuildCase):
     """The apex CAA follows the account the issuer finds (``serve_caa``)."""
 
@@ -150,7 +179,7 @@ class CAAWiringTests(BuildCase):
     def parts(self, top: IService) -> tuple[Any, Any]:
         account = next(s for s in walk(top) if isinstance(s, AccountService))
         dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
-        return account.issuer, dns_service.zone
+        return account.issuer, dns_service.zone.first
 
     def values(self, zone: Any) -> list[tuple[bytes, bytes]]:
         return [(r.tag, r.value) for r in zone.caa_records()]

@@ -25,11 +25,11 @@ def parse_state(state: Table) -> StateConfig:
     dsn = state.get("dsn", str, None)
     if backend == "postgresql":
         if not dsn:
-            raise state.error("dsn", 'is needed with backend = "postgresql"')
+            raise state.error("dsn", "is needed with backend = \"postgresql\"")
         if not dsn.startswith(("postgresql://", "postgres://")):
             raise state.error("dsn", "must be a postgresql:// URL")
     elif dsn is not None:
-        raise state.error("dsn", 'is only read with backend = "postgresql"')
+        raise state.error("dsn", "is only read with backend = \"postgresql\"")
     config = StateConfig(
         dir=state.get("dir", str),
         retention_days=state.positive("retention_days", StateConfig.retention_days),
