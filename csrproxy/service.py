@@ -344,6 +344,46 @@ def make_zones(config: Config, store: Store, reactor: Any) -> Zones:
     return Zones(built)
 
 
+def new_names_room(admission: object) -> Callable[[str], float | None]:
+    """How many new certificates a zone's registered domain has room for this week (None:
+    not known, taken as room). ``GET /v1/name`` hands out names in the first zone with
+    room, health and metrics show it."""
+    # TODO(admission): Admission.new_names_room(name: str) -> float, the new-certificate
+    # budget left now (not charged) for the registered domain of ``name`` (a zone's apex),
+    # inf when that budget is off; until the admission has it, every zone has room.
+    ask = getattr(admission, "new_names_room", None)
+
+    def left(origin: str) -> float | None:
+        if ask is None:
+            return None
+        try:
+            return float(ask(origin))
+        except Exception:
+            log.failure("the new-names budget of {zone} is unknown", zone=origin)
+            return None
+
+    return left
+
+
+def zone_status(
+    zones: Zones, room: Callable[[str], float | None], served: bool = True
+) -> Callable[[], list[dict[str, Any]]]:
+    """Each zone for health and metrics: origin, serial, records and challenge names when
+    ``served`` (the built-in backend), and the budget's room when known."""
+
+    def status() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = (
+            zones.status() if served else [{"origin": o} for o in zones.origins]
+        )
+        for each in out:
+            left = room(each["origin"])
+            if left is not None:
+                each["room"] = left
+        return out
+
+    return status
+
+
 def ari_fetcher(
     acme: ACMEClient,
 ) -> Callable[[str], Deferred[Window | None]]:
@@ -366,9 +406,11 @@ def readiness(
     store: Store,
     state_dir: str,
     sync: ChallengeSync | None = None,
+    zones: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> Health:
     """The parts of readiness: the ACME account, the CA (its circuit breaker is closed), the
-    listeners, the state store, and (several instances) hearing the others' challenges."""
+    listeners, the state store, and (several instances) hearing the others' challenges;
+    ``zones()`` lists each zone's state beside them."""
 
     def account() -> tuple[bool, str]:
         url = issuer.account_url
@@ -422,6 +464,7 @@ def readiness(
         return {
             "instance": db.instance,
             "database": {"backend": db.dialect.name, "where": db.where, "writable": store.healthy},
+            **({"zones": zones()} if zones is not None else {}),
         }
 
     return Health(probes, info)
@@ -572,13 +615,18 @@ def build_service(
         if store.db.shared and config.state.dsn and config.dns.backend == "builtin"
         else None
     )
-    health = readiness(issuer, listeners, dns_service, store, str(state.path), sync)
+    room_left = new_names_room(admission)
+    zones_status = zone_status(zone, room_left, served=config.dns.backend == "builtin")
+    health = readiness(
+        issuer, listeners, dns_service, store, str(state.path), sync, zones=zones_status
+    )
+    metrics.watch_zones(zones_status)
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
     api = SigningAPI(
         issuer,
         ledger,
-        NamePolicy(pol.names, pol.subject),
+        NamePolicy(pol.names, pol.subject, config.dns.zones),
         book,
         metrics,
         gate,
@@ -589,6 +637,7 @@ def build_service(
         max_names=pol.max_names,
         sync_timeout=config.api.sync_timeout,
         profiles=pol.profiles,
+        room=lambda origin: (left := room_left(origin)) is None or left >= 1,
     )
 
     top = CsrproxyService()

@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
+from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import capturedLogs, globalLogPublisher
 from twisted.names import dns as names_dns
 from twisted.names.common import ResolverBase
 from twisted.names.server import DNSServerFactory
@@ -38,7 +39,13 @@ from csrproxy.dns.zone import ChallengeZone
 from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError
 from csrproxy.http import BytesProducer, VerifyingPolicy
-from csrproxy.service import AccountService, StateService, serve_caa
+from csrproxy.service import (
+    AccountService,
+    StateService,
+    new_names_room,
+    serve_caa,
+    zone_status,
+)
 
 CONFIG = """
 [acme]
@@ -169,6 +176,62 @@ class ZonesWiringTests(BuildCase):
         issuer._on_account("https://ca.test/acct/1")
         for zone in zones:
             self.assertIn(b"accounturi=https://ca.test/acct/1", zone.caa_records()[0].value)
+
+    def test_health_and_metrics_per_zone_and_the_budget_asked(self) -> None:
+        top = self.build(dns=self.ZONES)
+        issuer: Any = next(s for s in walk(top) if isinstance(s, AccountService)).issuer
+        zones = next(s for s in walk(top) if isinstance(s, DNSServerService)).zone
+        zones.add_txt("_acme-challenge.a.go-other.example.net", "v")
+        text = issuer.metrics.render().decode()
+        serials = {
+            sample.labels["zone"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "csrproxy_dns_zone_serial"
+            for sample in family.samples
+        }
+        self.assertEqual(serials, {zone.origin: zone.serial for zone in zones})
+        self.assertIn('csrproxy_dns_zone_challenges{zone="go-other.example.net"} 1.0', text)
+        self.assertIn('csrproxy_dns_zone_challenges{zone="go.example.test"} 0.0', text)
+
+    def test_zone_status_and_room(self) -> None:
+        class Budget:
+            def __init__(self) -> None:
+                self.asked: list[str] = []
+
+            def new_names_room(self, name: str) -> float:
+                self.asked.append(name)
+                return 0.0 if name == "go.example.test" else 12.0
+
+        budget = Budget()
+        left = new_names_room(budget)
+        self.assertEqual((left("go.example.test"), left("go-other.example.net")), (0.0, 12.0))
+        self.assertIsNone(new_names_room(object())("go.example.test"))  # not there yet
+
+        def broken(name: str) -> float:
+            raise RuntimeError("no budget")
+
+        broken_budget: Any = Budget()
+        broken_budget.new_names_room = broken
+        with capturedLogs() as logs:
+            self.assertIsNone(new_names_room(broken_budget)("go.example.test"))
+        self.assertEqual(len(logs), 1)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        ns = ["ns1.go.example.test"]
+        zones = Zones(
+            [
+                ChallengeZone("go.example.test", ns, []),
+                ChallengeZone("go-other.example.net", ns, []),
+            ]
+        )
+        status = zone_status(zones, left)()
+        self.assertEqual([z["origin"] for z in status], ["go.example.test", "go-other.example.net"])
+        self.assertEqual([z["room"] for z in status], [0.0, 12.0])
+        self.assertEqual(status[0]["records"], 2)  # SOA and NS
+        self.assertEqual(status[1]["serial"], list(zones)[1].serial)
+        self.assertEqual(
+            zone_status(zones, left, served=False)()[1],
+            {"origin": "go-other.example.net", "room": 12.0},
+        )
 
 
 class CAAWiringTests(BuildCase):
