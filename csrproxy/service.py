@@ -50,7 +50,7 @@ from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
-from csrproxy.issuance.policy import NamePolicy
+from csrproxy.issuance.policy import NamePolicy, ZoneRoom
 from csrproxy.issuance.recovery import Resumer, earlier_orders, recover
 from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
 from csrproxy.issuance.renewals import StoredRenewals
@@ -365,6 +365,12 @@ def new_names_room(admission: object) -> Callable[[str], float | None]:
     return left
 
 
+def has_room(left: Callable[[str], float | None]) -> ZoneRoom:
+    """The ``GET /v1/name`` question of :func:`new_names_room`'s answer: room for one more
+    new certificate, or not known (taken as room)."""
+    return lambda origin: (n := left(origin)) is None or n >= 1
+
+
 def zone_status(
     zones: Zones, room: Callable[[str], float | None], served: bool = True
 ) -> Callable[[], list[dict[str, Any]]]:
@@ -637,7 +643,7 @@ def build_service(
         max_names=pol.max_names,
         sync_timeout=config.api.sync_timeout,
         profiles=pol.profiles,
-        room=lambda origin: (left := room_left(origin)) is None or left >= 1,
+        room=has_room(room_left),
     )
 
     top = CsrproxyService()

@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import json
 
+from treq.testing import StubTreq
+
+from csrproxy.challenges.zone import ZonePublisher
+from csrproxy.config.model import PolicyConfig
+from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
+from csrproxy.errors import RateLimited
+from csrproxy.issuance.admission import Admission, Budgets
+from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
 from csrproxy.names import key_label
+from csrproxy.service import has_room, new_names_room
+from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
+from csrproxy.web.health import Health
+from csrproxy.web.problems import problem_document
+from tests.support.issuers import NO_BUDGETS, make_issuer
 from tests.support.keys import EC256, make_csr
 from tests.web.test_api import ZONE, APITestCase, spki
 
@@ -90,3 +104,86 @@ class OneZoneTests(APITestCase):
         label = key_label(spki(EC256))
         _, _, body = self.request("GET", "/v1/name", make_csr([f"x.{ZONE}"]))
         self.assertEqual(json.loads(body)["names"], [f"{{label}}.{ZONE}", f"{label}.{ZONE}"])
+
+
+class BudgetRoom(Admission):
+    """An admission with the ``new_names_room`` csrproxy.service asks for (what
+    ``Admission`` is to offer; here 1 or 0 from a charge given back at once, through
+    the public API only, where the real one counts the tokens left)."""
+
+    def new_names_room(self, name: str) -> float:
+        try:
+            refund = self.admit_order([f"room-probe.{name}"], new_names=True)
+        except RateLimited:
+            return 0.0
+        refund()
+        return 1.0
+
+
+class ThreeZonesOnboardTests(APITestCase):
+    """Three zones in three registered domains: each week's new names fill one zone's
+    budget after the other, and only then are sign requests refused."""
+
+    ZONES = ("go.alpha.test", "go.beta.test", "go.gamma.test")
+    patterns = [f"{{label}}.{z}" for z in ZONES]
+    # Let's Encrypt's 50 less the default margin: 3 x 45 = 135 installations a week.
+    PER_WEEK = PolicyConfig.new_names_per_week
+
+    def build(
+        self,
+        budgets: Budgets = NO_BUDGETS,
+        gate: ClientGate | None = None,
+        subject: str | None = None,
+        sync_timeout: float = 50.0,
+        profiles: tuple[str, ...] = (),
+    ) -> None:
+        ns = [f"ns1.{self.ZONES[0]}"]
+        self.zone = Zones([ChallengeZone(z, ns, ["@ A 127.0.0.1"]) for z in self.ZONES])  # type: ignore[assignment]
+        budgets = Budgets(
+            new_names_per_week=self.PER_WEEK,
+            orders_per_3h=0,
+            same_names_per_week=0,
+            client_requests_per_hour=0,
+        )
+        admission = BudgetRoom(self.clock.seconds, budgets, "alpha.test", self.metrics.refusal)
+        self.issuer = make_issuer(
+            self.clock,
+            self.acme,
+            ZonePublisher(self.zone),
+            admission=admission,
+            metrics=self.metrics,
+        )
+        self.api = SigningAPI(
+            self.issuer,
+            self.issuer.ledger,
+            NamePolicy(self.patterns, zones=self.ZONES),
+            OrderBook(self.clock, lambda f: problem_document(f.value)),
+            self.metrics,
+            ClientGate(),
+            clock=self.clock,
+            health=Health([]),
+            room=has_room(new_names_room(admission)),
+        )
+        self.client = StubTreq(self.api.app.resource())
+
+    def test_each_zone_in_turn_then_refused(self) -> None:
+        onboarded: list[str] = []
+        for index in range(len(self.ZONES) * self.PER_WEEK):
+            code, _, body = self.request("GET", "/v1/name", make_csr([f"x.{self.ZONES[0]}"]))
+            [pattern] = json.loads(body)["names"]
+            name = pattern.replace("{label}", f"host{index}")
+            code, _, body = self.post(make_csr([name]))
+            self.assertEqual(code, 200, body)
+            onboarded.append(name.split(".", 1)[1])
+        self.assertEqual(onboarded, [z for z in self.ZONES for _ in range(self.PER_WEEK)])
+        # Every zone full: the first zone's name, and the CA's budget says no (429).
+        _, _, body = self.request("GET", "/v1/name", make_csr([f"x.{self.ZONES[0]}"]))
+        self.assertEqual(json.loads(body)["names"], [f"{{label}}.{self.ZONES[0]}"])
+        code, headers, body = self.post(make_csr([f"late.{self.ZONES[0]}"]))
+        self.assertEqual(code, 429)
+        self.assertTrue(headers.getRawHeaders("retry-after"))
+        # A week later the first zone has room again.
+        self.clock.advance(7 * 86400)
+        _, _, body = self.request("GET", "/v1/name", make_csr([f"x.{self.ZONES[0]}"]))
+        self.assertEqual(json.loads(body)["names"], [f"{{label}}.{self.ZONES[0]}"])
+        self.assertEqual(self.post(make_csr([f"late.{self.ZONES[0]}"]))[0], 200)
