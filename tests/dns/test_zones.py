@@ -6,7 +6,10 @@ import time
 from typing import Any
 
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdata
+import dns.rdataclass
 import dns.rdatatype
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -213,3 +216,31 @@ class TwoZoneTransferTests(SynchronousTestCase):
         self.assertEqual(
             dns.message.from_wire(conn.sent[0], keyring=False).rcode(), dns.rcode.REFUSED
         )
+
+    def test_ixfr_of_the_second_zone_is_its_own_changes(self) -> None:
+        second = list(self.zones)[1]
+        before = second.serial
+        self.clock.advance(5)
+        self.zones.add_txt("_acme-challenge.b." + SECOND, "new-value")
+        self.zones.add_txt("_acme-challenge.b." + FIRST, "first-zone-value")
+        query = dns.message.make_query(SECOND, "IXFR")
+        rdata = dns.rdata.from_text("IN", "SOA", f". . {before} 0 0 0 0")
+        query.find_rrset(
+            query.authority,
+            dns.name.from_text(SECOND),
+            dns.rdataclass.IN,
+            dns.rdatatype.SOA,
+            create=True,
+        ).add(rdata, 0)
+        query.use_tsig(keyring())
+        conn = FakeTCP()
+        self.factory.packetReceived(query.to_wire(), conn, None)
+        (sent,) = conn.sent
+        reply = dns.message.from_wire(
+            sent, keyring=keyring(), request_mac=query.mac, one_rr_per_rrset=True
+        )
+        self.assertEqual(reply.rcode(), dns.rcode.NOERROR)
+        soas = [r[0].serial for r in reply.answer if r.rdtype == dns.rdatatype.SOA]
+        self.assertEqual(soas, [second.serial, before, second.serial, second.serial])
+        txt = [r for r in reply.answer if r.rdtype == dns.rdatatype.TXT]
+        self.assertEqual([r.name.to_text() for r in txt], ["_acme-challenge.b." + SECOND + "."])
