@@ -50,10 +50,11 @@ from csrproxy.issuance.cluster_admission import ClusterAdmission
 from csrproxy.issuance.issuer import Issuer
 from csrproxy.issuance.ledger import Ledger
 from csrproxy.issuance.orders import OrderBook
-from csrproxy.issuance.policy import NamePolicy, ZoneRoom
+from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.recovery import Resumer, earlier_orders, recover
 from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
 from csrproxy.issuance.renewals import StoredRenewals
+from csrproxy.issuance.room import has_room, new_names_room
 from csrproxy.metrics import Metrics
 from csrproxy.state.budgets import budget_recorder, load_budgets
 from csrproxy.state.lock import StateLock, StateLockService
@@ -344,33 +345,6 @@ def make_zones(config: Config, store: Store, reactor: Any) -> Zones:
     return Zones(built)
 
 
-def new_names_room(admission: object) -> Callable[[str], float | None]:
-    """How many new certificates a zone's registered domain has room for this week (None:
-    not known, taken as room). ``GET /v1/name`` hands out names in the first zone with
-    room, health and metrics show it."""
-    # TODO(admission): Admission.new_names_room(name: str) -> float, the new-certificate
-    # budget left now (not charged) for the registered domain of ``name`` (a zone's apex),
-    # inf when that budget is off; until the admission has it, every zone has room.
-    ask = getattr(admission, "new_names_room", None)
-
-    def left(origin: str) -> float | None:
-        if ask is None:
-            return None
-        try:
-            return float(ask(origin))
-        except Exception:
-            log.failure("the new-names budget of {zone} is unknown", zone=origin)
-            return None
-
-    return left
-
-
-def has_room(left: Callable[[str], float | None]) -> ZoneRoom:
-    """The ``GET /v1/name`` question of :func:`new_names_room`'s answer: room for one more
-    new certificate, or not known (taken as room)."""
-    return lambda origin: (n := left(origin)) is None or n >= 1
-
-
 def zone_status(
     zones: Zones, room: Callable[[str], float | None], served: bool = True
 ) -> Callable[[], list[dict[str, Any]]]:
@@ -523,7 +497,7 @@ def build_service(
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
-    zone = make_zones(config, store, reactor)
+    zone = make_zones(config, store, reactor)  # every zone of [dns] zones
     metrics = Metrics()
     if config.state.backend == "postgresql":  # instances behind one scrape job
         metrics.label_instance(config.cluster.instance)

@@ -14,8 +14,8 @@ from csrproxy.errors import RateLimited
 from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.orders import OrderBook
 from csrproxy.issuance.policy import NamePolicy
+from csrproxy.issuance.room import has_room, new_names_room
 from csrproxy.names import key_label
-from csrproxy.service import has_room, new_names_room
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, parse_tokens, token_hash
 from csrproxy.web.health import Health
