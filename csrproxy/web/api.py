@@ -372,7 +372,11 @@ class SigningAPI:
             raw.decode("utf-8", "replace").strip().rstrip(".").lower()
             for raw in (request.args or {}).get(b"current", [])
         ]
-        if current and len(current) <= self.max_names and all(usable(n) for n in current):
+        if (
+            current
+            and len(current) <= self.max_names
+            and all("{" not in n and usable(n) for n in current)
+        ):
             names = list(dict.fromkeys(current))
         else:
             names = self.policy.offer(label, self.room, usable)

@@ -83,6 +83,7 @@ class ZoneChoiceTests(APITestCase):
         other = f"{key_label(b'another key')}.{OTHER}"
         self.assertEqual(self.names(f"?current={other}")[0], f"{label}.{ZONE}")
         self.assertEqual(self.names("?current=www.example.org")[0], f"{label}.{ZONE}")
+        self.assertEqual(self.names(f"?current={{label}}.{OTHER}")[0], f"{label}.{ZONE}")
         many = "&".join(f"current=n{i}.{OTHER}" for i in range(200))
         self.assertEqual(self.names("?" + many)[0], f"{label}.{ZONE}")
 
