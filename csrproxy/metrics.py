@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -162,6 +162,13 @@ class Metrics:
         """Export ``csrproxy_state_pruned_total{kind}`` from the pruner's counts."""
         self.registry.register(_PrunedCollector(pruned))
 
+    def watch_zones(self, zones: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        """Export per zone (``zones()``: each an ``origin`` with ``serial``, ``records``,
+        ``challenges`` and ``room`` when known) ``csrproxy_dns_zone_serial{zone}``,
+        ``csrproxy_dns_zone_records{zone}``, ``csrproxy_dns_zone_challenges{zone}`` and
+        ``csrproxy_zone_new_names_room{zone}`` at every scrape."""
+        self.registry.register(_ZonesCollector(zones))
+
     def render(self) -> bytes:
         text = generate_latest(self.registry)
         return text if self._instance is None else _with_label(text, self._instance)
@@ -231,6 +238,31 @@ class _ReadinessCollector(Collector):
         for name, ok in self.checks():
             family.add_metric([name], 1.0 if ok else 0.0)
         yield family
+
+
+class _ZonesCollector(Collector):
+    FAMILIES = (
+        ("serial", "csrproxy_dns_zone_serial", "The SOA serial of each zone served"),
+        ("records", "csrproxy_dns_zone_records", "Records each zone serves (the SOA once)"),
+        ("challenges", "csrproxy_dns_zone_challenges", "Challenge names each zone serves"),
+        (
+            "room",
+            "csrproxy_zone_new_names_room",
+            "New certificates each zone's registered domain has room for this week",
+        ),
+    )
+
+    def __init__(self, zones: Callable[[], Iterable[Mapping[str, Any]]]) -> None:
+        self.zones = zones
+
+    def collect(self) -> Iterator[Metric]:
+        zones = list(self.zones())
+        for key, name, documentation in self.FAMILIES:
+            family = GaugeMetricFamily(name, documentation, labels=["zone"])
+            for zone in zones:
+                if zone.get(key) is not None:
+                    family.add_metric([str(zone["origin"])], float(zone[key]))
+            yield family
 
 
 class _PrunedCollector(Collector):

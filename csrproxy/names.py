@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 #: The key types a CSR may carry, by their ``[policy] key_types`` names: what Let's
@@ -72,6 +73,22 @@ class NamePattern:
         if len(labels) < 2:
             raise ValueError(f"{text!r} needs at least two labels")
         return cls(text=norm, labels=labels)
+
+    def zone_in(self, zones: Sequence[str]) -> str | None:
+        """The zone of ``zones`` (lowercase, no trailing dot) this pattern's names are in:
+        the longest whose labels end the pattern literally; None when outside them all."""
+        found = None
+        for zone in zones:
+            tail = tuple(zone.split("."))
+            if self.labels[-len(tail) :] == tail and (found is None or len(zone) > len(found)):
+                found = zone
+        return found
+
+    def relative_to(self, zone: str) -> tuple[str, ...]:
+        """The labels below ``zone`` (which :meth:`zone_in` gave): ``("{key}",)`` for
+        ``{key}.go.example.com`` in ``go.example.com``; the same in every zone means the
+        same kind of name."""
+        return self.labels[: len(self.labels) - len(zone.split("."))]
 
     def matches(self, name: str, key: str | None) -> bool:
         """True when ``name`` (lowercase, no trailing dot) fits this pattern."""

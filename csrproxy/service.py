@@ -42,6 +42,7 @@ from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
 from csrproxy.dns.zone import ChallengeZone, next_serial
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError, ListenError
 from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
 from csrproxy.issuance.ari import AriPoller, Window
@@ -55,6 +56,7 @@ from csrproxy.issuance.policy import NamePolicy
 from csrproxy.issuance.recovery import Resumer, earlier_orders, recover
 from csrproxy.issuance.renewal import RenewalScheduler, RenewalService
 from csrproxy.issuance.renewals import StoredRenewals
+from csrproxy.issuance.room import has_room, new_names_room
 from csrproxy.metrics import RCODES, Metrics
 from csrproxy.state.budgets import budget_recorder, load_budgets
 from csrproxy.state.lock import StateLock, StateLockService
@@ -198,7 +200,7 @@ def make_publisher(
     config: Config,
     reactor: Any,
     http: HTTPClient,
-    zone: ChallengeZone,
+    zone: ChallengeZone | Zones,
     dns_service: DNSServerService | None = None,
     metrics: Metrics | None = None,
 ) -> tuple[DNS01Responder, PowerDNSPublisher | None]:
@@ -257,7 +259,7 @@ def make_publisher(
 def make_cache_wait(
     config: Config,
     reactor: Any,
-    zone: ChallengeZone,
+    zone: ChallengeZone | Zones,
     dns_service: DNSServerService | None,
     metrics: Metrics,
 ) -> CacheWait:
@@ -296,11 +298,11 @@ def caa_issuers(config: Config) -> list[tuple[str, tuple[str, ...]]] | None:
 
 
 def serve_caa(
-    config: Config, zone: ChallengeZone, pdns: PowerDNSPublisher | None = None
+    config: Config, zone: ChallengeZone | Zones, pdns: PowerDNSPublisher | None = None
 ) -> Callable[[str, str], None] | None:
     """The apex CAA of ``[dns] caa``: ``issue`` and ``issuewild`` for every configured CA's
     identity; the call returned, ``(directory, account URL)``, names a CA's account once it
-    is known (None: no CAA). The built-in zone allows each CA identity for any account
+    is known (None: no CAA). Each built-in zone allows each CA identity for any account
     until then; PowerDNS (``pdns``) gets the apex CAA RRset once every account is known."""
     if not config.dns.caa or (config.dns.backend != "builtin" and pdns is None):
         return None
@@ -333,15 +335,18 @@ def serve_caa(
             )
 
         return push
+    zones = list(Zones.of(zone))  # every apex gets the same CAA
     try:
-        zone.set_caa(issuers())
+        for each in zones:
+            each.set_caa(issuers())
     except ValueError as e:
         raise ConfigError("dns.records", str(e)) from None
 
     def account_known(directory: str, url: str) -> None:
         accounts[directory] = url
         try:
-            zone.set_caa(issuers())
+            for each in zones:
+                each.set_caa(issuers())
         except ValueError as e:
             log.error("CAA not limited to the account: {err}", err=str(e))
 
@@ -423,6 +428,47 @@ def fallback_issuer(
     )
 
 
+def make_zones(config: Config, store: Store, reactor: Any) -> Zones:
+    """One zone per ``[dns] zones`` entry, the same records and nameservers in each, its
+    serial kept in the state database under its origin."""
+    built = []
+    for origin in config.dns.zones:
+        # The serial rises past the one recorded: secondaries take the zone after a restart.
+        recorded = load_serial(store.db, origin)
+        zone = WatchedZone(
+            origin,
+            config.dns.nameservers,
+            config.dns.records,
+            ttl=config.dns.ttl,
+            challenge_ttl=config.dns.challenge_ttl,
+            serial=None if recorded is None else next_serial(recorded, int(reactor.seconds())),
+        )
+        record_serial = SerialRecorder(store, origin)
+        record_serial(zone.serial)
+        zone.on_serial(record_serial)
+        built.append(zone)
+    return Zones(built)
+
+
+def zone_status(
+    zones: Zones, room: Callable[[str], float | None], served: bool = True
+) -> Callable[[], list[dict[str, Any]]]:
+    """Each zone for health and metrics: origin, serial, records and challenge names when
+    ``served`` (the built-in backend), and the budget's room when known."""
+
+    def status() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = (
+            zones.status() if served else [{"origin": o} for o in zones.origins]
+        )
+        for each in out:
+            left = room(each["origin"])
+            if left is not None:
+                each["room"] = left
+        return out
+
+    return status
+
+
 def link_fallbacks(issuers: Sequence[Issuer]) -> None:
     """Each CA's issuer hands an order it cannot take to the others, in config order; a CA
     known to be failing (its breaker open) ends its orders at once for them."""
@@ -447,14 +493,18 @@ def status_page(
         tokens = load_tokens(config.status.tokens_file)
     except ConfigError as e:
         raise ConfigError("status.tokens_file", e.detail) from None
-    domains = sorted({registered_domain(config.dns.zone)})
+    # Each zone's registered domain once (zones in one registered domain share a budget).
+    domains = {registered_domain(z): z for z in reversed(config.dns.zones)}
     due_days = config.status.due_days
 
     def ca(issuer: Issuer) -> CAStatus:
         breaker = issuer.breaker
         room = getattr(issuer.admission, "new_names_room", None)
         budgets = (
-            [(f"new certificates for {d} (7 days)", float(room(d))) for d in domains]
+            [
+                (f"new certificates for {d} (7 days; zone {z})", float(room(z)))
+                for d, z in sorted(domains.items())
+            ]
             if room is not None
             else []
         )
@@ -504,9 +554,11 @@ def readiness(
     store: Store,
     state_dir: str,
     sync: ChallengeSync | None = None,
+    zones: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> Health:
     """The parts of readiness: the ACME account, the CA (its circuit breaker is closed), the
-    listeners, the state store, and (several instances) hearing the others' challenges."""
+    listeners, the state store, and (several instances) hearing the others' challenges;
+    ``zones()`` lists each zone's state beside them."""
 
     def account() -> tuple[bool, str]:
         url = issuer.account_url
@@ -560,6 +612,7 @@ def readiness(
         return {
             "instance": db.instance,
             "database": {"backend": db.dialect.name, "where": db.where, "writable": store.healthy},
+            **({"zones": zones()} if zones is not None else {}),
         }
 
     return Health(probes, info)
@@ -624,19 +677,7 @@ def build_service(
     ledger = Ledger(store, config.dns.backend, ari_recheck=config.renewal.ari_recheck)
     ledger.load()
 
-    # The serial rises past the one recorded: secondaries take the zone after a restart.
-    recorded = load_serial(store.db, config.dns.zone)
-    zone = WatchedZone(
-        config.dns.zone,
-        config.dns.nameservers,
-        config.dns.records,
-        ttl=config.dns.ttl,
-        challenge_ttl=config.dns.challenge_ttl,
-        serial=None if recorded is None else next_serial(recorded, int(reactor.seconds())),
-    )
-    record_serial = SerialRecorder(store, config.dns.zone)
-    record_serial(zone.serial)
-    zone.on_serial(record_serial)
+    zone = make_zones(config, store, reactor)  # every zone of [dns] zones
     metrics = Metrics()
     if config.state.backend == "postgresql":  # instances behind one scrape job
         metrics.label_instance(config.cluster.instance)
@@ -760,13 +801,18 @@ def build_service(
         if store.db.shared and config.state.dsn and config.dns.backend == "builtin"
         else None
     )
-    health = readiness(issuer, listeners, dns_service, store, str(state.path), sync)
+    room_left = new_names_room(admission)
+    zones_status = zone_status(zone, room_left, served=config.dns.backend == "builtin")
+    health = readiness(
+        issuer, listeners, dns_service, store, str(state.path), sync, zones=zones_status
+    )
+    metrics.watch_zones(zones_status)
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
     api = SigningAPI(
         issuer,
         ledger,
-        NamePolicy(pol.names, pol.subject),
+        NamePolicy(pol.names, pol.subject, config.dns.zones),
         book,
         metrics,
         gate,
@@ -778,6 +824,7 @@ def build_service(
         sync_timeout=config.api.sync_timeout,
         profiles=pol.profiles,
         status=status_page(config, reactor, health, [issuer, *fallbacks], store, metrics),
+        room=has_room(room_left),
     )
 
     top = CsrproxyService()
@@ -804,7 +851,8 @@ def build_service(
         if sync is not None:
             sync.setServiceParent(collection)
         if config.dns.secondaries:
-            ZoneNotifier(reactor, zone, config.dns.secondaries).setServiceParent(collection)
+            for each in zone:  # each zone's NOTIFY to every secondary
+                ZoneNotifier(reactor, each, config.dns.secondaries).setServiceParent(collection)
 
     def refused(path: bytes, status: int) -> None:
         metrics.http_request("refused", status)
@@ -826,8 +874,8 @@ def build_service(
         listener = APIListener(reactor, description, site)
         listener.setServiceParent(collection)
         listeners.append(listener)
-    for each in (issuer, *fallbacks):
-        AccountService(each).setServiceParent(collection)
+    for ca_issuer in (issuer, *fallbacks):
+        AccountService(ca_issuer).setServiceParent(collection)
     if isinstance(publisher, CheckedPublisher) and isinstance(publisher.checker.query, TXTQuerier):
         OnStop(publisher.checker.query.close).setServiceParent(collection)
     ca_watch = TimerService(CA_QUIET, issuer.breaker.look_if_quiet, CA_QUIET)

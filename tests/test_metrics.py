@@ -58,3 +58,19 @@ def test_every_sample_carries_the_instance_when_asked() -> None:
     bare = [s for f in text_string_to_metric_families(plain.decode()) for s in f.samples]
     assert len(bare) == len(samples)
     assert {(s.name, s.value) for s in bare} == {(s.name, s.value) for s in samples}
+
+
+def test_zone_gauges_per_zone() -> None:
+    metrics = Metrics()
+    zones = [
+        {"origin": "go.example.test", "serial": 7, "records": 4, "challenges": 1, "room": 44.0},
+        {"origin": "go-other.example.net", "serial": 9, "records": 3, "challenges": 0},
+    ]
+    metrics.watch_zones(lambda: zones)
+    text = metrics.render().decode()
+    assert 'csrproxy_dns_zone_serial{zone="go.example.test"} 7.0' in text
+    assert 'csrproxy_dns_zone_serial{zone="go-other.example.net"} 9.0' in text
+    assert 'csrproxy_dns_zone_records{zone="go-other.example.net"} 3.0' in text
+    assert 'csrproxy_dns_zone_challenges{zone="go.example.test"} 1.0' in text
+    assert 'csrproxy_zone_new_names_room{zone="go.example.test"} 44.0' in text
+    assert 'csrproxy_zone_new_names_room{zone="go-other.example.net"}' not in text  # unknown

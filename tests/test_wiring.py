@@ -15,11 +15,12 @@ from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, cast
 
+from prometheus_client.parser import text_string_to_metric_families
 from treq.client import HTTPClient
 from twisted.application.service import IService, IServiceCollection
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import EventLoggingObserver
-from twisted.logger import globalLogPublisher
+from twisted.logger import capturedLogs, globalLogPublisher
 from twisted.names import dns as names_dns
 from twisted.names.common import ResolverBase
 from twisted.names.server import DNSServerFactory
@@ -35,9 +36,11 @@ from csrproxy.dns.protocols import DNSDatagramProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError
 from csrproxy.http import BytesProducer, VerifyingPolicy
-from csrproxy.service import AccountService, StateService, serve_caa
+from csrproxy.issuance.room import new_names_room
+from csrproxy.service import AccountService, StateService, serve_caa, zone_status
 
 CONFIG = """
 [acme]
@@ -106,7 +109,8 @@ class WiringTests(BuildCase):
         datagram = DNSDatagramProtocol(dns_service.factory)
         self.assertIsInstance(datagram, names_dns.DNSDatagramProtocol)
         self.assertIsInstance(dns_service.factory.buildProtocol(None), names_dns.DNSProtocol)
-        self.assertIsInstance(dns_service.zone, ResolverBase)
+        self.assertIsInstance(dns_service.zone, Zones)
+        self.assertIsInstance(dns_service.zone.first, ResolverBase)
         self.assertIsInstance(dns_service.factory.rrl, ResponseRateLimiter)  # on by default
 
     def test_notify_only_with_secondaries(self) -> None:
@@ -118,7 +122,7 @@ class WiringTests(BuildCase):
         )
         [notifier] = [s for s in walk(top) if isinstance(s, ZoneNotifier)]
         dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
-        self.assertIs(notifier.zone, dns_service.zone)
+        self.assertIs(notifier.zone, dns_service.zone.first)
         self.assertEqual([(t.host, t.port) for t in notifier.targets], [("192.0.2.53", 53)])
 
     def test_dns_cookies_on_with_the_secret_from_the_state_database(self) -> None:
@@ -142,6 +146,91 @@ class WiringTests(BuildCase):
         self.assertIsNone(dns_service.factory.nsid)
 
 
+class ZonesWiringTests(BuildCase):
+    """``[dns] zones``: every zone served, notified, locked by CAA and its serial kept."""
+
+    ZONES = 'zones = ["go.example.test", "go-other.example.net"]\n'
+
+    def test_every_zone_served_notified_and_locked(self) -> None:
+        secret = base64.b64encode(bytes(32)).decode()
+        top = self.build(
+            f'[[dns.secondaries]]\naddress = "192.0.2.53"\ntsig_name = "xfr"\n'
+            f'tsig_secret = "{secret}"\n',
+            dns=self.ZONES + 'caa_identities = ["letsencrypt.org"]\n',
+        )
+        dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
+        zones = dns_service.zone
+        self.assertEqual(zones.origins, ("go.example.test", "go-other.example.net"))
+        notifiers = [s for s in walk(top) if isinstance(s, ZoneNotifier)]
+        self.assertEqual([n.zone for n in notifiers], list(zones))
+        for zone in zones:
+            self.assertEqual([r.tag for r in zone.caa_records()], [b"issue", b"issuewild"])
+            soa: Any = zone.soa_header().payload
+            self.assertEqual(soa.mname.name, b"ns1.go.example.test")
+        issuer: Any = next(s for s in walk(top) if isinstance(s, AccountService)).issuer
+        issuer._on_account("https://ca.test/acct/1")
+        for zone in zones:
+            self.assertIn(b"accounturi=https://ca.test/acct/1", zone.caa_records()[0].value)
+
+    def test_health_and_metrics_per_zone_and_the_budget_asked(self) -> None:
+        top = self.build(dns=self.ZONES)
+        issuer: Any = next(s for s in walk(top) if isinstance(s, AccountService)).issuer
+        zones = next(s for s in walk(top) if isinstance(s, DNSServerService)).zone
+        zones.add_txt("_acme-challenge.a.go-other.example.net", "v")
+        text = issuer.metrics.render().decode()
+        serials = {
+            sample.labels["zone"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "csrproxy_dns_zone_serial"
+            for sample in family.samples
+        }
+        self.assertEqual(serials, {zone.origin: zone.serial for zone in zones})
+        self.assertIn('csrproxy_dns_zone_challenges{zone="go-other.example.net"} 1.0', text)
+        self.assertIn('csrproxy_dns_zone_challenges{zone="go.example.test"} 0.0', text)
+
+    def test_zone_status_and_room(self) -> None:
+        class Budget:
+            def __init__(self) -> None:
+                self.asked: list[str] = []
+
+            def new_names_room(self, name: str) -> float:
+                self.asked.append(name)
+                return 0.0 if name == "go.example.test" else 12.0
+
+        budget = Budget()
+        left = new_names_room(budget)
+        self.assertEqual((left("go.example.test"), left("go-other.example.net")), (0.0, 12.0))
+        self.assertIsNone(new_names_room(object())("go.example.test"))  # not there yet
+
+        def broken(name: str) -> float:
+            raise RuntimeError("no budget")
+
+        broken_budget: Any = Budget()
+        broken_budget.new_names_room = broken
+        with capturedLogs() as logs:
+            asking = new_names_room(broken_budget)
+            for _ in range(3):
+                self.assertIsNone(asking("go.example.test"))
+        self.assertEqual(len(logs), 1)  # once, not per request
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        ns = ["ns1.go.example.test"]
+        zones = Zones(
+            [
+                ChallengeZone("go.example.test", ns, []),
+                ChallengeZone("go-other.example.net", ns, []),
+            ]
+        )
+        status = zone_status(zones, left)()
+        self.assertEqual([z["origin"] for z in status], ["go.example.test", "go-other.example.net"])
+        self.assertEqual([z["room"] for z in status], [0.0, 12.0])
+        self.assertEqual(status[0]["records"], 2)  # SOA and NS
+        self.assertEqual(status[1]["serial"], list(zones)[1].serial)
+        self.assertEqual(
+            zone_status(zones, left, served=False)()[1],
+            {"origin": "go-other.example.net", "room": 12.0},
+        )
+
+
 class CAAWiringTests(BuildCase):
     """The apex CAA follows the account the issuer finds (``serve_caa``)."""
 
@@ -150,7 +239,7 @@ class CAAWiringTests(BuildCase):
     def parts(self, top: IService) -> tuple[Any, Any]:
         account = next(s for s in walk(top) if isinstance(s, AccountService))
         dns_service = next(s for s in walk(top) if isinstance(s, DNSServerService))
-        return account.issuer, dns_service.zone
+        return account.issuer, dns_service.zone.first
 
     def values(self, zone: Any) -> list[tuple[bytes, bytes]]:
         return [(r.tag, r.value) for r in zone.caa_records()]

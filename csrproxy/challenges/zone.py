@@ -5,6 +5,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, fail, succeed
 
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import PublishError
 
 CHALLENGE_LABEL = "_acme-challenge"
@@ -17,11 +18,12 @@ def challenge_name(identifier: str) -> str:
 
 
 class ZonePublisher:
-    """Puts challenge values into a :class:`ChallengeZone`; served at once."""
+    """Puts challenge values into a :class:`ChallengeZone` (or, given :class:`Zones`, into
+    the zone of each identifier); served at once."""
 
     backend = "builtin"
 
-    def __init__(self, zone: ChallengeZone) -> None:
+    def __init__(self, zone: ChallengeZone | Zones) -> None:
         self.zone = zone
 
     def publish(self, identifier: str, value: str) -> Deferred[None]:

@@ -13,7 +13,7 @@ import re
 import stat
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,10 +167,13 @@ class Server:
     def refused(self, what: str, resp: Response) -> ClientError:
         return ClientError(f"{what}: {resp.status} {problem_text(resp)}", EXIT_REFUSED, resp.status)
 
-    def names(self, public_key_pem: bytes) -> list[str]:
+    def names(self, public_key_pem: bytes, current: Sequence[str] = ()) -> list[str]:
         """The concrete names the policy gives this key (``GET /v1/name``); ``{label}``
-        patterns are left out, since only the client can choose a label."""
-        resp = self.call("GET", "/v1/name", public_key_pem)
+        patterns are left out, since only the client can choose a label. ``current``, the
+        names the installation has, are sent along: the server keeps them while the policy
+        allows them, so a renewal keeps its zone (``[dns] zones``) and costs no budget."""
+        query = urllib.parse.urlencode([("current", n) for n in current])
+        resp = self.call("GET", "/v1/name" + ("?" + query if query else ""), public_key_pem)
         if resp.status != 200:
             raise self.refused("GET /v1/name", resp)
         try:

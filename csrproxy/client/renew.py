@@ -131,7 +131,7 @@ def renew_if_due(
                 return result
             log.info("renewing: %s", why)
             if state.get("discover_names"):
-                names = server.names(public_key_pem(key)) or names
+                names = server.names(public_key_pem(key), names) or names
             signed = server.sign(
                 make_csr(key, names),
                 float(timeout or state.get("timeout") or DEFAULT_TIMEOUT),

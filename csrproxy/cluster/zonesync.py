@@ -32,6 +32,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.state.cluster_queries import CHALLENGES_CHANNEL
 from csrproxy.state.engine import redacted, with_options
 from csrproxy.state.store import Store
@@ -82,7 +83,8 @@ class PostgresListening:
 
 
 class ChallengeSync(Service):
-    """Keeps ``zone`` serving the ``backend`` challenge records of the other instances.
+    """Keeps ``zone`` (one, or :class:`Zones`: each record into its own zone) serving the
+    ``backend`` challenge records of the other instances.
 
     ``served`` is what this service added to the zone (a multiset of (name, value));
     ``connected`` says whether the listener is connected, ``resyncs`` counts the
@@ -94,7 +96,7 @@ class ChallengeSync(Service):
         self,
         reactor: Any,
         store: Store,
-        zone: ChallengeZone,
+        zone: ChallengeZone | Zones,
         dsn: str,
         instance: str,
         *,
@@ -220,7 +222,7 @@ class ChallengeSync(Service):
             log.warn(
                 "zone sync skips {count} name(s) of other instances outside zone {zone}: {names}",
                 count=len(names),
-                zone=self.zone.origin,
+                zone=", ".join(Zones.of(self.zone).origins),
                 names=", ".join(names[:5]) + (" ..." if len(names) > 5 else ""),
             )
         self._skipped = frozenset(skipped)

@@ -18,18 +18,20 @@ BACKENDS = ("builtin", "powerdns")
 
 def parse_dns(dns: Table, directory: str = "") -> DNSConfig:
     """``[dns]``; ``directory`` (``[acme] directory``) gives the default CAA identity."""
-    zone = dns.get("zone", str).strip().rstrip(".").lower()
-    if not zone or "." not in zone:
-        raise dns.error("zone", f"{zone!r} is not a DNS zone name")
+    zones = parse_zones(dns)
+    zone = zones[0]
     backend = dns.get("backend", str, DNSConfig.backend)
     if backend not in BACKENDS:
         raise dns.error("backend", f'must be "builtin" or "powerdns", not {backend!r}')
+    if backend == "powerdns" and len(zones) > 1:
+        raise dns.error("zones", "several zones with backend powerdns are not supported yet")
     pdns = dns.optional_table("powerdns")
     if backend == "powerdns" and pdns is None:
         raise dns.error("powerdns", "missing section [dns.powerdns] for backend powerdns")
     nameservers = tuple(n.rstrip(".").lower() for n in dns.strings("nameservers", ()))
     config = DNSConfig(
         zone=zone,
+        zones=zones,
         listen=dns.strings("listen", DNSConfig.listen),
         nameservers=nameservers or (f"ns1.{zone}",),
         records=dns.strings("records", DNSConfig.records),
@@ -51,6 +53,36 @@ def parse_dns(dns: Table, directory: str = "") -> DNSConfig:
         raise dns.error("require_cookies", "needs cookies = true (no cookies to require)")
     dns.done()
     return config
+
+
+# More zones than this is a mistake: each is a registered domain's weekly budget.
+MAX_ZONES = 64
+
+
+def parse_zones(dns: Table) -> tuple[str, ...]:
+    """``zone`` and ``zones``: every zone, in configuration order (``zone`` first when
+    both are given, and then it must be ``zones[0]``); none below another."""
+    one = dns.get("zone", str, None)
+    listed = dns.strings("zones", ())
+    if one is None and not listed:
+        raise dns.error("zone", "missing required key (or give zones)")
+    if len(listed) > MAX_ZONES:
+        raise dns.error("zones", f"at most {MAX_ZONES}, not {len(listed)}")
+    zones: list[str] = []
+    for key, text in [("zones", z) for z in listed] or [("zone", one or "")]:
+        zone = text.strip().rstrip(".").lower()
+        if not zone or "." not in zone or not all(1 <= len(x) <= 63 for x in zone.split(".")):
+            raise dns.error(key, f"{text!r} is not a DNS zone name")
+        if zone in zones:
+            raise dns.error(key, f"{zone} is listed twice")
+        for other in zones:
+            if zone.endswith("." + other) or other.endswith("." + zone):
+                inner, outer = (zone, other) if len(zone) > len(other) else (other, zone)
+                raise dns.error(key, f"{inner} is inside {outer}: zones must not nest")
+        zones.append(zone)
+    if one is not None and listed and one.strip().rstrip(".").lower() != zones[0]:
+        raise dns.error("zone", f"{one!r} must be the first of zones ({zones[0]}), or left out")
+    return tuple(zones)
 
 
 # More CAs than this in CAA is a mistake (each costs two records in every CAA answer).

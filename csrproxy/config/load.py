@@ -11,7 +11,7 @@ from csrproxy.config.acme import parse_acme
 from csrproxy.config.api import parse_api
 from csrproxy.config.dns import parse_dns
 from csrproxy.config.model import Config
-from csrproxy.config.policy import parse_policy
+from csrproxy.config.policy import check_names_in_zones, parse_policy
 from csrproxy.config.reader import Table
 from csrproxy.config.renewal import parse_renewal
 from csrproxy.config.state import parse_cluster, parse_state
@@ -39,6 +39,8 @@ def parse_config(data: Mapping[str, Any], source: str = "") -> Config:
     api = parse_api(document.table("api", required=False))
     dns = parse_dns(document.table("dns"), acme.directory)
     policy = parse_policy(document.table("policy"))
+    pdns_zone = (dns.powerdns.zone,) if dns.powerdns is not None else ()
+    check_names_in_zones(policy.names, (*dns.zones, *pdns_zone))
     state = parse_state(document.table("state"))
     renewal = parse_renewal(document.table("renewal", required=False))
     cluster = parse_cluster(document.table("cluster", required=False))

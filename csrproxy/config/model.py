@@ -143,6 +143,7 @@ class SecondaryConfig:
 
 @dataclass(frozen=True)
 class DNSConfig:
+    #: The first zone (``[dns] zone``, or the first of ``zones``).
     zone: str
     listen: tuple[str, ...] = ()
     nameservers: tuple[str, ...] = ()
@@ -176,6 +177,13 @@ class DNSConfig:
     #: The CAs' CAA identities ("letsencrypt.org"): as configured, else the known one of
     #: [acme] directory's CA; empty when unknown (no CAA served, warned at start).
     caa_identities: tuple[str, ...] = ()
+    #: Every zone csrproxy is authoritative for, in configuration order; ``(zone,)`` when
+    #: only ``zone`` is given. Records and nameservers are the same in each.
+    zones: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.zones:
+            object.__setattr__(self, "zones", (self.zone,))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from csrproxy.config.model import PolicyConfig
 from csrproxy.config.reader import Table
+from csrproxy.errors import ConfigError
 from csrproxy.names import CSR_KEY_TYPES, NamePattern, subject_common_name
 
 
@@ -63,3 +66,13 @@ def parse_policy(policy: Table) -> PolicyConfig:
     )
     policy.done()
     return config
+
+
+def check_names_in_zones(names: Sequence[str], zones: Sequence[str]) -> None:
+    """Every ``[policy] names`` pattern lies in one of ``zones`` (the zones csrproxy
+    serves or writes to): a name outside them could never get its challenge answered."""
+    for text in names:
+        if NamePattern.parse(text).zone_in(zones) is None:
+            raise ConfigError(
+                "policy.names", f"{text!r} is in none of the zones {', '.join(zones)}"
+            )

@@ -1,4 +1,4 @@
-"""Answering DNS queries for one zone: twisted.names' server factory, made authoritative.
+"""Answering DNS queries for our zones: twisted.names' server factory, made authoritative.
 
 ``ZoneServerFactory`` subclasses ``twisted.names.server.DNSServerFactory``. Queries
 are decoded by ``dns.Message`` (held to what a query must be by
@@ -7,7 +7,7 @@ are decoded by ``dns.Message`` (held to what a query must be by
 authoritative server, an override says so.
 
 Two caches keep the common case cheap (``cached``: a memo of query bytes, and an
-answer cache); both are dropped whenever the zone's ``version`` changes, and each is
+answer cache); both are dropped whenever any zone's ``version`` changes, and each is
 cleared when it reaches ``CACHE_ENTRIES``. Both also hold the reply's
 response-rate-limiting account, so a UDP reply from either is checked by the limiter
 (``rrl``, when given) without looking at the zone again; TCP replies never are.
@@ -50,6 +50,7 @@ from csrproxy.dns.protocols import DNSStreamProtocol, ReplyWriter, peer_host
 from csrproxy.dns.rrl import DROP, SLIP, ResponseRateLimiter, slipped
 from csrproxy.dns.transfer import ZoneTransfers
 from csrproxy.dns.zone import ChallengeZone, NameNotFound
+from csrproxy.dns.zones import Zones
 
 log = Logger()
 
@@ -63,7 +64,8 @@ META_TYPES = frozenset((0, dns.OPT, dns.TKEY, dns.TSIG))
 
 
 class ZoneServerFactory(server.DNSServerFactory):
-    """Answers queries for ``zone`` (a :class:`ChallengeZone`) as its authoritative server.
+    """Answers queries for ``zone`` (a :class:`ChallengeZone`, or the :class:`Zones` of
+    several, each answered by its own rules) as its authoritative server.
 
     The protocols hand every packet to :meth:`packetReceived`; ``on_rcode`` sees
     the rcode of every reply sent. ``udp_max`` is our EDNS UDP payload size.
@@ -83,7 +85,7 @@ class ZoneServerFactory(server.DNSServerFactory):
     def __init__(
         self,
         reactor: Any,
-        zone: ChallengeZone,
+        zone: ChallengeZone | Zones,
         on_rcode: Callable[[int], None] | None = None,
         *,
         udp_max: int = UDP_MAX,
@@ -95,7 +97,8 @@ class ZoneServerFactory(server.DNSServerFactory):
         transfers: ZoneTransfers | None = None,
         answer_log: AnswerLog | None = None,
     ) -> None:
-        super().__init__(authorities=[zone])
+        self.zones = Zones.of(zone)
+        super().__init__(authorities=list(self.zones))
         self.canRecurse = False
         self.reactor = reactor
         self.zone = zone
@@ -106,10 +109,12 @@ class ZoneServerFactory(server.DNSServerFactory):
         self.nsid = nsid
         self.cookies = cookies
         self.require_cookies = require_cookies
-        self.transfers = transfers if transfers is not None else ZoneTransfers(reactor, zone, {})
+        self.transfers = (
+            transfers if transfers is not None else ZoneTransfers(reactor, self.zones, {})
+        )
         self.answer_log = answer_log
         self.connections: set[Any] = set()  # type: ignore[assignment]
-        self._version = zone.version
+        self._version = self.zones.version
         self._udp_memo: dict[bytes, Memo] = {}
         self._tcp_memo: dict[bytes, Memo] = {}
         self._answers: dict[AnswerKey, Entry] = {}
@@ -127,7 +132,7 @@ class ZoneServerFactory(server.DNSServerFactory):
 
     def packetReceived(self, packet: bytes, protocol: ReplyWriter, address: Any) -> None:
         """Answer one query packet; ``address`` is the UDP peer, None over TCP."""
-        if self._version != self.zone.version:
+        if self._version != self.zones.version:
             self._forget()
         memo = self._udp_memo if address is not None else self._tcp_memo
         hit, asked, cookie = memo_lookup(memo, packet, self.cookies is not None)
@@ -166,7 +171,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         self._udp_memo.clear()
         self._tcp_memo.clear()
         self._answers.clear()
-        self._version = self.zone.version
+        self._version = self.zones.version
 
     # -- DNSServerFactory overrides -------------------------------------------
 
@@ -266,7 +271,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         return dns.OK
 
     def allowQuery(self, message: Any, protocol: Any, address: Any) -> bool:
-        """REFUSED for classes but IN and ANY, names outside the zone, and AXFR and IXFR
+        """REFUSED for classes but IN and ANY, names outside every zone, and AXFR and IXFR
         (those in class IN that ``transfers`` answers never get here).
 
         Stock allows anything with a question, so out-of-zone names got NXDOMAIN and
@@ -276,11 +281,12 @@ class ZoneServerFactory(server.DNSServerFactory):
         return (
             query.cls in (dns.IN, dns.ANY)
             and query.type not in (dns.AXFR, dns.IXFR)
-            and self.zone.contains(query.name.name)
+            and self.zones.contains(query.name.name)
         )
 
     def handleQuery(self, message: Any, protocol: Any, address: Any) -> Any:
-        """Serve from the answer cache, or ask the zone as stock does and cache its answer.
+        """Serve from the answer cache, or ask the name's zone as stock does and cache its
+        answer.
 
         The zone is asked directly: the stock ``ResolverChain`` drops the class and
         logs every query of a type it has no lookup method for (CAA, HTTPS...).
@@ -293,7 +299,7 @@ class ZoneServerFactory(server.DNSServerFactory):
             return None
         message.cacheKey = key
         return (
-            self.zone.query(query)
+            self.zones.query(query)
             .addCallback(self.gotResolverResponse, protocol, message, address)
             .addErrback(self.gotResolverError, protocol, message, address)
             .addErrback(self._crashed)
@@ -345,7 +351,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         if request.opt is not None:
             with_opt(message, request.opt, self.udp_max)
         if message.cacheable and request.cacheKey is not None:
-            entry = entry_of(message, account_of_reply(message, self.zone.wildcard_owner))
+            entry = entry_of(message, account_of_reply(message, self.zones.wildcard_owner))
             if len(entry[1]) <= CACHE_REPLY_BYTES:
                 if len(self._answers) >= CACHE_ENTRIES:
                     self._answers.clear()
@@ -355,7 +361,7 @@ class ZoneServerFactory(server.DNSServerFactory):
         full = message.toStr()
         if len(full) + len(request.replyOptions) > request.limit:
             full = truncated(message).toStr()
-        account = account_of_reply(message, self.zone.wildcard_owner)
+        account = account_of_reply(message, self.zones.wildcard_owner)
         self._send(request, protocol, address, message.rCode, full, account)
 
     # -- building and sending replies -------------------------------------------

@@ -31,6 +31,7 @@ from csrproxy.dns.protocols import DNSDatagramProtocol, DNSStreamProtocol
 from csrproxy.dns.rrl import ResponseRateLimiter
 from csrproxy.dns.transfer import Keys, ZoneTransfers
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import ConfigError, ListenError
 
 UDP_RECEIVE_BUFFER = 4 * 1024 * 1024
@@ -61,7 +62,8 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 
 class DNSServerService(Service):
-    """Serves ``zone`` over UDP and TCP on every ``listen`` address.
+    """Serves ``zone`` (a :class:`ChallengeZone`, or :class:`Zones`) over UDP and TCP on
+    every ``listen`` address.
 
     Ports are bound in ``privilegedStartService`` (so port 53 binds before privileges
     drop); a failure raises ``ListenError(<listen string>, <reason>)``. ``ports``
@@ -87,7 +89,7 @@ class DNSServerService(Service):
     def __init__(
         self,
         reactor: Any,
-        zone: ChallengeZone,
+        zone: ChallengeZone | Zones,
         listen: Sequence[str],
         on_rcode: Callable[[int], None] | None = None,
         tcp_idle_timeout: float = TCP_IDLE_TIMEOUT,
@@ -103,7 +105,8 @@ class DNSServerService(Service):
         transfer_keys: Keys | None = None,
     ) -> None:
         self.reactor = reactor
-        self.zone = zone
+        #: Every zone served (one zone given is served as the :class:`Zones` of one).
+        self.zone = Zones.of(zone)
         self.listen = list(listen)
         self._addresses = [parse_listen(spec) for spec in self.listen]
         tcp = TCPLimits(

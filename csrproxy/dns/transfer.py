@@ -15,7 +15,7 @@ query (its refresh check) is answered signed, as secondaries require.
 
 Bounds: a message holds at most ``RECORDS_PER_MESSAGE`` records and
 ``MESSAGE_BYTES`` bytes; a transfer at most ``TRANSFER_BYTES`` (else SERVFAIL);
-each address starts at most ``TRANSFERS_PER_WINDOW`` full transfers (AXFR, and IXFR
+each address starts at most ``TRANSFERS_PER_WINDOW`` full transfers per zone (AXFR, and IXFR
 answered in AXFR form) a ``WINDOW`` (REFUSED beyond), so its unsent bytes stay within
 that many transfers. Incremental IXFR answers (the changes since the secondary's
 serial, or the SOA alone) count in a window of their own, ``INCREMENTAL_PER_WINDOW``
@@ -37,6 +37,7 @@ from csrproxy.dns import tsig
 from csrproxy.dns.ixfr import client_serial, incremental_records
 from csrproxy.dns.messages import QueryMessage, Reply
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 
 log = Logger()
 
@@ -63,11 +64,13 @@ def keys_of(secondaries: Sequence[Any]) -> dict[str, dict[bytes, tsig.TSIGKey]]:
 
 
 class ZoneTransfers:
-    """Decides and builds AXFR and IXFR answers of ``zone`` for the secondaries in ``keys``."""
+    """Decides and builds AXFR and IXFR answers of ``zone`` (a :class:`ChallengeZone`, or
+    each of :class:`Zones`, by the question's name) for the secondaries in ``keys``."""
 
-    def __init__(self, reactor: Any, zone: ChallengeZone, keys: Keys) -> None:
+    def __init__(self, reactor: Any, zone: ChallengeZone | Zones, keys: Keys) -> None:
         self.reactor = reactor
         self.zone = zone
+        self.zones = Zones.of(zone)
         self.keys = keys
         self.refused = 0
         self._refused_since_log = 0
@@ -86,8 +89,8 @@ class ZoneTransfers:
         """
         ixfr = query.queries[0].type == dns.IXFR
         keys = self.keys.get(host) if tcp or ixfr else None
-        name = query.queries[0].name.name.lower().rstrip(b".")
-        if keys is None or name.decode("ascii", "replace") != self.zone.origin.rstrip("."):
+        zone = self.zones.at(query.queries[0].name.name)
+        if keys is None or zone is None:
             return self._refuse(host, "not a secondary" if keys is None else "not our zone")
         now = self.reactor.seconds()
         checked = self._verified(query, reply, keys, host, now)
@@ -101,22 +104,24 @@ class ZoneTransfers:
                 reply.rCode = dns.EFORMAT
                 return dns.EFORMAT, [signer.sign(reply.toStr())]
             if not tcp:
-                reply.answers = [self.zone.soa_header()]
+                reply.answers = [zone.soa_header()]
                 reply.auth = True
                 return dns.OK, [signer.sign(reply.toStr())]
         # One snapshot of the zone, in this reactor turn.
-        records = None if serial is None else incremental_records(self.zone, serial)
+        records = None if serial is None else incremental_records(zone, serial)
+        many = len(self.zones)  # a secondary of every zone asks for each
         if records is not None:
-            if not self._admit(self._incremental, host, now, INCREMENTAL_PER_WINDOW):
-                why = f"over {INCREMENTAL_PER_WINDOW} incremental transfers in {WINDOW:.0f}s"
+            if not self._admit(self._incremental, host, now, INCREMENTAL_PER_WINDOW * many):
+                why = f"over {INCREMENTAL_PER_WINDOW * many} incremental transfers in {WINDOW:.0f}s"
                 return self._refuse(host, why)
             messages = self._messages(reply, records)
             if messages is not None:
                 return dns.OK, [signer.sign(message) for message in messages]
         # AXFR, or IXFR in AXFR form (RFC 1995 section 4)
-        if not self._admit(self._started, host, now, TRANSFERS_PER_WINDOW):
-            return self._refuse(host, f"over {TRANSFERS_PER_WINDOW} transfers in {WINDOW:.0f}s")
-        records = self.zone.transfer_records()
+        if not self._admit(self._started, host, now, TRANSFERS_PER_WINDOW * many):
+            why = f"over {TRANSFERS_PER_WINDOW * many} transfers in {WINDOW:.0f}s"
+            return self._refuse(host, why)
+        records = zone.transfer_records()
         records.append(records[0])  # the SOA last too
         messages = self._messages(reply, records)
         if messages is None:
@@ -145,13 +150,13 @@ class ZoneTransfers:
         """The signed SOA reply to a TSIG-signed SOA query for the apex from a secondary
         (its refresh check, over UDP or TCP), or None: answer it as any other query."""
         keys = self.keys.get(host)
-        name = query.queries[0].name.name.lower().rstrip(b".")
-        if keys is None or name.decode("ascii", "replace") != self.zone.origin.rstrip("."):
+        zone = self.zones.at(query.queries[0].name.name)
+        if keys is None or zone is None:
             return None
         checked = self._verified(query, reply, keys, host, self.reactor.seconds())
         if checked is None or isinstance(checked, tuple):
             return checked
-        reply.answers = self.zone.transfer_records()[:1]
+        reply.answers = [zone.soa_header()]
         reply.auth = True
         return dns.OK, [checked.sign(reply.toStr())]
 

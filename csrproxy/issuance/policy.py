@@ -4,22 +4,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from csrproxy.errors import NameNotAllowed, SubjectNotAllowed
 from csrproxy.names import NamePattern, subject_common_name
 
+#: Whether a zone (its origin) has room for one more new certificate this week: the
+#: budget of its registered domain (``[dns] zones``, ``GET /v1/name``).
+ZoneRoom = Callable[[str], bool]
+
+
+def always_room(zone: str) -> bool:
+    """A :data:`ZoneRoom` that never says no (no budget known)."""
+    return True
+
 
 class NamePolicy:
     """The set of name patterns a CSR's names must match; in seed mode also the exact
-    subject (``[policy] subject``), whose CN is then the default name."""
+    subject (``[policy] subject``), whose CN is then the default name.
 
-    def __init__(self, patterns: Iterable[str], subject: str | None = None) -> None:
+    ``zones`` are the zones the names are in (``[dns] zones``, in configuration order):
+    patterns alike below their zones (``{key}.a.example`` and ``{key}.b.example``) are
+    alternatives, of which :meth:`offer` gives one.
+    """
+
+    def __init__(
+        self, patterns: Iterable[str], subject: str | None = None, zones: Sequence[str] = ()
+    ) -> None:
         patterns = list(patterns)
         if subject is not None and not patterns:
             patterns = [subject_common_name(subject)]
         self.patterns: tuple[NamePattern, ...] = tuple(NamePattern.parse(p) for p in patterns)
         self.subject = subject
+        self.zones = tuple(zones)
 
     def check_subject(self, subject: str) -> None:
         """Seed mode: raise :class:`SubjectNotAllowed` unless ``subject`` is exactly it."""
@@ -29,10 +46,50 @@ class NamePolicy:
                 subject,
             )
 
-    def offer(self, key: str) -> list[str]:
+    def offer(
+        self,
+        key: str,
+        room: ZoneRoom = always_room,
+        usable: Callable[[str], bool] | None = None,
+    ) -> list[str]:
         """What ``GET /v1/name`` shows a key: names with ``{key}`` filled in, and
-        ``{label}`` patterns as patterns."""
-        return list(dict.fromkeys(p.offer(key) for p in self.patterns))
+        ``{label}`` patterns as patterns, each only when ``usable`` (all, without it).
+
+        Of patterns alike in several zones, one name: the one in the first zone (in
+        ``zones`` order) that has ``room`` among the zones where any has a choice, so that
+        the names of one certificate share a zone; else that pattern's first zone with
+        room; else its first zone (the order then meets the budget's refusal).
+        """
+        groups: dict[tuple[str, ...], list[tuple[int, str]]] = {}
+        for pattern in self.patterns:
+            name = pattern.offer(key)
+            if usable is not None and not usable(name):
+                continue
+            zone = pattern.zone_in(self.zones)
+            if zone is None:
+                groups.setdefault(("", name), []).append((0, name))  # an alternative of none
+            else:
+                place = (self.zones.index(zone), name)
+                same = groups.setdefault(pattern.relative_to(zone), [])
+                if place not in same:
+                    same.append(place)
+        asked: dict[int, bool] = {}
+
+        def has_room(index: int) -> bool:
+            if index not in asked:
+                asked[index] = room(self.zones[index])
+            return asked[index]
+
+        choices = sorted({i for same in groups.values() if len(same) > 1 for i, _ in same})
+        chosen = next((i for i in choices if has_room(i)), None)
+        offered: list[str] = []
+        for same in groups.values():
+            same.sort()
+            pick = next((n for i, n in same if i == chosen), None)
+            if pick is None:
+                pick = next((n for i, n in same if len(same) > 1 and has_room(i)), same[0][1])
+            offered.append(pick)
+        return list(dict.fromkeys(offered))
 
     def allowed(self, name: str, key: str | None = None) -> bool:
         return any(p.matches(name, key) for p in self.patterns)

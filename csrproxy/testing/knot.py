@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from csrproxy.testing.dnsquery import dns_query
@@ -36,6 +37,8 @@ class Knot(Daemon):
     port: int = 0
     zone: str = ""
     tsig_secret: str = ""  # base64
+    #: Every zone it carries (``zone`` first).
+    zones: tuple[str, ...] = ()
 
     @property
     def dns_server(self) -> str:
@@ -43,16 +46,19 @@ class Knot(Daemon):
         return f"127.0.0.1:{self.port}"
 
     def wait_serving(self, timeout: float = 20) -> None:
-        """Wait until Knot serves the zone (its first transfer is done)."""
+        """Wait until Knot serves every zone (its first transfers are done)."""
         pause = threading.Event()
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        waiting = list(self.zones or (self.zone,))
+        while waiting and time.monotonic() < deadline:
             with contextlib.suppress(OSError, EOFError, ValueError):
-                rcode, soa = dns_query(self.port, self.zone, "SOA", timeout=0.5)
+                rcode, soa = dns_query(self.port, waiting[0], "SOA", timeout=0.5)
                 if rcode == 0 and soa:
-                    return
+                    waiting.pop(0)
+                    continue
             pause.wait(0.05)
-        raise RuntimeError(f"knotd does not serve {self.zone}:\n{log_tail(self.log_path)}")
+        if waiting:
+            raise RuntimeError(f"knotd does not serve {waiting[0]}:\n{log_tail(self.log_path)}")
 
     def secondary_config(self) -> dict[str, object]:
         """The ``[[dns.secondaries]]`` table csrproxy needs for this secondary."""
@@ -77,17 +83,19 @@ def start_knot(
     port: int = 0,
     tsig_secret: str | None = None,
     timeout: float = 20,
+    also: Sequence[str] = (),
 ) -> Knot:
-    """Start ``knotd`` as a secondary of ``zone`` from ``primary`` (``host:port``, which
-    need not answer yet)."""
+    """Start ``knotd`` as a secondary of ``zone`` (and of the zones in ``also``) from
+    ``primary`` (``host:port``, which need not answer yet)."""
     secret = tsig_secret or base64.b64encode(os.urandom(32)).decode()
-    return retrying(lambda: _start(workdir, zone, primary, port, secret, timeout))
+    zones = tuple(z.rstrip(".") for z in (zone, *also))
+    return retrying(lambda: _start(workdir, zones, primary, port, secret, timeout))
 
 
 def _start(
-    workdir: str, zone: str, primary: str, port: int, secret: str, timeout: float
+    workdir: str, zones: tuple[str, ...], primary: str, port: int, secret: str, timeout: float
 ) -> Knot:
-    zone = zone.rstrip(".")
+    zone = zones[0]
     root = os.path.abspath(os.path.join(workdir, "knot"))
     shutil.rmtree(root, ignore_errors=True)
     for sub in ("run", "db", "zones"):
@@ -124,7 +132,10 @@ acl:
     action: notify
 
 zone:
-  - domain: {zone}
+"""
+    for each in zones:
+        conf += f"""\
+  - domain: {each}
     storage: "{root}/zones"
     master: primary
     acl: notify-from-primary
@@ -136,7 +147,7 @@ zone:
     with open(path, "w") as f:
         f.write(conf)
     log_path = os.path.join(workdir, "knot.log")
-    knot = Knot(log_path, port=port, zone=zone, tsig_secret=secret)
+    knot = Knot(log_path, port=port, zone=zone, tsig_secret=secret, zones=zones)
 
     def ready() -> bool:  # it answers (SERVFAIL until its first transfer)
         dns_query(port, zone, "SOA", timeout=0.5)

@@ -40,7 +40,7 @@ from csrproxy.issuance.csr import (
 )
 from csrproxy.issuance.ledger import CertificateRow, certificate_key_label
 from csrproxy.issuance.orders import OrderBook, OrderRecord
-from csrproxy.issuance.policy import NamePolicy
+from csrproxy.issuance.policy import NamePolicy, ZoneRoom, always_room
 from csrproxy.issuance.renewal import next_check_hint
 from csrproxy.issuance.results import Issuance
 from csrproxy.metrics import Metrics
@@ -115,6 +115,7 @@ class SigningAPI:
         sync_timeout: float = 50.0,
         profiles: Collection[str] = (),
         status: StatusPage | None = None,
+        room: ZoneRoom = always_room,
     ) -> None:
         self.signer = signer
         self.certificates = certificates
@@ -133,6 +134,8 @@ class SigningAPI:
         self.profiles = frozenset(profiles)
         #: The operator's status page (``[status] enabled``), else None: 404.
         self.status = status
+        #: Whether a zone's weekly new-names budget has room (``GET /v1/name``'s choice).
+        self.room = room
 
     # -- plumbing -------------------------------------------------------------
 
@@ -380,12 +383,27 @@ class SigningAPI:
         label = public_key_label(
             self._body(request), ctype.decode("latin-1") if ctype else None, self.key_types
         )
-        names = [
-            n for n in self.policy.offer(label) if "{label}" in n or self.policy.allowed(n, label)
-        ]
+        allowed = [self.policy]
         if token is not None and token.policy is not None:
-            allowed = token.policy
-            names = [n for n in names if "{label}" in n or allowed.allowed(n, label)]
+            allowed.append(token.policy)
+
+        def usable(name: str) -> bool:
+            return "{label}" in name or all(p.allowed(name, label) for p in allowed)
+
+        # ?current=<name> (each name the installation has): kept while all still allowed,
+        # so a renewal stays in its zone whatever the budgets say now.
+        current = [
+            raw.decode("utf-8", "replace").strip().rstrip(".").lower()
+            for raw in (request.args or {}).get(b"current", [])
+        ]
+        if (
+            current
+            and len(current) <= self.max_names
+            and all("{" not in n and usable(n) for n in current)
+        ):
+            names = list(dict.fromkeys(current))
+        else:
+            names = self.policy.offer(label, self.room, usable)
         return json_answer(request, 200, {"names": names, "key_label": label})
 
     @app.route("/v1/health", methods=["GET"])

@@ -11,6 +11,7 @@ import io
 import json
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -126,6 +127,8 @@ class FakeServer:
         self.canned: dict[str, list[Response]] = {}  # "POST /v1/sign" -> answers, in turn
         self.chain_headers: dict[str, str] = {}  # added to (or replacing) a chain's headers
         self.down = False
+        self.zones = [ZONE_T]  # GET /v1/name: the zones, and those without room
+        self.full: set[str] = set()
 
     def __call__(self, req: Request) -> Response:
         self.requests.append(req)
@@ -137,9 +140,17 @@ class FakeServer:
             return queue.pop(0)
         if req.method == "POST" and path == "/v1/sign":
             return self.sign(req)
-        if path == "/v1/name":
+        if path.partition("?")[0] == "/v1/name":
             label = label_of(req.body or b"")
-            doc = {"names": [f"{{label}}.{ZONE_T}", f"{label}.{ZONE_T}"], "key_label": label}
+            current = urllib.parse.parse_qs(path.partition("?")[2]).get("current", [])
+            # As csrproxy with [dns] zones: the current names while this key's, else the
+            # key's name in the first zone with room.
+            if current and all(n in [f"{label}.{z}" for z in self.zones] for n in current):
+                names = current
+            else:
+                zone = next((z for z in self.zones if z not in self.full), self.zones[0])
+                names = [f"{{label}}.{zone}", f"{label}.{zone}"]
+            doc = {"names": names, "key_label": label}
             return Response(200, {"content-type": "application/json"}, json.dumps(doc).encode())
         if m := re.fullmatch(r"/v1/orders/(\w+)", path):
             order = self.orders[m.group(1)]

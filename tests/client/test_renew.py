@@ -17,6 +17,7 @@ from tests.client.fakes import (
     NAME,
     T0,
     URL,
+    ZONE_T,
     FakeClock,
     FakeServer,
     cli,
@@ -142,3 +143,20 @@ def test_reload_timeout(server: FakeServer, clock: FakeClock, tmp_path: Path) ->
     clock.t += 70 * DAY
     result = renew(server, clock, tmp_path, reload_command="sleep 5", reload_timeout=0.05)
     assert result.action == "reissued" and "did not finish" in (result.reload_error or "")
+
+
+def test_renew_keeps_a_name_in_the_second_zone(
+    server: FakeServer, clock: FakeClock, tmp_path: Path
+) -> None:
+    # [dns] zones: the first zone was full when the installation started ...
+    server.zones = [ZONE_T, "go-other.example.net"]
+    server.full = {ZONE_T}
+    first = obtain(server, clock, tmp_path, names=[])
+    assert [n.split(".", 1)[1] for n in first.names] == ["go-other.example.net"]
+    # ... and has room again at renewal: the installation keeps its name and zone.
+    server.full = set()
+    clock.t += 70 * DAY
+    assert renew(server, clock, tmp_path).action == "reissued"
+    assert dns_names(leaf_of(tmp_path)) == first.names
+    asked = [r.url for r in server.requests if "/v1/name" in r.url]
+    assert asked[-1].endswith("/v1/name?current=" + first.names[0])

@@ -16,6 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from csrproxy.cluster import zonesync
 from csrproxy.cluster.zonesync import ChallengeSync, Listening
 from csrproxy.dns.zone import ChallengeZone
+from csrproxy.dns.zones import Zones
 from csrproxy.errors import CsrproxyError
 
 ORIGIN = "go.example.test"
@@ -387,3 +388,32 @@ class ListenerTests(Base):
         self.sync._listen = listen
         self.sync._listen_loop()  # returns at once: the wait is interrupted
         self.assertFalse(self.sync.connected)
+
+
+class SeveralZonesTests(Base):
+    """With ``[dns] zones`` each record of the other instances goes into its own zone."""
+
+    OTHER = "go-other.example.net"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.second = ChallengeZone(self.OTHER, ["ns1." + ORIGIN], ["@ A 127.0.0.1"], serial=1)
+        self.zones = Zones([zone(), self.second])
+        self.zone = self.zones  # type: ignore[assignment]
+        self.sync = self.make()
+
+    def test_each_record_in_its_zone_and_outsiders_skipped(self) -> None:
+        self.start()
+        c = "_acme-challenge.c." + self.OTHER
+        self.db.rows = [(A, "v"), (c, "w"), ("_acme-challenge.x.example.org", "z")]
+        with capturedLogs() as logs:
+            self.successResultOf(self.sync.resync())
+        first, second = self.zones
+        self.assertEqual(first.txt_values(A), ("v",))
+        self.assertEqual(second.txt_values(c), ("w",))
+        self.assertEqual(first.challenge_names(), (A,))
+        [warned] = [e for e in logs if "skips" in e["log_format"]]
+        self.assertEqual(warned["zone"], f"{ORIGIN}, {self.OTHER}")
+        self.db.rows = []
+        self.successResultOf(self.sync.resync())
+        self.assertEqual(second.txt_values(c), ())

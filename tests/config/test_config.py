@@ -71,8 +71,8 @@ class ConfigTests(ConfigTestCase):
 
     def test_unknown_key(self) -> None:
         data = minimal()
-        data["dns"]["zones"] = ["x"]
-        self.assertKey(data, "dns.zones")
+        data["dns"]["zonez"] = ["x"]
+        self.assertKey(data, "dns.zonez")
         data = minimal()
         data["extra"] = {}
         self.assertKey(data, "extra")
