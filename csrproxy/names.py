@@ -1,8 +1,9 @@
 """DNS names and the ``[policy] names`` patterns: pure rules the configuration checks
 with and the issuance policy matches with.
 
-A pattern is a literal name, or labels written as ``{label}`` (exactly one DNS label)
-or ``{key}`` (the label derived from the CSR's public key, see :func:`key_label`).  A
+A pattern is a literal name, or labels written as ``{label}`` (exactly one DNS label),
+``{key}`` (the label derived from the CSR's public key, see :func:`key_label`) or ``{ip}``
+(an address written as a label, :mod:`csrproxy.addresses`).  A
 leading ``*.`` is the literal wildcard label of a wildcard certificate name.  Pure
 logic: no I/O, nothing of csrproxy's rooms.
 """
@@ -15,12 +16,14 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from csrproxy.addresses import Address, address_of_label
+
 #: The key types a CSR may carry, by their ``[policy] key_types`` names: what Let's
 #: Encrypt accepts.
 CSR_KEY_TYPES = ("rsa2048", "rsa3072", "rsa4096", "ec256", "ec384")
 
 _LDH = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-_PLACEHOLDERS = ("{label}", "{key}")
+_PLACEHOLDERS = ("{label}", "{key}", "{ip}")
 #: What key_label() makes: 32 base32 characters.
 _KEY_SHAPED = re.compile(r"^[a-z2-7]{32}$")
 
@@ -29,6 +32,11 @@ def key_label(spki_der: bytes) -> str:
     """A stable DNS label for a public key: base32 of 160 bits of SHA-256(SPKI), lowercase."""
     digest = hashlib.sha256(spki_der).digest()[:20]
     return base64.b32encode(digest).decode("ascii").lower()
+
+
+def is_key_label(label: str) -> bool:
+    """True for a label shaped like :func:`key_label`'s (32 base32 characters)."""
+    return bool(_KEY_SHAPED.match(label))
 
 
 def is_ldh_label(label: str) -> bool:
@@ -68,7 +76,7 @@ class NamePattern:
             if not is_ldh_label(label):
                 raise ValueError(
                     f"{text!r}: label {label!r} is neither a DNS label, "
-                    "'{label}', '{key}' nor a leading '*'"
+                    "'{label}', '{key}', '{ip}' nor a leading '*'"
                 )
         if len(labels) < 2:
             raise ValueError(f"{text!r} needs at least two labels")
@@ -96,7 +104,10 @@ class NamePattern:
         if len(parts) != len(self.labels):
             return False
         for want, got in zip(self.labels, parts, strict=True):
-            if want == "{label}":
+            if want == "{ip}":
+                if address_of_label(got) is None:
+                    return False
+            elif want == "{label}":
                 # A label shaped like a key label is only ever that key's own.
                 if not is_ldh_label(got) or (_KEY_SHAPED.match(got) and got != key):
                     return False
@@ -107,13 +118,26 @@ class NamePattern:
                 return False
         return True
 
+    def addresses(self, name: str) -> list[Address]:
+        """The addresses ``name``'s ``{ip}`` labels carry (it must match this pattern)."""
+        found = []
+        for want, got in zip(self.labels, name.split("."), strict=False):
+            if want == "{ip}" and (address := address_of_label(got)) is not None:
+                found.append(address)
+        return found
+
     def offer(self, key: str) -> str:
         """This pattern with ``{key}`` filled in (``{label}`` stays, for the client to choose)."""
         return ".".join(key if label == "{key}" else label for label in self.labels)
 
     def example(self, key: str | None) -> str | None:
-        """The name this pattern gives for ``key`` when it has no ``{label}``, else None."""
-        if "{label}" in self.labels or (key is None and "{key}" in self.labels):
+        """The name this pattern gives for ``key`` when it has no ``{label}`` (or ``{ip}``),
+        else None."""
+        if (
+            "{label}" in self.labels
+            or "{ip}" in self.labels
+            or (key is None and "{key}" in self.labels)
+        ):
             return None
         return ".".join(key if (label == "{key}" and key) else label for label in self.labels)
 

@@ -809,10 +809,15 @@ def build_service(
     metrics.watch_zones(zones_status)
     metrics.watch_readiness(lambda: [(c.name, c.ok) for c in health.checks()])
     book = OrderBook(reactor, lambda f: problem_document(f.value), earlier=earlier_orders(ledger))
+    names = NamePolicy(pol.names, pol.subject, config.dns.zones, pol.ip_ranges)
+    if any("{ip}" in p.labels for p in names.patterns):
+        # Names that carry their address are answered from the name: no record each.
+        for served in Zones.of(zone):
+            served.addressed = names.address_of
     api = SigningAPI(
         issuer,
         ledger,
-        NamePolicy(pol.names, pol.subject, config.dns.zones),
+        names,
         book,
         metrics,
         gate,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from csrproxy.addresses import DEFAULT_RANGES
 from csrproxy.names import CSR_KEY_TYPES
 
 #: An entry of ``[api] allow_from`` or ``trusted_proxies``: an address is a /32 or /128.
@@ -193,6 +194,8 @@ class PolicyConfig:
     subject: str | None = None
     key_types: tuple[str, ...] = CSR_KEY_TYPES
     max_names: int = 100
+    #: The addresses names of ``{ip}`` patterns may carry (default: private and loopback).
+    ip_ranges: tuple[Network, ...] = DEFAULT_RANGES
     #: Certificate profiles a request may ask for (POST /v1/sign "profile"), if the CA's
     #: directory offers them; empty: requests get [acme] profile.
     profiles: tuple[str, ...] = ()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from csrproxy.addresses import parse_ranges
 from csrproxy.config.model import PolicyConfig
 from csrproxy.config.reader import Table
 from csrproxy.errors import ConfigError
@@ -35,6 +36,13 @@ def parse_policy(policy: Table) -> PolicyConfig:
             raise policy.error("key_types", f"{kt!r} is not one of {', '.join(CSR_KEY_TYPES)}")
     if not key_types:
         raise policy.error("key_types", "needs at least one key type")
+    ip_ranges = PolicyConfig.ip_ranges
+    given = policy.strings("ip_ranges", ())
+    if "ip_ranges" in policy.data:
+        try:
+            ip_ranges = parse_ranges(given)
+        except ValueError as e:
+            raise policy.error("ip_ranges", str(e)) from None
     profiles = policy.strings("profiles", PolicyConfig.profiles)
     for profile in profiles:
         # RFC 8555 leaves profile names to the CA; Let's Encrypt's are short lowercase words.
@@ -56,6 +64,7 @@ def parse_policy(policy: Table) -> PolicyConfig:
         key_types=key_types,
         max_names=policy.positive_int("max_names", PolicyConfig.max_names),
         profiles=profiles,
+        ip_ranges=ip_ranges,
         registered_domain=registered,
         new_names_per_week=budget("new_names_per_week"),
         orders_per_3h=budget("orders_per_3h"),

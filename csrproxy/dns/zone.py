@@ -168,6 +168,9 @@ class ChallengeZone(common.ResolverBase):
         self._caa: tuple[rr.Record_CAA, ...] = ()  # set_caa's, after the static ones
         self._nodes: dict[bytes, Node] = dict(self._static)
         self._existing: dict[bytes, int] = {}  # name -> number of nodes at or below it
+        #: name (text, lowercase) -> the address it carries, for names of ``{ip}`` patterns
+        #: (``NamePolicy.address_of``): answered A or AAAA with no record stored.
+        self.addressed: Callable[[str], Any] | None = None
         for owner in self._static:
             self._count(owner, 1)
         self._update_soa()
@@ -419,7 +422,7 @@ class ChallengeZone(common.ResolverBase):
         if node is None:
             if name in self._existing:  # an empty non-terminal
                 return False, [], self._negative()
-            node = self._wildcard(name)
+            node = self._addressed(name) or self._wildcard(name)
             if node is None:
                 return True, [], self._negative()
         if type == dns.ALL_RECORDS:
@@ -445,6 +448,17 @@ class ChallengeZone(common.ResolverBase):
             nxdomain, answers, authority = self._resolve(target, type, hops - 1)
             return nxdomain, [first, *answers], authority
         return False, [], self._negative()
+
+    def _addressed(self, name: bytes) -> Node | None:
+        """The node a name that carries its address has: its one A or AAAA record."""
+        if self.addressed is None:
+            return None
+        address = self.addressed(rr.name_text(name))
+        if address is None:
+            return None
+        if address.version == 4:
+            return {dns.A: (dns.Record_A(str(address), self.ttl),)}
+        return {dns.AAAA: (dns.Record_AAAA(str(address), self.ttl),)}
 
     def wildcard_owner(self, name: bytes) -> bytes | None:
         """The owner of the wildcard that answers ``name`` (lowercase), or None when

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+from csrproxy.addresses import DEFAULT_RANGES, Address, Network, within
 from csrproxy.errors import NameNotAllowed, SubjectNotAllowed
-from csrproxy.names import NamePattern, subject_common_name
+from csrproxy.names import NamePattern, is_key_label, subject_common_name
 
 #: Whether a zone (its origin) has room for one more new certificate this week: the
 #: budget of its registered domain (``[dns] zones``, ``GET /v1/name``).
@@ -29,7 +30,11 @@ class NamePolicy:
     """
 
     def __init__(
-        self, patterns: Iterable[str], subject: str | None = None, zones: Sequence[str] = ()
+        self,
+        patterns: Iterable[str],
+        subject: str | None = None,
+        zones: Sequence[str] = (),
+        ip_ranges: Sequence[Network] = DEFAULT_RANGES,
     ) -> None:
         patterns = list(patterns)
         if subject is not None and not patterns:
@@ -37,6 +42,8 @@ class NamePolicy:
         self.patterns: tuple[NamePattern, ...] = tuple(NamePattern.parse(p) for p in patterns)
         self.subject = subject
         self.zones = tuple(zones)
+        #: The addresses an ``{ip}`` label may carry (``[policy] ip_ranges``).
+        self.ip_ranges = tuple(ip_ranges)
 
     def check_subject(self, subject: str) -> None:
         """Seed mode: raise :class:`SubjectNotAllowed` unless ``subject`` is exactly it."""
@@ -92,7 +99,22 @@ class NamePolicy:
         return list(dict.fromkeys(offered))
 
     def allowed(self, name: str, key: str | None = None) -> bool:
-        return any(p.matches(name, key) for p in self.patterns)
+        return any(
+            p.matches(name, key) and all(within(a, self.ip_ranges) for a in p.addresses(name))
+            for p in self.patterns
+        )
+
+    def address_of(self, name: str) -> Address | None:
+        """The address a name of an ``{ip}`` pattern stands for (the DNS answers it), when
+        it is within ``ip_ranges``; any ``{key}`` label of the right shape counts (the DNS
+        server cannot know whose key it is)."""
+        for pattern in self.patterns:
+            if "{ip}" not in pattern.labels or not pattern.matches(name, _key_of(pattern, name)):
+                continue
+            found = pattern.addresses(name)
+            if len(found) == 1 and within(found[0], self.ip_ranges):
+                return found[0]
+        return None
 
     def check(self, names: Sequence[str], key: str | None = None) -> None:
         """Raise :class:`NameNotAllowed` listing every name no pattern allows."""
@@ -107,3 +129,11 @@ class NamePolicy:
     def names_for_key(self, key: str) -> list[str]:
         """The concrete names a key may have without choosing a label itself."""
         return [n for p in self.patterns if (n := p.example(key)) is not None]
+
+
+def _key_of(pattern: NamePattern, name: str) -> str | None:
+    """The label in ``name`` where ``pattern`` has ``{key}`` (None when it has none)."""
+    for want, got in zip(pattern.labels, name.split("."), strict=False):
+        if want == "{key}":
+            return got if is_key_label(got) else None
+    return None
