@@ -261,7 +261,8 @@ sign() {
 
 got_chain() {
 	cp "$WORK/body" "$WORK/chain.pem"
-	CERT_ID=$(header csrproxy-certificate-id 2>/dev/null || true)
+	# Where to look for this CSR's newest chain later (kept when the answer names none).
+	id=$(header csrproxy-certificate-id 2>/dev/null) && CERT_ID=$id
 }
 
 poll_order() {
@@ -330,20 +331,28 @@ make_csr() { # KEY OUT NAMES...
 	fi || die "$EXIT_USAGE" "openssl req: $(cat "$WORK/err")"
 }
 
-# The DNS names of a certificate, sorted, one a line.
-cert_names() {
-	openssl x509 -in "$1" -noout -text 2>/dev/null |
-		awk '/X509v3 Subject Alternative Name/ { getline; print; exit }' |
+# What openssl says of the certificate $1, in the file $2 (one openssl run: it is the slow
+# part): notBefore=, notAfter=, the public key PEM, then the text (with the SANs).
+cert_facts() {
+	openssl x509 -in "$1" -noout -startdate -enddate -pubkey -text >"$2" 2>/dev/null || : >"$2"
+}
+
+facts_pubkey() { sed -n '/^-----BEGIN PUBLIC KEY-----$/,/^-----END PUBLIC KEY-----$/p' "$1"; }
+
+# The DNS names in the facts $1, sorted, one a line.
+facts_names() {
+	awk '/X509v3 Subject Alternative Name/ { getline; print; exit }' "$1" |
 		tr ',' '\n' | sed -n 's/^[ 	]*DNS:\(.*\)$/\1/p' | tr '[:upper:]' '[:lower:]' | sort -u
 }
 
-# epoch seconds of the certificate's notBefore or notAfter (FIELD: startdate | enddate).
-cert_time() {
-	openssl x509 -in "$1" -noout "-$2" 2>/dev/null | sed 's/^[^=]*=//' | awk '
+# The facts $1's notBefore or notAfter ($2) in epoch seconds, or 0.
+facts_time() {
+	sed -n "s/^$2=//p" "$1" | awk '
 	function days(y, m, d) { if (m <= 2) { y--; m += 12 }
 		return 365 * y + int(y / 4) - int(y / 100) + int(y / 400) + int((153 * (m - 3) + 2) / 5) + d - 719469 }
 	{ m = (index("JanFebMarAprMayJunJulAugSepOctNovDec", $1) + 2) / 3
-	  split($3, t, ":"); print days($4, m, $2) * 86400 + t[1] * 3600 + t[2] * 60 + t[3] }'
+	  split($3, t, ":"); print days($4, m, $2) * 86400 + t[1] * 3600 + t[2] * 60 + t[3]; found = 1 }
+	END { if (!found) print 0 }'
 }
 
 # Split the chain in $1 into $WORK/cert.N.pem; prints how many.
@@ -356,20 +365,23 @@ split_chain() {
 
 # Check the chain in $WORK/chain.pem for the key $1 and the names in $WANTED: the leaf's key
 # is ours, its names are exactly those asked for, each certificate is signed by the next
-# (the last by --root, when given) and all are valid now. A failure is exit 1.
+# (the last by --root, when given) and all are valid now. Else fail, saying why in CHECK_ERR.
 check_chain() {
+	CHECK_ERR=''
 	count=$(split_chain "$WORK/chain.pem")
-	[ "$count" -ge 1 ] || die "$EXIT_REFUSED" "the server's answer holds no certificate"
+	[ "$count" -ge 1 ] || { CHECK_ERR="the server's answer holds no certificate"; return 1; }
 	leaf=$WORK/cert.1.pem
 	openssl pkey -in "$1" -pubout 2>/dev/null >"$WORK/want.pub"
-	openssl x509 -in "$leaf" -noout -pubkey 2>/dev/null >"$WORK/got.pub"
-	cmp -s "$WORK/want.pub" "$WORK/got.pub" ||
-		die "$EXIT_REFUSED" "the certificate is not for this key"
-	cert_names "$leaf" >"$WORK/got.names"
+	cert_facts "$leaf" "$WORK/new.facts"
+	facts_pubkey "$WORK/new.facts" >"$WORK/got.pub"
+	cmp -s "$WORK/want.pub" "$WORK/got.pub" || { CHECK_ERR="the certificate is not for this key"; return 1; }
+	facts_names "$WORK/new.facts" >"$WORK/got.names"
 	# shellcheck disable=SC2086 # the names are one word each
 	printf '%s\n' $WANTED | tr '[:upper:]' '[:lower:]' | sort -u >"$WORK/want.names"
-	cmp -s "$WORK/want.names" "$WORK/got.names" || die "$EXIT_REFUSED" \
-		"the certificate names $(tr '\n' ' ' <"$WORK/got.names")instead of $WANTED"
+	if ! cmp -s "$WORK/want.names" "$WORK/got.names"; then
+		CHECK_ERR="the certificate names $(tr '\n' ' ' <"$WORK/got.names")instead of $WANTED"
+		return 1
+	fi
 	cp "$leaf" "$WORK/full.pem"
 	: >"$WORK/untrusted.pem"
 	i=2
@@ -391,13 +403,18 @@ check_chain() {
 		out=$(openssl verify "$@" "$leaf" 2>&1) || out="$out (failed)"
 		case $out in
 		*": OK") ;;
-		*) die "$EXIT_REFUSED" "the chain does not verify: $(printf '%s' "$out" | tr '\n' ' ')" ;;
+		*) CHECK_ERR="the chain does not verify: $(printf '%s' "$out" | tr '\n' ' ')"; return 1 ;;
 		esac
 	fi
-	openssl x509 -in "$leaf" -noout -checkend 0 >/dev/null 2>&1 ||
-		die "$EXIT_REFUSED" "the certificate has expired"
-	[ "$(cert_time "$leaf" startdate)" -le "$(($(now) + 300))" ] ||
-		die "$EXIT_REFUSED" "the certificate is not valid yet"
+	t=$(now)
+	if [ "$(facts_time "$WORK/new.facts" notAfter)" -le "$t" ]; then
+		CHECK_ERR="the certificate has expired"
+		return 1
+	fi
+	if [ "$(facts_time "$WORK/new.facts" notBefore)" -gt "$((t + 300))" ]; then
+		CHECK_ERR="the certificate is not valid yet"
+		return 1
+	fi
 }
 
 # -- the directory --------------------------------------------------------------
@@ -475,7 +492,7 @@ obtain() { # KEY
 	# shellcheck disable=SC2086 # the names are one word each
 	make_csr "$1" "$WORK/req.csr" $WANTED
 	sign "$WORK/req.csr"
-	check_chain "$1"
+	check_chain "$1" || die "$EXIT_REFUSED" "$CHECK_ERR"
 }
 
 read_token() {
@@ -511,13 +528,14 @@ due() {
 	cert=$DIR/cert.pem
 	WHY="no certificate"
 	[ -f "$cert" ] || return 0
-	openssl x509 -in "$cert" -noout -pubkey 2>/dev/null >"$WORK/cur.pub"
+	cert_facts "$cert" "$WORK/cur.facts"
+	facts_pubkey "$WORK/cur.facts" >"$WORK/cur.pub"
 	openssl pkey -in "$DIR/key.pem" -pubout 2>/dev/null >"$WORK/key.pub" ||
 		die "$EXIT_USAGE" "cannot read the key $DIR/key.pem"
 	WHY="cert.pem does not match key.pem"
 	cmp -s "$WORK/cur.pub" "$WORK/key.pub" || return 0
-	before=$(cert_time "$cert" startdate)
-	after=$(cert_time "$cert" enddate)
+	before=$(facts_time "$WORK/cur.facts" notBefore)
+	after=$(facts_time "$WORK/cur.facts" notAfter)
 	t=$(now)
 	life=$((after - before))
 	WHY="$(((after - t) / 3600)) hours left of $((life / 3600))"
@@ -530,11 +548,10 @@ due() {
 
 summary() {
 	[ "$VERBOSITY" -ge 1 ] || return 0
-	leaf=$DIR/cert.pem
 	printf 'names:   %s\n' "$WANTED"
-	printf 'issuer:  %s\n' "$(openssl x509 -in "$leaf" -noout -issuer | sed 's/^issuer= *//')"
-	printf 'valid:   %s to %s\n' "$(openssl x509 -in "$leaf" -noout -startdate | sed 's/^[^=]*=//')" \
-		"$(openssl x509 -in "$leaf" -noout -enddate | sed 's/^[^=]*=//')"
+	printf 'issuer:  %s\n' "$(sed -n 's/^ *Issuer: *//p' "$WORK/new.facts" | head -n 1)"
+	printf 'valid:   %s to %s\n' "$(sed -n 's/^notBefore=//p' "$WORK/new.facts")" \
+		"$(sed -n 's/^notAfter=//p' "$WORK/new.facts")"
 	printf 'certificate: %s\n' "${CERT_ID:-(the server gave no id)}"
 	printf 'key:     %s\nchain:   %s/cert.pem (leaf + chain), %s/chain.pem\n' "$DIR/key.pem" "$DIR" "$DIR"
 }
@@ -574,6 +591,29 @@ cmd_issue() {
 	summary
 }
 
+# Whether the server holds a newer chain for the certificate id than cert.pem (same key and
+# names, checked, ending later): the daemon renews what it issued on its own. It is then in
+# $WORK as for obtain. A failed look-up is a warning: it matters only when cert.pem is due.
+fetch_newer() {
+	case $CERT_ID in '' | *[!0-9a-f]*) return 1 ;; esac
+	[ -f "$DIR/cert.pem" ] || return 1
+	if ! http GET "$BASE/v1/certificates/$CERT_ID"; then
+		warn "the server's newest certificate: $NETERR"
+		return 1
+	fi
+	if [ "$STATUS" != 200 ]; then
+		warn "the server's newest certificate: $STATUS $(problem_text)"
+		return 1
+	fi
+	got_chain
+	if ! check_chain "$DIR/key.pem"; then
+		warn "the server's newest certificate: $CHECK_ERR"
+		return 1
+	fi
+	cert_facts "$DIR/cert.pem" "$WORK/cur.facts"
+	[ "$(facts_time "$WORK/new.facts" notAfter)" -gt "$(facts_time "$WORK/cur.facts" notAfter)" ]
+}
+
 cmd_renew() {
 	check_dir
 	[ -f "$DIR/$STATE_FILE" ] || die "$EXIT_USAGE" "no $DIR/$STATE_FILE: run issue first"
@@ -605,26 +645,29 @@ cmd_renew() {
 		NEWKEY=$WORK/new.key
 		key=$NEWKEY
 	fi
-	if ! due; then
+	WANTED=$NAMES
+	if [ -z "$NEWKEY" ] && fetch_newer; then
+		action="fetched-newer: the server has a newer certificate"
+	elif ! due; then
 		log "unchanged: $WHY"
 		return 0
-	fi
-	why=$WHY
-	log "renewing: $why"
-	WANTED=$NAMES
-	if [ "$DISCOVER" = 1 ]; then
-		server_names "$key"
-		[ -n "$FOUND" ] && WANTED=$FOUND
-	fi
-	[ -n "$WANTED" ] || die "$EXIT_USAGE" "$DIR/$STATE_FILE names no name"
-	obtain "$key"
-	if [ -z "$NEWKEY" ] && [ -f "$DIR/cert.pem" ] && cmp -s "$WORK/full.pem" "$DIR/cert.pem"; then
-		log "unchanged: $why; the server answered the same certificate"
-		write_state
-		return 0
+	else
+		action="reissued: $WHY"
+		log "renewing: $WHY"
+		if [ "$DISCOVER" = 1 ]; then
+			server_names "$key"
+			[ -n "$FOUND" ] && WANTED=$FOUND
+		fi
+		[ -n "$WANTED" ] || die "$EXIT_USAGE" "$DIR/$STATE_FILE names no name"
+		obtain "$key"
+		if [ -z "$NEWKEY" ] && [ -f "$DIR/cert.pem" ] && cmp -s "$WORK/full.pem" "$DIR/cert.pem"; then
+			log "unchanged: ${action#reissued: }; the server answered the same certificate"
+			write_state
+			return 0
+		fi
 	fi
 	install_files
-	log "reissued: $why (valid until $(openssl x509 -in "$DIR/cert.pem" -noout -enddate | sed 's/^[^=]*=//'))"
+	log "$action (valid until $(sed -n 's/^notAfter=//p' "$WORK/new.facts"))"
 	if [ -n "$RELOAD" ]; then
 		log "running $RELOAD"
 		sh -c "$RELOAD" || {

@@ -74,7 +74,8 @@ def signer(
     tokens.write_text(f"{token_hash(TOKEN)}\n")
     overrides: dict[str, dict[str, Any]] = {
         "acme": {"poll_interval": 0.005, "poll_max": 0.5},
-        "api": {"tokens_file": str(tokens)},
+        # A synchronous sign gives up at once: every new order answers 202 and is polled.
+        "api": {"tokens_file": str(tokens), "sync_timeout": 0.01},
         "policy": {"names": [f"{{label}}.{ZONE}", f"{{key}}.{ZONE}"], **NO_BUDGETS},
     }
     env = {"PYTHONPATH": WORKTREE}
@@ -175,7 +176,10 @@ def test_issue_renew_and_rotate(
 ) -> None:
     tls = tmp_path / "tls"
     # A wide umask does not widen the key: it is made 0600 whatever the umask.
-    ok(run(shell, *issue_args(signer.url, tls, files, "--root", root), umask=0))
+    done = ok(run(shell, *issue_args(signer.url, tls, files, "--root", root, "-v"), umask=0))
+    # The daemon's sync_timeout passed: its 202 was polled (the fallback without --async).
+    assert "polling /v1/orders/" in done.stderr, done.stderr
+    assert "Prefer" not in done.stderr
     key = key_of(tls)
     own_name = [f"{key_label(spki(key.public_key()))}.{ZONE}"]  # {key}: asked of /v1/name
     first = check_installed(tls, root, own_name)
@@ -187,13 +191,26 @@ def test_issue_renew_and_rotate(
     assert "not due" in done.stderr
     assert chain_of(tls) == first
 
-    # Due (a tenth of its life left): renewed with the same key and the state's name.
+    # The server holds a newer chain for the certificate id: installed, no new order.
     planted = plant_due_certificate(tls)
     done = ok(run(shell, "renew", "--dir", tls, "-v"))
-    assert "renewing" in done.stderr, done.stderr
+    assert "fetched-newer" in done.stderr, done.stderr
+    assert "POST" not in done.stderr
+    assert (tls / "key.pem").read_bytes() == key_pem
+    assert chain_of(tls) == first
+
+    # Due (a tenth of its life left) and no id to look up: signed again, same key and name.
+    state = tls / "csrproxy.state"
+    lines = state.read_text().splitlines()
+    state.write_text("".join(f"{x}\n" for x in lines if not x.startswith("certificate_id=")))
+    planted = plant_due_certificate(tls)
+    done = ok(run(shell, "renew", "--dir", tls, "-v"))
+    assert "renewing: " in done.stderr and "POST" in done.stderr, done.stderr
     assert (tls / "cert.pem").read_bytes() != planted
     assert (tls / "key.pem").read_bytes() == key_pem
     check_installed(tls, root, own_name)
+    ids = [x for x in state.read_text().splitlines() if x.startswith("certificate_id=")]
+    assert ids and ids != ["certificate_id="]  # learnt again from the answer
 
     # Forced: the same key again (the server may answer the chain it holds).
     ok(run(shell, "renew", "--dir", tls, "--force"))
@@ -301,7 +318,7 @@ class Fake:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -382,7 +399,10 @@ def test_a_held_lock_waits_until_the_deadline_and_a_dead_one_is_taken_over(
     gone = subprocess.Popen(["true"])
     gone.wait()
     (lock / "pid").write_text(f"{gone.pid}\n")
-    ok(run(shell, *issue_args(signer.url, tmp_path, files)))
+    down = f"http://127.0.0.1:{closed_port()}"
+    done = run(shell, *issue_args(down, tmp_path, files, "--name", f"a.{ZONE}"))
+    assert done.returncode == 3, done.stderr  # it got the lock, then found no server
+    assert "taking over the lock" in done.stderr and "cannot reach" in done.stderr
     assert not lock.exists()
 
 
