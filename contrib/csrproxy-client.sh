@@ -477,7 +477,8 @@ lock() {
 		sleep 1
 	done
 	WORK=$DIR/$LOCK_DIR
-	trap 'rm -rf "$WORK"' EXIT
+	# A run cut short leaves neither its lock nor a temporary file (put's) behind.
+	trap 'rm -rf "$WORK"; for f in chain.pem key.pem cert.pem "$STATE_FILE"; do rm -f "$DIR/.$f.$$.tmp"; done' EXIT
 	trap 'exit 129' HUP
 	trap 'exit 130' INT
 	trap 'exit 143' TERM
