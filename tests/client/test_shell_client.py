@@ -10,6 +10,7 @@ import itertools
 import os
 import shutil
 import socket
+import ssl
 import stat
 import subprocess
 import threading
@@ -30,6 +31,9 @@ from csrproxy.testing.daemon import Csrproxy, start_csrproxy
 from csrproxy.testing.pebble import Pebble
 from csrproxy.web.auth import token_hash
 from tests.conftest import ZONE
+from tests.support.tls import CA as TLS_CA
+from tests.support.tls import CERT as TLS_CERT
+from tests.support.tls import KEY as TLS_KEY
 
 pytestmark = pytest.mark.integration
 
@@ -50,8 +54,13 @@ PLANT_CA_KEY = ec.generate_private_key(ec.SECP256R1())
 @pytest.fixture(params=sorted(SHELLS), scope="module")
 def shell(request: pytest.FixtureRequest) -> list[str]:
     argv = SHELLS[request.param]
-    if shutil.which(argv[0]) is None:
+    found = shutil.which(argv[0])
+    if found is None:
         pytest.skip(f"{argv[0]} is not installed (scripts/install-system-deps installs it)")
+    if request.param == "dash":
+        sh = shutil.which("sh")
+        if sh and os.path.realpath(found) == os.path.realpath(sh):
+            pytest.skip(f"dash is sh here ({os.path.realpath(sh)}): the sh runs are its runs")
     return argv
 
 
@@ -186,8 +195,8 @@ def test_issue_renew_and_rotate(
     assert "names=" + own_name[0] in (tls / "csrproxy.state").read_text().splitlines()
     key_pem = (tls / "key.pem").read_bytes()
 
-    # Not due: nothing changes, exit 0.
-    done = ok(run(shell, "renew", "--dir", tls))
+    # Not due: nothing changes, exit 0, no reload.
+    done = ok(run(shell, "renew", "--dir", tls, "--reload-command", "exit 9"))
     assert "not due" in done.stderr
     assert chain_of(tls) == first
 
@@ -204,8 +213,10 @@ def test_issue_renew_and_rotate(
     lines = state.read_text().splitlines()
     state.write_text("".join(f"{x}\n" for x in lines if not x.startswith("certificate_id=")))
     planted = plant_due_certificate(tls)
-    done = ok(run(shell, "renew", "--dir", tls, "-v"))
+    reloaded = tmp_path / "reloaded"
+    done = ok(run(shell, "renew", "--dir", tls, "-v", "--reload-command", f"touch {reloaded}"))
     assert "renewing: " in done.stderr and "POST" in done.stderr, done.stderr
+    assert reloaded.exists()  # after the change
     assert (tls / "cert.pem").read_bytes() != planted
     assert (tls / "key.pem").read_bytes() == key_pem
     check_installed(tls, root, own_name)
@@ -218,7 +229,9 @@ def test_issue_renew_and_rotate(
     check_installed(tls, root, own_name)
 
     # --rotate-key: a new key, and the new key's own name (asked again of /v1/name).
-    ok(run(shell, "renew", "--dir", tls, "--rotate-key"))
+    # A failing reload after the change: exit 4, the new files stay.
+    done = run(shell, "renew", "--dir", tls, "--rotate-key", "--reload-command", "exit 9")
+    assert done.returncode == 4, done.stderr
     assert (tls / "key.pem").read_bytes() != key_pem
     new_name = [f"{key_label(spki(key_of(tls).public_key()))}.{ZONE}"]
     assert new_name != own_name
@@ -294,7 +307,9 @@ class Fake:
     """A local HTTP server that answers every request with ``answer(path)``: (status,
     headers, body); it records the paths asked."""
 
-    def __init__(self, answer: Callable[[str], tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(
+        self, answer: Callable[[str], tuple[int, dict[str, str], bytes]], tls: bool = False
+    ) -> None:
         self.paths: list[str] = []
         fake = self
 
@@ -317,7 +332,12 @@ class Fake:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(TLS_CERT, TLS_KEY)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, args=(0.01,), daemon=True)
         self.thread.start()
 
@@ -330,8 +350,8 @@ class Fake:
 def fake(request: pytest.FixtureRequest) -> Iterator[Callable[..., Fake]]:
     made: list[Fake] = []
 
-    def make(answer: Callable[[str], tuple[int, dict[str, str], bytes]]) -> Fake:
-        made.append(Fake(answer))
+    def make(answer: Callable[[str], tuple[int, dict[str, str], bytes]], tls: bool = False) -> Fake:
+        made.append(Fake(answer, tls))
         return made[-1]
 
     yield make
@@ -378,12 +398,48 @@ def test_polling_honours_retry_after_and_its_bound(
 ) -> None:
     order = {"Location": "/v1/orders/1", "Retry-After": "1"}
     server = fake(lambda path: (202, order, b'{"status": "processing"}'))
-    args = issue_args(server.url, tmp_path, files, "--name", f"a.{ZONE}", "--timeout", "2")
+    args = issue_args(server.url, tmp_path, files, "--name", f"a.{ZONE}", "--timeout", "3")
     done = run(shell, *args)
     assert done.returncode == 3, done.stderr  # no certificate before --timeout
     assert "deadline" in done.stderr
     polls = server.paths[1:]
     assert polls and set(polls) == {"/v1/orders/1"} and len(polls) <= 3
+
+
+def test_https_trusts_the_ca_file_only(
+    shell: list[str], fake: Callable[..., Fake], files: Path, tmp_path: Path
+) -> None:
+    refusal = b'{"type": "https://csrproxy.dev/problems/unauthorized", "detail": "no"}'
+    server = fake(
+        lambda path: (401, {"Content-Type": "application/problem+json"}, refusal), tls=True
+    )
+    # The token goes over https:// without --insecure; the server is reached and refuses: 1.
+    args: list[str | Path] = ["issue", "--url", server.url, "--dir", "DIR", "--name", f"a.{ZONE}"]
+    args += ["--token-file", files / "token"]
+    same_code_as_python(shell, tmp_path / "trusted", [*args, "--cacert", TLS_CA], 1)
+    mine = run(
+        shell,
+        *[tmp_path / "trusted" / "sh" if a == "DIR" else a for a in args],
+        "--ca-file",
+        TLS_CA,
+    )
+    assert mine.returncode == 1 and "no (unauthorized)" in mine.stderr, mine.stderr
+    # Without the CA file the server's certificate is not trusted: the network failed, 3.
+    same_code_as_python(shell, tmp_path / "untrusted", args, 3)
+
+
+def test_a_directory_others_can_write_or_a_linked_key_is_refused(
+    shell: list[str], signer: Csrproxy, files: Path, tmp_path: Path
+) -> None:
+    args = issue_args(signer.url, "DIR", files, "--name", f"a.{ZONE}")
+    for tool in ("sh", "py"):
+        (tmp_path / "wide" / tool).mkdir(parents=True)
+        (tmp_path / "wide" / tool).chmod(0o777)
+        (tmp_path / "linked" / tool).mkdir(parents=True, mode=0o700)
+        (tmp_path / "linked" / tool / "key.pem").symlink_to(tmp_path / "elsewhere.pem")
+    same_code_as_python(shell, tmp_path / "wide", args, 2)
+    same_code_as_python(shell, tmp_path / "linked", args, 2)
+    assert not (tmp_path / "elsewhere.pem").exists()
 
 
 def test_a_held_lock_waits_until_the_deadline_and_a_dead_one_is_taken_over(
