@@ -46,14 +46,18 @@ NO_BUDGETS = {
     "same_names_per_week": 0,
     "client_requests_per_hour": 0,
 }
-SHELLS = {"sh": ["sh"], "dash": ["dash"], "busybox": ["busybox", "sh"]}
+SHELLS = {"sh": ["sh"], "dash": ["dash"], "busybox": ["busybox", "sh"], "busybox-only": []}
+# What the script runs besides openssl and curl: on "busybox-only" (an appliance's view),
+# each is busybox's applet.
+APPLETS = "awk cat chmod cmp cp cut date grep head kill ls mkdir mv pwd rm sed sh sleep sort"
+APPLETS += " sync tr touch true false"
 # One throwaway CA for the certificates the tests plant (made once: key generation is slow).
 PLANT_CA_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
 @pytest.fixture(params=sorted(SHELLS), scope="module")
-def shell(request: pytest.FixtureRequest) -> list[str]:
-    argv = SHELLS[request.param]
+def shell(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    argv = SHELLS[request.param] or ["busybox", "sh"]
     found = shutil.which(argv[0])
     if found is None:
         pytest.skip(f"{argv[0]} is not installed (scripts/install-system-deps installs it)")
@@ -61,6 +65,14 @@ def shell(request: pytest.FixtureRequest) -> list[str]:
         sh = shutil.which("sh")
         if sh and os.path.realpath(found) == os.path.realpath(sh):
             pytest.skip(f"dash is sh here ({os.path.realpath(sh)}): the sh runs are its runs")
+    if request.param == "busybox-only":
+        assert found is not None
+        bin_dir = tmp_path_factory.mktemp("busybox-applets")
+        for applet in APPLETS.split():
+            (bin_dir / applet).symlink_to(found)
+        for tool in ("openssl", "curl"):
+            (bin_dir / tool).symlink_to(shutil.which(tool) or f"/usr/bin/{tool}")
+        return ["env", f"PATH={bin_dir}", found, "sh"]
     return argv
 
 
@@ -241,7 +253,7 @@ def test_issue_renew_and_rotate(
 def test_named_rsa_certificate_asynchronously(
     shell: list[str], signer: Csrproxy, files: Path, root: Path, tmp_path: Path
 ) -> None:
-    name = f"async-{shell[0]}.{ZONE}"
+    name = f"async-{len(shell)}.{ZONE}"
     extra = ("--name", name, "--key-type", "rsa2048", "--async", "-v")
     done = ok(run(shell, *issue_args(signer.url, tmp_path, files, *extra)))
     assert "polling /v1/orders/" in done.stderr
