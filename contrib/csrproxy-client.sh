@@ -312,6 +312,15 @@ make_key() { # TYPE OUT
 	chmod 600 "$out"
 }
 
+# ec256, ec384, rsa2048, ... for the key in $1 (what --key-type would have made), or "".
+key_type_of() {
+	openssl pkey -in "$1" -noout -text 2>/dev/null | awk '
+		/^Private-Key: \(/ { bits = $2; sub(/^\(/, "", bits) }
+		/^modulus:/ { kind = "rsa" }
+		/^ASN1 OID:/ { kind = "ec" }
+		END { if (kind != "" && bits != "") print kind bits }'
+}
+
 make_csr() { # KEY OUT NAMES...
 	csr_key=$1 out=$2
 	shift 2
@@ -570,6 +579,8 @@ cmd_issue() {
 	NEWKEY=
 	if [ -f "$DIR/key.pem" ] && [ "$ROTATE" != 1 ]; then
 		key=$DIR/key.pem
+		KEY_TYPE=$(key_type_of "$key")
+		[ -n "$KEY_TYPE" ] || die "$EXIT_USAGE" "cannot read the key $key"
 	else
 		make_key "$KEY_TYPE" "$WORK/new.key"
 		log "made a new $KEY_TYPE key"

@@ -1,7 +1,8 @@
-"""contrib/csrproxy-client.sh, run by sh, dash and busybox sh: against twistd csrproxy and
-pebble (issue, renew when due, key rotation, the async path, the exit codes of
-csrproxy-client), and against a small local server for what csrproxy never answers
-(redirects, a Location elsewhere, a 429 past the deadline)."""
+"""contrib/csrproxy-client.sh, run by sh, dash (unless it is sh) and busybox sh with only
+busybox's applets (and openssl, curl) on PATH: against twistd csrproxy and pebble (issue,
+renew when due, key rotation, the async path, the exit codes of csrproxy-client), and
+against a small local server for what csrproxy never answers (redirects, a Location
+elsewhere, a 429 past the deadline, https with and without --ca-file)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,9 @@ NO_BUDGETS = {
     "same_names_per_week": 0,
     "client_requests_per_hour": 0,
 }
-SHELLS = {"sh": ["sh"], "dash": ["dash"], "busybox": ["busybox", "sh"], "busybox-only": []}
-# What the script runs besides openssl and curl: on "busybox-only" (an appliance's view),
-# each is busybox's applet.
+SHELLS = {"sh": ["sh"], "dash": ["dash"], "busybox": ["busybox", "sh"]}
+# What the script runs besides openssl and curl. Under busybox sh each is busybox's applet
+# (an appliance's view: nothing else on PATH); sh and dash use the system's.
 APPLETS = "awk cat chmod cmp cp cut date grep head kill ls mkdir mv pwd rm sed sh sleep sort"
 APPLETS += " sync tr touch true false"
 # One throwaway CA for the certificates the tests plant (made once: key generation is slow).
@@ -57,7 +58,7 @@ PLANT_CA_KEY = ec.generate_private_key(ec.SECP256R1())
 
 @pytest.fixture(params=sorted(SHELLS), scope="module")
 def shell(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    argv = SHELLS[request.param] or ["busybox", "sh"]
+    argv = SHELLS[request.param]
     found = shutil.which(argv[0])
     if found is None:
         pytest.skip(f"{argv[0]} is not installed (scripts/install-system-deps installs it)")
@@ -65,7 +66,7 @@ def shell(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         sh = shutil.which("sh")
         if sh and os.path.realpath(found) == os.path.realpath(sh):
             pytest.skip(f"dash is sh here ({os.path.realpath(sh)}): the sh runs are its runs")
-    if request.param == "busybox-only":
+    if request.param == "busybox":
         assert found is not None
         bin_dir = tmp_path_factory.mktemp("busybox-applets")
         for applet in APPLETS.split():
@@ -258,8 +259,12 @@ def test_named_rsa_certificate_asynchronously(
     done = ok(run(shell, *issue_args(signer.url, tmp_path, files, *extra)))
     assert "polling /v1/orders/" in done.stderr
     check_installed(tmp_path, root, [name])
-    assert isinstance(key_of(tmp_path).key_size, int)  # an RSA key
     assert key_of(tmp_path).key_size == 2048
+    # Again without --key-type: the key is kept, and the state says what it is.
+    key = (tmp_path / "key.pem").read_bytes()
+    ok(run(shell, *issue_args(signer.url, tmp_path, files, "--name", name)))
+    assert (tmp_path / "key.pem").read_bytes() == key
+    assert "key_type=rsa2048" in (tmp_path / "csrproxy.state").read_text().splitlines()
 
 
 def same_code_as_python(
