@@ -43,7 +43,7 @@ from csrproxy.dns.server import DNSServerService
 from csrproxy.dns.transfer import keys_of
 from csrproxy.dns.zone import ChallengeZone, next_serial
 from csrproxy.errors import ConfigError, ListenError
-from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets
+from csrproxy.issuance.admission import Admission, AdmissionGate, Budgets, registered_domain_of
 from csrproxy.issuance.ari import AriPoller, Window
 from csrproxy.issuance.cache import MemoryIssuedCache
 from csrproxy.issuance.cluster_admission import ClusterAdmission
@@ -657,6 +657,8 @@ def build_service(
         on_refusal=metrics.refusal,
         persist=None if store.db.shared else budget_recorder(store),
     )
+    budget_domain = registered_domain_of(config.dns.zone, rules.registered_domain)
+    metrics.watch_budget_room(lambda: [(budget_domain, rules.new_names_room(budget_domain))])
     admission: AdmissionGate = rules
     if store.db.shared:  # one budget for the cluster, decided in the database
         admission = ClusterAdmission(store, rules)
@@ -786,7 +788,7 @@ def build_service(
         ca_failing = lambda: issuer.breaker.state != "closed"  # noqa: E731
         scheduler = RenewalScheduler(
             reactor,
-            renewals,
+            metrics.watch_renewals(renewals),
             lambda row: issuer.renew(row).chain,
             active_days=ren.active_days,
             interval=ren.interval,
