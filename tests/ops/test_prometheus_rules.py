@@ -77,3 +77,11 @@ def test_every_expression_names_exported_series() -> None:
     for rule in rules():
         name = rule.get("alert") or rule["record"]
         assert unknown_names(rule["expr"], known) == [], f"{name}: {rule['expr']}"
+
+
+def test_the_readme_explains_every_alert() -> None:
+    readme = (RULES.parents[2] / "README.md").read_text()
+    section = readme.split("## Dashboards and alerts", 1)[1].split("\n## ", 1)[0]
+    for rule in rules():
+        name = rule.get("alert") or rule["record"]
+        assert f"`{name}`" in section, name
