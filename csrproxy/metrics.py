@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +17,15 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+from twisted.internet.defer import Deferred
+
+if TYPE_CHECKING:
+    from csrproxy.issuance.renewal import RenewalSource
+    from csrproxy.state.rows import CertificateRow
+
+
+#: Certificates :class:`PendingRenewals` remembers at most (the soonest to expire kept).
+PENDING_MAX = 10_000
 
 
 class Metrics:
@@ -169,6 +178,14 @@ class Metrics:
         ``csrproxy_zone_new_names_room{zone}`` at every scrape."""
         self.registry.register(_ZonesCollector(zones))
 
+    def watch_renewals(self, source: RenewalSource, limit: int = PENDING_MAX) -> RenewalSource:
+        """``source`` as seen by the renewal pass, exporting the certificates it found due
+        and not renewed yet (``csrproxy_renewals_pending``, the earliest ``not_after`` of
+        them as ``csrproxy_renewals_pending_expiry_timestamp_seconds``)."""
+        pending = PendingRenewals(limit)
+        self.registry.register(_PendingCollector(pending))
+        return WatchedRenewals(source, pending)
+
     def render(self) -> bytes:
         text = generate_latest(self.registry)
         return text if self._instance is None else _with_label(text, self._instance)
@@ -190,6 +207,98 @@ def _with_label(text: bytes, label: bytes) -> bytes:
                 line = name + b"{" + label + b"}" + space + value
         out.append(line)
     return b"\n".join(out)
+
+
+class PendingRenewals:
+    """Certificates a renewal pass found due, until renewed or parked: a renewal that
+    failed stays while it waits for its retry.
+
+    One that a complete pass (fewer rows than asked for) no longer finds due after its
+    retry time is forgotten (renewed or leased by another instance).  Holds at most
+    ``limit`` certificates; past that the latest to expire are dropped, so the count is
+    then a floor and the earliest expiry still right.
+    """
+
+    def __init__(self, limit: int = PENDING_MAX) -> None:
+        self.limit = limit
+        #: certificate id -> (not_after, the time from which a pass must find it again)
+        self.certs: dict[str, tuple[float, float]] = {}
+
+    def seen_due(self, rows: Sequence[CertificateRow], now: float, complete: bool) -> None:
+        for row in rows:
+            self.certs[row.id] = (row.not_after, now)
+        if complete:
+            found = {row.id for row in rows}
+            for cert_id, (_, again) in list(self.certs.items()):
+                if again <= now and cert_id not in found:
+                    del self.certs[cert_id]
+        if len(self.certs) > self.limit:
+            keep = sorted(self.certs.items(), key=lambda item: item[1][0])[: self.limit]
+            self.certs = dict(keep)
+
+    def retry_at(self, cert_id: str, when: float) -> None:
+        if cert_id in self.certs:
+            self.certs[cert_id] = (self.certs[cert_id][0], when)
+
+    def done(self, cert_ids: Iterable[str]) -> None:
+        for cert_id in cert_ids:
+            self.certs.pop(cert_id, None)
+
+    def earliest_expiry(self) -> float | None:
+        return min((na for na, _ in self.certs.values()), default=None)
+
+
+class WatchedRenewals:
+    """A :class:`~csrproxy.issuance.renewal.RenewalSource` that tells a
+    :class:`PendingRenewals` what the renewal pass reads and does."""
+
+    def __init__(self, source: RenewalSource, pending: PendingRenewals) -> None:
+        self.source = source
+        self.pending = pending
+
+    def due(self, now: float, limit: int) -> Deferred[list[CertificateRow]]:
+        def seen(rows: list[CertificateRow]) -> list[CertificateRow]:
+            self.pending.seen_due(rows, now, complete=len(rows) < limit)
+            return rows
+
+        return self.source.due(now, limit).addCallback(seen)
+
+    def park(self, cert_ids: Sequence[str]) -> Deferred[Any]:
+        self.pending.done(cert_ids)
+        return self.source.park(cert_ids)
+
+    def renewed(self, cert_id: str) -> Deferred[Any]:
+        self.pending.done([cert_id])
+        return self.source.renewed(cert_id)
+
+    def renew_later(self, cert_id: str, when: float) -> Deferred[Any]:
+        self.pending.retry_at(cert_id, when)
+        return self.source.renew_later(cert_id, when)
+
+    def schedule_unscheduled(self, limit: int) -> Deferred[int]:
+        return self.source.schedule_unscheduled(limit)
+
+
+class _PendingCollector(Collector):
+    def __init__(self, pending: PendingRenewals) -> None:
+        self.pending = pending
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "csrproxy_renewals_pending",
+            "Certificates the renewal pass found due (active installations) and not renewed"
+            " yet, those waiting to retry a failed renewal included",
+            value=len(self.pending.certs),
+        )
+        earliest = self.pending.earliest_expiry()
+        family = GaugeMetricFamily(
+            "csrproxy_renewals_pending_expiry_timestamp_seconds",
+            "The earliest not_after (Unix time) of csrproxy_renewals_pending's certificates;"
+            " no sample while none is pending",
+        )
+        if earliest is not None:
+            family.add_metric([], earliest)
+        yield family
 
 
 class _DNSCollector(Collector):

@@ -892,7 +892,7 @@ def build_service(
         ca_failing = lambda: issuer.breaker.state != "closed"  # noqa: E731
         scheduler = RenewalScheduler(
             reactor,
-            renewals,
+            metrics.watch_renewals(renewals),
             lambda row: issuer.renew(row).chain,
             active_days=ren.active_days,
             interval=ren.interval,

@@ -367,3 +367,18 @@ class FallbackWiringTests(BuildCase):
         state = next(s for s in walk(top) if isinstance(s, StateService)).store.db
         key_files = sorted(p.name for p in state.path.parent.glob("account*.key"))
         self.assertEqual(len(key_files), 2, key_files)
+
+
+class OpsMetricsWiringTests(BuildCase):
+    def test_budget_room_and_pending_renewals_are_exported(self) -> None:
+        from csrproxy.issuance.renewal import RenewalService
+        from csrproxy.metrics import WatchedRenewals
+
+        top = self.build()
+        account = next(s for s in walk(top) if isinstance(s, AccountService))
+        text = account.issuer.metrics.render().decode()
+        # The zone's registered domain, its new-names budget untouched (45 a week).
+        self.assertIn('csrproxy_zone_new_names_room{zone="go.example.test"} 45.0', text)
+        self.assertIn("csrproxy_renewals_pending 0.0", text)
+        renewal = next(s for s in walk(top) if isinstance(s, RenewalService))
+        self.assertIsInstance(renewal.scheduler.source, WatchedRenewals)
