@@ -99,6 +99,14 @@ def twistd_argv(config: Path) -> list[str]:
     return [str(twistd), "-n", "--pidfile=", "csrproxy", "--config", str(config)]
 
 
+def same_code() -> dict[str, str]:
+    """``PYTHONPATH`` putting first the tree this csrproxy was imported from: the daemon runs
+    the tests' code, whichever csrproxy the venv has installed (a second checkout, a
+    worktree)."""
+    source = str(Path(__file__).resolve().parents[2])
+    return {"PYTHONPATH": os.pathsep.join(p for p in (source, os.environ.get("PYTHONPATH")) if p)}
+
+
 def start_csrproxy(
     workdir: str,
     pebble: Pebble,
@@ -126,7 +134,7 @@ def start_csrproxy(
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=work,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **same_code(), **(env or {})},
         )
     url = f"http://127.0.0.1:{api_port}"
     daemon = Csrproxy(proc, url, path, log)

@@ -9,12 +9,10 @@ first, and the zone's CAA names both CAs, each with its own account.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,8 +28,6 @@ from tests.support.keys import make_csr
 
 pytestmark = pytest.mark.integration
 
-ROOT = str(Path(__file__).resolve().parents[2])
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
 @dataclass
@@ -67,7 +63,7 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Two]:
                 "dns": {"caa_identities": ["first.pebble.test"]},
             }
             with start_csrproxy(
-                str(work / "d"), first, dns_port, ZONE, overrides=overrides, env=ENV
+                str(work / "d"), first, dns_port, ZONE, overrides=overrides
             ) as daemon:
                 yield Two(first, proxy, second, daemon, dns_port)
         finally:

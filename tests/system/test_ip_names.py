@@ -3,7 +3,6 @@ dns-01 answered below that name) and ``dig`` gets ``A 10.0.0.5`` computed from t
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
@@ -21,8 +20,6 @@ from tests.support.keys import EC256, make_csr
 
 pytestmark = pytest.mark.integration
 
-ROOT = str(Path(__file__).resolve().parents[2])
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
 def dig(port: int, name: str, rdtype: str) -> str:
@@ -45,7 +42,7 @@ def test_an_address_name_is_issued_and_resolves_to_its_address(tmp_path: Path) -
     with (
         start_pebble(str(tmp_path / "pebble"), f"127.0.0.1:{dns_port}") as pebble,
         start_csrproxy(
-            str(tmp_path / "d"), pebble, dns_port, ZONE, overrides={"policy": policy}, env=ENV
+            str(tmp_path / "d"), pebble, dns_port, ZONE, overrides={"policy": policy}
         ) as daemon,
     ):
         assert dig(dns_port, name, "A") == "10.0.0.5"

@@ -10,7 +10,6 @@ stays for its TTL, whatever the zone says since.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,9 +31,6 @@ from tests.support.keys import EC256, EC256_B, make_csr
 pytestmark = pytest.mark.integration
 
 PDNS_ZONE = "pdns-resolver.example.test"
-# The daemons run this checkout's code, not whichever csrproxy the venv has installed.
-ROOT = str(Path(__file__).resolve().parents[2])
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 # A wildcard and its base name share one TXT RRset with two values. An order that answers
 # a challenge before both are served races the resolver's cache and loses only sometimes,
@@ -75,7 +71,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 ZONE,
                 # pebble does not check CAA; the identity is what the record would name.
                 overrides={"policy": policy, "dns": {"caa_identities": ["pebble.test"]}},
-                env=ENV,
             ) as daemon:
                 unbound.wait_serving()
                 yield Setup(work, pebble, unbound, pdns, daemon)
@@ -102,7 +97,6 @@ def pdns_daemon(setup: Setup) -> Iterator[Csrproxy]:
         pdns.dns_port,
         PDNS_ZONE,
         overrides=overrides,
-        env=ENV,
     ) as daemon:
         yield daemon
 

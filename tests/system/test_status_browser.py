@@ -27,7 +27,6 @@ from tests.support.keys import make_csr
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
 TOKEN = "status-page-token"
 
 
@@ -43,7 +42,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Csrproxy]:
     with start_pebble(str(work / "pebble"), f"127.0.0.1:{dns_port}") as pebble:
         overrides = {"status": {"enabled": True, "tokens_file": str(tokens)}}
         with start_csrproxy(
-            str(work / "d"), pebble, dns_port, ZONE, overrides=overrides, env=ENV
+            str(work / "d"), pebble, dns_port, ZONE, overrides=overrides
         ) as running:
             yield running
 

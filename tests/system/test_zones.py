@@ -16,7 +16,6 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -38,8 +37,6 @@ pytestmark = pytest.mark.integration
 FIRST, SECOND = "go.example.test", "go-other.example.test"
 ZONES = [FIRST, SECOND]
 # The daemon runs this checkout's code, not whichever csrproxy the venv has installed.
-ROOT = str(Path(__file__).resolve().parents[2])
-ENV = {"PYTHONPATH": os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
 
 
 @dataclass
@@ -70,7 +67,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 dns_port,
                 FIRST,
                 overrides={"dns": dns, "policy": policy},
-                env=ENV,
             ) as daemon:
                 yield Setup(daemon, dns_port, None)
             return
@@ -91,7 +87,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
                 dns_port,
                 FIRST,
                 overrides={"dns": dns, "policy": policy},
-                env=ENV,
             ) as daemon:
                 knot.wait_serving()
                 yield Setup(daemon, dns_port, knot)
