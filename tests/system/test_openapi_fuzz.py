@@ -13,6 +13,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from csrproxy.testing.daemon import Csrproxy, start_csrproxy
 from csrproxy.testing.pebble import Pebble
+from csrproxy.web.auth import token_hash
 from csrproxy.web.openapi import openapi_document
 from tests.conftest import ZONE
 from tests.support.api import post_sign
@@ -63,17 +65,42 @@ TIMEOUT = 10
 EXCLUDED = [positive_data_acceptance]
 
 
-@pytest.fixture(scope="module")
+TOKEN = "fuzz-token"
+
+
+@dataclass
+class Target:
+    """A daemon under fuzzing, and the headers every request to it carries."""
+
+    daemon: Csrproxy
+    headers: dict[str, str]
+
+    @property
+    def url(self) -> str:
+        return self.daemon.url
+
+
+@pytest.fixture(scope="module", params=["open", "tokens"])
 def fuzzed(
-    tmp_path_factory: pytest.TempPathFactory, pebble: Pebble, dns_port: int
-) -> Iterator[Csrproxy]:
-    work = tmp_path_factory.mktemp("openapi-fuzz")
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    pebble: Pebble,
+    dns_port: int,
+) -> Iterator[Target]:
+    """The API without tokens (allow_from only), then with a tokens file (the token sent)."""
+    work = tmp_path_factory.mktemp(f"openapi-fuzz-{request.param}")
     overrides: dict[str, dict[str, Any]] = {
         "acme": {"poll_interval": 0.005, "poll_max": 0.5},
         "policy": {"names": [f"{{label}}.{ZONE}"], **NO_BUDGETS},
     }
+    headers = {}
+    if request.param == "tokens":
+        tokens = work / "tokens"
+        tokens.write_text(f"{token_hash(TOKEN)}\n")
+        overrides["api"] = {"tokens_file": str(tokens)}
+        headers = {"Authorization": f"Bearer {TOKEN}"}
     with start_csrproxy(str(work), pebble, dns_port, ZONE, overrides=overrides, env=ENV) as d:
-        yield d
+        yield Target(d, headers)
 
 
 def real_csrs(count: int) -> list[bytes]:
@@ -115,7 +142,7 @@ def with_real_csrs(schema: Any) -> Any:
     return schema
 
 
-def test_document_served_is_the_file(fuzzed: Csrproxy) -> None:
+def test_document_served_is_the_file(fuzzed: Target) -> None:
     got = requests.get(fuzzed.url + "/v1/openapi.json", timeout=10)
     assert got.status_code == 200
     assert got.headers["Content-Type"] == "application/json"
@@ -139,9 +166,9 @@ SEEN: Counter[str] = Counter()
 
 @SCHEMA.parametrize()  # type: ignore[untyped-decorator]
 @settings(deadline=DEADLINE, suppress_health_check=list(HealthCheck), database=None)
-def test_every_operation(case: Any, fuzzed: Csrproxy) -> None:
+def test_every_operation(case: Any, fuzzed: Target) -> None:
     response = case.call_and_validate(
-        base_url=fuzzed.url, excluded_checks=EXCLUDED, timeout=TIMEOUT
+        base_url=fuzzed.url, headers=fuzzed.headers, excluded_checks=EXCLUDED, timeout=TIMEOUT
     )
     SEEN[f"{case.operation.label} {response.status_code}"] += 1
 
@@ -160,14 +187,19 @@ def test_every_operation_was_fuzzed() -> None:
     assert SEEN["POST /v1/sign 202"] > 0
 
 
-def test_stateful_links(fuzzed: Csrproxy) -> None:
+def test_stateful_links(fuzzed: Target) -> None:
     session = requests.Session()
     PEMS[:] = real_csrs(len(PEMS))
     seen: Counter[str] = Counter()
 
     class Machine(SCHEMA.as_state_machine()):  # type: ignore[misc]
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
-            return {"base_url": fuzzed.url, "session": session, "timeout": TIMEOUT}
+            return {
+                "base_url": fuzzed.url,
+                "session": session,
+                "headers": fuzzed.headers,
+                "timeout": TIMEOUT,
+            }
 
         def validate_response(self, response: Any, case: Any, **kwargs: Any) -> None:
             seen[f"{case.operation.label} {response.status_code}"] += 1
@@ -191,7 +223,7 @@ def test_stateful_links(fuzzed: Csrproxy) -> None:
     assert seen["GET /v1/orders/{order_id} 200"] > 0
 
 
-def test_still_signs_afterwards(fuzzed: Csrproxy) -> None:
-    code, body = post_sign(fuzzed, real_csrs(1)[0])
+def test_still_signs_afterwards(fuzzed: Target) -> None:
+    code, body = post_sign(fuzzed.daemon, real_csrs(1)[0], fuzzed.headers)
     assert code == 200, body
     assert body.startswith(b"-----BEGIN CERTIFICATE-----")
