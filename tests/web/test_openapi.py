@@ -7,21 +7,27 @@ import re
 from pathlib import Path
 from typing import Any
 
+from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
 from twisted.trial.unittest import SynchronousTestCase
 
 import csrproxy.admin
 from csrproxy.errors import (
     PROBLEM_NAMESPACE,
+    BadCSR,
     CAUnavailable,
     ConfigError,
     CsrproxyError,
     IssuanceFailed,
     ListenError,
 )
+from csrproxy.issuance.orders import OrderRecord
+from csrproxy.issuance.recovery import order_record
+from csrproxy.state.rows import OrderRow
 from csrproxy.state.store import StoreUnavailable
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.openapi import openapi_bytes, openapi_document
+from csrproxy.web.problems import problem_document
 from tests.web.test_api import APITestCase
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -123,6 +129,41 @@ class DocumentTests(SynchronousTestCase):
         for link in accepted["links"].values():
             self.assertIn(link["operationId"], op_ids)
             self.assertIn("$response.header.Location", link["parameters"]["order_id"])
+
+
+def schema_check(doc: dict[str, Any], name: str, instance: Any) -> list[str]:
+    """What is wrong with ``instance`` as the document's schema ``name`` (nothing: [])."""
+    schema = {"$ref": f"#/components/schemas/{name}", "components": doc["components"]}
+    return [e.message for e in OAS31Validator(schema).iter_errors(instance)]
+
+
+class AnswerSchemaTests(SynchronousTestCase):
+    """Answers the fuzzer seldom or never sees, against the document's schemas."""
+
+    def setUp(self) -> None:
+        self.doc = openapi_document()
+
+    def test_orders_in_memory(self) -> None:
+        failed = problem_document(BadCSR("no", ["x.example.com"]))
+        for record in [
+            OrderRecord("0" * 32, ("x.example.com",)),
+            OrderRecord("0" * 32, ("x.example.com",), "valid", "-----BEGIN CERTIFICATE-----"),
+            OrderRecord("0" * 32, ("x.example.com",), "invalid", None, failed),
+            OrderRecord("0" * 32, ("x.example.com",), "invalid", None, problem_document(OSError())),
+        ]:
+            self.assertEqual(schema_check(self.doc, "Order", record.document()), [], record)
+
+    def test_orders_of_an_earlier_run(self) -> None:
+        # Their problem is not kept, only its detail: the error is an about:blank problem.
+        for status, error in [("processing", None), ("issued", None), ("invalid", "refused")]:
+            row = OrderRow("0" * 32, "k", b"", ["x.example.com"], status, error=error)
+            record = order_record((row, None))
+            assert record is not None
+            self.assertEqual(schema_check(self.doc, "Order", record.document()), [], status)
+
+    def test_problem_documents(self) -> None:
+        for e in [BadCSR("no", ["x"]), CAUnavailable("down", 9.5), Exception()]:
+            self.assertEqual(schema_check(self.doc, "Problem", problem_document(e)), [], e)
 
 
 class ServedTests(APITestCase):
