@@ -125,7 +125,7 @@ def with_real_csrs(schema: Any) -> Any:
     # 202's links are followed.
     @schema.hook.apply_to(operation_id="sign")  # type: ignore[untyped-decorator]
     def flatmap_case(ctx: Any, case: Any) -> Any:
-        if case._meta is None or case._meta.generation.mode != GenerationMode.POSITIVE:
+        if case.meta is None or case.meta.generation.mode != GenerationMode.POSITIVE:
             return st.just(case)
 
         def real(pem: bytes) -> Any:
