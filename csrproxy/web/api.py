@@ -1,7 +1,8 @@
 """The client-facing HTTP API (Klein).
 
 ``POST /v1/sign`` (sync, or async with ``Prefer: respond-async``), ``GET /v1/orders/<id>``
-and its ``/certificate``, ``GET /v1/name``, ``GET /v1/health`` and ``GET /metrics``.
+and its ``/certificate``, ``GET /v1/name``, ``GET /v1/health``, ``GET /metrics`` and
+``GET /v1/openapi.json`` (the contract: csrproxy/web/openapi.json).
 Every error leaves as an RFC 9457 ``application/problem+json`` document, unknown routes
 and wrong methods included.  Orders run in the issuer, detached from the request: a
 client that goes away cancels only its own wait.
@@ -48,6 +49,7 @@ from csrproxy.names import CSR_KEY_TYPES
 from csrproxy.web.auth import ClientGate, Token
 from csrproxy.web.connections import RefusalTally
 from csrproxy.web.health import Health
+from csrproxy.web.openapi import OPENAPI_JSON, openapi_bytes
 from csrproxy.web.problems import PROBLEM_JSON, json_answer, problem_document, retry_after_of
 from csrproxy.web.status import StatusPage
 
@@ -420,6 +422,13 @@ class SigningAPI:
         """Liveness: the process answers (a supervisor restarts it when this fails)."""
         self._count(request, "/v1/health/live")
         return json_answer(request, 200, {"live": True})
+
+    @app.route("/v1/openapi.json", methods=["GET"])
+    def openapi(self, request: IRequest) -> bytes:
+        """This API's OpenAPI 3.1 document (csrproxy/web/openapi.json)."""
+        self._count(request, "/v1/openapi.json")
+        request.setHeader(b"Content-Type", OPENAPI_JSON)
+        return openapi_bytes()
 
     # -- errors ---------------------------------------------------------------
 
