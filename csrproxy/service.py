@@ -889,7 +889,10 @@ def build_service(
     if config.renewal.enabled:
         ren = config.renewal
         renewals = StoredRenewals(store, ren.ari_recheck)
-        ca_failing = lambda: issuer.breaker.state != "closed"  # noqa: E731
+        # With fallback CAs, renewals stop only while every CA is failing.
+        ca_failing = lambda: all(  # noqa: E731
+            each.breaker.state != "closed" for each in (issuer, *fallbacks)
+        )
         scheduler = RenewalScheduler(
             reactor,
             metrics.watch_renewals(renewals),

@@ -67,6 +67,8 @@ MAX_BAD_NONCE = 20
 #: Requests to the CA at once (more wait for a slot): the connections kept per host.
 MAX_CONNECTIONS = 20
 _USER_AGENT = [USER_AGENT.encode("ascii")]
+#: Request kinds that start something at the CA (nothing of ours is there yet to wait for).
+STARTS = frozenset({"newOrder", "newAccount"})
 _JOSE = [JOSE.encode("ascii")]
 #: What a cancelled exchange raises, whether our timeout or our caller cancelled it.
 _CANCELLED = (CancelledError, ConnectingCancelledError)
@@ -107,8 +109,10 @@ class ACMETransport:
         self._on_request = on_request
         #: Refuses requests while the CA is known to be failing; told how each one went.
         self.breaker = breaker
-        #: A request the open breaker refuses fails at once instead of waiting for the
-        #: breaker's probe (set when another CA can take the order: ``[[acme.fallback]]``).
+        #: A request that starts something (:data:`STARTS`: newOrder, newAccount) and that
+        #: the open breaker refuses fails at once instead of waiting for the breaker's
+        #: probe (set when another CA can take the order: ``[[acme.fallback]]``). Requests
+        #: of an order the CA already has wait as always: it may be issuing.
         self.fail_fast = False
         #: Called with our account URL when the CA says it does not know it; fires with the
         #: account's URL once it was found or registered again (None: the problem is raised).
@@ -262,15 +266,18 @@ class ACMETransport:
             url=resp.url,
         )
 
-    async def nonce(self, deadline: float | None = None) -> str:
-        """A nonce from the pool, else from newNonce, retried until ``deadline`` (clock time)."""
+    async def nonce(self, deadline: float | None = None, starts: bool = False) -> str:
+        """A nonce from the pool, else from newNonce, retried until ``deadline`` (clock time);
+        ``starts``: for a request that starts something (see :attr:`fail_fast`)."""
         if self._nonces:
             return self._nonces.pop()  # newest first: the least likely to have expired
         if self.new_nonce_url is None:
             raise ACMEProtocolError("no newNonce URL: load the directory first")
         url = self.new_nonce_url
         resp = await self.retrying(
-            lambda: self.send("HEAD", url, kind="newNonce", deadline=deadline), deadline
+            lambda: self.send("HEAD", url, kind="newNonce", deadline=deadline),
+            deadline,
+            starts=starts,
         )
         if not self._nonces:
             raise ACMEProtocolError(f"{url} gave no Replay-Nonce (HTTP {resp.status})")
@@ -281,6 +288,7 @@ class ACMETransport:
         attempt: Callable[[], Awaitable[ACMEResponse]],
         deadline: float | None,
         safe: bool = True,
+        starts: bool = False,
     ) -> ACMEResponse:
         """Run ``attempt`` again after transient failures until ``deadline`` (clock time).
 
@@ -299,7 +307,7 @@ class ACMETransport:
                 await self._wait(timer, None, e)
                 continue
             except CAUnavailable as e:
-                if self.fail_fast:
+                if self.fail_fast and starts:
                     raise
                 await self._wait(timer, e.retry_after, e)
                 continue
@@ -341,8 +349,10 @@ class ACMETransport:
         found_again = False
         signed_by: list[str | None] = [None]  # the account URL (kid) of the last attempt
 
+        starts = kind in STARTS
+
         async def attempt() -> ACMEResponse:
-            nonce = await self.nonce(deadline)
+            nonce = await self.nonce(deadline, starts)
             if signer is not None:
                 body = signer(nonce)
             else:
@@ -354,7 +364,7 @@ class ACMETransport:
             return await self.send("POST", url, body, kind=kind, deadline=deadline)
 
         while True:
-            resp = await self.retrying(attempt, deadline, safe=payload is None)
+            resp = await self.retrying(attempt, deadline, safe=payload is None, starts=starts)
             if resp.status < 400:
                 return resp
             problem = self.problem(resp)

@@ -20,7 +20,8 @@ from collections.abc import Callable
 #: The first label of every dns-01 challenge name, as it is on the wire (length byte first).
 CHALLENGE_LABEL = b"\x0f_acme-challenge"
 
-#: Names kept before they are folded into the horizon (about 10 MB at most).
+#: Names kept before they are folded into the horizon (about 24 MB at most, with names
+#: of 250 bytes).
 MAX_NAMES = 65_536
 
 

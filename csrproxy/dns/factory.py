@@ -419,7 +419,8 @@ class ZoneServerFactory(server.DNSServerFactory):
                 return
             if decision == SLIP:
                 data = slipped(data, end)
-        if self.answer_log is not None:
+        if self.answer_log is not None and rcode in (dns.OK, dns.ENAME):
+            # What a cache may keep: answers and NXDOMAIN (not REFUSED outside our zones).
             self.answer_log.answered_reply(data)
         if self.on_rcode is not None:
             self.on_rcode(rcode)

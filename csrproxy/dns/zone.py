@@ -420,9 +420,12 @@ class ChallengeZone(common.ResolverBase):
     def _resolve(self, name: bytes, type: int, hops: int) -> tuple[bool, Records, Records]:
         node = self._nodes.get(name)
         if node is None:
-            if name in self._existing:  # an empty non-terminal
-                return False, [], self._negative()
-            node = self._addressed(name) or self._wildcard(name)
+            if name in self._existing:  # an empty non-terminal (an address name's challenge)
+                node = self._addressed(name)
+                if node is None:
+                    return False, [], self._negative()
+            else:
+                node = self._addressed(name) or self._wildcard(name)
             if node is None:
                 return True, [], self._negative()
         if type == dns.ALL_RECORDS:
@@ -465,6 +468,10 @@ class ChallengeZone(common.ResolverBase):
         ``name`` exists (a node or an empty non-terminal) or no wildcard covers it."""
         if name in self._nodes or name in self._existing or not rr.is_within(name, self._origin):
             return None
+        if self.addressed is not None and self.addressed(rr.name_text(name)) is not None:
+            # Every name an {ip} pattern answers is one response-rate-limiting account, as
+            # a wildcard's names are: made-up addresses do not each get a fresh bucket.
+            return b"{ip}." + self._origin
         owner = self._wildcard_name(name)
         return owner if owner in self._nodes else None
 

@@ -505,7 +505,18 @@ class Issuer:
         refund: Callable[[], None] | None = None,
         tried: frozenset[str] = frozenset(),
     ) -> CachedChain:
-        await self.ensure_account()
+        try:
+            await self.ensure_account()
+        except Exception as e:
+            # An account this CA cannot find now is a reason of its own, as a refusal is.
+            other = self._next_ca(tried) if not resume_url and another_ca_may_issue(e) else None
+            if other is None:
+                if tried:  # the order row a CA before this one made: it ends here
+                    self.ledger.order_failed(order_id, str(e))
+                raise
+            if refund is not None:
+                refund()
+            return await other._fall_back(csr, order_id, renewal, tried | {self.ca}, e)
         schedule = PollSchedule(
             self.poll_interval, self.poll_max, self.clock.seconds() + self.order_timeout
         )
@@ -520,18 +531,24 @@ class Issuer:
                     self.clock, self.ledger.order_with_chain, e.order_id, self.order_timeout
                 )
                 return CachedChain(cert.chain, cert.not_before, cert.not_after)
+        reached: set[str] = set()
+
+        def passed(point: str) -> None:
+            reached.add(point)
+            self.checkpoint(point)
+
         run = OrderRun(
             self.acme,
             csr.names,
             csr.der,
             self.ledger.responder(self.responder, order_id),
             schedule,
-            self._options(csr),
+            self._options(csr, strict=not renewal),
             replaces,
             on_order=self.ledger.order_created(order_id),
             csr_spki=csr.spki_der,
             watch=self._watch if self._zone_watch is not None else None,
-            checkpoint=self.checkpoint,
+            checkpoint=passed,
             settle=self.settle,
         )
         started = self.clock.seconds()
@@ -551,7 +568,10 @@ class Issuer:
                 self.admission.authorization_failed(e.identifier)
             log.warn("order for {names} failed: {err}", names=",".join(csr.names), err=str(e))
             self.metrics.orders.labels(type(e).__name__).inc()
-            other = self._next_ca(tried) if another_ca_may_issue(e) else None
+            # Another CA only for an order this CA cannot be issuing: not one resumed (it
+            # was at the CA already) nor one whose finalize was sent (it may still issue).
+            handed_on = not resume_url and "after-finalize" not in reached
+            other = self._next_ca(tried) if handed_on and another_ca_may_issue(e) else None
             if other is None:
                 self.ledger.order_failed(order_id, str(e))
                 raise
@@ -600,12 +620,20 @@ class Issuer:
                 self.ledger.order_failed(order_id, str(error))
                 raise error from refused
             return await other._fall_back(csr, order_id, renewal, tried | {self.ca}, error)
+        except Exception:
+            self.ledger.order_failed(order_id, str(error))  # no CA has the order
+            raise
         log.info(
             "ordering {names} from {ca}: {err}", names=",".join(csr.names), ca=self.ca, err=error
         )
         self.metrics.orders.labels("fallback").inc()
         try:
             return await self._run(csr, order_id, None, None, renewal, refund, tried)
+        except Exception as e:
+            refund()
+            if another_ca_may_issue(e):  # this CA failed for its own reason too: the first's
+                raise error from e
+            raise
         except BaseException:
             refund()
             raise
@@ -654,11 +682,13 @@ class Issuer:
             return fail(e)
         return Deferred.fromCoroutine(self._run(csr, order_id, replaces, resume_url, False))
 
-    def _options(self, csr: CheckedCSR) -> OrderOptions:
-        """The configured order options, with the profile the request asked for."""
+    def _options(self, csr: CheckedCSR, strict: bool = True) -> OrderOptions:
+        """The configured order options, with the profile the request asked for: required
+        (``strict``), or for a renewal asked for when the CA still offers it (else the
+        renewal goes without, warned once, rather than failing until the certificate ends)."""
         if csr.profile is None:
             return self.order_options
-        return dataclasses.replace(self.order_options, profile=csr.profile, strict_profile=True)
+        return dataclasses.replace(self.order_options, profile=csr.profile, strict_profile=strict)
 
     def _cached(self, request_key: str, chain: CachedChain) -> str:
         self.cache.put(request_key, chain)

@@ -390,7 +390,8 @@ class SigningAPI:
             allowed.append(token.policy)
 
         def usable(name: str) -> bool:
-            return "{label}" in name or all(p.allowed(name, label) for p in allowed)
+            # A name with a placeholder left ({label}, {ip}) is the client's to fill in.
+            return "{" in name or all(p.allowed(name, label) for p in allowed)
 
         # ?current=<name> (each name the installation has): kept while all still allowed,
         # so a renewal stays in its zone whatever the budgets say now.

@@ -114,6 +114,36 @@ class FallbackTests(SynchronousTestCase):
         self.assertEqual(failure.value.status, 429, failure)  # the first CA's rateLimited
         self.assertEqual(self.second.requests["newOrder"], 1)
 
+    def test_an_order_past_finalize_stays_with_its_ca_even_when_its_breaker_opens(self) -> None:
+        # The first CA is issuing: its breaker opening must not hand the order on (a second
+        # certificate) nor refund what the first CA will count.
+        self.first.faults.processing_polls = 10_000
+        csr = check_csr(make_csr([f"f.{ZONE}"]))
+        d = self.primary.issue(csr, "c").addCallback(lambda i: i.chain)
+        for _ in range(300):
+            self.flush()
+            self.clock.advance(0.05)
+        self.assertEqual(self.first.requests["finalize"], 1)
+        self.primary.breaker.trip()
+        failure = self.drive(d)
+        self.assertEqual(self.second.requests["newOrder"], 0, failure)
+
+    def test_an_account_the_first_ca_cannot_find_goes_to_the_second(self) -> None:
+        self.first.faults.service_unavailable = 1_000  # the first CA is down from the start
+        _, chain = self.sign(f"g.{ZONE}")
+        self.assertIsInstance(chain, str, chain)
+        self.assertEqual(self.second.requests["cert"], 1)
+
+    def test_a_fallback_whose_account_fails_ends_the_order_row(self) -> None:
+        self.first.faults.rate_limited = 10
+        self.first.faults.retry_after = "3600"
+        self.second.faults.service_unavailable = 1_000
+        ended: list[str] = []
+        self.primary.ledger.order_failed = lambda oid, err: ended.append(oid)  # type: ignore[method-assign,assignment]
+        _, failure = self.sign(f"h.{ZONE}")
+        self.assertEqual(failure.value.status, 429, failure)  # the first CA's refusal
+        self.assertEqual(len(ended), 1, "the order's row ends")
+
     def test_which_failures_another_ca_may_not_share(self) -> None:
         def problem(kind: str, status: int = 400) -> ACMEProblem:
             return ACMEProblem(f"urn:ietf:params:acme:error:{kind}", "x", status)

@@ -72,6 +72,11 @@ def test_the_dns_answers_the_address_from_the_name() -> None:
     # Outside ip_ranges, or a label not shaped like a key: the zone as before (wildcard).
     for name in (f"8-8-8-8.{KEY}.{ZONE}", f"10-0-0-5.short.{ZONE}"):
         assert [r.address for r in ask(factory, name, "A").answer[0]] == ["127.0.0.1"]
+    # While its challenge is published the name is an empty non-terminal: still answered.
+    zone.add_txt(f"_acme-challenge.10-0-0-5.{KEY}.{ZONE}", "value")
+    assert [r.address for r in ask(factory, f"10-0-0-5.{KEY}.{ZONE}", "A").answer[0]] == [
+        "10.0.0.5"
+    ]
 
 
 def test_config_ip_ranges() -> None:

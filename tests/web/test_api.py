@@ -930,3 +930,13 @@ def token_client(token: str) -> str:
     """The client id of ``token`` (what the ledger records as a certificate's signer)."""
     [parsed] = parse_tokens(token_hash(token))
     return parsed.client_id
+
+
+class AddressNameOfferTests(APITestCase):
+    patterns = [f"{{ip}}.{{key}}.{ZONE}"]
+
+    def test_an_ip_pattern_is_offered_for_the_client_to_fill_in(self) -> None:
+        code, _, body = self.request("GET", "/v1/name", make_csr([f"x.{ZONE}"]))
+        self.assertEqual(code, 200, body)
+        [name] = json.loads(body)["names"]
+        self.assertTrue(name.startswith("{ip}.") and name.endswith(f".{ZONE}"), name)
