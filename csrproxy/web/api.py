@@ -220,8 +220,10 @@ class SigningAPI:
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(
-            b"Content-Security-Policy", b"default-src 'none'; style-src 'unsafe-inline'"
+            b"Content-Security-Policy",
+            b"default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'",
         )
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
         return self.status.render()
 
     @app.route("/v1/sign", methods=["POST"])

@@ -343,6 +343,8 @@ class StatusRouteTests(APITestCase):
         self.assertEqual(headers.getRawHeaders("content-type"), ["text/html; charset=utf-8"])
         csp = headers.getRawHeaders("content-security-policy") or [""]
         self.assertIn("default-src 'none'", csp[0])
+        self.assertIn("frame-ancestors 'none'", csp[0])
+        self.assertEqual(headers.getRawHeaders("x-content-type-options"), ["nosniff"])
         self.assertEqual(headers.getRawHeaders("cache-control"), ["no-store"])
         self.assertIn(b"<h2>Readiness</h2>", body)
 
