@@ -385,11 +385,11 @@ def fallback_issuer(
         eab=eab_binding(ca.eab_kid, ca.eab_hmac_key),
     )
     # Budgets of its own: this CA's limits are not [acme]'s. Their rows are named apart
-    # (the prefix below) and kept across restarts on SQLite; on PostgreSQL each instance
-    # counts its own in memory.
+    # (the prefix below): kept across restarts on SQLite, shared by the cluster on
+    # PostgreSQL as [acme]'s are.
     scope = f"ca-{account_key_file(ca.directory, primary=False)[8:20]}/"
     record = budget_recorder(store)
-    admission = Admission(
+    rules = Admission(
         reactor.seconds,
         Budgets(
             new_names_per_week=fallback.new_names_per_week,
@@ -403,10 +403,13 @@ def fallback_issuer(
         if store.db.shared
         else lambda rows: record([(scope + name, tokens, stamp) for name, tokens, stamp in rows]),
     )
-    if not store.db.shared:
-        for prefix, since, limit in admission.restore_queries():
+    admission: AdmissionGate = rules
+    if store.db.shared:  # one budget for the cluster, its rows named apart
+        admission = ClusterAdmission(store, rules, scope)
+    else:
+        for prefix, since, limit in rules.restore_queries():
             rows = load_budgets(store.db, since, limit, prefix=scope + prefix)
-            admission.restore([(name[len(scope) :], tokens, stamp) for name, tokens, stamp in rows])
+            rules.restore([(name[len(scope) :], tokens, stamp) for name, tokens, stamp in rows])
     return Issuer(
         reactor,
         client,

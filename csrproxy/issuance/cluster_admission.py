@@ -156,9 +156,11 @@ class ClusterAdmission:
     through its ``on_refusal``); its own in-memory buckets are not used.
     """
 
-    def __init__(self, store: Store, rules: Admission) -> None:
+    def __init__(self, store: Store, rules: Admission, scope: str = "") -> None:
         self.store = store
         self.rules = rules
+        #: The prefix of its rows' names (a fallback CA's budgets; "" for [acme]'s).
+        self.scope = scope
         #: Failures-in-a-row buckets known not full (a valid order resets only those).
         self._failing: OrderedDict[str, None] = OrderedDict()
         #: Registered domain -> until when its new-names budget refused this instance (a
@@ -234,7 +236,9 @@ class ClusterAdmission:
                 err=failure.getErrorMessage(),
             )
 
-        return self.store.run_alone(settle_budgets, self.store.db, full, decide, peek).addErrback(
+        return self.store.run_alone(
+            settle_budgets, self.store.db, full, decide, peek, self.scope
+        ).addErrback(
             failed
         )
 
@@ -270,7 +274,12 @@ class ClusterAdmission:
         taken = [c for c in charges if c.take]
         peek = [c.name for c in charges if not c.take]
         self.store.run_alone(
-            settle_budgets, self.store.db, _full(taken, now), take_one(charges, now, failing), peek
+            settle_budgets,
+            self.store.db,
+            _full(taken, now),
+            take_one(charges, now, failing),
+            peek,
+            self.scope,
         ).addCallbacks(decided, failed)
         return out
 

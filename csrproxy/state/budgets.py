@@ -55,6 +55,7 @@ def settle_budgets(
     full: Sequence[BudgetRow],
     decide: Callable[[dict[str, BudgetRow]], tuple[Sequence[BudgetRow], T]],
     peek: Sequence[str] = (),
+    scope: str = "",
 ) -> T:
     """Lock the rows of ``full`` and let ``decide`` change them, in one transaction.
 
@@ -64,17 +65,20 @@ def settle_budgets(
     name and returns the rows to write and its result; another instance deciding on
     any of these rows waits until this one commits.  The rows named in ``peek`` that
     exist are handed to ``decide`` too, neither made nor locked; ``decide`` may write them.
+    ``scope`` prefixes every row's name in the table (a fallback CA's budgets apart from
+    ``[acme]``'s); ``decide`` sees and returns the names without it.
     """
-    ordered = sorted(full)
+    ordered = sorted((scope + n, t, s) for n, t, s in full)
+    cut = len(scope)
     with db.transaction() as conn:
         columns = [list(column) for column in zip(*ordered, strict=True)] or [[], [], []]
         rows = conn.execute(_LOCK, columns).fetchall()
         if peek:
-            rows += conn.execute(_PEEK, [sorted(peek)]).fetchall()
-        locked = {str(n): (str(n), float(t), float(s)) for n, t, s in rows}
+            rows += conn.execute(_PEEK, [sorted(scope + p for p in peek)]).fetchall()
+        locked = {str(n)[cut:]: (str(n)[cut:], float(t), float(s)) for n, t, s in rows}
         changed, result = decide(locked)
         if changed:
-            conn.executemany(_SET, [(t, s, n) for n, t, s in sorted(changed)])
+            conn.executemany(_SET, [(t, s, scope + n) for n, t, s in sorted(changed)])
     return result
 
 

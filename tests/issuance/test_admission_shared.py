@@ -36,11 +36,13 @@ NAMES = ["a.go.example.com"]
 class Instance:
     """One instance's admission over its own connection, decided inline (no store thread)."""
 
-    def __init__(self, dsn: str, name: str, budgets: Budgets, clock: list[float]) -> None:
+    def __init__(
+        self, dsn: str, name: str, budgets: Budgets, clock: list[float], scope: str = ""
+    ) -> None:
         self.db = StateDB(dsn, name)
         self.refusals: list[str] = []
         rules = Admission(lambda: clock[0], budgets, "example.com", self.refusals.append)
-        self.admission = ClusterAdmission(InlineStore(self.db), rules)  # type: ignore[arg-type]
+        self.admission = ClusterAdmission(InlineStore(self.db), rules, scope)  # type: ignore[arg-type]
 
     def order(
         self, names: list[str] = NAMES, new: bool = True, replaces: str | None = None
@@ -316,3 +318,22 @@ def test_a_spent_new_names_budget_is_remembered_as_no_room(dsn: str, clock: list
         assert ns2.admission.new_names_room("other.org") == 1
         clock[0] += WEEK
         assert ns2.admission.new_names_room("example.com") == 1
+
+
+def test_a_fallback_cas_budgets_are_shared_apart_from_the_primarys(
+    dsn: str, clock: list[float]
+) -> None:
+    # [[acme.fallback]] on a shared database: its rows named apart, shared by the cluster.
+    budgets = Budgets(0, 1, 0, 0)
+    primary = Instance(dsn, "ns1", budgets, clock)
+    fallback_here = Instance(dsn, "ns1", budgets, clock, scope="ca-abc/")
+    fallback_there = Instance(dsn, "ns2", budgets, clock, scope="ca-abc/")
+    try:
+        assert callable(primary.order())
+        assert callable(fallback_here.order()), "the primary's spent budget is not the fallback's"
+        assert isinstance(fallback_there.order(), RateLimited), "the fallback's is the cluster's"
+        names = [r[0] for r in primary.db.conn.execute("SELECT name FROM budgets ORDER BY name")]
+        assert names == ["ca-abc/orders", "orders"], names
+    finally:
+        for each in (primary, fallback_here, fallback_there):
+            each.db.close()
