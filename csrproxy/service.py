@@ -63,7 +63,7 @@ from csrproxy.state.lock import StateLock, StateLockService
 from csrproxy.state.prune import Pruner, PrunerService
 from csrproxy.state.serials import SerialRecorder, load_serial
 from csrproxy.state.status_queries import status_rows
-from csrproxy.state.store import ACCOUNT_KEY, StateDir, Store, account_key_file
+from csrproxy.state.store import ACCOUNT_KEY, StateDir, Store, account_key_file, ca_digest
 from csrproxy.web.api import SigningAPI
 from csrproxy.web.auth import ClientGate, load_tokens, reload_tokens
 from csrproxy.web.health import Health, Probe, free_space_probe
@@ -353,6 +353,35 @@ def serve_caa(
     return account_known
 
 
+def make_admission(
+    reactor: Any,
+    store: Store,
+    budgets: Budgets,
+    registered_domain: str,
+    metrics: Metrics,
+    scope: str = "",
+) -> AdmissionGate:
+    """The budgets of one CA: decided in the shared database for the cluster, else in
+    memory, recorded in the state database and restored from it (before the store's
+    thread starts: what an earlier run spent is still spent). ``scope`` prefixes the
+    rows' names (a fallback CA's budgets apart from ``[acme]``'s)."""
+    shared = store.db.shared
+    record = budget_recorder(store)
+    rules = Admission(
+        reactor.seconds,
+        budgets,
+        registered_domain=registered_domain,
+        on_refusal=metrics.refusal,
+        persist=None if shared else lambda rows: record([(scope + n, t, s) for n, t, s in rows]),
+    )
+    if shared:
+        return ClusterAdmission(store, rules, scope)
+    for prefix, since, limit in rules.restore_queries():
+        rows = load_budgets(store.db, since, limit, prefix=scope + prefix)
+        rules.restore([(name[len(scope) :], tokens, stamp) for name, tokens, stamp in rows])
+    return rules
+
+
 def fallback_issuer(
     config: Config,
     fallback: FallbackConfig,
@@ -384,32 +413,17 @@ def fallback_issuer(
         on_request=metrics.acme_request,
         eab=eab_binding(ca.eab_kid, ca.eab_hmac_key),
     )
-    # Budgets of its own: this CA's limits are not [acme]'s. Their rows are named apart
-    # (the prefix below): kept across restarts on SQLite, shared by the cluster on
-    # PostgreSQL as [acme]'s are.
-    scope = f"ca-{account_key_file(ca.directory, primary=False)[8:20]}/"
-    record = budget_recorder(store)
-    rules = Admission(
-        reactor.seconds,
-        Budgets(
-            new_names_per_week=fallback.new_names_per_week,
-            orders_per_3h=fallback.orders_per_3h,
-            same_names_per_week=fallback.same_names_per_week,
-            client_requests_per_hour=0,
-        ),
-        registered_domain=config.policy.registered_domain,
-        on_refusal=metrics.refusal,
-        persist=None
-        if store.db.shared
-        else lambda rows: record([(scope + name, tokens, stamp) for name, tokens, stamp in rows]),
+    # Budgets of its own: this CA's limits are not [acme]'s. Their rows are named apart.
+    budgets = Budgets(
+        new_names_per_week=fallback.new_names_per_week,
+        orders_per_3h=fallback.orders_per_3h,
+        same_names_per_week=fallback.same_names_per_week,
+        client_requests_per_hour=0,
     )
-    admission: AdmissionGate = rules
-    if store.db.shared:  # one budget for the cluster, its rows named apart
-        admission = ClusterAdmission(store, rules, scope)
-    else:
-        for prefix, since, limit in rules.restore_queries():
-            rows = load_budgets(store.db, since, limit, prefix=scope + prefix)
-            rules.restore([(name[len(scope) :], tokens, stamp) for name, tokens, stamp in rows])
+    admission = make_admission(
+        reactor, store, budgets, config.policy.registered_domain, metrics,
+        scope=f"ca-{ca_digest(ca.directory)}/",
+    )  # fmt: skip
     return Issuer(
         reactor,
         client,
@@ -739,27 +753,15 @@ def build_service(
 
     cache = MemoryIssuedCache(reactor.seconds)
     pol = config.policy
-    rules = Admission(
-        reactor.seconds,
-        Budgets(
-            new_names_per_week=pol.new_names_per_week,
-            orders_per_3h=pol.orders_per_3h,
-            same_names_per_week=pol.same_names_per_week,
-            client_requests_per_hour=pol.client_requests_per_hour,
-            failed_authorizations_per_hour=pol.failed_authorizations_per_hour,
-            consecutive_failed_authorizations=pol.consecutive_failed_authorizations,
-        ),
-        registered_domain=pol.registered_domain,
-        on_refusal=metrics.refusal,
-        persist=None if store.db.shared else budget_recorder(store),
+    budgets = Budgets(
+        new_names_per_week=pol.new_names_per_week,
+        orders_per_3h=pol.orders_per_3h,
+        same_names_per_week=pol.same_names_per_week,
+        client_requests_per_hour=pol.client_requests_per_hour,
+        failed_authorizations_per_hour=pol.failed_authorizations_per_hour,
+        consecutive_failed_authorizations=pol.consecutive_failed_authorizations,
     )
-    admission: AdmissionGate = rules
-    if store.db.shared:  # one budget for the cluster, decided in the database
-        admission = ClusterAdmission(store, rules)
-    else:
-        # Before the store's thread starts: what an earlier run spent is still spent.
-        for prefix, since, limit in rules.restore_queries():
-            rules.restore(load_budgets(store.db, since, limit, prefix=prefix))
+    admission = make_admission(reactor, store, budgets, pol.registered_domain, metrics)
     issuer = Issuer(
         reactor,
         acme,

@@ -70,6 +70,12 @@ class PollSchedule:
     deadline: float
 
 
+def profile_not_offered(profile: str, offered: frozenset[str]) -> ProfileNotAllowed:
+    """The refusal of a request for a profile the CA's directory does not list."""
+    listed = ", ".join(sorted(offered)) or "none"
+    return ProfileNotAllowed(f"the CA does not offer the profile {profile!r} (it offers: {listed})")
+
+
 class ACMEClient:
     """Everything csrproxy asks of one ACME CA with one account key."""
 
@@ -260,10 +266,7 @@ class ACMEClient:
             if profile in directory.profiles:
                 payload["profile"] = profile
             elif require_profile:
-                raise ProfileNotAllowed(
-                    f"the CA does not offer the profile {profile!r}"
-                    f" (it offers: {', '.join(sorted(directory.profiles)) or 'none'})"
-                )
+                raise profile_not_offered(profile, directory.profiles)
             elif not self._warned_profile:
                 self._warned_profile = True
                 log.warn(

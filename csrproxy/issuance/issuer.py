@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from csrproxy.acme.certs import ari_cert_id
-from csrproxy.acme.client import ACMEClient
+from csrproxy.acme.client import ACMEClient, profile_not_offered
 from csrproxy.acme.order import (
     Checkpoint,
     DNS01Responder,
@@ -43,7 +43,6 @@ from csrproxy.acme.problems import (
 from csrproxy.cluster.remote import wait_for_certificate, wait_for_order
 from csrproxy.errors import (
     CAUnavailable,
-    ProfileNotAllowed,
     RateLimited,
 )
 from csrproxy.issuance.admission import SAME_NAMES, AdmissionGate, Refund
@@ -123,8 +122,6 @@ class Issuer:
         #: request key -> the order in flight for it, and that order's id (one map for the
         #: issuers of every CA: a CSR has one order in flight, whichever CA runs it).
         self._inflight: dict[str, tuple[str, SharedResult]] = {} if inflight is None else inflight
-        #: The CA this issuer orders from, as certificates and orders record it.
-        self.ca: str = acme.directory_url
         #: The issuers of the other CAs (``[[acme.fallback]]``), in the order to try them
         #: when this CA refuses an order for a reason of its own.
         self.others: list[Issuer] = []
@@ -140,6 +137,11 @@ class Issuer:
     @property
     def ready(self) -> bool:
         return self.acme.account_url is not None
+
+    @property
+    def ca(self) -> str:
+        """The CA this issuer orders from (its directory URL), as rows record it."""
+        return self.acme.directory_url
 
     @property
     def account_url(self) -> str | None:
@@ -225,7 +227,7 @@ class Issuer:
             return succeed(Issuance(None, succeed(cached.pem)))
         offered = self.acme.offered_profiles
         if csr.profile is not None and offered is not None and csr.profile not in offered:
-            return succeed(Issuance(None, fail(_not_offered(csr.profile, offered))))
+            return succeed(Issuance(None, fail(profile_not_offered(csr.profile, offered))))
         if self.promote is not None:
             self.promote(key)
         if key in self._inflight:
@@ -414,21 +416,20 @@ class Issuer:
     ) -> Deferred[Issuance]:
         """The order at the next CA not yet tried, when this one cannot take it (its
         breaker is open, its budget spent); else the Issuance failing with ``failure``."""
-        tried = tried | {self.ca}
-        for other in self.others:
-            if other.ca not in tried:
-                log.info(
-                    "{ca} cannot take the order for {names} ({err}); trying {other}",
-                    ca=self.ca,
-                    names=",".join(csr.names),
-                    err=failure.getErrorMessage(),
-                    other=other.ca,
-                )
-                # An ARI replaces is the issuing CA's id of its certificate: not another's.
-                return other._join_or_start(
-                    csr, new_names=new_names, renewal=renewal, tried=tried
-                )
-        return succeed(Issuance(None, fail(failure)))
+        other = self._next_ca(tried)
+        if other is None:
+            return succeed(Issuance(None, fail(failure)))
+        log.info(
+            "{ca} cannot take the order for {names} ({err}); trying {other}",
+            ca=self.ca,
+            names=",".join(csr.names),
+            err=failure.getErrorMessage(),
+            other=other.ca,
+        )
+        # An ARI replaces is the issuing CA's id of its certificate: not another's.
+        return other._join_or_start(
+            csr, new_names=new_names, renewal=renewal, tried=tried | {self.ca}
+        )
 
     def _refused_but_running(self, failure: Failure, csr: CheckedCSR) -> Any:
         # Only the budget identical requests share: any other refusal answers at once (a
@@ -693,11 +694,6 @@ class Issuer:
     def _cached(self, request_key: str, chain: CachedChain) -> str:
         self.cache.put(request_key, chain)
         return chain.pem
-
-
-def _not_offered(profile: str, offered: frozenset[str]) -> ProfileNotAllowed:
-    listed = ", ".join(sorted(offered)) or "none"
-    return ProfileNotAllowed(f"the CA does not offer the profile {profile!r} (it offers: {listed})")
 
 
 def _once(call: Callable[[], None]) -> Callable[[], None]:

@@ -52,12 +52,16 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dfd)
 
 
+def ca_digest(directory: str) -> str:
+    """12 hex digits of the SHA-256 of a CA's directory URL: what names a fallback CA's
+    account key file and budget rows."""
+    return hashlib.sha256(directory.encode()).hexdigest()[:12]
+
+
 def account_key_file(directory: str, primary: bool = True) -> str:
     """The file name of the account key for the CA at ``directory``: ``account.key`` for
-    ``[acme]``'s, ``account-<12 hex digits of its URL's SHA-256>.key`` for a fallback's."""
-    if primary:
-        return ACCOUNT_KEY
-    return f"account-{hashlib.sha256(directory.encode()).hexdigest()[:12]}.key"
+    ``[acme]``'s, ``account-<ca_digest>.key`` for a fallback's."""
+    return ACCOUNT_KEY if primary else f"account-{ca_digest(directory)}.key"
 
 
 class StateDir:

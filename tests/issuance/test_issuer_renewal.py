@@ -2,42 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from cryptography import x509
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from csrproxy.acme.certs import ari_cert_id
-from csrproxy.acme.client import ACMEClient
-from csrproxy.challenges.zone import ZonePublisher, challenge_name
-from csrproxy.dns.zone import ChallengeZone
 from csrproxy.issuance.admission import Admission, Budgets
 from csrproxy.issuance.csr import check_csr
-from tests.acme.test_client import ACCOUNT_KEY
-from tests.support.driving import run_until_fired
-from tests.support.fakeacme import BASE, FakeCA
-from tests.support.issuers import issue_now, make_issuer
+from tests.support.fakeacme import Faults
+from tests.support.issuers import FakeCAIssuerCase, issue_now
 from tests.support.keys import make_csr
 
 ZONE = "go.example.test"
 
 
-class IssuerRenewalTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.ca = FakeCA()
-        self.ca.faults.ari = True
-        http, self.agent = self.ca.client()
-        zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
-        self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
-        acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
-        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone))
-
-    def drive(self, d: Deferred[Any]) -> Any:
-        return run_until_fired(d, self.agent.flush, self.clock)[0]
+class IssuerRenewalTests(FakeCAIssuerCase):
+    def configure(self, faults: Faults) -> None:
+        faults.ari = True
 
     def test_renewal_replaces_the_old_certificate(self) -> None:
         csr = check_csr(make_csr([f"r.{ZONE}"]))
@@ -70,10 +50,7 @@ class IssuerRenewalTests(SynchronousTestCase):
     def test_no_replaces_for_an_expired_or_already_replaced_certificate(self) -> None:
         # Let's Encrypt refuses such orders: they go as ordinary orders of the same names.
         for change in ("expired", "superseded"):
-            csr = check_csr(make_csr([f"{change}.{ZONE}"]))
-            self.drive(issue_now(self.issuer, csr, "client").chain)
-            row = self.successResultOf(self.issuer.ledger.current(csr.request_key))
-            assert row is not None
+            row = self.issued(f"{change}.{ZONE}")
             if change == "expired":
                 row.not_after = self.clock.seconds()
             else:
@@ -82,32 +59,22 @@ class IssuerRenewalTests(SynchronousTestCase):
             self.assertNotIn("replaces", self.ca.order_payloads[-1], change)
 
     def test_a_stored_csr_that_no_longer_passes_fails(self) -> None:
-        csr = check_csr(make_csr([f"r.{ZONE}"]))
-        self.drive(issue_now(self.issuer, csr, "client").chain)
-        row = self.successResultOf(self.issuer.ledger.current(csr.request_key))
-        assert row is not None
+        row = self.issued(f"r.{ZONE}")
         row.csr = b"garbage"
         with self.assertRaises(Exception):  # noqa: B017  (the CSR's own error)
             self.issuer.renew(row)
 
 
-class RenewalBudgetTests(SynchronousTestCase):
+class RenewalBudgetTests(FakeCAIssuerCase):
     """As Let's Encrypt applies its limits: an ARI renewal pays none of them."""
 
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.ca = FakeCA()
-        self.ca.faults.ari = True
-        http, self.agent = self.ca.client()
-        zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
-        self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
-        acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
-        # One order, one certificate per set of names, one new certificate per domain.
-        self.admission = Admission(self.clock.seconds, Budgets(1, 1, 1, 0, 5, 1152))
-        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone), admission=self.admission)
+    def configure(self, faults: Faults) -> None:
+        faults.ari = True
 
-    def drive(self, d: Deferred[Any]) -> Any:
-        return run_until_fired(d, self.agent.flush, self.clock)[0]
+    def admission(self) -> Admission:
+        # One order, one certificate per set of names, one new certificate per domain.
+        self.budgets = Admission(self.clock.seconds, Budgets(1, 1, 1, 0, 5, 1152))
+        return self.budgets
 
     def test_an_ari_renewal_is_placed_with_every_budget_spent(self) -> None:
         csr = check_csr(make_csr([f"r.{ZONE}"]))

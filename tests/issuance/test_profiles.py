@@ -2,39 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
-
-from csrproxy.acme.client import ACMEClient
-from csrproxy.challenges.zone import ZonePublisher, challenge_name
-from csrproxy.dns.zone import ChallengeZone
 from csrproxy.errors import ProfileNotAllowed
 from csrproxy.issuance.csr import check_csr
-from tests.acme.test_client import ACCOUNT_KEY
-from tests.support.driving import run_until_fired
-from tests.support.fakeacme import BASE, FakeCA
-from tests.support.issuers import issue_now, make_issuer
+from tests.support.fakeacme import Faults
+from tests.support.issuers import FakeCAIssuerCase, issue_now
 from tests.support.keys import make_csr
 
 ZONE = "go.example.test"
 
 
-class ProfileTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        self.clock = Clock()
-        self.ca = FakeCA()
-        self.ca.faults.profiles = ("classic", "shortlived")
-        http, self.agent = self.ca.client()
-        zone = ChallengeZone(ZONE, [f"ns1.{ZONE}"], ["@ A 127.0.0.1"])
-        self.ca.published_check = lambda i, v: v in zone.txt_values(challenge_name(i))
-        acme = ACMEClient(self.clock, http, BASE + "/dir", ACCOUNT_KEY)
-        self.issuer = make_issuer(self.clock, acme, ZonePublisher(zone))
-
-    def drive(self, d: Deferred[Any]) -> Any:
-        return run_until_fired(d, self.agent.flush, self.clock)[0]
+class ProfileTests(FakeCAIssuerCase):
+    def configure(self, faults: Faults) -> None:
+        faults.profiles = ("classic", "shortlived")
 
     def test_the_requested_profile_is_ordered_kept_and_renewed_with(self) -> None:
         plain = check_csr(make_csr([f"p.{ZONE}"]))
